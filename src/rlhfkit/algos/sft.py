@@ -1,0 +1,329 @@
+"""Supervised fine-tuning (SFT): cross-entropy on demonstrations, assistant tokens only.
+
+Paper: Ouyang et al. 2022, "Training language models to follow instructions with human feedback"
+(InstructGPT), §3.5 and Appendix C.1: SFT on labeller demonstrations, cosine decay to 10% of the peak
+learning rate, 16 epochs (they overfit validation loss after one epoch, yet more epochs kept improving RM
+score and human preference, so pick the checkpoint downstream, not by validation loss).
+
+One iteration, top to bottom:
+  1. take this step's global batch (a seeded permutation per epoch: the data position is just the step)
+  2. this process's micro-batches: forward, token-summed NLL / tokens in the whole global batch, backward
+  3. stop (or skip, with --skip-nonfinite) on a non-finite loss or gradient
+  4. clip, optimizer and scheduler step
+  5. log, evaluate, checkpoint
+
+Departures from the paper, and why:
+- Loss is the mean over all trained tokens of the global batch (every token weighs the same whatever the
+  micro-batch or process it lands in), so 2 processes × batch b equals 1 process × 2b up to rounding.
+- Residual dropout 0.2 is not applied: Llama-family models have none; the models' own dropout is kept.
+- Every assistant turn of a multi-turn conversation carries loss, in one pass (see rlhfkit/data/chat.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhfkit import TrainingError, checkpoint, models
+from rlhfkit.config import write_run_json
+from rlhfkit.core.lm import shifted_selection, summed_nll
+from rlhfkit.data import chat, formats, io
+from rlhfkit.data.collate import LMBatch, collate, pack
+from rlhfkit.tracking import Tracker
+
+
+@dataclass
+class SFTConfig:
+    """rlhfkit sft: supervised fine-tuning on demonstrations (loss on assistant tokens only)."""
+
+    model: str = "smollm2-135m"
+    """Model to fine-tune: an alias (smollm2-135m, tiny-llama), a Hugging Face directory, a .gguf file or a hub id."""
+    data: str = "sample:conversations"
+    """Training data (.jsonl/.json/.parquet/.csv/save_to_disk dir, or sample:NAME for bundled samples)."""
+    output: str = "runs/sft"
+    """Output directory: final model, checkpoints, metrics.jsonl, TensorBoard events, run.json."""
+    format: str | None = None
+    """Data format; detected from the columns when not given (conversations, prompt_completion, alpaca, hh, ...)."""
+    val_data: str | None = None
+    """Validation data; when not given, a seeded `val_fraction` of the training data is held out."""
+    val_fraction: float = 0.05
+    """Fraction of the training data held out for validation when `val_data` is not given (0 disables)."""
+    max_length: int = 512
+    """Longest sequence in tokens; longer examples keep their start and lose their end (counted)."""
+    epochs: int = 1
+    """Passes over the data (InstructGPT trained its SFT model for 16)."""
+    max_steps: int = -1
+    """Optimizer steps to run; overrides `epochs` when > 0."""
+    batch_size: int = 8
+    """Rows per micro-batch on each process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; global batch = batch_size × grad_accum × processes."""
+    lr: float = 2e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming up linearly from 0."""
+    schedule: str = "cosine"
+    """Learning-rate decay after warm-up: cosine, linear or constant."""
+    min_lr_ratio: float = 0.1
+    """Floor of the decay as a fraction of the peak (InstructGPT: cosine to 10%)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    packing: bool = False
+    """Pack whole examples into rows of max_length (no cross-example attention)."""
+    lora: bool = False
+    """Train a LoRA adapter instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"])
+    """Module names that get LoRA adapters."""
+    merge: bool = False
+    """With --lora, also save the merged model under OUTPUT/merged."""
+    freeze_layers: int = 0
+    """Freeze the embeddings and the first N transformer blocks."""
+    dtype: str = "auto"
+    """Compute precision: auto (bf16 autocast where the hardware has it), bf16, fp16 or fp32. Weights stay fp32."""
+    seed: int = 0
+    """Seed for data order, initialisation of random models and sampling."""
+    log_steps: int = 1
+    """Log training metrics every N steps."""
+    eval_steps: int = 0
+    """Evaluate validation loss every N steps (0: only at the end)."""
+    save_steps: int = 0
+    """Write a resumable checkpoint every N steps (0: none but the final model)."""
+    save_total_limit: int = 2
+    """How many checkpoints to keep."""
+    resume: bool = False
+    """Continue from OUTPUT/checkpoints/latest if there is one."""
+    skip_nonfinite: int = 0
+    """Skip up to N batches whose loss or gradient is not finite (with a warning each) instead of stopping."""
+
+
+# --- data -------------------------------------------------------------------------------------------------
+
+
+def load_conversations(path: str, fmt: str | None) -> list[formats.Conversation]:
+    rows = io.read_rows(path)
+    fmt = formats.detect_format(rows, fmt)
+    return [formats.to_conversation(r, fmt) for r in rows]
+
+
+def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    n_val = max(1, round(len(items) * fraction))
+    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    val = set(perm[:n_val])
+    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
+
+
+def global_batch_rows(step: int, n_rows: int, global_batch: int, seed: int) -> list[int]:
+    """Row indices of optimizer step `step`: a seeded permutation per epoch, cut into global batches."""
+    steps_per_epoch = math.ceil(n_rows / global_batch)
+    epoch, i = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return perm[i * global_batch:(i + 1) * global_batch]
+
+
+def make_schedule(optimizer, cfg: SFTConfig, total_steps: int):
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+        if cfg.schedule not in decay:
+            raise TrainingError(f"--schedule {cfg.schedule!r}: expected cosine, linear or constant")
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay[cfg.schedule]
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --- one forward ------------------------------------------------------------------------------------------
+
+
+def batch_nll(model, batch: LMBatch, device) -> torch.Tensor:
+    """Summed NLL of the trained tokens of one micro-batch (scalar, fp32)."""
+    select, targets = shifted_selection(batch.input_ids, batch.loss_mask)
+    put = lambda t: None if t is None else t.to(device)  # noqa: E731
+    logits = model(put(batch.input_ids), put(batch.attention_mask), put(batch.position_ids), put(select))  # (N, V)
+    return summed_nll(logits, targets.to(device))
+
+
+@torch.no_grad()
+def evaluate(model, rows, cfg: SFTConfig, pad_id: int, accelerator) -> float:
+    """Token-mean validation NLL over all processes."""
+    model.eval()
+    mine = rows[accelerator.process_index::accelerator.num_processes]
+    nll = torch.zeros(2, device=accelerator.device)
+    for i in range(0, len(mine), cfg.batch_size):
+        batch = collate(mine[i:i + cfg.batch_size], pad_id)
+        nll[0] += batch_nll(model, batch, accelerator.device)
+        nll[1] += batch.num_loss_tokens
+    model.train()
+    nll = accelerator.reduce(nll, "sum")
+    return (nll[0] / nll[1].clamp(min=1)).item()
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: SFTConfig, tok):
+    model = models.load_causal_lm(cfg.model, seed=cfg.seed, tokenizer=tok)
+    models.freeze_layers(model, cfg.freeze_layers)
+    if cfg.lora:
+        model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    return model
+
+
+def train(cfg: SFTConfig) -> dict:
+    from accelerate import Accelerator
+
+    # 1. setup: processes, precision, seed, model
+    accelerator = Accelerator(mixed_precision=models.mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output)
+    main = accelerator.is_main_process
+    tok = models.load_tokenizer(cfg.model)
+    model = build_model(cfg, tok)
+    model.train()
+
+    # 2. data: render, mask, truncate (counted), hold out validation, optionally pack
+    convs = load_conversations(cfg.data, cfg.format)
+    if cfg.val_data:
+        train_convs, val_convs = convs, load_conversations(cfg.val_data, None)
+    else:
+        train_convs, val_convs = split_validation(convs, cfg.val_fraction, cfg.seed)
+    train_rows, report = chat.tokenize_conversations(tok, train_convs, cfg.max_length)
+    val_rows, val_report = chat.tokenize_conversations(tok, val_convs, cfg.max_length)
+    if not train_rows:
+        raise TrainingError(f"no trainable examples in {cfg.data} ({report.skipped_no_loss} skipped: prompt "
+                            f"longer than max_length {cfg.max_length})")
+    if cfg.packing:
+        train_rows = pack(train_rows, cfg.max_length)
+    if main and (report.truncated or report.skipped_no_loss):
+        print(f"data: {report.truncated} examples truncated to {cfg.max_length} tokens, "
+              f"{report.skipped_no_loss} skipped (no response token left)")
+
+    world = accelerator.num_processes
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    steps_per_epoch = math.ceil(len(train_rows) / global_batch)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+
+    # 3. optimizer and schedule (the scheduler is stepped by hand, once per optimizer step)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+    scheduler = make_schedule(optimizer, cfg, total_steps)
+    net, optimizer = accelerator.prepare(models.SelectedLogits(model), optimizer)
+
+    # 4. resume
+    state = {"step": 0, "tokens": 0, "nonfinite_skipped": 0}
+    ckpt_root = out / "checkpoints"
+    last = checkpoint.latest(ckpt_root) if cfg.resume else None
+    if last is not None:
+        state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
+        if main:
+            print(f"resuming from {last} (step {state['step']})")
+    tracker = Tracker(out, enabled=main, resume=last is not None)
+    if main and last is None:
+        tracker.log(0, {**report.as_dict(), "data/val_examples": val_report.examples})
+
+    # 5. the loop
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="sft", dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+    t_last = time.perf_counter()
+    tokens_since = 0
+    while state["step"] < total_steps:
+        step = state["step"]
+        # 5.1 this step's rows; this process takes every world-th row, in grad_accum micro-batches
+        rows = [train_rows[i] for i in global_batch_rows(step, len(train_rows), global_batch, cfg.seed)]
+        n_loss_tokens = sum(sum(r.loss_mask[1:]) for r in rows)
+        mine = rows[accelerator.process_index::world]
+        micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        # 5.2 forward/backward; DDP averages gradients over processes, hence × world
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for j, mb in enumerate(micro):
+            batch = collate(mb, tok.pad_token_id)
+            sync = accelerator.no_sync(net) if j < len(micro) - 1 else contextlib.nullcontext()
+            with sync:
+                nll = batch_nll(net, batch, accelerator.device)
+                accelerator.backward(nll * world / max(n_loss_tokens, 1))
+            loss_sum += nll.detach()
+            tokens_since += batch.num_tokens
+        loss = accelerator.reduce(loss_sum, "sum").item() / max(n_loss_tokens, 1)
+        # 5.3 guard against non-finite loss or gradient
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        grad_norm = float(grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            if state["nonfinite_skipped"] >= cfg.skip_nonfinite:
+                good = checkpoint.latest(ckpt_root)
+                raise TrainingError(
+                    f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step + 1} "
+                    f"(loss {loss}, grad norm {grad_norm}; batch starting at {rows[0].where}); last good "
+                    f"checkpoint: {good or 'none'}. Lower --lr, or pass --skip-nonfinite N.")
+            state["nonfinite_skipped"] += 1
+            state["step"] += 1
+            scheduler.step()
+            if main:
+                tqdm.write(f"warning: skipped step {step + 1}: non-finite loss/gradient "
+                           f"({state['nonfinite_skipped']}/{cfg.skip_nonfinite})")
+            bar.update(1)
+            continue
+        # 5.4 update
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["tokens"] += tokens_since * world
+        step = state["step"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        # 5.5 log, evaluate, checkpoint
+        if step % cfg.log_steps == 0 or step == total_steps:
+            now = time.perf_counter()
+            metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                       "train/epoch": step / steps_per_epoch, "train/tokens": state["tokens"],
+                       "perf/tokens_per_s": tokens_since * world / (now - t_last)}
+            tracker.log(step, metrics)
+            t_last, tokens_since = now, 0
+        if val_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
+            metrics["val/loss"] = evaluate(net, val_rows, cfg, tok.pad_token_id, accelerator)
+            tracker.log(step, {"val/loss": metrics["val/loss"]})
+        if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps):
+            checkpoint.save(ckpt_root, step, net, optimizer, scheduler, state, accelerator, cfg.save_total_limit)
+    bar.close()
+
+    # 6. save a Hugging Face directory that plain transformers loads
+    final = {**metrics, "train/steps": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"]}
+    if main:
+        save_model(accelerator.unwrap_model(net).lm, tok, out, cfg)
+        write_run_json(out, cfg, "sft", final, {"data": {**report.as_dict(), "data/val_examples": val_report.examples}})
+    tracker.close()
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_model(model, tok, out: Path, cfg: SFTConfig) -> None:
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    if cfg.lora and cfg.merge:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out / "merged")
+        tok.save_pretrained(out / "merged")

@@ -1,0 +1,114 @@
+"""The `rlhfkit` command: parse a config, call the algorithm's `train(cfg)`; nothing else.
+
+Errors meant for people (RlhfkitError) print one line and exit non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+from rlhfkit import RlhfkitError
+from rlhfkit.config import parse_args
+
+
+@dataclass
+class PreviewConfig:
+    """rlhfkit data preview: how each example is rendered and which tokens carry loss."""
+
+    model: str = "smollm2-135m"
+    """Model whose tokenizer and chat template render the data."""
+    data: str = "sample:conversations"
+    """Data file (any supported format) or sample:NAME."""
+    format: str | None = None
+    """Data format; detected from the columns when not given."""
+    max_length: int = 512
+    """Truncation length, as in training."""
+    limit: int = 3
+    """How many examples to show (0: all)."""
+    json: bool = False
+    """Print one JSON object per example: tokens, input_ids and loss_mask."""
+
+
+def preview(cfg: PreviewConfig) -> None:
+    from rlhfkit import models
+    from rlhfkit.algos.sft import load_conversations
+    from rlhfkit.data import chat
+
+    tok = models.load_tokenizer(cfg.model)
+    convs = load_conversations(cfg.data, cfg.format)
+    for conv in convs[: cfg.limit or None]:
+        ex = chat.tokenize_conversation(tok, conv.messages, conv.where, cfg.max_length)
+        tokens = tok.convert_ids_to_tokens(ex.input_ids)
+        if cfg.json:
+            print(json.dumps({"where": ex.where, "tokens": tokens, "input_ids": ex.input_ids,
+                              "loss_mask": ex.loss_mask, "truncated": ex.truncated}))
+            continue
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        text = "".join(_show(tok.decode([i]), m, color) for i, m in zip(ex.input_ids, ex.loss_mask))
+        n = sum(ex.loss_mask)
+        print(f"── {ex.where}: {len(ex.input_ids)} tokens, {n} trained"
+              f"{' (truncated)' if ex.truncated else ''} ──\n{text}\n")
+    if not cfg.json:
+        legend = "green" if sys.stdout.isatty() else "[[ ]]"
+        print(f"trained tokens are shown in {legend}")
+
+
+def _show(piece: str, trained: int, color: bool) -> str:
+    if not trained:
+        return piece
+    return f"\x1b[42;30m{piece}\x1b[0m" if color else f"[[{piece}]]"
+
+
+def _sft(argv):
+    from rlhfkit.algos import sft
+
+    cfg = parse_args(sft.SFTConfig, argv, "rlhfkit sft")
+    final = sft.train(cfg)
+    print(json.dumps(final, default=float))
+
+
+def _preview(argv):
+    preview(parse_args(PreviewConfig, argv, "rlhfkit data preview"))
+
+
+COMMANDS = {
+    ("sft",): (_sft, "supervised fine-tuning; loss on assistant tokens only"),
+    ("data", "preview"): (_preview, "show rendering, tokens and loss masks of a data file"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: rlhfkit COMMAND [--config FILE.yaml] [--key value ...]", "", "commands:"]
+    lines += [f"  {' '.join(k):<14} {doc}" for k, (_, doc) in COMMANDS.items()]
+    lines += ["", "`rlhfkit COMMAND --help` lists every option."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    for key, (fn, _) in COMMANDS.items():
+        if tuple(argv[: len(key)]) == key:
+            try:
+                fn(argv[len(key):])
+            except RlhfkitError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return e.exit_code
+            except BrokenPipeError:  # output piped into `head`
+                sys.stderr.close()
+                return 0
+            except KeyboardInterrupt:
+                print("interrupted", file=sys.stderr)
+                return 130
+            return 0
+    print(f"error: unknown command {' '.join(argv[:2])!r}\n\n{usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

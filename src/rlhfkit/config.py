@@ -1,0 +1,217 @@
+"""Strict dataclass configs: YAML presets, `--key value` overrides, `--help` from field docstrings.
+
+One dataclass per command. A field's docstring (the string literal right below it, as in cleanRL) is its
+`--help` text. Unknown keys are errors that suggest the nearest valid key; values are coerced to the
+field's type, and a value that does not fit is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from rlhfkit import UsageError, __version__
+
+C = TypeVar("C")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each field of a dataclass to the docstring written under it (attribute docstrings)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for stmt, nxt in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert `value` (from YAML or the command line) to the annotated type `tp`, or raise UsageError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except UsageError as e:
+                errors.append(str(e))
+        raise UsageError(errors[0] if errors else f"--{key}: cannot be {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise UsageError(f"--{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin in (list, tuple):
+        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
+        inner = args[0] if args else str
+        return [_coerce(key, v, inner) for v in items]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise UsageError(f"--{key}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise UsageError(f"--{key}: expected a number, got {value!r}")
+        try:
+            number = float(value) if tp is float else int(str(value), 0) if isinstance(value, str) else int(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"--{key}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != int(value):
+            raise UsageError(f"--{key}: expected int, got {value!r}")
+        return number
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UsageError(f"--{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _unknown(key: str, valid: list[str]) -> UsageError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
+    return UsageError(f"unknown config key {key!r}{hint}")
+
+
+def from_dict(cls: type[C], values: dict[str, Any], source: str = "") -> C:
+    """Build `cls` from a flat or nested dict, strictly: unknown keys and ill-typed values are errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in fields:
+            err = _unknown(key, list(fields))
+            raise UsageError(f"{source}: {err}" if source else str(err))
+        kwargs[key] = _coerce(key, value, hints[key])
+    return cls(**kwargs)
+
+
+def parse_args(cls: type[C], argv: list[str], prog: str = "rlhfkit") -> C:
+    """`--config FILE.yaml` first, then `--key value` / `--key=value` / bare `--flag` overrides."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, prog))
+        raise SystemExit(0)
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise UsageError(f"unexpected argument {arg!r} (options look like --key value)")
+        key, eq, val = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            is_flag = hints.get(key) is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+            if is_flag:
+                val = "true"
+            elif i + 1 < len(argv):
+                i += 1
+                val = argv[i]
+            else:
+                raise UsageError(f"--{key.replace('_', '-')} needs a value")
+        if key == "config":
+            path = Path(val)
+            if not path.is_file():
+                raise UsageError(f"config file not found: {path}")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise UsageError(f"{path}: expected a mapping of keys to values")
+            for k, v in loaded.items():
+                if k.replace("-", "_") not in hints:
+                    raise UsageError(f"{path}: {_unknown(k.replace('-', '_'), list(hints))}")
+            values.update(loaded)
+        else:
+            if key not in hints:
+                raise _unknown(key, list(hints))
+            overrides[key] = val
+        i += 1
+    values.update(overrides)
+    return from_dict(cls, values)
+
+
+def help_text(cls: type, prog: str) -> str:
+    docs = field_docs(cls)
+    lines = [f"usage: {prog} [--config FILE.yaml] [--key value ...]", ""]
+    if cls.__doc__:
+        lines += [inspect.cleandoc(cls.__doc__), ""]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        lines.append(f"  --{f.name.replace('_', '-')}  (default: {default!r})")
+        if f.name in docs:
+            lines += ["      " + ln for ln in textwrap.wrap(docs[f.name], 90)]
+    return "\n".join(lines)
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    out = {"rlhfkit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    for name in ("accelerate", "datasets", "peft"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def write_run_json(out_dir: str | os.PathLike, cfg: Any, command: str, final_metrics: dict | None = None,
+                   extra: dict | None = None) -> Path:
+    """run.json: the resolved config, versions, seed, git revision, argv and final metrics."""
+    path = Path(out_dir) / "run.json"
+    record = {
+        "command": command,
+        "argv": sys.argv,
+        "config": dataclasses.asdict(cfg),
+        "seed": getattr(cfg, "seed", None),
+        "versions": versions(),
+        "git_revision": git_revision(),
+        "final_metrics": final_metrics or {},
+        **(extra or {}),
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,308 @@
+"""The losses and estimators of the RLHF recipe as plain tensor functions (SPEC §5, ALGORITHMS.md).
+
+Everything here is batch-first maths: no model, no I/O, no config. Shapes use B = batch (prompts or
+sequences), T = tokens, K = responses of one prompt, N = responses of all prompts in a batch.
+Masks are 1 on response tokens and 0 on prompt and padding.
+"""
+
+import math
+import random
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LN10 = math.log(10.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked statistics
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of `x` over positions where `mask` is 1; over everything, or along `dim`."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum()
+    return (x * mask).sum(dim) / mask.sum(dim)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over the valid tokens of the whole batch; x, mask [B, T].
+
+    Biased variance, as in the OpenAI lm-human-preferences code. With shift_mean=False the mean is
+    added back, so the result is only rescaled (used for rewards). Masked positions come out 0.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO family (Rafailov et al. 2023; IPO: Azar et al. 2023; cDPO: Mitchell 2023)
+
+
+def dpo_sigmoid(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    # cDPO: the label is flipped with probability eps; eps = 0 is the original -log σ(βh).
+    return (1 - label_smoothing) * F.softplus(-beta * h) + label_smoothing * F.softplus(beta * h)
+
+
+def dpo_ipo(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    # IPO regresses h towards 1/(2β). Summed log-probs, as in the paper (TRL length-normalises).
+    if label_smoothing:
+        raise ValueError("label_smoothing applies to the sigmoid loss only, not to ipo")
+    return (h - 1 / (2 * beta)) ** 2
+
+
+DPO_LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {
+    "sigmoid": dpo_sigmoid,
+    "ipo": dpo_ipo,
+}
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-example DPO loss and implicit rewards. All inputs [B]: summed response log-probs.
+
+    h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l));
+    "sigmoid": (1−ε)·softplus(−βh) + ε·softplus(βh) (ε = label_smoothing, cDPO; ε = 0 is DPO Eq. 7);
+    "ipo": (h − 1/(2β))² (Azar et al. 2023, Eq. 17).
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β(log π − log π_ref), detached.
+    """
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {sorted(DPO_LOSSES)}")
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # [B]
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # [B]
+    losses = DPO_LOSSES[loss_type](chosen_logratios - rejected_logratios, beta, label_smoothing)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward model (InstructGPT Eq. 1)
+
+
+def pairwise_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: Tensor | float | None = None) -> Tensor:
+    """Bradley–Terry loss mean(−log σ(r_c − r_r − margin)); scores [B], margin [B], scalar or None."""
+    diff = chosen_scores - rejected_scores
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff).mean()
+
+
+Ranking = Sequence[int | Sequence[int]]
+
+
+def ranking_pairs(ranking: Ranking) -> list[tuple[int, int]]:
+    """All (winner, loser) pairs of a best-first ranking; a nested list is a tie group.
+
+    [2, [0, 3], 1] -> (2,0) (2,3) (2,1) (0,1) (3,1): tied responses form no pair.
+    """
+    groups = [list(item) if isinstance(item, (list, tuple)) else [item] for item in ranking]
+    flat = [i for group in groups for i in group]
+    if len(flat) != len(set(flat)):
+        raise ValueError(f"ranking names a response twice: {ranking}")
+    return [(w, l) for g, above in enumerate(groups) for below in groups[g + 1 :] for w in above for l in below]
+
+
+def grouped_ranking_loss(scores: Tensor, groups: Sequence[Sequence[tuple[int, int]]]) -> Tensor:
+    """InstructGPT RM loss for a batch of prompts whose responses are scored once each.
+
+    scores [N]: every response of every prompt, flat. groups: one list per prompt of (winner, loser)
+    indices into `scores`. Each prompt's loss is the mean over its pairs and the batch loss the mean
+    over prompts, so a prompt weighs the same whatever its K. Prompts without pairs (all tied) are
+    left out; a batch without any pair gives 0 (still attached to the graph).
+    """
+    counts = [len(pairs) for pairs in groups if pairs]
+    if not counts:
+        return scores.sum() * 0.0
+    winners = torch.tensor([w for pairs in groups for w, _ in pairs], device=scores.device)
+    losers = torch.tensor([l for pairs in groups for _, l in pairs], device=scores.device)
+    # weight of a pair = 1 / (pairs of its prompt) / (prompts with pairs)
+    weights = torch.tensor([1.0 / (c * len(counts)) for c in counts for _ in range(c)], device=scores.device)
+    pair_losses = -F.logsigmoid(scores[winners] - scores[losers])  # [P]
+    return (pair_losses * weights.to(scores.dtype)).sum()
+
+
+def ranking_loss(scores: Tensor, ranking: Ranking) -> Tensor:
+    """Mean of −log σ(s_w − s_l) over the ordered pairs of one prompt's ranking; scores [K].
+
+    A full ranking of K responses gives C(K,2) pairs; ties give fewer (see `ranking_pairs`).
+    """
+    return grouped_ranking_loss(scores, [ranking_pairs(ranking)])
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO: per-token rewards and advantages (Ziegler et al. 2019; InstructGPT Eq. 2; Schulman et al. 2016)
+
+
+def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    # Schulman's "Approximating KL divergence" k3: unbiased and always >= 0.
+    log_ratio = ref_logprobs - logprobs
+    return torch.expm1(log_ratio) - log_ratio
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k3": kl_k3}
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from sampled-token log-probs [B, T].
+
+    k1 = log π − log π_ref; k3 = (π_ref/π − 1) − log(π_ref/π) (http://joschu.net/blog/kl-approx.html).
+    """
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {kind!r}; valid: {sorted(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[kind](logprobs, ref_logprobs)
+
+
+def kl_penalized_rewards(
+    score: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+) -> Tensor:
+    """Per-token PPO rewards [B, T]: −kl_coef·kl_t on every response token, plus score [B] on the last one.
+
+    The score goes on the last token where mask is 1 (the EOS token), not on the first padding
+    token after it, the bug of TRL's former PPO. Rows with an empty mask get no score.
+    """
+    mask = mask.to(logprobs.dtype)
+    rewards = -kl_coef * kl_estimate(logprobs, ref_logprobs, estimator) * mask  # [B, T]
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * mask).argmax(dim=1)  # [B] index of the last response token
+    has_response = mask.amax(dim=1)  # [B] 0 for an empty row
+    rewards[torch.arange(mask.shape[0], device=mask.device), last] += score.to(rewards.dtype) * has_response
+    return rewards
+
+
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens; all [B, T].
+
+    δ_t = r_t + γV_{t+1} − V_t, A_t = δ_t + γλA_{t+1}, returns R_t = A_t + V_t. Positions with mask 0
+    count as V = 0 and r = 0, so V = 0 after the last valid token; responses must be contiguous.
+    Advantages and returns are 0 where mask is 0. No whitening here.
+    """
+    mask = mask.to(values.dtype)
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])  # [B]
+    next_advantage = torch.zeros_like(values[:, 0])  # [B]
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    advantages = advantages * mask
+    return advantages, advantages + values
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: Elo by Bradley–Terry maximum likelihood, best-of-n KL
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(π_BoN ‖ π) = log n − (n−1)/n (Stiennon et al. 2020, App. G.3; an upper bound if samples repeat)."""
+    return math.log(n) - (n - 1) / n
+
+
+def _strongly_connected(beats: Tensor) -> bool:
+    # Zermelo/Ford: the BT maximum exists iff every player can be reached from every other along "beat"
+    # edges. Transitive closure by repeated squaring of the boolean reachability matrix.
+    reach = beats | torch.eye(len(beats), dtype=torch.bool)
+    for _ in range(max(1, math.ceil(math.log2(len(beats))))):
+        reach = reach | ((reach.double() @ reach.double()) > 0)
+    return bool(reach.all())
+
+
+def _fit_bradley_terry(wins: Tensor, tol: float = 1e-10, max_iter: int = 200) -> Tensor:
+    # Newton ascent on ℓ(θ) = Σ_ij W_ij log σ(ln10·(θ_i − θ_j)), W_ij = (fractional) wins of i over j.
+    # ℓ is concave and shift-invariant: the pseudo-inverse picks the step with Σ Δ = 0.
+    games = wins + wins.T
+
+    def loglik(theta: Tensor) -> Tensor:
+        # log σ(x) = −softplus(−x); F.logsigmoid is ~100x slower in float64 on CPU
+        return -(wins * F.softplus(-LN10 * (theta[:, None] - theta[None, :]))).sum()
+
+    theta = torch.zeros(len(wins), dtype=torch.float64)
+    for _ in range(max_iter):
+        p = torch.sigmoid(LN10 * (theta[:, None] - theta[None, :]))  # P(i beats j)
+        grad = LN10 * (wins - games * p).sum(dim=1)
+        curvature = LN10**2 * games * p * (1 - p)
+        hessian = torch.diag(curvature.sum(dim=1)) - curvature  # −∇²ℓ, a weighted graph Laplacian
+        step = torch.linalg.pinv(hessian) @ grad
+        # Halve the step until ℓ does not fall: plain Newton can overshoot from far away.
+        base, t = loglik(theta), 1.0
+        while loglik(theta + t * step) < base and t > 1e-6:
+            t /= 2
+        theta = theta + t * step
+        if (t * step).abs().max() < tol:
+            break
+    return theta
+
+
+def elo_ratings(games: Sequence[tuple[str, str, float]]) -> dict[str, float]:
+    """Bradley–Terry maximum-likelihood ratings on the Elo scale.
+
+    games: (a, b, outcome), outcome 1 if a won, 0 if b won, 0.5 for a tie (half a win each way).
+    P(a beats b) = σ(ln10·(θ_a − θ_b)); Elo = 400θ + 1000 with Σθ = 0, so the mean rating is 1000.
+    Fitted by Newton's method in float64 to a step below 1e-10.
+
+    The maximum is finite only when the "beat" graph is strongly connected (Zermelo/Ford); otherwise,
+    e.g. when a player wins every game, each player gets one extra virtual tie against a virtual
+    player, who is then dropped. This prior keeps ratings finite and is used only in that case.
+    """
+    names = list(dict.fromkeys(name for a, b, _ in games for name in (a, b)))
+    index = {name: i for i, name in enumerate(names)}
+    wins = torch.zeros(len(names), len(names), dtype=torch.float64)
+    for a, b, outcome in games:
+        if not 0.0 <= outcome <= 1.0:
+            raise ValueError(f"outcome must be in [0, 1], got {outcome} for {a} vs {b}")
+        wins[index[a], index[b]] += outcome
+        wins[index[b], index[a]] += 1.0 - outcome
+    if not _strongly_connected(wins > 0):
+        wins = F.pad(wins, (0, 1, 0, 1))
+        wins[-1, :-1] = wins[:-1, -1] = 0.5  # one virtual tie of each player with the virtual player
+        theta = _fit_bradley_terry(wins)[:-1]
+    else:
+        theta = _fit_bradley_terry(wins)
+    theta = theta - theta.mean()
+    return {name: 1000.0 + 400.0 * float(t) for name, t in zip(names, theta)}
+
+
+def elo_bootstrap(
+    games: Sequence[tuple[str, str, float]], n: int = 1000, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals of `elo_ratings`, resampling the games with replacement n times.
+
+    A player missing from a resample is left out of that resample's draws.
+    """
+    rng = random.Random(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n):
+        sample = rng.choices(games, k=len(games))
+        for name, rating in elo_ratings(sample).items():
+            draws.setdefault(name, []).append(rating)
+    quantiles = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    intervals = {}
+    for name, ratings in draws.items():
+        lo, hi = torch.quantile(torch.tensor(ratings, dtype=torch.float64), quantiles).tolist()
+        intervals[name] = (lo, hi)
+    return intervals

