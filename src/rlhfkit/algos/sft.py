@@ -314,7 +314,8 @@ def train(cfg: SFTConfig) -> dict:
     final = {**metrics, "train/steps": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"]}
     if main:
         save_model(accelerator.unwrap_model(net).lm, tok, out, cfg)
-        write_run_json(out, cfg, "sft", final, {"data": {**report.as_dict(), "data/val_examples": val_report.examples}})
+        write_run_json(out, cfg, "sft", final, {"processes": world, "data": {
+            **report.as_dict(), "data/val_examples": val_report.examples}})
     tracker.close()
     accelerator.wait_for_everyone()
     return final

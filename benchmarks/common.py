@@ -1,0 +1,152 @@
+"""Shared helpers for rlhfkit benchmarks: matmul peak, model FLOPs, memory and machine description.
+
+MFU (model FLOPs utilisation, Chowdhery et al. 2022, "PaLM", Appendix B) is the model FLOPs a training step
+needs, divided by its time, divided by the peak FLOP/s of the hardware. We have no trustworthy datasheet peak
+for a shared cloud CPU (core count, turbo and AMX availability vary by host), so the peak is *measured*: the
+best sustained FLOP/s of a large square torch.matmul in the compute dtype, on the same machine, in the same
+process. MFU against a measured matmul peak reads "how close to the best dense matmul this box can do".
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    # CUDA kernels are asynchronous: without a sync the timer measures launch time, not compute time
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0, device: str | torch.device = "cpu"
+                ) -> float:
+    """Achieved GFLOP/s of an n×n @ n×n torch.matmul in `dtype` (2·n³ FLOPs each), sustained over `seconds`.
+
+    Warm-up first (oneDNN/cuBLAS pick and cache their kernels, and pages get touched, on the first calls),
+    then as many matmuls as fit in `seconds`, into a preallocated output so allocation is not timed.
+    Uses torch's default thread count, like training does.
+    """
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    b = torch.randn(n, n, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    warm_until = time.perf_counter() + min(0.5, seconds / 4)
+    for _ in range(2):  # at least two calls, then more until the warm-up time is spent
+        torch.matmul(a, b, out=out)
+    while time.perf_counter() < warm_until:
+        torch.matmul(a, b, out=out)
+    _sync(device)
+
+    iters = 0
+    start = time.perf_counter()
+    while True:
+        torch.matmul(a, b, out=out)
+        iters += 1
+        if iters % 4 == 0 or device.type != "cuda":  # on CUDA, sync only now and then to keep the queue full
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+    return 2.0 * n**3 * iters / elapsed / 1e9
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS).
+
+    Children are not included (RUSAGE_SELF), and the peak can never go down within a process.
+    """
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def non_embedding_params(config: Any) -> int:
+    """Parameters of a Llama-style decoder (attention + gated MLP + RMSNorms), without embeddings or lm_head.
+
+    Per layer: q_proj h·(n_h·d), k_proj and v_proj h·(n_kv·d) each, o_proj (n_h·d)·h, gate/up/down 3·h·i,
+    two RMSNorms 2·h (+ biases when attention_bias / mlp_bias); plus the final norm h.
+    """
+    h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    n_h = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_h
+    d = getattr(config, "head_dim", None) or h // n_h
+    attn = h * n_h * d + 2 * h * n_kv * d + n_h * d * h
+    if getattr(config, "attention_bias", False):
+        attn += n_h * d + 2 * n_kv * d + h
+    mlp = 3 * h * i
+    if getattr(config, "mlp_bias", False):
+        mlp += 2 * i + h
+    return L * (attn + mlp + 2 * h) + h
+
+
+def model_flops_per_token(config: Any, seq_len: int, lm_head_fraction: float = 1.0) -> float:
+    """Training FLOPs per token (forward + backward), PaLM-style:
+
+        6·N  +  12·L·(n_h·d)·T  +  6·h·V·f
+
+    - 6·N: every non-embedding weight does one multiply-add (2 FLOPs) per token forward and two backward
+      (input gradient and weight gradient); N from `non_embedding_params`.
+    - 12·L·(n_h·d)·T: attention scores Q·Kᵀ and the weighted sum of V, 2·2·T·(n_h·d) FLOPs per token per
+      layer forward, ×3 with backward; T = seq_len. As in PaLM, the causal mask is not credited (no halving).
+      n_h·d equals hidden_size for Llama/SmolLM2.
+    - 6·h·V·f: the lm_head matmul. It is a real matmul, so it counts, but only once even when its weight is
+      tied to the input embeddings (SmolLM2): the embedding lookup is a gather, not a matmul. `f` is the
+      fraction of positions whose logits are actually computed: rlhfkit's `SelectedLogits` projects only the
+      trained positions, so crediting the full vocabulary projection at every token would inflate MFU.
+    Norms, activations, rotary embeddings, softmax and the loss are left out (small, and not matmuls).
+    """
+    n_h = config.num_attention_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // n_h
+    attention = 12 * config.num_hidden_layers * n_h * d * seq_len
+    lm_head = 6 * config.hidden_size * config.vocab_size * lm_head_fraction
+    return 6 * non_embedding_params(config) + attention + lm_head
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return []
+    flags = set(text.split())
+    # the ones that decide which bf16/fp32 matmul kernels oneDNN can use
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers depend on: CPU (or GPU), cores, threads and library versions."""
+    import accelerate
+    import transformers
+
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "cores": os.cpu_count(),
+        # cores this process may run on (containers and taskset can allow fewer than os.cpu_count)
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

@@ -1,0 +1,40 @@
+"""Shared fixtures: the tiny model's tokenizer, a fresh accelerate state per in-process training run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from rlhfkit import models
+
+    return models.load_tokenizer("tiny-llama")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; each in-process run starts from a clean one."""
+    yield
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+
+
+def run_cli(*args: str, check: bool = True, timeout: int = 300, env: dict | None = None,
+            ) -> subprocess.CompletedProcess:
+    """Run `rlhfkit ARGS` in a fresh process (as a user would)."""
+    full_env = {**os.environ, "NO_COLOR": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "rlhfkit.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rlhfkit {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
