@@ -131,7 +131,11 @@ def test_sigkill_mid_training_resumes_to_same_weights(tmp_path):
 
 
 def test_two_process_data_parallel_matches_one_process(tmp_path):
-    common = ["--model", "tiny-llama", "--max-steps", "3", "--lr", "1e-3", "--dtype", "fp32",
+    # 9 rows, global batch 4: the third step has one row, so the second process has none (weight-0 row)
+    data = tmp_path / "nine.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Count to {i}.", "completion": " ".join(map(str, range(i + 1)))})
+                            + "\n" for i in range(9)))
+    common = ["--model", "tiny-llama", "--data", str(data), "--max-steps", "3", "--lr", "1e-3", "--dtype", "fp32",
               "--val-fraction", "0", "--max-length", "128", "--warmup-ratio", "0"]
     run_cli("sft", *common, "--batch-size", "4", "--output", str(tmp_path / "one"))
     # on a CPU-only machine accelerate starts several processes (torchrun, gloo) only with --multi_gpu;
@@ -143,8 +147,10 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    # Adam divides by sqrt(v): where a gradient is ~0, float rounding of the gradient sum (two partial sums
+    # vs one) can move a weight by a fraction of one lr-sized step; 1e-4 is a tenth of such a step
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
     la = [m["train/loss"] for m in read_metrics(tmp_path / "one") if "train/loss" in m]
     lb = [m["train/loss"] for m in read_metrics(tmp_path / "two") if "train/loss" in m]
     assert la == pytest.approx(lb, rel=1e-5)

@@ -167,7 +167,8 @@ def batch_nll(model, batch: LMBatch, device) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, rows, cfg: SFTConfig, pad_id: int, accelerator) -> float:
-    """Token-mean validation NLL over all processes."""
+    """Token-mean validation NLL over all processes (on the unwrapped module: no DDP sync for uneven shards)."""
+    model = accelerator.unwrap_model(model)
     model.eval()
     mine = rows[accelerator.process_index::accelerator.num_processes]
     nll = torch.zeros(2, device=accelerator.device)
@@ -252,20 +253,23 @@ def train(cfg: SFTConfig) -> dict:
         step = state["step"]
         # 5.1 this step's rows; this process takes every world-th row, in grad_accum micro-batches
         rows = [train_rows[i] for i in global_batch_rows(step, len(train_rows), global_batch, cfg.seed)]
-        n_loss_tokens = sum(sum(r.loss_mask[1:]) for r in rows)
+        n_loss_tokens = max(sum(sum(r.loss_mask[1:]) for r in rows), 1)
+        step_tokens = sum(len(r.input_ids) for r in rows)
         mine = rows[accelerator.process_index::world]
+        # a short last batch may leave a process without rows; it still runs one row with weight 0, or DDP
+        # would wait forever for its gradients
+        weight = world / n_loss_tokens if mine else 0.0
+        mine = mine or rows[:1]
         micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-        # 5.2 forward/backward; DDP averages gradients over processes, hence × world
+        # 5.2 forward/backward; DDP averages gradients over processes, hence world / tokens of the global batch
         loss_sum = torch.zeros((), device=accelerator.device)
         for j, mb in enumerate(micro):
-            batch = collate(mb, tok.pad_token_id)
             sync = accelerator.no_sync(net) if j < len(micro) - 1 else contextlib.nullcontext()
             with sync:
-                nll = batch_nll(net, batch, accelerator.device)
-                accelerator.backward(nll * world / max(n_loss_tokens, 1))
-            loss_sum += nll.detach()
-            tokens_since += batch.num_tokens
-        loss = accelerator.reduce(loss_sum, "sum").item() / max(n_loss_tokens, 1)
+                nll = batch_nll(net, collate(mb, tok.pad_token_id), accelerator.device)
+                accelerator.backward(nll * weight)
+            loss_sum += nll.detach() * (weight > 0)
+        loss = accelerator.reduce(loss_sum, "sum").item() / n_loss_tokens
         # 5.3 guard against non-finite loss or gradient
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         grad_norm = float(grad_norm)
@@ -291,7 +295,8 @@ def train(cfg: SFTConfig) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
-        state["tokens"] += tokens_since * world
+        state["tokens"] += step_tokens
+        tokens_since += step_tokens
         step = state["step"]
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
@@ -300,7 +305,7 @@ def train(cfg: SFTConfig) -> dict:
             now = time.perf_counter()
             metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                        "train/epoch": step / steps_per_epoch, "train/tokens": state["tokens"],
-                       "perf/tokens_per_s": tokens_since * world / (now - t_last)}
+                       "perf/tokens_per_s": tokens_since / (now - t_last)}
             tracker.log(step, metrics)
             t_last, tokens_since = now, 0
         if val_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
