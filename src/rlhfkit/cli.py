@@ -70,12 +70,30 @@ def _sft(argv):
     print(json.dumps(final, default=float))
 
 
+def _rm(argv):
+    from rlhfkit.algos import reward
+
+    cfg = parse_args(reward.RMConfig, argv, "rlhfkit rm")
+    final = reward.train(cfg)
+    print(json.dumps(final, default=float))
+
+
+def _score(argv):
+    from rlhfkit.algos import score
+
+    cfg = parse_args(score.ScoreConfig, argv, "rlhfkit score")
+    final = score.score(cfg)
+    print(json.dumps(final, default=float))
+
+
 def _preview(argv):
     preview(parse_args(PreviewConfig, argv, "rlhfkit data preview"))
 
 
 COMMANDS = {
     ("sft",): (_sft, "supervised fine-tuning; loss on assistant tokens only"),
+    ("rm",): (_rm, "reward model from pairs or K-way rankings"),
+    ("score",): (_score, "add a reward column to (prompt, response) rows"),
     ("data", "preview"): (_preview, "show rendering, tokens and loss masks of a data file"),
 }
 

@@ -28,7 +28,6 @@ class LMBatch:
     loss_mask: torch.Tensor
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
-    num_tokens: int
 
     @property
     def num_loss_tokens(self) -> int:
@@ -92,4 +91,4 @@ def collate(rows: list[TokenizedExample | PackedRow], pad_id: int) -> LMBatch:
             position_ids[b, n:] = torch.arange(r.position_ids[-1] + 1, r.position_ids[-1] + 1 + T - n)
         else:
             attention_mask[b, :n] = 1
-    return LMBatch(input_ids, loss_mask, attention_mask, position_ids, sum(len(r.input_ids) for r in rows))
+    return LMBatch(input_ids, loss_mask, attention_mask, position_ids)

@@ -1,0 +1,613 @@
+"""Reward model (RM): learn human rankings as a scalar score; `rlhfkit rm` trains it, `rlhfkit score` applies it.
+
+Papers: Ouyang et al. 2022 (InstructGPT) §3.5 and Eq. 1: a causal LM with its unembedding replaced by a scalar
+head; K ranked responses per prompt give C(K,2) comparisons, and all comparisons of one prompt are one batch
+element, so each response is scored once and every prompt weighs the same:
+    loss(θ) = −E_x [ 1/C(K,2) · Σ_{(w,l)} log σ(r_θ(x, y_w) − r_θ(x, y_l)) ].
+Bai et al. 2022 (HH, "Training a helpful and harmless assistant") §4: preference-model pre-training (PMP) on a
+large, weaker comparison set before fine-tuning on the human comparisons, and calibration checked as
+σ(r_A − r_B) against the observed frequency (rlhfkit/evaluate/calibration.py). Normalisation before RL as in
+InstructGPT and Ziegler et al. 2019.
+
+One iteration, top to bottom (the same skeleton as sft.py):
+  1. take this step's global batch of prompts (a seeded permutation per epoch of the current phase)
+  2. this process's micro-batches: score every response once, sum of per-prompt losses / prompts in the global
+     batch, backward
+  3. stop (or skip, with --skip-nonfinite) on a non-finite loss or gradient
+  4. clip, optimizer and scheduler step
+  5. log, evaluate, checkpoint
+After the last step: normalise (offset, optional scale), evaluate with calibration, save.
+
+Departures, and why (details in docs/reward.md):
+- The score is read at the last token of the chat template's rendering of prompt + response (for ChatML the
+  newline after `<|im_end|>`), exactly where plain `AutoModelForSequenceClassification` pools it; the RM gets a
+  pad token the template never writes, so padding can never be mistaken for the pooled token.
+- Llama-family score heads have no bias and transformers drops one on load, so the normalisation offset and
+  scale are stored in config.json (`rlhfkit_reward_offset`, `rlhfkit_reward_scale`) and applied by
+  `rlhfkit score` (`--normalize false` gives the raw score, which equals plain transformers').
+- A row's margin m enters as −log σ(r_w − r_l − m) (Llama 2's margin loss), applied to every pair of the row.
+- PMP uses the same loss as fine-tuning (HH binarised its PMP data; any comparison file works here), with a
+  fresh optimizer and schedule for each phase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from rlhfkit import DataError, ModelError, TrainingError, checkpoint, models
+from rlhfkit.algos.sft import global_batch_rows, make_schedule, split_validation
+from rlhfkit.config import write_run_json
+from rlhfkit.core.losses import grouped_ranking_loss, pairwise_loss
+from rlhfkit.data import chat, formats, io
+from rlhfkit.evaluate import calibration
+from rlhfkit.tracking import Tracker
+
+
+@dataclass
+class RMConfig:
+    """rlhfkit rm: a reward model from comparisons (pairs, K-way rankings, HH transcripts)."""
+
+    model: str = "smollm2-135m"
+    """Backbone: alias (smollm2-135m, tiny-llama), Hugging Face directory (e.g. the SFT output), .gguf or hub id."""
+    data: str = "sample:rankings"
+    """Comparisons (pairs, rankings or hh; .jsonl/.json/.parquet/.csv/save_to_disk dir, or sample:NAME)."""
+    output: str = "runs/rm"
+    """Output directory: reward model, checkpoints, metrics.jsonl, TensorBoard events, reliability.png, run.json."""
+    format: str | None = None
+    """Data format; detected from the columns when not given (pairs, rankings, hh)."""
+    val_data: str | None = None
+    """Held-out comparisons; when not given, a seeded `val_fraction` of the prompts is held out."""
+    val_fraction: float = 0.05
+    """Fraction of the prompts held out for evaluation when `val_data` is not given (0 disables)."""
+    pmp_data: str | None = None
+    """Preference-model pre-training (HH §4): a large, weaker comparison set trained on first."""
+    pmp_lr: float = 1e-5
+    """Peak learning rate of the PMP phase."""
+    pmp_epochs: int = 1
+    """Passes over `pmp_data`."""
+    norm_data: str | None = None
+    """Reference set for normalisation (SFT demonstrations); default: the best response of each training prompt."""
+    norm_samples: int = 1000
+    """At most this many reference responses are scored for normalisation (a seeded sample)."""
+    normalize: bool = True
+    """After training, record an offset so that the mean score on the reference set is 0 (InstructGPT)."""
+    normalize_std: bool = False
+    """Also record a scale so that the standard deviation on the reference set is 1."""
+    fit_temperature: bool = False
+    """Fit a temperature on the held-out comparisons and report the ECE after it (recorded, not applied)."""
+    calibration_bins: int = 10
+    """Equal-width bins on [0.5, 1] for the ECE and the reliability diagram."""
+    max_length: int = 512
+    """Longest prompt + response in tokens; longer ones keep their start and lose their end (counted)."""
+    epochs: int = 1
+    """Passes over the data (InstructGPT: one; more overfits)."""
+    max_steps: int = -1
+    """Optimizer steps of the main phase; overrides `epochs` when > 0."""
+    batch_size: int = 8
+    """Prompts per micro-batch on each process (each with all of its K responses)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; global batch = batch_size × grad_accum × processes prompts."""
+    lr: float = 1e-5
+    """Peak learning rate (AdamW) of the main phase."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    warmup_ratio: float = 0.03
+    """Fraction of each phase's steps spent warming up linearly from 0."""
+    schedule: str = "cosine"
+    """Learning-rate decay after warm-up: cosine, linear or constant."""
+    min_lr_ratio: float = 0.1
+    """Floor of the decay as a fraction of the peak."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    lora: bool = False
+    """Train a LoRA adapter (and the score head) instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"])
+    """Module names that get LoRA adapters."""
+    merge: bool = False
+    """With --lora, also save the merged model under OUTPUT/merged (what `rlhfkit score` loads)."""
+    freeze_layers: int = 0
+    """Freeze the embeddings and the first N transformer blocks."""
+    tiny_hidden_size: int = 64
+    """Hidden size of the random tiny-llama backbone (tests; ignored for real models)."""
+    dtype: str = "auto"
+    """Compute precision: auto (bf16 autocast where the hardware has it), bf16, fp16 or fp32. Weights stay fp32."""
+    seed: int = 0
+    """Seed for data order, the validation split and the initialisation of new weights (the score head)."""
+    log_steps: int = 1
+    """Log training metrics every N steps."""
+    eval_steps: int = 0
+    """Evaluate on the held-out comparisons every N steps (0: only at the end)."""
+    save_steps: int = 0
+    """Write a resumable checkpoint every N steps (0: none but the final model)."""
+    save_total_limit: int = 2
+    """How many checkpoints to keep."""
+    resume: bool = False
+    """Continue from OUTPUT/checkpoints/latest if there is one."""
+    skip_nonfinite: int = 0
+    """Skip up to N batches whose loss or gradient is not finite (with a warning each) instead of stopping."""
+
+
+# --- data -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedPreference:
+    """One prompt's K responses as token ids (prompt + response, each ending where the template ends).
+
+    input_ids: K lists of token ids; pairs: (winner, loser) indices into them; response_lengths: K response
+    token counts (before truncation), for the length-bias buckets.
+    """
+
+    input_ids: list[list[int]]
+    pairs: list[tuple[int, int]]
+    margin: float | None
+    response_lengths: list[int]
+    where: str
+
+
+@dataclass
+class DataReport:
+    """What reading and tokenising did to a comparison set; printed and logged so nothing is dropped silently."""
+
+    examples: int = 0
+    truncated: int = 0
+    identical_pairs: int = 0  # chosen and rejected are the same response: the pair is skipped
+    skipped_no_pairs: int = 0  # nothing left to compare (all identical or all tied)
+
+    def as_dict(self, prefix: str = "data") -> dict[str, int]:
+        return {f"{prefix}/{k}": v for k, v in vars(self).items()}
+
+
+def load_preferences(path: str, fmt: str | None) -> list[formats.Preference]:
+    rows = io.read_rows(path)
+    fmt = formats.detect_format(rows, fmt)
+    return [formats.to_preference(r, fmt) for r in rows]
+
+
+def encode(tok, messages: formats.Messages, max_length: int, where: str) -> tuple[list[int], int]:
+    """Tokens of the template's rendering of `messages` cut to `max_length` (the score is read at the last one),
+    and the length before the cut."""
+    ids = chat.encode(tok, chat.render(tok, messages))
+    full = len(ids)
+    ids = ids[:max_length]
+    if ids[-1] == tok.pad_token_id:
+        raise DataError(f"{where}: the text ends in the RM's pad token {tok.pad_token!r}, which pools wrongly")
+    return ids, full
+
+
+def encode_preferences(tok, prefs: list[formats.Preference], max_length: int
+                       ) -> tuple[list[EncodedPreference], DataReport]:
+    report = DataReport()
+    out = []
+    for pref in prefs:
+        pairs = [(w, l) for w, l in pref.pairs if pref.responses[w] != pref.responses[l]]
+        report.identical_pairs += len(pref.pairs) - len(pairs)
+        if not pairs:
+            report.skipped_no_pairs += 1
+            continue
+        prompt_len = len(chat.encode(tok, chat.render(tok, pref.prompt, add_generation_prompt=True)))
+        ids, lengths = [], []
+        for response in pref.responses:
+            seq, full = encode(tok, pref.prompt + response, max_length, pref.where)
+            report.truncated += full > len(seq)
+            ids.append(seq)
+            lengths.append(full - prompt_len)
+        out.append(EncodedPreference(ids, pairs, pref.margin, lengths, pref.where))
+    report.examples = len(out)
+    return out, report
+
+
+@dataclass(frozen=True)
+class RewardBatch:
+    """All responses of a batch of prompts, flat, right-padded. N = total responses, T = longest.
+
+    input_ids:      (N, T) long, padded with the RM's pad id (which no text contains)
+    attention_mask: (N, T) long, 1 on real tokens
+    groups:         one list per prompt of (winner, loser) indices into the N responses
+    margins:        one margin (or None) per prompt
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    groups: list[list[tuple[int, int]]]
+    margins: list[float | None]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def collate_preferences(items: list[EncodedPreference], pad_id: int) -> RewardBatch:
+    seqs, groups, offset = [], [], 0
+    for item in items:
+        seqs += item.input_ids
+        groups.append([(offset + w, offset + l) for w, l in item.pairs])
+        offset += len(item.input_ids)
+    ids, mask = pad_right(seqs, pad_id)
+    return RewardBatch(ids, mask, groups, [item.margin for item in items])
+
+
+# --- model ------------------------------------------------------------------------------------------------
+
+PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<unk>")
+
+
+def set_reward_pad_token(tok) -> bool:
+    """Give the tokenizer a right-side pad token that the chat template never writes; True if one was added.
+
+    SmolLM2 pads with `<|im_end|>`, its end-of-turn token, which every rendered response contains; transformers
+    pools at the rightmost token that is not the pad token, so the pad token must never be a real token.
+    """
+    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+             {"role": "assistant", "content": "a"}]
+    written = set(chat.encode(tok, chat.render(tok, probe))) | {tok.eos_token_id}
+    vocab = tok.get_vocab()
+    usable = [name for name in (tok.pad_token, *PAD_CANDIDATES) if name in vocab and vocab[name] not in written]
+    added = not usable
+    if added:
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
+    else:
+        tok.pad_token = usable[0]
+    tok.padding_side = "right"
+    return added
+
+
+def build_model(cfg: RMConfig, tok):
+    """A sequence-classification model (num_labels=1) on the backbone; new weights are seeded by `cfg.seed`."""
+    from transformers import AutoModelForSequenceClassification
+
+    src = models.resolve(cfg.model)
+    with torch.random.fork_rng(devices=[]):  # the new score head is drawn from the seed, not the global RNG
+        torch.manual_seed(cfg.seed)
+        if src.path is None:
+            config = models.tiny_llama_config(len(tok), num_labels=1, pad_token_id=tok.pad_token_id,
+                                              hidden_size=cfg.tiny_hidden_size,
+                                              intermediate_size=2 * cfg.tiny_hidden_size)
+            model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+        else:
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(src.path, num_labels=1,
+                                                                           dtype=torch.float32)
+            except (OSError, ValueError) as e:
+                raise ModelError(f"cannot load {cfg.model!r} as a reward model: {e}") from None
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    models.freeze_layers(model, cfg.freeze_layers)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, task_type="SEQ_CLS",
+                                                 lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets))
+    return model
+
+
+def score_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T) -> scores (N,) fp32, pooled by transformers itself at the rightmost non-pad token."""
+    device = next(model.parameters()).device
+    return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[:, 0].float()
+
+
+def preference_loss_sum(scores: torch.Tensor, batch: RewardBatch) -> torch.Tensor:
+    """Σ over prompts of each prompt's mean pair loss (InstructGPT Eq. 1); margins as −log σ(Δ − m)."""
+    plain = [g for g, m in zip(batch.groups, batch.margins) if m is None]
+    total = grouped_ranking_loss(scores, plain) * len(plain)
+    for g, m in zip(batch.groups, batch.margins):
+        if m is not None:
+            w, l = zip(*g)
+            total = total + pairwise_loss(scores[list(w)], scores[list(l)], margin=m)
+    return total
+
+
+# --- evaluation and normalisation ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def pair_differences(model, items: list[EncodedPreference], cfg: RMConfig, pad_id: int, autocast
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """r_w − r_l [P] for every pair of `items`, and the (winner, loser) response lengths [P, 2]."""
+    was_training = model.training
+    model.eval()
+    diffs, lengths = [], []
+    for i in range(0, len(items), cfg.batch_size):
+        chunk = items[i:i + cfg.batch_size]
+        batch = collate_preferences(chunk, pad_id)
+        with autocast():
+            s = score_batch(model, batch.input_ids, batch.attention_mask).cpu()
+        flat_lengths = [n for item in chunk for n in item.response_lengths]
+        for g in batch.groups:
+            diffs += [s[w] - s[l] for w, l in g]
+            lengths += [(flat_lengths[w], flat_lengths[l]) for w, l in g]
+    model.train(was_training)
+    return torch.stack(diffs).double(), torch.tensor(lengths)
+
+
+LENGTH_BUCKETS = (64, 128, 256, 512)  # upper edges (tokens) of the mean response length of a pair
+
+
+def evaluate(diffs: torch.Tensor, lengths: torch.Tensor, cfg: RMConfig, out: Path | None) -> dict[str, float]:
+    """Accuracy (ties count half), mean margin, length-bias splits, ECE (+ reliability PNG), optional temperature."""
+    correct = (diffs > 0).double() + 0.5 * (diffs == 0).double()
+    m = {"rm/accuracy": float(correct.mean()), "rm/margin": float(diffs.mean()),
+         "rm/val_loss": float(F.softplus(-diffs).mean()), "rm/pairs": len(diffs)}
+    w, l = lengths[:, 0], lengths[:, 1]
+    for name, sel in (("chosen_longer", w > l), ("chosen_shorter", w < l)):
+        if sel.any():
+            m[f"rm/accuracy_{name}"] = float(correct[sel].mean())
+    mean_len, lo = lengths.double().mean(dim=1), 0
+    for hi in (*LENGTH_BUCKETS, math.inf):
+        sel = (mean_len >= lo) & (mean_len < hi)
+        if sel.any():
+            m[f"rm/accuracy_len_{lo}-{'' if hi == math.inf else hi - 1}"] = float(correct[sel].mean())
+        lo = hi
+    p, outcome = calibration.oriented(diffs)
+    m["rm/ece"] = calibration.ece(p, outcome, cfg.calibration_bins)
+    if out is not None:
+        calibration.plot_reliability(calibration.reliability_bins(p, outcome, cfg.calibration_bins),
+                                     out / "reliability.png")
+    if cfg.fit_temperature:
+        t = calibration.fit_temperature(diffs)
+        m["rm/temperature"] = t
+        m["rm/ece_temperature_scaled"] = calibration.ece(*calibration.oriented(diffs / t), cfg.calibration_bins)
+    return m
+
+
+def reference_messages(cfg: RMConfig, train_prefs: list[formats.Preference]) -> list[formats.Messages]:
+    """The normalisation reference: SFT demonstrations when given, else the best response of each prompt."""
+    if cfg.norm_data:
+        rows = io.read_rows(cfg.norm_data)
+        fmt = formats.detect_format(rows)
+        convs = [formats.to_conversation(r, fmt).messages for r in rows]
+    else:
+        convs = [p.prompt + p.responses[p.pairs[0][0]] for p in train_prefs if p.pairs]
+    keep = torch.randperm(len(convs), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.norm_samples]
+    return [convs[i] for i in sorted(keep.tolist())]
+
+
+@torch.no_grad()
+def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int, autocast, progress: bool = False
+                    ) -> torch.Tensor:
+    """Scores [len(seqs)] in input order; batches are formed from length-sorted sequences to pad little."""
+    model.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.zeros(len(seqs), dtype=torch.float64)
+    for i in tqdm(range(0, len(order), batch_size), disable=not progress, desc="score", dynamic_ncols=True):
+        idx = order[i:i + batch_size]
+        with autocast():
+            out[idx] = score_batch(model, *pad_right([seqs[j] for j in idx], pad_id)).double().cpu()
+    return out
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training with its own data, peak learning rate, optimizer and schedule (PMP, then main)."""
+
+    name: str
+    rows: list[EncodedPreference]
+    lr: float
+    start: int  # global step at which the phase begins
+    steps: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+def load_data(cfg: RMConfig, tok, main: bool):
+    prefs = load_preferences(cfg.data, cfg.format)
+    if cfg.val_data:
+        train_prefs, val_prefs = prefs, load_preferences(cfg.val_data, None)
+    else:
+        train_prefs, val_prefs = split_validation(prefs, cfg.val_fraction, cfg.seed)
+    train_rows, report = encode_preferences(tok, train_prefs, cfg.max_length)
+    val_rows, val_report = encode_preferences(tok, val_prefs, cfg.max_length)
+    pmp_rows, pmp_report = encode_preferences(tok, load_preferences(cfg.pmp_data, None) if cfg.pmp_data else [],
+                                              cfg.max_length)
+    if not train_rows:
+        raise TrainingError(f"no comparisons left in {cfg.data}: {report.identical_pairs} identical pairs, "
+                            f"{report.skipped_no_pairs} rows without any pair")
+    logged = {**report.as_dict(), **val_report.as_dict("data_val"), **pmp_report.as_dict("data_pmp")}
+    if main:
+        for what, r in (("train", report), ("validation", val_report), ("pmp", pmp_report)):
+            if r.truncated or r.identical_pairs or r.skipped_no_pairs:
+                print(f"data ({what}): {r.truncated} responses truncated to {cfg.max_length} tokens, "
+                      f"{r.identical_pairs} identical chosen/rejected pairs skipped, "
+                      f"{r.skipped_no_pairs} rows left without a pair")
+    return train_prefs, train_rows, val_rows, pmp_rows, logged
+
+
+def train(cfg: RMConfig) -> dict:
+    from accelerate import Accelerator
+
+    # 1. setup: processes, precision, seed, tokenizer with a pad token the template never writes, model
+    accelerator = Accelerator(mixed_precision=models.mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.seed)
+    out, main, world = Path(cfg.output), accelerator.is_main_process, accelerator.num_processes
+    tok = models.load_tokenizer(cfg.model)
+    set_reward_pad_token(tok)
+    model = build_model(cfg, tok)
+    model.train()
+
+    # 2. data: render prompt + response, truncate (counted), drop identical pairs (counted), hold out prompts
+    train_prefs, train_rows, val_rows, pmp_rows, data_report = load_data(cfg, tok, main)
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    per_epoch = lambda rows: math.ceil(len(rows) / global_batch)  # noqa: E731
+    main_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch(train_rows)
+    pmp_steps = cfg.pmp_epochs * per_epoch(pmp_rows) if pmp_rows else 0
+    phases = [Phase("pmp", pmp_rows, cfg.pmp_lr, 0, pmp_steps),
+              Phase("main", train_rows, cfg.lr, pmp_steps, main_steps)]
+    total_steps = pmp_steps + main_steps
+    net = accelerator.prepare(model)
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    # 3. resume: the checkpoint's step says which phase's optimizer state it holds
+    state = {"step": 0, "tokens": 0, "nonfinite_skipped": 0}
+    ckpt_root = out / "checkpoints"
+    last = checkpoint.latest(ckpt_root) if cfg.resume else None
+    resume_step = json.loads((last / "trainer_state.json").read_text())["step"] if last else 0
+    tracker = Tracker(out, enabled=main, resume=last is not None)
+    if main and last is None:
+        tracker.log(0, data_report)
+
+    # 4. the phases (PMP, then main): a fresh optimizer and schedule each; steps 5.1–5.5 are in run_phase
+    bar = tqdm(total=total_steps, initial=resume_step, disable=not main, desc="rm", dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+    for p, phase in enumerate(phases):
+        if phase.steps == 0 or phase.end < resume_step:
+            continue
+        optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=cfg.weight_decay,
+                                      betas=tuple(cfg.adam_betas))
+        scheduler = make_schedule(optimizer, cfg, phase.steps)
+        optimizer = accelerator.prepare_optimizer(optimizer)
+        if last is not None and phase.start < resume_step <= phase.end:
+            state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
+            if main:
+                print(f"resuming from {last} (step {state['step']}, phase {phase.name})")
+        metrics = run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerator, tracker, bar,
+                            val_rows, tok.pad_token_id, total_steps) or metrics
+    bar.close()
+
+    # 6. normalise on the reference set, evaluate on the held-out comparisons (with calibration), save
+    unwrapped = accelerator.unwrap_model(net)
+    final = {**metrics, "train/steps": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"]}
+    offset, scale = 0.0, 1.0
+    if cfg.normalize:
+        ref = [encode(tok, m, cfg.max_length, "normalisation reference")[0]
+               for m in reference_messages(cfg, train_prefs)]
+        ref_scores = score_sequences(unwrapped, ref, tok.pad_token_id, cfg.batch_size, accelerator.autocast)
+        offset = float(ref_scores.mean())
+        scale = 1.0 / max(float(ref_scores.std(unbiased=False)), 1e-6) if cfg.normalize_std else 1.0
+        final.update({"rm/norm_offset": offset, "rm/norm_scale": scale, "rm/norm_samples": len(ref)})
+    if val_rows:
+        diffs, lengths = pair_differences(unwrapped, val_rows, cfg, tok.pad_token_id, accelerator.autocast)
+        final.update(evaluate(diffs, lengths, cfg, out if main else None))
+    if main:
+        tracker.log(state["step"], {k: v for k, v in final.items() if k.startswith("rm/")})
+        save_model(unwrapped, tok, out, cfg, offset, scale, final.get("rm/temperature"))
+        write_run_json(out, cfg, "rm", final, {"processes": world, "data": data_report})
+    tracker.close()
+    accelerator.wait_for_everyone()
+    return final
+
+
+def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerator, tracker, bar, val_rows,
+              pad_id, total_steps) -> dict:
+    """Steps 5.1–5.5 for every remaining step of one phase; returns the last logged metrics."""
+    world, main = accelerator.num_processes, accelerator.is_main_process
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    metrics, t_last, tokens_since = {}, time.perf_counter(), 0
+    while state["step"] < phase.end:
+        step = state["step"]
+        # 5.1 this step's prompts; this process takes every world-th prompt, in grad_accum micro-batches
+        rows = [phase.rows[i] for i in global_batch_rows(step - phase.start, len(phase.rows), global_batch,
+                                                         cfg.seed + 1000 * p)]
+        mine = rows[accelerator.process_index::world]
+        micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        # 5.2 score each response once; Σ per-prompt losses / prompts in the global batch (× world: DDP averages)
+        sums = torch.zeros(3, device=accelerator.device)  # loss sum, correct pairs, pairs
+        for j, mb in enumerate(micro):
+            batch = collate_preferences(mb, pad_id)
+            sync = accelerator.no_sync(net) if j < len(micro) - 1 else contextlib.nullcontext()
+            with sync:
+                scores = score_batch(net, batch.input_ids, batch.attention_mask)  # (N,)
+                loss_sum = preference_loss_sum(scores, batch)
+                accelerator.backward(loss_sum * world / len(rows))
+            diffs = torch.stack([scores[w] - scores[l] for g in batch.groups for w, l in g]).detach()
+            sums += torch.stack([loss_sum.detach(), (diffs > 0).sum().float(), torch.tensor(float(len(diffs)))
+                                 .to(sums.device)])
+            tokens_since += batch.num_tokens
+        sums = accelerator.reduce(sums, "sum")
+        loss = sums[0].item() / len(rows)
+        # 5.3 guard against non-finite loss or gradient
+        clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = float(accelerator.clip_grad_norm_(params, clip))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            if state["nonfinite_skipped"] >= cfg.skip_nonfinite:
+                raise TrainingError(
+                    f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step + 1} "
+                    f"(loss {loss}, grad norm {grad_norm}; batch starting at {rows[0].where}); last good "
+                    f"checkpoint: {checkpoint.latest(cfg_root(cfg)) or 'none'}. Lower --lr, or pass "
+                    "--skip-nonfinite N.")
+            state["nonfinite_skipped"] += 1
+            state["step"] += 1
+            scheduler.step()
+            if main:
+                tqdm.write(f"warning: skipped step {step + 1}: non-finite loss/gradient "
+                           f"({state['nonfinite_skipped']}/{cfg.skip_nonfinite})")
+            bar.update(1)
+            continue
+        # 5.4 update
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["tokens"] += tokens_since * world
+        step = state["step"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", phase=phase.name)
+        # 5.5 log, evaluate, checkpoint
+        if step % cfg.log_steps == 0 or step == phase.end:
+            now = time.perf_counter()
+            metrics = {"train/loss": loss, "train/accuracy": (sums[1] / sums[2]).item(), "train/lr": lr,
+                       "train/grad_norm": grad_norm, "train/phase": p,
+                       "train/epoch": (step - phase.start) / math.ceil(len(phase.rows) / global_batch),
+                       "train/tokens": state["tokens"], "perf/tokens_per_s": tokens_since * world / (now - t_last)}
+            tracker.log(step, metrics)
+            t_last, tokens_since = now, 0
+        if val_rows and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
+            diffs, lengths = pair_differences(accelerator.unwrap_model(net), val_rows, cfg, pad_id,
+                                              accelerator.autocast)
+            tracker.log(step, evaluate(diffs, lengths, cfg, None))
+        if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps):
+            checkpoint.save(cfg_root(cfg), step, net, optimizer, scheduler, state, accelerator, cfg.save_total_limit)
+    return metrics
+
+
+def cfg_root(cfg: RMConfig) -> Path:
+    return Path(cfg.output) / "checkpoints"
+
+
+def save_model(model, tok, out: Path, cfg: RMConfig, offset: float, scale: float, temperature: float | None) -> None:
+    """A sequence-classification directory; normalisation (and temperature) ride along in config.json."""
+    base = model.get_base_model() if cfg.lora else model
+    base.config.update({"rlhfkit_reward_offset": offset, "rlhfkit_reward_scale": scale,
+                        "rlhfkit_reward_temperature": temperature})
+    model.save_pretrained(out)  # with --lora: the adapter and the score head
+    tok.save_pretrained(out)
+    if cfg.lora and cfg.merge:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out / "merged")
+        tok.save_pretrained(out / "merged")

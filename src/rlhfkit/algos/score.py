@@ -1,0 +1,102 @@
+"""`rlhfkit score`: add a `reward` column to (prompt, response) rows with a reward model from `rlhfkit rm`.
+
+The model is loaded with plain `AutoModelForSequenceClassification` and scores each row at the rightmost non-pad
+token of the chat template's rendering, as in training (see algos/reward.py); `--normalize` (default) applies
+the offset and scale recorded in config.json, `--normalize false` gives the raw head output, which is what plain
+transformers returns.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhfkit import DataError, ModelError, models
+from rlhfkit.algos.reward import encode, score_sequences
+from rlhfkit.data import formats, io
+
+
+@dataclass
+class ScoreConfig:
+    """rlhfkit score: add a `reward` column to (prompt, response) rows with a trained reward model."""
+
+    reward_model: str = "runs/rm"
+    """Reward-model directory written by `rlhfkit rm` (or any sequence-classification model with num_labels=1)."""
+    data: str = "sample:prompt_completion"
+    """Rows to score: prompt/completion, prompt/response, conversations (scored whole) or alpaca."""
+    output: str = "scored.jsonl"
+    """Output JSON Lines file: every input row plus `reward`."""
+    format: str | None = None
+    """Data format (prompt_response, prompt_completion, conversations, alpaca, ...); detected when not given."""
+    normalize: bool = True
+    """Apply the model's recorded normalisation, (r − offset) × scale; false gives the raw head output."""
+    batch_size: int = 16
+    """Rows per forward pass."""
+    max_length: int = 1024
+    """Longest prompt + response in tokens; longer ones keep their start (counted)."""
+    dtype: str = "fp32"
+    """fp32, or bf16 autocast (auto picks bf16 where the hardware has it)."""
+
+
+def load_reward_model(path: str):
+    """(model, tokenizer, offset, scale) of a saved reward model, with plain transformers."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        lora = (p / "adapter_config.json").is_file()
+        hint = " (a LoRA run: train with --merge and use OUTPUT/merged)" if lora else ""
+        raise ModelError(f"{p} is not a reward-model directory (no config.json){hint}")
+    model = AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32)
+    if model.config.num_labels != 1:
+        raise ModelError(f"{p} has {model.config.num_labels} labels; a reward model has one")
+    tok = AutoTokenizer.from_pretrained(p)
+    if tok.pad_token_id is None or tok.pad_token_id != model.config.pad_token_id:
+        raise ModelError(f"{p}: the tokenizer's pad token must be set and equal config.pad_token_id "
+                         "(rlhfkit rm sets both to a token the chat template never writes)")
+    offset = getattr(model.config, "rlhfkit_reward_offset", 0.0) or 0.0
+    scale = getattr(model.config, "rlhfkit_reward_scale", 1.0) or 1.0
+    return model, tok, offset, scale
+
+
+def to_messages(row: io.Row, fmt: str) -> formats.Messages:
+    """The conversation to score; prompt/response rows are read like prompt/completion rows."""
+    d = row.data
+    if fmt == "prompt_response":
+        missing = [c for c in ("prompt", "response") if c not in d]
+        if missing:
+            raise DataError(f"{row.where}: missing column(s) {', '.join(missing)} for prompt/response rows")
+        d, fmt = {"prompt": d["prompt"], "completion": d["response"]}, "prompt_completion"
+    return formats.to_conversation(io.Row(d, row.where), fmt).messages
+
+
+def score(cfg: ScoreConfig) -> dict:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=models.mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
+    model, tok, offset, scale = load_reward_model(cfg.reward_model)
+    model.to(accelerator.device)
+    rows = io.read_rows(cfg.data)
+    by_columns = cfg.format is None and {"prompt", "response"} <= set(rows[0].data)
+    if by_columns or cfg.format == "prompt_response":
+        fmt = "prompt_response"
+    else:
+        fmt = formats.detect_format(rows, cfg.format)
+    seqs, truncated = [], 0
+    for row in rows:
+        ids, full = encode(tok, to_messages(row, fmt), cfg.max_length, row.where)
+        seqs.append(ids)
+        truncated += full > len(ids)
+    raw = score_sequences(model, seqs, tok.pad_token_id, cfg.batch_size, accelerator.autocast, progress=True)
+    rewards = (raw - offset) * scale if cfg.normalize else raw
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for row, r in zip(rows, rewards.tolist()):
+            f.write(json.dumps({**row.data, "reward": r}, default=str) + "\n")
+    if truncated:
+        print(f"data: {truncated} rows truncated to {cfg.max_length} tokens")
+    return {"score/rows": len(rows), "score/truncated": truncated, "score/mean_reward": float(rewards.mean())}
