@@ -533,21 +533,24 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
         rows = [phase.rows[i] for i in global_batch_rows(step - phase.start, len(phase.rows), global_batch,
                                                          cfg.seed + 1000 * p)]
         mine = rows[accelerator.process_index::world]
+        # a short last batch may leave a process without prompts; it runs one with weight 0 so DDP does not hang
+        weight = world / len(rows) if mine else 0.0
+        mine = mine or rows[:1]
         micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
         # 5.2 score each response once; Σ per-prompt losses / prompts in the global batch (× world: DDP averages)
-        sums = torch.zeros(3, device=accelerator.device)  # loss sum, correct pairs, pairs
+        sums = torch.zeros(4, device=accelerator.device)  # loss sum, correct pairs, pairs, tokens
         for j, mb in enumerate(micro):
             batch = collate_preferences(mb, pad_id)
             sync = accelerator.no_sync(net) if j < len(micro) - 1 else contextlib.nullcontext()
             with sync:
                 scores = score_batch(net, batch.input_ids, batch.attention_mask)  # (N,)
                 loss_sum = preference_loss_sum(scores, batch)
-                accelerator.backward(loss_sum * world / len(rows))
+                accelerator.backward(loss_sum * weight)
             diffs = torch.stack([scores[w] - scores[l] for g in batch.groups for w, l in g]).detach()
-            sums += torch.stack([loss_sum.detach(), (diffs > 0).sum().float(), torch.tensor(float(len(diffs)))
-                                 .to(sums.device)])
-            tokens_since += batch.num_tokens
+            counts = torch.tensor([float(len(diffs)), float(batch.num_tokens)], device=sums.device)
+            sums += torch.cat([loss_sum.detach().reshape(1), (diffs > 0).sum().float().reshape(1), counts]) * (weight > 0)
         sums = accelerator.reduce(sums, "sum")
+        step_tokens = int(sums[3].item())
         loss = sums[0].item() / len(rows)
         # 5.3 guard against non-finite loss or gradient
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
@@ -574,7 +577,8 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
-        state["tokens"] += tokens_since * world
+        state["tokens"] += step_tokens
+        tokens_since += step_tokens
         step = state["step"]
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", phase=phase.name)
@@ -584,7 +588,7 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
             metrics = {"train/loss": loss, "train/accuracy": (sums[1] / sums[2]).item(), "train/lr": lr,
                        "train/grad_norm": grad_norm, "train/phase": p,
                        "train/epoch": (step - phase.start) / math.ceil(len(phase.rows) / global_batch),
-                       "train/tokens": state["tokens"], "perf/tokens_per_s": tokens_since * world / (now - t_last)}
+                       "train/tokens": state["tokens"], "perf/tokens_per_s": tokens_since / (now - t_last)}
             tracker.log(step, metrics)
             t_last, tokens_since = now, 0
         if val_rows and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
