@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,22 @@ def run_cli(*args: str, check: bool = True, timeout: int = 300, env: dict | None
     if check and proc.returncode != 0:
         raise AssertionError(f"rlhfkit {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    """`train/loss` of every logged step, in order, from the run's metrics.jsonl."""
+    from rlhfkit.tracking import read_metrics
+
+    return [m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m]
+
+
+def rewind(run_dir: Path, step: int) -> None:
+    """Leave exactly what a run stopped after `step` steps leaves: later checkpoints and the final model go,
+    `latest` points at step `step`."""
+    ckpts = run_dir / "checkpoints"
+    keep = f"step-{step:07d}"
+    for later in ckpts.glob("step-*"):
+        if later.name > keep:
+            shutil.rmtree(later)
+    (ckpts / "latest").write_text(keep)
+    (run_dir / "model.safetensors").unlink()

@@ -165,7 +165,10 @@ def help_text(cls: type, prog: str) -> str:
     lines = [f"usage: {prog} [--config FILE.yaml] [--key value ...]", ""]
     if cls.__doc__:
         lines += [inspect.cleandoc(cls.__doc__), ""]
-    for f in dataclasses.fields(cls):
+    # the command's own fields (model, data, output, …) first, then those it shares with other commands
+    own = list(vars(cls).get("__annotations__", {}))
+    fields = sorted(dataclasses.fields(cls), key=lambda f: own.index(f.name) if f.name in own else len(own))
+    for f in fields:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         lines.append(f"  --{f.name.replace('_', '-')}  (default: {default!r})")

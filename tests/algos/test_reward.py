@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from rlhfkit.data import chat, formats
 from rlhfkit.data.io import Row
 from rlhfkit.tracking import read_metrics
 
-from conftest import run_cli
+from conftest import rewind, run_cli, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +127,7 @@ def test_learns_a_rule_to_90_percent_held_out_accuracy(tmp_path):
     assert final["rm/accuracy"] >= 0.9, final
     assert final["rm/pairs"] == 40 and 0 <= final["rm/ece"] <= 1
     assert (tmp_path / "out" / "reliability.png").is_file()
-    losses = [m["train/loss"] for m in read_metrics(tmp_path / "out") if "train/loss" in m]
+    losses = train_losses(tmp_path / "out")
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -137,15 +136,12 @@ def test_resume_two_plus_two_equals_four_bit_exact(tmp_path):
     reward.train(straight)
     split = replace(straight, output=str(tmp_path / "split"), save_steps=2)
     reward.train(split)
-    ckpts = tmp_path / "split" / "checkpoints"
-    (ckpts / "latest").write_text("step-0000002")
-    shutil.rmtree(ckpts / "step-0000004")
-    (tmp_path / "split" / "model.safetensors").unlink()
+    rewind(tmp_path / "split", 2)
     reward.train(replace(split, resume=True))
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    la = [m["train/loss"] for m in read_metrics(tmp_path / "straight") if "train/loss" in m]
-    lb = [m["train/loss"] for m in read_metrics(tmp_path / "split") if "train/loss" in m]
+    la = train_losses(tmp_path / "straight")
+    lb = train_losses(tmp_path / "split")
     assert lb[-2:] == la[2:]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +17,8 @@ from safetensors.torch import load_file
 
 from rlhfkit import TrainingError, models
 from rlhfkit.algos import sft
-from rlhfkit.tracking import read_metrics
 
-from conftest import run_cli
+from conftest import rewind, run_cli, train_losses
 
 
 def base_cfg(tmp_path: Path, **kw) -> sft.SFTConfig:
@@ -77,7 +75,7 @@ def test_loss_falls_on_a_tiny_overfit_set(tmp_path):
                           {"role": "assistant", "content": f"{w} {w} {w}."}]} for w in ("apple", "river", "stone", "cloud")]
     data.write_text("\n".join(json.dumps(r) for r in rows))
     final = sft.train(base_cfg(tmp_path, data=str(data), max_steps=40, lr=1e-2, schedule="constant"))
-    losses = [m["train/loss"] for m in read_metrics(tmp_path / "out") if "train/loss" in m]
+    losses = train_losses(tmp_path / "out")
     assert losses[-1] < 0.3 * losses[0], losses
     assert final["train/steps"] == 40
 
@@ -89,15 +87,12 @@ def test_resume_two_plus_two_equals_four_bit_exact(tmp_path):
     # stopped after 2 steps leaves (the SIGKILL test below kills a real process)
     split = replace(straight, output=str(tmp_path / "split"), save_steps=2)
     sft.train(split)
-    ckpts = tmp_path / "split" / "checkpoints"
-    (ckpts / "latest").write_text("step-0000002")
-    shutil.rmtree(ckpts / "step-0000004")
-    (tmp_path / "split" / "model.safetensors").unlink()
+    rewind(tmp_path / "split", 2)
     sft.train(replace(split, resume=True))
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    la = [m["train/loss"] for m in read_metrics(tmp_path / "straight") if "train/loss" in m]
-    lb = [m["train/loss"] for m in read_metrics(tmp_path / "split") if "train/loss" in m]
+    la = train_losses(tmp_path / "straight")
+    lb = train_losses(tmp_path / "split")
     assert lb[-2:] == la[2:]
 
 
@@ -151,8 +146,8 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     # vs one) can move a weight by a fraction of one lr-sized step; 1e-4 is a tenth of such a step
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
-    la = [m["train/loss"] for m in read_metrics(tmp_path / "one") if "train/loss" in m]
-    lb = [m["train/loss"] for m in read_metrics(tmp_path / "two") if "train/loss" in m]
+    la = train_losses(tmp_path / "one")
+    lb = train_losses(tmp_path / "two")
     assert la == pytest.approx(lb, rel=1e-5)
 
 

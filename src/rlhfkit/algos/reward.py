@@ -36,7 +36,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,16 +44,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rlhfkit import DataError, ModelError, TrainingError, checkpoint, models
-from rlhfkit.algos.sft import global_batch_rows, make_schedule, split_validation
 from rlhfkit.config import write_run_json
 from rlhfkit.core.losses import grouped_ranking_loss, pairwise_loss
 from rlhfkit.data import chat, formats, io
 from rlhfkit.evaluate import calibration
 from rlhfkit.tracking import Tracker
+from rlhfkit.training import TrainConfig, global_batch_rows, make_schedule, skip_nonfinite, split_validation
 
 
 @dataclass
-class RMConfig:
+class RMConfig(TrainConfig):
     """rlhfkit rm: a reward model from comparisons (pairs, K-way rankings, HH transcripts)."""
 
     model: str = "smollm2-135m"
@@ -98,51 +98,18 @@ class RMConfig:
     """Micro-batches per optimizer step; global batch = batch_size × grad_accum × processes prompts."""
     lr: float = 1e-5
     """Peak learning rate (AdamW) of the main phase."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    """AdamW betas."""
     warmup_ratio: float = 0.03
     """Fraction of each phase's steps spent warming up linearly from 0."""
-    schedule: str = "cosine"
-    """Learning-rate decay after warm-up: cosine, linear or constant."""
-    min_lr_ratio: float = 0.1
-    """Floor of the decay as a fraction of the peak."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm (0 disables)."""
     lora: bool = False
     """Train a LoRA adapter (and the score head) instead of all weights."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator."""
-    lora_dropout: float = 0.0
-    """LoRA dropout."""
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                             "gate_proj", "up_proj", "down_proj"])
-    """Module names that get LoRA adapters."""
     merge: bool = False
     """With --lora, also save the merged model under OUTPUT/merged (what `rlhfkit score` loads)."""
-    freeze_layers: int = 0
-    """Freeze the embeddings and the first N transformer blocks."""
     tiny_hidden_size: int = 64
     """Hidden size of the random tiny-llama backbone (tests; ignored for real models)."""
-    dtype: str = "auto"
-    """Compute precision: auto (bf16 autocast where the hardware has it), bf16, fp16 or fp32. Weights stay fp32."""
     seed: int = 0
     """Seed for data order, the validation split and the initialisation of new weights (the score head)."""
-    log_steps: int = 1
-    """Log training metrics every N steps."""
     eval_steps: int = 0
     """Evaluate on the held-out comparisons every N steps (0: only at the end)."""
-    save_steps: int = 0
-    """Write a resumable checkpoint every N steps (0: none but the final model)."""
-    save_total_limit: int = 2
-    """How many checkpoints to keep."""
-    resume: bool = False
-    """Continue from OUTPUT/checkpoints/latest if there is one."""
-    skip_nonfinite: int = 0
-    """Skip up to N batches whose loss or gradient is not finite (with a warning each) instead of stopping."""
 
 
 # --- data -------------------------------------------------------------------------------------------------
@@ -555,20 +522,10 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
         # 5.3 guard against non-finite loss or gradient
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = float(accelerator.clip_grad_norm_(params, clip))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        if skip_nonfinite(loss, grad_norm, state, cfg, cfg_root(cfg), rows[0].where, main):
             optimizer.zero_grad(set_to_none=True)
-            if state["nonfinite_skipped"] >= cfg.skip_nonfinite:
-                raise TrainingError(
-                    f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step + 1} "
-                    f"(loss {loss}, grad norm {grad_norm}; batch starting at {rows[0].where}); last good "
-                    f"checkpoint: {checkpoint.latest(cfg_root(cfg)) or 'none'}. Lower --lr, or pass "
-                    "--skip-nonfinite N.")
-            state["nonfinite_skipped"] += 1
             state["step"] += 1
             scheduler.step()
-            if main:
-                tqdm.write(f"warning: skipped step {step + 1}: non-finite loss/gradient "
-                           f"({state['nonfinite_skipped']}/{cfg.skip_nonfinite})")
             bar.update(1)
             continue
         # 5.4 update

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,10 +36,11 @@ from rlhfkit.core.lm import shifted_selection, summed_nll
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.collate import LMBatch, collate, pack
 from rlhfkit.tracking import Tracker
+from rlhfkit.training import TrainConfig, global_batch_rows, make_schedule, skip_nonfinite, split_validation
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(TrainConfig):
     """rlhfkit sft: supervised fine-tuning on demonstrations (loss on assistant tokens only)."""
 
     model: str = "smollm2-135m"
@@ -48,69 +49,10 @@ class SFTConfig:
     """Training data (.jsonl/.json/.parquet/.csv/save_to_disk dir, or sample:NAME for bundled samples)."""
     output: str = "runs/sft"
     """Output directory: final model, checkpoints, metrics.jsonl, TensorBoard events, run.json."""
-    format: str | None = None
-    """Data format; detected from the columns when not given (conversations, prompt_completion, alpaca, hh, ...)."""
-    val_data: str | None = None
-    """Validation data; when not given, a seeded `val_fraction` of the training data is held out."""
-    val_fraction: float = 0.05
-    """Fraction of the training data held out for validation when `val_data` is not given (0 disables)."""
-    max_length: int = 512
-    """Longest sequence in tokens; longer examples keep their start and lose their end (counted)."""
     epochs: int = 1
     """Passes over the data (InstructGPT trained its SFT model for 16)."""
-    max_steps: int = -1
-    """Optimizer steps to run; overrides `epochs` when > 0."""
-    batch_size: int = 8
-    """Rows per micro-batch on each process."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step; global batch = batch_size × grad_accum × processes."""
-    lr: float = 2e-5
-    """Peak learning rate (AdamW)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    """AdamW betas."""
-    warmup_ratio: float = 0.03
-    """Fraction of the steps spent warming up linearly from 0."""
-    schedule: str = "cosine"
-    """Learning-rate decay after warm-up: cosine, linear or constant."""
-    min_lr_ratio: float = 0.1
-    """Floor of the decay as a fraction of the peak (InstructGPT: cosine to 10%)."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm (0 disables)."""
     packing: bool = False
     """Pack whole examples into rows of max_length (no cross-example attention)."""
-    lora: bool = False
-    """Train a LoRA adapter instead of all weights."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator."""
-    lora_dropout: float = 0.0
-    """LoRA dropout."""
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                             "gate_proj", "up_proj", "down_proj"])
-    """Module names that get LoRA adapters."""
-    merge: bool = False
-    """With --lora, also save the merged model under OUTPUT/merged."""
-    freeze_layers: int = 0
-    """Freeze the embeddings and the first N transformer blocks."""
-    dtype: str = "auto"
-    """Compute precision: auto (bf16 autocast where the hardware has it), bf16, fp16 or fp32. Weights stay fp32."""
-    seed: int = 0
-    """Seed for data order, initialisation of random models and sampling."""
-    log_steps: int = 1
-    """Log training metrics every N steps."""
-    eval_steps: int = 0
-    """Evaluate validation loss every N steps (0: only at the end)."""
-    save_steps: int = 0
-    """Write a resumable checkpoint every N steps (0: none but the final model)."""
-    save_total_limit: int = 2
-    """How many checkpoints to keep."""
-    resume: bool = False
-    """Continue from OUTPUT/checkpoints/latest if there is one."""
-    skip_nonfinite: int = 0
-    """Skip up to N batches whose loss or gradient is not finite (with a warning each) instead of stopping."""
 
 
 # --- data -------------------------------------------------------------------------------------------------
@@ -120,38 +62,6 @@ def load_conversations(path: str, fmt: str | None) -> list[formats.Conversation]
     rows = io.read_rows(path)
     fmt = formats.detect_format(rows, fmt)
     return [formats.to_conversation(r, fmt) for r in rows]
-
-
-def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    if fraction <= 0 or len(items) < 2:
-        return items, []
-    n_val = max(1, round(len(items) * fraction))
-    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
-    val = set(perm[:n_val])
-    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
-
-
-def global_batch_rows(step: int, n_rows: int, global_batch: int, seed: int) -> list[int]:
-    """Row indices of optimizer step `step`: a seeded permutation per epoch, cut into global batches."""
-    steps_per_epoch = math.ceil(n_rows / global_batch)
-    epoch, i = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return perm[i * global_batch:(i + 1) * global_batch]
-
-
-def make_schedule(optimizer, cfg: SFTConfig, total_steps: int):
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
-        if cfg.schedule not in decay:
-            raise TrainingError(f"--schedule {cfg.schedule!r}: expected cosine, linear or constant")
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay[cfg.schedule]
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # --- one forward ------------------------------------------------------------------------------------------
@@ -273,20 +183,10 @@ def train(cfg: SFTConfig) -> dict:
         # 5.3 guard against non-finite loss or gradient
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         grad_norm = float(grad_norm)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        if skip_nonfinite(loss, grad_norm, state, cfg, ckpt_root, rows[0].where, main):
             optimizer.zero_grad(set_to_none=True)
-            if state["nonfinite_skipped"] >= cfg.skip_nonfinite:
-                good = checkpoint.latest(ckpt_root)
-                raise TrainingError(
-                    f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step + 1} "
-                    f"(loss {loss}, grad norm {grad_norm}; batch starting at {rows[0].where}); last good "
-                    f"checkpoint: {good or 'none'}. Lower --lr, or pass --skip-nonfinite N.")
-            state["nonfinite_skipped"] += 1
             state["step"] += 1
             scheduler.step()
-            if main:
-                tqdm.write(f"warning: skipped step {step + 1}: non-finite loss/gradient "
-                           f"({state['nonfinite_skipped']}/{cfg.skip_nonfinite})")
             bar.update(1)
             continue
         # 5.4 update

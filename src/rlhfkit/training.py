@@ -1,0 +1,139 @@
+"""What every trainer shares (SFT, RM, and DPO and PPO to come): the common config fields, the data order,
+the learning-rate schedule and the non-finite guard. Maths and small pieces only; each algorithm file keeps
+its own loop, top to bottom.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhfkit import TrainingError, checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Fields common to every training command; each command's config subclasses it (and may re-document or
+    re-default a field by declaring it again)."""
+
+    format: str | None = None
+    """Data format; detected from the columns when not given."""
+    val_data: str | None = None
+    """Validation data; when not given, a seeded `val_fraction` of the training data is held out."""
+    val_fraction: float = 0.05
+    """Fraction of the training data held out for validation when `val_data` is not given (0 disables)."""
+    max_length: int = 512
+    """Longest sequence in tokens; longer examples keep their start and lose their end (counted)."""
+    epochs: int = 1
+    """Passes over the data."""
+    max_steps: int = -1
+    """Optimizer steps to run; overrides `epochs` when > 0."""
+    batch_size: int = 8
+    """Rows per micro-batch on each process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; global batch = batch_size × grad_accum × processes."""
+    lr: float = 2e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming up linearly from 0."""
+    schedule: str = "cosine"
+    """Learning-rate decay after warm-up: cosine, linear or constant."""
+    min_lr_ratio: float = 0.1
+    """Floor of the decay as a fraction of the peak (InstructGPT: cosine to 10%)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    lora: bool = False
+    """Train a LoRA adapter instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"])
+    """Module names that get LoRA adapters."""
+    merge: bool = False
+    """With --lora, also save the merged model under OUTPUT/merged."""
+    freeze_layers: int = 0
+    """Freeze the embeddings and the first N transformer blocks."""
+    dtype: str = "auto"
+    """Compute precision: auto (bf16 autocast where the hardware has it), bf16, fp16 or fp32. Weights stay fp32."""
+    seed: int = 0
+    """Seed for data order, initialisation of random models and sampling."""
+    log_steps: int = 1
+    """Log training metrics every N steps."""
+    eval_steps: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    save_steps: int = 0
+    """Write a resumable checkpoint every N steps (0: none but the final model)."""
+    save_total_limit: int = 2
+    """How many checkpoints to keep."""
+    resume: bool = False
+    """Continue from OUTPUT/checkpoints/latest if there is one."""
+    skip_nonfinite: int = 0
+    """Skip up to N batches whose loss or gradient is not finite (with a warning each) instead of stopping."""
+
+
+def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a seeded `fraction` (at least one item) of `items`; order is kept on both sides."""
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    n_val = max(1, round(len(items) * fraction))
+    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    val = set(perm[:n_val])
+    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
+
+
+def global_batch_rows(step: int, n_rows: int, global_batch: int, seed: int) -> list[int]:
+    """Row indices of optimizer step `step`: a seeded permutation per epoch, cut into global batches.
+
+    The data position is just the step number, so resuming needs no sampler state."""
+    steps_per_epoch = math.ceil(n_rows / global_batch)
+    epoch, i = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return perm[i * global_batch:(i + 1) * global_batch]
+
+
+def make_schedule(optimizer, cfg: TrainConfig, total_steps: int):
+    """Linear warm-up, then cosine/linear/constant decay to `min_lr_ratio` × peak; stepped once per update."""
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+        if cfg.schedule not in decay:
+            raise TrainingError(f"--schedule {cfg.schedule!r}: expected cosine, linear or constant")
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay[cfg.schedule]
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def skip_nonfinite(loss: float, grad_norm: float, state: dict, cfg: TrainConfig, ckpt_root: Path, where: str,
+                   main: bool) -> bool:
+    """False when loss and gradient are finite. Otherwise stop with a TrainingError naming the step, the batch
+    and the last good checkpoint, or, while the `--skip-nonfinite` budget lasts, count the skip, warn and
+    return True (the caller then drops the gradients and moves on)."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return False
+    step = state["step"] + 1
+    if state["nonfinite_skipped"] >= cfg.skip_nonfinite:
+        raise TrainingError(
+            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step} "
+            f"(loss {loss}, grad norm {grad_norm}; batch starting at {where}); last good "
+            f"checkpoint: {checkpoint.latest(ckpt_root) or 'none'}. Lower --lr, or pass --skip-nonfinite N.")
+    state["nonfinite_skipped"] += 1
+    if main:
+        tqdm.write(f"warning: skipped step {step}: non-finite loss/gradient "
+                   f"({state['nonfinite_skipped']}/{cfg.skip_nonfinite})")
+    return True
