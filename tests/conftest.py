@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -58,3 +60,22 @@ def rewind(run_dir: Path, step: int) -> None:
             shutil.rmtree(later)
     (ckpts / "latest").write_text(keep)
     (run_dir / "model.safetensors").unlink()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def polite_pairs(n: int, seed: int = 0) -> list[dict]:
+    """A learnable rule: the chosen reply thanks the user, the rejected one brushes them off; same content."""
+    rng = random.Random(seed)
+    topics = ["the weather", "my homework", "the train", "dinner", "the meeting", "a book", "the garden", "my phone",
+              "the car", "a song", "the movie", "the beach", "coffee", "the news", "football", "the cat"]
+    bodies = ["it is fine", "it went well", "it is nice today", "I like it", "it was late", "it looks good"]
+    rows = []
+    for _ in range(n):
+        body = rng.choice(bodies)
+        rows.append({"prompt": f"{rng.choice(['Tell me about', 'Explain', 'Describe'])} {rng.choice(topics)}.",
+                     "chosen": f"Thanks for asking, {body}.", "rejected": f"Ugh, whatever, {body}."})
+    return rows

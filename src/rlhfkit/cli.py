@@ -86,6 +86,14 @@ def _score(argv):
     print(json.dumps(final, default=float))
 
 
+def _dpo(argv):
+    from rlhfkit.algos import dpo
+
+    cfg = parse_args(dpo.DPOConfig, argv, "rlhfkit dpo")
+    final = dpo.train(cfg)
+    print(json.dumps(final, default=float))
+
+
 def _preview(argv):
     preview(parse_args(PreviewConfig, argv, "rlhfkit data preview"))
 
@@ -94,6 +102,7 @@ COMMANDS = {
     ("sft",): (_sft, "supervised fine-tuning; loss on assistant tokens only"),
     ("rm",): (_rm, "reward model from pairs or K-way rankings"),
     ("score",): (_score, "add a reward column to (prompt, response) rows"),
+    ("dpo",): (_dpo, "direct preference optimisation (sigmoid, IPO, conservative DPO)"),
     ("data", "preview"): (_preview, "show rendering, tokens and loss masks of a data file"),
 }
 

@@ -222,6 +222,17 @@ def apply_lora(model, r: int, alpha: int, dropout: float, targets: list[str]):
     return get_peft_model(model, config)
 
 
+def save_causal_lm(model, tok, out: Path, merge: bool = False) -> None:
+    """A Hugging Face directory plain transformers loads (a LoRA model saves its adapter); with `merge`, also
+    the adapter merged into the base under OUT/merged."""
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    if merge:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out / "merged")
+        tok.save_pretrained(out / "merged")
+
+
 class SelectedLogits(torch.nn.Module):
     """A causal LM whose forward returns logits only at selected positions: (N, V), never (B, T, V).
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -20,7 +19,7 @@ from rlhfkit.data import chat, formats
 from rlhfkit.data.io import Row
 from rlhfkit.tracking import read_metrics
 
-from conftest import rewind, run_cli, train_losses
+from conftest import polite_pairs, rewind, run_cli, train_losses, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -35,25 +34,6 @@ def base_cfg(tmp_path: Path, **kw) -> reward.RMConfig:
                     batch_size=4, lr=1e-3, val_fraction=0.0, warmup_ratio=0.0, dtype="fp32", max_length=256)
     defaults.update(kw)
     return reward.RMConfig(**defaults)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def polite_pairs(n: int, seed: int = 0) -> list[dict]:
-    """A learnable rule: the chosen reply thanks the user, the rejected one brushes them off; same content."""
-    rng = random.Random(seed)
-    topics = ["the weather", "my homework", "the train", "dinner", "the meeting", "a book", "the garden", "my phone",
-              "the car", "a song", "the movie", "the beach", "coffee", "the news", "football", "the cat"]
-    bodies = ["it is fine", "it went well", "it is nice today", "I like it", "it was late", "it looks good"]
-    rows = []
-    for _ in range(n):
-        body = rng.choice(bodies)
-        rows.append({"prompt": f"{rng.choice(['Tell me about', 'Explain', 'Describe'])} {rng.choice(topics)}.",
-                     "chosen": f"Thanks for asking, {body}.", "rejected": f"Ugh, whatever, {body}."})
-    return rows
 
 
 # --- pooling, padding, batching ---------------------------------------------------------------------------

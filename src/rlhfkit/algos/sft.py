@@ -218,18 +218,10 @@ def train(cfg: SFTConfig) -> dict:
     # 6. save a Hugging Face directory that plain transformers loads
     final = {**metrics, "train/steps": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"]}
     if main:
-        save_model(accelerator.unwrap_model(net).lm, tok, out, cfg)
+        models.save_causal_lm(accelerator.unwrap_model(net).lm, tok, out, merge=cfg.lora and cfg.merge)
         write_run_json(out, cfg, "sft", final, {"processes": world, "data": {
             **report.as_dict(), "data/val_examples": val_report.examples}})
     tracker.close()
     accelerator.wait_for_everyone()
     return final
 
-
-def save_model(model, tok, out: Path, cfg: SFTConfig) -> None:
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    if cfg.lora and cfg.merge:
-        merged = model.merge_and_unload()
-        merged.save_pretrained(out / "merged")
-        tok.save_pretrained(out / "merged")

@@ -26,3 +26,13 @@ def token_logits(hidden: Tensor, lm_head: torch.nn.Module, select: Tensor) -> Te
 def summed_nll(logits: Tensor, targets: Tensor) -> Tensor:
     """Sum of −log p(target) in fp32. logits (N, V), targets (N,) -> scalar."""
     return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def sequence_logps(logits: Tensor, targets: Tensor, select: Tensor) -> Tensor:
+    """Summed log π(y_t | x, y_<t) of each row's selected tokens: the sequence log-prob of the response.
+
+    logits (N, V) at the N selected positions of select (B, T), row-major; targets (N,) -> (B,) fp32.
+    """
+    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+    rows = select.nonzero()[:, 0]  # (N,) row of each selected position, in the same row-major order
+    return torch.zeros(select.shape[0], device=logits.device).index_add(0, rows, token_logps)

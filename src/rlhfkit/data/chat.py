@@ -10,7 +10,7 @@ rewrites earlier turns, or whose token merges cross a turn boundary) fails loudl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rlhfkit import TemplateError
 from rlhfkit.data.formats import Messages
@@ -86,6 +86,16 @@ def tokenize_conversation(tok, messages: Messages, where: str = "", max_length: 
     if truncated:
         ids, mask = ids[:max_length], mask[:max_length]
     return TokenizedExample(ids, mask, where, truncated)
+
+
+def tokenize_response(tok, prompt: Messages, response: Messages, where: str = "", max_length: int | None = None
+                      ) -> TokenizedExample:
+    """prompt + response, with loss on the response only: assistant turns inside the prompt (earlier turns of a
+    multi-turn prompt) are context. The loss-carrying tokens are exactly those of the sequence log-prob
+    log π(y | x) that DPO and PPO use."""
+    ex = tokenize_conversation(tok, prompt + response, where, max_length)
+    n_prompt = len(encode(tok, render(tok, prompt, add_generation_prompt=True)))
+    return replace(ex, loss_mask=[0] * min(n_prompt, len(ex.loss_mask)) + ex.loss_mask[n_prompt:])
 
 
 @dataclass

@@ -1,0 +1,389 @@
+"""Direct preference optimisation (DPO) and its family: learn from comparisons without a reward model or RL.
+
+Papers: Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"
+(sigmoid loss −log σ(β·h)); Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+Preferences" (IPO: (h − 1/(2β))²); Mitchell 2023, "A note on DPO with noisy preferences" (conservative DPO,
+label smoothing ε). h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)] on sequence
+log-probs summed over response tokens (`rlhfkit.losses.dpo_loss`).
+
+One iteration, top to bottom:
+  1. take this step's global batch of pairs (a seeded permutation per epoch)
+  2. this process's micro-batches: chosen and rejected in one concatenated forward, summed response log-probs,
+     reference log-probs (cached, or a frozen copy, or the LoRA base with the adapter off), loss, backward
+  3. stop (or skip, with --skip-nonfinite) on a non-finite loss or gradient
+  4. clip, optimizer and scheduler step
+  5. log, evaluate, checkpoint
+
+The reference, three ways (`--ref-mode`):
+- `precomputed` (default without LoRA): reference log-probs of every pair computed once before training and
+  cached beside the run (ref_logps.pt, keyed by model, data and length); training then holds one model.
+- `copy`: a frozen copy of the reference model, evaluated on every batch.
+- `lora` (default with --lora): the policy's own base with the adapter disabled; no second copy.
+
+Departures, and why:
+- Dropout is off in the policy too (the model runs in eval mode while it trains): the paper and TRL disable it,
+  since dropout noise in log π but not in log π_ref biases h.
+- IPO uses summed log-probs, as in the paper; TRL length-normalises (ALGORITHMS.md).
+- A K-way ranking contributes all of its C(K,2) pairs as separate examples (ties give none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhfkit import TrainingError, checkpoint, models
+from rlhfkit.config import write_run_json
+from rlhfkit.core.lm import sequence_logps, shifted_selection
+from rlhfkit.core.losses import DPO_LOSSES, dpo_loss
+from rlhfkit.data import chat, formats, io
+from rlhfkit.data.chat import TokenizedExample
+from rlhfkit.data.collate import collate
+from rlhfkit.tracking import Tracker
+from rlhfkit.training import TrainConfig, global_batch_rows, make_schedule, skip_nonfinite, split_validation
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """rlhfkit dpo: direct preference optimisation (sigmoid, IPO, conservative DPO) on comparisons."""
+
+    model: str = "smollm2-135m"
+    """Policy to train, usually the SFT model: an alias, a Hugging Face directory, a .gguf file or a hub id."""
+    data: str = "sample:pairs"
+    """Comparisons: pairs, K-way rankings (all C(K,2) pairs) or HH transcripts; or sample:NAME."""
+    output: str = "runs/dpo"
+    """Output directory: final model, checkpoints, ref_logps.pt, metrics.jsonl, TensorBoard events, run.json."""
+    ref_model: str | None = None
+    """Reference model π_ref; default: the initial policy (`model`)."""
+    ref_mode: str = "auto"
+    """Reference log-probs: precomputed (once, cached), copy (a frozen second model), lora (base with the adapter
+    off; needs --lora) or auto (lora with --lora, else precomputed)."""
+    loss: str = "sigmoid"
+    """sigmoid (DPO) or ipo."""
+    beta: float = 0.1
+    """β: strength of the implicit KL penalty to the reference."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the probability ε that a label is flipped (sigmoid loss only)."""
+    lr: float = 1e-6
+    """Peak learning rate (AdamW)."""
+    batch_size: int = 4
+    """Pairs per micro-batch on each process (2× as many sequences in the concatenated forward)."""
+    epochs: int = 1
+    """Passes over the pairs."""
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairExample:
+    """One comparison as two token sequences whose loss mask covers the response only."""
+
+    chosen: TokenizedExample
+    rejected: TokenizedExample
+    index: int  # position in its split, the key of the precomputed reference log-probs
+    where: str
+
+
+@dataclass
+class PairReport:
+    pairs: int = 0
+    identical_pairs: int = 0  # chosen == rejected: nothing to learn, skipped
+    truncated: int = 0  # sequences cut to max_length
+    skipped_no_response: int = 0  # a response cut away entirely: skipped
+
+    def as_dict(self) -> dict[str, int]:
+        return {f"data/{k}": v for k, v in vars(self).items()}
+
+
+def load_pairs(path: str, fmt: str | None, tok, max_length: int) -> tuple[list[PairExample], PairReport]:
+    rows = io.read_rows(path)
+    fmt = formats.detect_format(rows, fmt)
+    report, out = PairReport(), []
+    for row in rows:
+        pref = formats.to_preference(row, fmt)
+        for w, l in pref.pairs:
+            if pref.responses[w] == pref.responses[l]:
+                report.identical_pairs += 1
+                continue
+            c = chat.tokenize_response(tok, pref.prompt, pref.responses[w], pref.where, max_length)
+            r = chat.tokenize_response(tok, pref.prompt, pref.responses[l], pref.where, max_length)
+            report.truncated += c.truncated + r.truncated
+            if not any(c.loss_mask) or not any(r.loss_mask):
+                report.skipped_no_response += 1
+                continue
+            out.append(PairExample(c, r, len(out), pref.where))
+    report.pairs = len(out)
+    return out, report
+
+
+def reindex(pairs: list[PairExample]) -> list[PairExample]:
+    return [PairExample(p.chosen, p.rejected, i, p.where) for i, p in enumerate(pairs)]
+
+
+# --- log-probs ----------------------------------------------------------------------------------------------
+
+
+def concatenated_logps(net, pairs: list[PairExample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of chosen and rejected, in one forward over (2B, T). -> (B,), (B,)."""
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    select, targets = shifted_selection(batch.input_ids, batch.loss_mask)
+    logits = net(batch.input_ids.to(device), batch.attention_mask.to(device), None, select.to(device))  # (N, V)
+    logps = sequence_logps(logits, targets.to(device), select.to(device))  # (2B,)
+    return logps[:len(pairs)], logps[len(pairs):]
+
+
+@torch.no_grad()
+def compute_reference(ref_net, pairs: list[PairExample], pad_id: int, batch_size: int, autocast, device,
+                      desc: str = "") -> torch.Tensor:
+    """Reference log-probs of every pair, (n_pairs, 2): chosen, rejected."""
+    out = torch.zeros(len(pairs), 2)
+    for i in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not desc, dynamic_ncols=True):
+        chunk = pairs[i:i + batch_size]
+        with autocast():
+            c, r = concatenated_logps(ref_net, chunk, pad_id, device)
+        out[i:i + len(chunk)] = torch.stack([c, r], dim=1).cpu()
+    return out
+
+
+def cache_key(cfg: DPOConfig, ref_name: str, splits: dict[str, list[PairExample]]) -> str:
+    h = hashlib.sha1(f"{ref_name}|{cfg.max_length}|{models.mixed_precision(cfg.dtype)}".encode())
+    for name, pairs in splits.items():
+        h.update(name.encode())
+        for p in pairs:
+            seqs = (p.chosen.input_ids, p.chosen.loss_mask, p.rejected.input_ids, p.rejected.loss_mask)
+            h.update(str(seqs).encode())
+    return h.hexdigest()
+
+
+def precomputed_reference(cfg: DPOConfig, tok, splits: dict[str, list[PairExample]], accelerator
+                          ) -> dict[str, torch.Tensor]:
+    """Reference log-probs for every split, computed once by the main process and cached in OUTPUT."""
+    path = Path(cfg.output) / "ref_logps.pt"
+    ref_name = cfg.ref_model or cfg.model
+    key = cache_key(cfg, ref_name, splits)
+    if accelerator.is_main_process:
+        cached = torch.load(path, weights_only=True) if path.is_file() else None
+        if cached is None or cached.get("key") != key:
+            ref = models.load_causal_lm(ref_name, seed=cfg.seed, tokenizer=tok).to(accelerator.device).eval()
+            net = models.SelectedLogits(ref)
+            cached = {"key": key, **{name: compute_reference(net, pairs, tok.pad_token_id, cfg.batch_size,
+                                                            accelerator.autocast, accelerator.device,
+                                                            desc=f"reference log-probs ({name})")
+                                     for name, pairs in splits.items()}}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".pt.tmp")
+            torch.save(cached, tmp)
+            tmp.replace(path)
+            del ref, net
+    accelerator.wait_for_everyone()
+    cached = torch.load(path, weights_only=True)
+    return {name: cached[name] for name in splits}
+
+
+def reference_fn(mode: str, cfg: DPOConfig, tok, net, splits, accelerator):
+    """A function (split, pairs) -> (ref_chosen (B,), ref_rejected (B,)) for the chosen reference mode."""
+    device = accelerator.device
+    if mode == "precomputed":
+        table = precomputed_reference(cfg, tok, splits, accelerator)
+
+        def lookup(split, pairs):
+            rows = table[split][[p.index for p in pairs]].to(device)
+            return rows[:, 0], rows[:, 1]
+        return lookup
+    if mode == "copy":
+        ref = models.SelectedLogits(models.load_causal_lm(cfg.ref_model or cfg.model, seed=cfg.seed, tokenizer=tok))
+        ref = ref.to(device).eval().requires_grad_(False)
+
+        def frozen(split, pairs):
+            with torch.no_grad(), accelerator.autocast():
+                return concatenated_logps(ref, pairs, tok.pad_token_id, device)
+        return frozen
+    if mode == "lora":
+        if not cfg.lora:
+            raise TrainingError("--ref-mode lora needs --lora (the reference is the base with the adapter off)")
+        if cfg.ref_model:
+            raise TrainingError("--ref-mode lora uses the policy's own base; drop --ref-model or use another mode")
+
+        def adapter_off(split, pairs):
+            policy = accelerator.unwrap_model(net)  # SelectedLogits around the peft model
+            with torch.no_grad(), accelerator.autocast(), policy.lm.disable_adapter():
+                return concatenated_logps(policy, pairs, tok.pad_token_id, device)
+        return adapter_off
+    raise TrainingError(f"--ref-mode {mode!r}: expected auto, precomputed, copy or lora")
+
+
+# --- loss and evaluation ------------------------------------------------------------------------------------
+
+
+def pair_losses(net, pairs, split, reference, cfg: DPOConfig, pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Per-pair DPO losses, implicit rewards and log-probs of one micro-batch; every tensor (B,)."""
+    chosen, rejected = concatenated_logps(net, pairs, pad_id, device)
+    ref_chosen, ref_rejected = reference(split, pairs)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
+                                                        loss_type=cfg.loss, label_smoothing=cfg.label_smoothing)
+    return {"loss": losses, "chosen_reward": chosen_rewards, "rejected_reward": rejected_rewards,
+            "logps_chosen": chosen.detach(), "logps_rejected": rejected.detach()}
+
+
+def summarise(sums: torch.Tensor, n: float, prefix: str) -> dict[str, float]:
+    """sums: (5,) summed loss, accuracy, margin, chosen reward, rejected reward over n pairs."""
+    names = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward")
+    return {f"{prefix}/{k}": (v / max(n, 1)).item() for k, v in zip(names, sums)}
+
+
+def pair_sums(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    c, r = out["chosen_reward"], out["rejected_reward"]
+    return torch.stack([out["loss"].detach().sum(), (c > r).float().sum(), (c - r).sum(), c.sum(), r.sum()])
+
+
+@torch.no_grad()
+def evaluate(net, pairs, reference, cfg: DPOConfig, pad_id: int, accelerator) -> dict[str, float]:
+    """Held-out loss, preference accuracy and margin over all processes (on the unwrapped module)."""
+    model = accelerator.unwrap_model(net)
+    mine = pairs[accelerator.process_index::accelerator.num_processes]
+    sums = torch.zeros(5, device=accelerator.device)
+    for i in range(0, len(mine), cfg.batch_size):
+        with accelerator.autocast():
+            sums += pair_sums(pair_losses(model, mine[i:i + cfg.batch_size], "val", reference, cfg, pad_id,
+                                          accelerator.device))
+    return summarise(accelerator.reduce(sums, "sum"), len(pairs), "val")
+
+
+# --- training -----------------------------------------------------------------------------------------------
+
+
+def train(cfg: DPOConfig) -> dict:
+    from accelerate import Accelerator
+
+    if cfg.loss not in DPO_LOSSES:
+        raise TrainingError(f"--loss {cfg.loss!r}: expected one of {', '.join(DPO_LOSSES)}")
+    # 1. setup: processes, precision, seed, policy (dropout off: eval mode while training)
+    accelerator = Accelerator(mixed_precision=models.mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.seed)
+    out, main, world = Path(cfg.output), accelerator.is_main_process, accelerator.num_processes
+    tok = models.load_tokenizer(cfg.model)
+    model = models.load_causal_lm(cfg.model, seed=cfg.seed, tokenizer=tok)
+    models.freeze_layers(model, cfg.freeze_layers)
+    if cfg.lora:
+        model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    model.eval()
+
+    # 2. data: every comparison as (chosen, rejected) with response-only masks; hold out pairs
+    pairs, report = load_pairs(cfg.data, cfg.format, tok, cfg.max_length)
+    if cfg.val_data:
+        val_pairs, val_report = load_pairs(cfg.val_data, None, tok, cfg.max_length)
+    else:
+        pairs, val_pairs = split_validation(pairs, cfg.val_fraction, cfg.seed)
+        val_report = None
+    pairs, val_pairs = reindex(pairs), reindex(val_pairs)
+    if not pairs:
+        raise TrainingError(f"no usable pairs in {cfg.data} ({report.as_dict()})")
+    if main and (report.identical_pairs or report.truncated or report.skipped_no_response):
+        print(f"data: {report.identical_pairs} identical pairs skipped, {report.truncated} sequences truncated "
+              f"to {cfg.max_length} tokens, {report.skipped_no_response} pairs skipped (response cut away)")
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    steps_per_epoch = math.ceil(len(pairs) / global_batch)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+
+    # 3. optimizer, schedule, reference
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+    scheduler = make_schedule(optimizer, cfg, total_steps)
+    net, optimizer = accelerator.prepare(models.SelectedLogits(model), optimizer)
+    mode = cfg.ref_mode if cfg.ref_mode != "auto" else ("lora" if cfg.lora else "precomputed")
+    reference = reference_fn(mode, cfg, tok, net, {"train": pairs, "val": val_pairs}, accelerator)
+
+    # 4. resume
+    state = {"step": 0, "tokens": 0, "nonfinite_skipped": 0}
+    ckpt_root = out / "checkpoints"
+    last = checkpoint.latest(ckpt_root) if cfg.resume else None
+    if last is not None:
+        state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
+        if main:
+            print(f"resuming from {last} (step {state['step']})")
+    tracker = Tracker(out, enabled=main, resume=last is not None)
+    if main and last is None:
+        tracker.log(0, {**report.as_dict(), "data/val_pairs": len(val_pairs)})
+
+    # 5. the loop
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="dpo", dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+    t_last, tokens_since = time.perf_counter(), 0
+    while state["step"] < total_steps:
+        step = state["step"]
+        # 5.1 this step's pairs; this process takes every world-th pair, in grad_accum micro-batches
+        rows = [pairs[i] for i in global_batch_rows(step, len(pairs), global_batch, cfg.seed)]
+        step_tokens = sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in rows)
+        mine = rows[accelerator.process_index::world]
+        weight = world / len(rows) if mine else 0.0  # a process left without pairs runs one with weight 0
+        mine = mine or rows[:1]
+        micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        # 5.2 loss = mean over the pairs of the global batch (× world: DDP averages gradients)
+        sums = torch.zeros(5, device=accelerator.device)
+        logps = torch.zeros(2, device=accelerator.device)
+        for j, mb in enumerate(micro):
+            sync = accelerator.no_sync(net) if j < len(micro) - 1 else contextlib.nullcontext()
+            with sync:
+                res = pair_losses(net, mb, "train", reference, cfg, tok.pad_token_id, accelerator.device)
+                accelerator.backward(res["loss"].sum() * weight)
+            sums += pair_sums(res) * (weight > 0)
+            logps += torch.stack([res["logps_chosen"].sum(), res["logps_rejected"].sum()]) * (weight > 0)
+        sums, logps = accelerator.reduce(sums, "sum"), accelerator.reduce(logps, "sum")
+        step_metrics = summarise(sums, len(rows), "dpo")
+        loss = step_metrics["dpo/loss"]
+        # 5.3 guard against non-finite loss or gradient
+        clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = float(accelerator.clip_grad_norm_(params, clip))
+        if skip_nonfinite(loss, grad_norm, state, cfg, ckpt_root, rows[0].where, main):
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            scheduler.step()
+            bar.update(1)
+            continue
+        # 5.4 update
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["tokens"] += step_tokens
+        tokens_since += step_tokens
+        step = state["step"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{step_metrics['dpo/accuracy']:.2f}")
+        # 5.5 log, evaluate, checkpoint
+        if step % cfg.log_steps == 0 or step == total_steps:
+            now = time.perf_counter()
+            metrics = {"train/loss": loss, **step_metrics, "dpo/logps_chosen": (logps[0] / len(rows)).item(),
+                       "dpo/logps_rejected": (logps[1] / len(rows)).item(), "train/lr": lr,
+                       "train/grad_norm": grad_norm, "train/epoch": step / steps_per_epoch,
+                       "train/tokens": state["tokens"], "perf/tokens_per_s": tokens_since / (now - t_last)}
+            tracker.log(step, metrics)
+            t_last, tokens_since = now, 0
+        if val_pairs and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
+            val = evaluate(net, val_pairs, reference, cfg, tok.pad_token_id, accelerator)
+            metrics.update(val)
+            tracker.log(step, val)
+        if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps):
+            checkpoint.save(ckpt_root, step, net, optimizer, scheduler, state, accelerator, cfg.save_total_limit)
+    bar.close()
+
+    # 6. save a Hugging Face directory that plain transformers loads
+    final = {**metrics, "train/steps": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"],
+             "dpo/ref_mode": mode}
+    if main:
+        models.save_causal_lm(accelerator.unwrap_model(net).lm, tok, out, merge=cfg.lora and cfg.merge)
+        data = {**report.as_dict(), "data/val_pairs": len(val_pairs),
+                **({f"val_{k}": v for k, v in val_report.as_dict().items()} if val_report else {})}
+        write_run_json(out, cfg, "dpo", final, {"processes": world, "data": data})
+    tracker.close()
+    accelerator.wait_for_everyone()
+    return final
