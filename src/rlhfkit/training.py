@@ -16,26 +16,11 @@ from rlhfkit import TrainingError, checkpoint
 
 
 @dataclass
-class TrainConfig:
-    """Fields common to every training command; each command's config subclasses it (and may re-document or
-    re-default a field by declaring it again)."""
+class RunConfig:
+    """Fields common to every trainer: optimisation, adapters, precision, seeding, logging and checkpoints. Each
+    command's config subclasses it (or TrainConfig), and may re-document or re-default a field by declaring it
+    again."""
 
-    format: str | None = None
-    """Data format; detected from the columns when not given."""
-    val_data: str | None = None
-    """Validation data; when not given, a seeded `val_fraction` of the training data is held out."""
-    val_fraction: float = 0.05
-    """Fraction of the training data held out for validation when `val_data` is not given (0 disables)."""
-    max_length: int = 512
-    """Longest sequence in tokens; longer examples keep their start and lose their end (counted)."""
-    epochs: int = 1
-    """Passes over the data."""
-    max_steps: int = -1
-    """Optimizer steps to run; overrides `epochs` when > 0."""
-    batch_size: int = 8
-    """Rows per micro-batch on each process."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step; global batch = batch_size × grad_accum × processes."""
     lr: float = 2e-5
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
@@ -71,8 +56,6 @@ class TrainConfig:
     """Seed for data order, initialisation of random models and sampling."""
     log_steps: int = 1
     """Log training metrics every N steps."""
-    eval_steps: int = 0
-    """Evaluate every N steps (0: only at the end)."""
     save_steps: int = 0
     """Write a resumable checkpoint every N steps (0: none but the final model)."""
     save_total_limit: int = 2
@@ -81,6 +64,30 @@ class TrainConfig:
     """Continue from OUTPUT/checkpoints/latest if there is one."""
     skip_nonfinite: int = 0
     """Skip up to N batches whose loss or gradient is not finite (with a warning each) instead of stopping."""
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """RunConfig plus the fields of trainers that make passes over a fixed data set (SFT, RM, DPO)."""
+
+    format: str | None = None
+    """Data format; detected from the columns when not given."""
+    val_data: str | None = None
+    """Validation data; when not given, a seeded `val_fraction` of the training data is held out."""
+    val_fraction: float = 0.05
+    """Fraction of the training data held out for validation when `val_data` is not given (0 disables)."""
+    max_length: int = 512
+    """Longest sequence in tokens; longer examples keep their start and lose their end (counted)."""
+    epochs: int = 1
+    """Passes over the data."""
+    max_steps: int = -1
+    """Optimizer steps to run; overrides `epochs` when > 0."""
+    batch_size: int = 8
+    """Rows per micro-batch on each process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; global batch = batch_size × grad_accum × processes."""
+    eval_steps: int = 0
+    """Evaluate every N steps (0: only at the end)."""
 
 
 def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -103,7 +110,7 @@ def global_batch_rows(step: int, n_rows: int, global_batch: int, seed: int) -> l
     return perm[i * global_batch:(i + 1) * global_batch]
 
 
-def make_schedule(optimizer, cfg: TrainConfig, total_steps: int):
+def make_schedule(optimizer, cfg: RunConfig, total_steps: int):
     """Linear warm-up, then cosine/linear/constant decay to `min_lr_ratio` × peak; stepped once per update."""
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
 
@@ -119,7 +126,7 @@ def make_schedule(optimizer, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def skip_nonfinite(loss: float, grad_norm: float, state: dict, cfg: TrainConfig, ckpt_root: Path, where: str,
+def skip_nonfinite(loss: float, grad_norm: float, state: dict, cfg: RunConfig, ckpt_root: Path, where: str,
                    main: bool) -> bool:
     """False when loss and gradient are finite. Otherwise stop with a TrainingError naming the step, the batch
     and the last good checkpoint, or, while the `--skip-nonfinite` budget lasts, count the skip, warn and

@@ -1,0 +1,200 @@
+"""The HF rollout engine: seeding, left padding and the KV cache, stopping, max_new_tokens, the sampler's maths."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhfkit import UsageError, models
+from rlhfkit.data import chat
+from rlhfkit.rollout import SamplingParams
+from rlhfkit.rollout.hf import HFEngine, sample_tokens
+
+# three prompts of different lengths, so a batch of them is left-padded
+PROMPTS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "Tell me a long story about a dragon and a knight who become friends, please."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model runs faster on one thread than on two that another process is also using."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def policy(tok):
+    return models.load_causal_lm("tiny-llama", tokenizer=tok)
+
+
+def sample(policy, tok, batch_size: int = 8, **params):
+    return HFEngine(policy, tok, batch_size).generate(PROMPTS, SamplingParams(**{"max_new_tokens": 8, **params}))
+
+
+def same(a, b) -> bool:
+    return (torch.equal(a.response_ids, b.response_ids) and torch.equal(a.finished, b.finished)
+            and a.texts == b.texts)
+
+
+# --- seeding ------------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_samples_and_another_seed_other_samples(policy, tok):
+    a = sample(policy, tok, n=2, seed=1)
+    assert same(a, sample(policy, tok, n=2, seed=1))
+    b = sample(policy, tok, n=2, seed=2)
+    assert all(x != y for x, y in zip(a.texts, b.texts))
+    assert a.texts[0] != a.texts[1]  # the n samples of one prompt differ too
+
+
+def test_rows_are_prompt_major_and_sample_j_does_not_depend_on_n(policy, tok):
+    one = sample(policy, tok, n=1, seed=7)
+    three = sample(policy, tok, n=3, seed=7)
+    assert three.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert three.sample_index.tolist() == [0, 1, 2] * 3 and three.n == 3
+    first = three.sample_index == 0
+    assert [t for t, f in zip(three.texts, first) if f] == one.texts
+    assert torch.equal(three.response_ids[first][:, :one.response_ids.shape[1]], one.response_ids)
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=1.0, n=2),
+                                    dict(temperature=0.7, top_p=0.9)])
+def test_batched_equals_one_row_at_a_time(policy, tok, params):
+    batched = sample(policy, tok, batch_size=8, seed=3, **params)
+    assert same(batched, sample(policy, tok, batch_size=1, seed=3, **params))
+
+
+# --- padding and the KV cache -----------------------------------------------------------------------------
+
+
+def test_prompts_are_left_padded_template_renderings(policy, tok):
+    s = sample(policy, tok, max_new_tokens=2)
+    engine = HFEngine(policy, tok)
+    assert s.prompt_ids.shape[1] == max(len(engine.encode_prompt(p)) for p in PROMPTS)
+    for row, prompt in enumerate(PROMPTS):
+        want = chat.encode(tok, chat.render(tok, prompt, add_generation_prompt=True))
+        mask = s.prompt_mask[row]
+        pad = len(mask) - len(want)
+        assert mask.tolist() == [0] * pad + [1] * len(want)
+        assert s.prompt_ids[row, pad:].tolist() == want and (s.prompt_ids[row, :pad] == tok.pad_token_id).all()
+    ids, mask = s.sequences()
+    assert ids.shape == mask.shape == (3, s.prompt_ids.shape[1] + s.response_ids.shape[1])
+
+
+def test_greedy_equals_argmax_of_uncached_unpadded_forward_passes(policy, tok):
+    """The KV cache, the positions of left-padded rows and the attention mask change nothing: each greedy token
+    is the argmax of a plain forward pass over that prompt alone plus the tokens so far."""
+    s = sample(policy, tok, temperature=0.0, max_new_tokens=6)
+    engine = HFEngine(policy, tok)
+    for row, prompt in enumerate(PROMPTS):
+        ids = engine.encode_prompt(prompt)
+        want = []
+        with torch.no_grad():
+            for _ in range(6):
+                want.append(int(policy(torch.tensor([ids + want])).logits[0, -1].argmax()))
+        assert s.response_ids[row].tolist() == want
+
+
+# --- stopping ---------------------------------------------------------------------------------------------
+
+
+class ScriptedLM(torch.nn.Module):
+    """A stand-in causal LM that emits a fixed script per row, chosen by the row's prompt length: its logits put
+    all the mass on the script's next token, so no sampling noise can change it. Like a real KV cache, its state
+    rides in past_key_values, which the engine hands back on the next call."""
+
+    def __init__(self, scripts: dict[int, list[int]], vocab_size: int):
+        super().__init__()
+        self.scripts, self.vocab_size = scripts, vocab_size
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the engine finds the device through the parameters
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True,
+                logits_to_keep=0):
+        if past_key_values is None:
+            past_key_values = {"scripts": [self.scripts[int(n)] for n in attention_mask.sum(-1)], "step": 0}
+        step = past_key_values["step"]
+        logits = torch.full((len(input_ids), 1, self.vocab_size), -1e9)
+        for row, script in enumerate(past_key_values["scripts"]):
+            logits[row, 0, script[min(step, len(script) - 1)]] = 0.0
+        past_key_values["step"] += 1
+        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+
+
+def test_stops_at_end_of_turn_or_eos_and_flags_rows_cut_at_max_new_tokens(tok):
+    hello, world, bang = (tok.encode(w, add_special_tokens=False)[0] for w in ("Hello", " world", "!"))
+    im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert chat.end_of_turn_ids(tok) == {im_end, endoftext}  # im_end is also SmolLM2's eos
+    lengths = [len(HFEngine(None, tok).encode_prompt(p)) for p in PROMPTS]
+    scripts = {lengths[0]: [hello, world, im_end, bang],  # the template's end-of-turn token after two tokens
+               lengths[1]: [hello, world, bang, world, bang, world, bang],  # never stops: cut at max_new_tokens
+               lengths[2]: [endoftext, hello]}  # <|endoftext|> at once: an empty response
+    engine = HFEngine(ScriptedLM(scripts, len(tok)), tok, batch_size=3)
+    s = engine.generate(PROMPTS, SamplingParams(max_new_tokens=5, seed=0))
+    pad = tok.pad_token_id
+    assert s.finished.tolist() == [True, False, True]
+    assert s.response_ids.tolist() == [[hello, world, im_end, pad, pad], [hello, world, bang, world, bang],
+                                       [endoftext, pad, pad, pad, pad]]
+    assert s.response_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert s.response_lengths.tolist() == [3, 5, 1]
+    assert s.texts == ["Hello world", "Hello world! world!", ""]  # the stop token is not part of the text
+
+
+def test_max_new_tokens_caps_every_row_of_a_real_model(policy, tok):
+    s = sample(policy, tok, n=2, max_new_tokens=5, seed=0)
+    stops = torch.tensor(sorted(chat.end_of_turn_ids(tok)))
+    assert s.response_ids.shape[1] <= 5 and (s.response_lengths <= 5).all()
+    for k in range(len(s.texts)):
+        tokens = s.response_ids[k, :int(s.response_lengths[k])]
+        assert bool(s.finished[k]) == bool(torch.isin(tokens[-1:], stops).any())
+        assert not torch.isin(tokens[:-1], stops).any()  # nothing is sampled after a stop token
+        assert bool(s.finished[k]) or len(tokens) == 5
+
+
+# --- the sampler --------------------------------------------------------------------------------------------
+
+
+def test_sample_tokens_hand_worked():
+    """p = (0.5, 0.3, 0.2), logits = log p. Gumbel-max picks argmax(logits / T + g):
+    - g = (0, 0.6, 0), T = 1: scores (−0.693, −0.604, −1.609) -> token 1
+    - same g, T = 0.5: scores (−1.386, −2.408 + 0.6 = −1.808, −3.219) -> token 0
+    - g = (0, 0, 5), T = 1: token 2 (−1.609 + 5 = 3.391); with top_p = 0.8 the nucleus is {0, 1} (the mass before
+      token 2 is 0.8, which already reaches 0.8), so token 0 (−0.693 > −1.204)
+    - g = (0, 0.6, 0), top_p = 0.5: the nucleus is {0} -> token 0
+    - T = 0: argmax, no noise needed -> token 0."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    g1, g2 = torch.tensor([[0.0, 0.6, 0.0]]), torch.tensor([[0.0, 0.0, 5.0]])
+    assert sample_tokens(logits, g1, 1.0, 1.0).tolist() == [1]
+    assert sample_tokens(logits, g1, 0.5, 1.0).tolist() == [0]
+    assert sample_tokens(logits, g2, 1.0, 1.0).tolist() == [2]
+    assert sample_tokens(logits, g2, 1.0, 0.8).tolist() == [0]
+    assert sample_tokens(logits, g1, 1.0, 0.5).tolist() == [0]
+    assert sample_tokens(logits, None, 0.0, 1.0).tolist() == [0]
+
+
+@pytest.mark.parametrize("temperature,top_p,want", [
+    (1.0, 1.0, [0.5, 0.3, 0.2]),
+    (1.0, 0.8, [0.625, 0.375, 0.0]),  # the nucleus {0, 1}, renormalised
+    (2.0, 1.0, [math.sqrt(x) / sum(math.sqrt(y) for y in (0.5, 0.3, 0.2)) for x in (0.5, 0.3, 0.2)]),
+])
+def test_sample_tokens_draws_from_the_tempered_nucleus(temperature, top_p, want):
+    draws = 40_000
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2])).expand(draws, 3)
+    u = torch.rand(draws, 3, generator=torch.Generator().manual_seed(0))
+    tokens = sample_tokens(logits, -torch.log(-torch.log(u)), temperature, top_p)
+    freq = torch.bincount(tokens, minlength=3).double() / draws
+    assert freq.tolist() == pytest.approx(want, abs=0.01)  # ~4 standard errors
+
+
+@pytest.mark.parametrize("bad", [dict(n=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5),
+                                 dict(max_new_tokens=0), dict(seed=-1)])
+def test_invalid_sampling_params_are_usage_errors(bad):
+    with pytest.raises(UsageError, match="--" + next(iter(bad)).replace("_", "-")):
+        SamplingParams(**bad)
