@@ -94,6 +94,30 @@ def _dpo(argv):
     print(json.dumps(final, default=float))
 
 
+def _generate(argv):
+    from rlhfkit.algos import generate
+
+    cfg = parse_args(generate.GenerateConfig, argv, "rlhfkit generate")
+    final = generate.generate(cfg)
+    print(json.dumps(final, default=float))
+
+
+def _best_of_n(argv):
+    from rlhfkit.algos import best_of_n
+
+    cfg = parse_args(best_of_n.BestOfNConfig, argv, "rlhfkit best-of-n")
+    final = best_of_n.best_of_n(cfg)
+    print(json.dumps(final, default=float))
+
+
+def _ppo(argv):
+    from rlhfkit.algos import ppo
+
+    cfg = parse_args(ppo.PPOConfig, argv, "rlhfkit ppo")
+    final = ppo.train(cfg)
+    print(json.dumps(final, default=float))
+
+
 def _preview(argv):
     preview(parse_args(PreviewConfig, argv, "rlhfkit data preview"))
 
@@ -103,6 +127,9 @@ COMMANDS = {
     ("rm",): (_rm, "reward model from pairs or K-way rankings"),
     ("score",): (_score, "add a reward column to (prompt, response) rows"),
     ("dpo",): (_dpo, "direct preference optimisation (sigmoid, IPO, conservative DPO)"),
+    ("generate",): (_generate, "sample n responses per prompt into a JSON Lines file"),
+    ("best-of-n",): (_best_of_n, "rejection sampling: best of n as SFT data, best vs worst as DPO pairs"),
+    ("ppo",): (_ppo, "RLHF with PPO (gae, grpo, rloo, reinforce++), PPO-ptx"),
     ("data", "preview"): (_preview, "show rendering, tokens and loss masks of a data file"),
 }
 

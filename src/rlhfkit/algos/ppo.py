@@ -1,0 +1,537 @@
+"""RLHF with PPO: optimise the policy against a reward under a KL penalty to the SFT model (and PPO-ptx).
+
+Papers: Ouyang et al. 2022 (InstructGPT) Eq. 2: objective = E[r(x, y) − β log(π(y|x)/π_SFT(y|x))] + γ E_pretrain
+[log π(x)]; Ziegler et al. 2019 (per-token KL reward, adaptive β); Schulman et al. 2017 (clipped surrogate) and
+2016 (GAE); Huang et al. 2024 ("The N+ implementation details of RLHF with PPO"). Critic-free estimators via
+`--advantage`: GRPO (Shao et al. 2024), RLOO (Ahmadian et al. 2024), REINFORCE++ (Hu 2025). Maths: core/rl.py
+and core/losses.py; every detail with its line: docs/ppo.md.
+
+One iteration, top to bottom:
+  1. this iteration's prompts (a seeded permutation per pass over the prompt set)
+  2. generate n responses per prompt with the actor (rollout engine; no log-probs taken from sampling)
+  3. score: reward model and/or reward function; a response that never ended gets the missing-EOS penalty
+  4. forward passes with the training numerics: old log-probs (actor), reference log-probs, values (critic)
+  5. rewards and advantages: per-token −β·KL plus the score on the last token, then GAE / GRPO / RLOO / REINFORCE++
+  6. PPO epochs over minibatches: clipped surrogate (+ clipped value loss, + entropy bonus, + GRPO's KL term,
+     + the PPO-ptx pre-training loss), clipping, optimizer step; optional early stop on approximate KL
+  7. adaptive β, logs (per phase timings), sample table, checkpoint
+
+Departures, and why:
+- Dropout is off in every model (all run in eval mode; ALGORITHMS.md).
+- One process: data-parallel PPO is not wired yet (the rollout engine runs on the process that holds the actor).
+- The value head is read at the position whose logit samples the token (the convention of TRL and OpenRLHF).
+- PPO-ptx's γ multiplies the token-mean pre-training NLL of a ptx batch; InstructGPT's γ = 27.8 was tuned for its
+  own loss scaling, so the default here is 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from rlhfkit import UsageError, checkpoint, models
+from rlhfkit.config import write_run_json
+from rlhfkit.core import rl
+from rlhfkit.core.lm import shifted_selection, summed_nll
+from rlhfkit.core.losses import gae, kl_estimate, kl_penalized_rewards, masked_mean, masked_whiten
+from rlhfkit.data import chat, formats, io
+from rlhfkit.data.collate import collate
+from rlhfkit.rewards import RewardModel, call_reward_fn, load_reward_fn
+from rlhfkit.rollout import SamplingParams
+from rlhfkit.rollout.hf import HFEngine
+from rlhfkit.tracking import Tracker
+from rlhfkit.training import RunConfig, global_batch_rows, make_schedule, skip_nonfinite
+
+ADVANTAGES = ("gae", "grpo", "rloo", "reinforce++")
+
+
+@dataclass
+class PPOConfig(RunConfig):
+    """rlhfkit ppo: RLHF with PPO against a reward model and/or a reward function, KL-penalised to the SFT model."""
+
+    policy: str = "smollm2-135m"
+    """Policy to optimise (and the KL reference), usually the SFT model: alias, HF directory, .gguf or hub id."""
+    reward_model: str | None = None
+    """Reward-model directory from `rlhfkit rm` (its recorded normalisation is applied)."""
+    reward_fn: str | None = None
+    """Programmatic reward `module:function` or `file.py:function`, called as fn(prompts, responses, metadata);
+    with --reward-model as well, the two are summed."""
+    prompts: str = "sample:prompts"
+    """Prompts ({"prompt"} or {"messages"} rows, or any format with prompts); other columns go to the reward fn."""
+    output: str = "runs/ppo"
+    """Output directory: final policy, checkpoints, metrics.jsonl, samples.jsonl, TensorBoard events, run.json."""
+    advantage: str = "gae"
+    """Advantage estimator: gae (PPO with a critic), grpo, rloo or reinforce++ (critic-free)."""
+    iterations: int = 20
+    """PPO iterations (rollout + update)."""
+    rollout_prompts: int = 8
+    """Prompts per iteration."""
+    n_samples: int = 1
+    """Responses per prompt (≥ 2 for grpo and rloo, which compare a prompt's samples)."""
+    temperature: float = 1.0
+    """Sampling temperature; every log-prob used in training is computed from logits / temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 64
+    """Longest response in tokens."""
+    kl_coef: float = 0.05
+    """β of the KL penalty (initial value when --adaptive-kl)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the reward: k1 = log π − log π_ref, or k3."""
+    adaptive_kl: bool = False
+    """Adapt β towards --kl-target (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target KL per sequence for the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (in episodes) of the adaptive controller."""
+    missing_eos_penalty: float | None = -1.0
+    """Score given to a response that never ended (with --missing-eos replace) or subtracted (subtract)."""
+    missing_eos: str = "replace"
+    """What to do with the score of a response that hit max_new_tokens: replace, subtract or none."""
+    score_clip: float | None = None
+    """Clip scores to ±this before they enter the rewards."""
+    scale_scores: bool = False
+    """Divide the scores by their batch standard deviation (without shifting the mean)."""
+    gamma: float = 1.0
+    """Discount (GAE)."""
+    lam: float = 0.95
+    """GAE λ."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the batch's response tokens (gae, grpo and rloo; reinforce++ always does)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch (InstructGPT: 1)."""
+    minibatch_size: int = 8
+    """Rows per optimizer step."""
+    batch_size: int = 8
+    """Rows per forward pass (micro-batch); also the generation batch."""
+    clip_eps: float = 0.2
+    """PPO ratio clip ε."""
+    value_clip: float = 0.2
+    """Value clip around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    early_stop_kl: float | None = None
+    """Stop an iteration's updates when the approximate KL of a minibatch exceeds this."""
+    critic_init: str = "auto"
+    """Critic initialisation: rm (from the reward model, InstructGPT), zero (policy backbone, zero head) or auto."""
+    critic_lr: float = 5e-6
+    """Learning rate of the critic."""
+    lr: float = 1e-6
+    """Learning rate of the actor."""
+    schedule: str = "constant"
+    """Learning-rate schedule over iterations: constant, cosine or linear."""
+    warmup_ratio: float = 0.0
+    """Fraction of the iterations spent warming up."""
+    ptx_data: str | None = None
+    """PPO-ptx: pre-training (or SFT) data whose log-likelihood is added to every update."""
+    ptx_coef: float = 1.0
+    """γ of PPO-ptx: weight of the token-mean pre-training NLL."""
+    ptx_batch_size: int = 8
+    """Rows of ptx data per optimizer step."""
+    max_length: int = 512
+    """Longest prompt in tokens (longer prompts keep their start); also the ptx truncation length."""
+    rm_batch_size: int = 16
+    """Sequences per reward-model forward."""
+    sample_every: int = 5
+    """Write a few prompts/responses/scores to samples.jsonl every N iterations."""
+
+
+# --- models -------------------------------------------------------------------------------------------------
+
+
+class ValueModel(torch.nn.Module):
+    """A sequence-classification model read at every selected position: values (M,) instead of one score."""
+
+    def __init__(self, seq_cls):
+        super().__init__()
+        self.model = seq_cls
+
+    def forward(self, input_ids, attention_mask, position_ids, select):
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
+        return self.model.score(hidden[select]).squeeze(-1).float()  # (M,)
+
+
+def build_critic(cfg: PPOConfig, tok):
+    from transformers import AutoModelForSequenceClassification
+
+    init = cfg.critic_init if cfg.critic_init != "auto" else ("rm" if cfg.reward_model else "zero")
+    if init == "rm":
+        if not cfg.reward_model:
+            raise UsageError("--critic-init rm needs --reward-model")
+        critic = AutoModelForSequenceClassification.from_pretrained(cfg.reward_model, num_labels=1)
+        if critic.get_input_embeddings().weight.shape[0] < len(tok):
+            raise UsageError("--critic-init rm: the reward model's vocabulary is smaller than the policy's; "
+                             "use --critic-init zero")
+    elif init == "zero":
+        src = models.resolve(cfg.policy)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            if src.path is None:
+                config = models.tiny_llama_config(len(tok), num_labels=1)
+                critic = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+            else:
+                critic = AutoModelForSequenceClassification.from_pretrained(src.path, num_labels=1)
+        torch.nn.init.zeros_(critic.score.weight)
+    else:
+        raise UsageError(f"--critic-init {cfg.critic_init!r}: expected auto, rm or zero")
+    return critic.float(), init
+
+
+# --- rollout ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One iteration's experience. B rows (prompts × n), P prompt width (left-padded), R response width.
+
+    input_ids, attention_mask, position_ids: (B, P + R) prompt and response side by side
+    response_mask: (B, R) float, 1 on sampled tokens (the stop token included)
+    logprobs, ref_logprobs: (B, R) log-probs of the sampled tokens under the actor and the reference (at τ)
+    values: (B, R) critic values, or None without a critic
+    scores: (B,) the reward after the missing-EOS rule and clipping
+    advantages: (B, R); returns: (B, R) critic targets, or None without a critic
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor | None
+    scores: torch.Tensor
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def rows(self, idx: torch.Tensor) -> Rollout:
+        take = lambda t: None if t is None else t[idx]  # noqa: E731
+        return Rollout(**{k: take(v) for k, v in vars(self).items()})
+
+
+def response_select(input_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions whose logit samples a response token, and those tokens; (B, P+R) -> select (B, P+R), (M,)."""
+    prompt_width = input_ids.shape[1] - response_mask.shape[1]
+    loss_mask = torch.cat([torch.zeros_like(input_ids[:, :prompt_width]), response_mask.long()], dim=1)
+    return shifted_selection(input_ids, loss_mask)
+
+
+def to_tokens(flat: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """(M,) per-response-token values back to (B, R), row-major like the selection; 0 off the mask."""
+    out = torch.zeros(response_mask.shape, dtype=flat.dtype, device=flat.device)
+    out[response_mask.bool()] = flat
+    return out
+
+
+def token_logprobs(actor, batch: Rollout, temperature: float, with_entropy: bool = False):
+    """log π(y_t | …) at temperature τ of every response token, (B, R); and the entropies (B, R) if asked."""
+    select, targets = response_select(batch.input_ids, batch.response_mask)
+    logits = actor(batch.input_ids, batch.attention_mask, batch.position_ids, select).float() / temperature  # (M, V)
+    logps = to_tokens(-F.cross_entropy(logits, targets, reduction="none"), batch.response_mask)
+    return logps, (to_tokens(rl.entropy_from_logits(logits), batch.response_mask) if with_entropy else None)
+
+
+def token_values(critic, batch: Rollout) -> torch.Tensor:
+    select, _ = response_select(batch.input_ids, batch.response_mask)
+    return to_tokens(critic(batch.input_ids, batch.attention_mask, batch.position_ids, select), batch.response_mask)
+
+
+@torch.no_grad()
+def in_chunks(fn, rollout: Rollout, size: int) -> torch.Tensor:
+    return torch.cat([fn(rollout.rows(torch.arange(i, min(i + size, len(rollout.scores)))))
+                      for i in range(0, len(rollout.scores), size)])
+
+
+def apply_score_rules(scores: torch.Tensor, finished: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
+    """Missing-EOS rule, then optional scaling and clipping; (B,) -> (B,)."""
+    if cfg.missing_eos_penalty is not None and cfg.missing_eos != "none":
+        rules = {"replace": torch.full_like(scores, cfg.missing_eos_penalty),
+                 "subtract": scores - cfg.missing_eos_penalty}
+        scores = torch.where(finished, scores, rules[cfg.missing_eos])
+    if cfg.scale_scores and len(scores) > 1:
+        scores = scores / scores.std().clamp(min=1e-8)
+    if cfg.score_clip is not None:
+        scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+    return scores
+
+
+def compute_advantages(r: Rollout, cfg: PPOConfig, beta: float) -> Rollout:
+    """Step 5: the estimator chosen by --advantage; (B, R) advantages (and returns for GAE)."""
+    mask = r.response_mask
+    if cfg.advantage == "gae":
+        rewards = kl_penalized_rewards(r.scores, r.logprobs, r.ref_logprobs, mask, beta, cfg.kl_estimator)
+        adv, returns = gae(rewards, r.values, mask, cfg.gamma, cfg.lam)
+    elif cfg.advantage == "grpo":  # KL enters the loss instead (step 6)
+        adv, returns = rl.broadcast(rl.grpo_advantages(r.scores, cfg.n_samples), mask), None
+    elif cfg.advantage == "rloo":  # KL folded into the sequence reward
+        kl = (kl_estimate(r.logprobs, r.ref_logprobs, cfg.kl_estimator) * mask).sum(1)
+        adv, returns = rl.broadcast(rl.rloo_advantages(r.scores - beta * kl, cfg.n_samples), mask), None
+    else:
+        return replace(r, advantages=rl.reinforce_pp_advantages(r.scores, r.logprobs, r.ref_logprobs, mask, beta,
+                                                                cfg.kl_estimator))
+    if cfg.whiten_advantages:
+        adv = masked_whiten(adv, mask)
+    return replace(r, advantages=adv, returns=returns)
+
+
+# --- the PPO update -----------------------------------------------------------------------------------------
+
+
+def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: float) -> tuple[torch.Tensor, dict]:
+    """Step 6 for one micro-batch: the loss scaled by the minibatch's token count, and summed statistics."""
+    mask = mb.response_mask
+    logps, entropy = token_logprobs(net["actor"], mb, cfg.temperature, with_entropy=True)
+    pg, ratio = rl.clipped_policy_loss(logps, mb.logprobs, mb.advantages, cfg.clip_eps)
+    loss = (pg * mask).sum() / n_tokens - cfg.entropy_coef * (entropy * mask).sum() / n_tokens
+    stats = {"policy_loss": (pg * mask).sum(), "entropy": (entropy * mask).sum(),
+             "clipfrac": (((ratio - 1).abs() > cfg.clip_eps).float() * mask).sum(),
+             "approx_kl": (0.5 * (logps - mb.logprobs) ** 2 * mask).sum(), "ratio": (ratio * mask).sum(),
+             "ratio_dev_max": ((ratio - 1).abs() * mask).max()}
+    if cfg.advantage == "grpo":
+        kl = kl_estimate(logps, mb.ref_logprobs, "k3")
+        loss = loss + beta * (kl * mask).sum() / n_tokens
+    if "critic" in net:
+        values = token_values(net["critic"], mb)
+        vl, clipped = rl.clipped_value_loss(values, mb.values, mb.returns, cfg.value_clip)
+        loss = loss + cfg.vf_coef * (vl * mask).sum() / n_tokens
+        stats.update(value_loss=(vl * mask).sum(), value_clipfrac=(clipped.float() * mask).sum())
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def merge_stats(into: dict, new: dict) -> None:
+    """Sums add up; `*_max` statistics take the maximum."""
+    for k, v in new.items():
+        into[k] = v if k not in into else (torch.maximum(into[k], v) if k.endswith("_max") else into[k] + v)
+
+
+def ptx_loss(net, rows, pad_id: int, device) -> torch.Tensor:
+    """Token-mean NLL of a batch of pre-training/SFT rows (PPO-ptx)."""
+    batch = collate(rows, pad_id)
+    select, targets = shifted_selection(batch.input_ids, batch.loss_mask)
+    logits = net["actor"](batch.input_ids.to(device), batch.attention_mask.to(device), None, select.to(device))
+    return summed_nll(logits, targets.to(device)) / max(len(targets), 1)
+
+
+# --- training -----------------------------------------------------------------------------------------------
+
+
+def load_prompts(cfg: PPOConfig) -> tuple[list[formats.Messages], list[dict]]:
+    rows = io.read_rows(cfg.prompts)
+    fmt = formats.detect_format(rows)
+    return [formats.to_prompt(r, fmt).messages for r in rows], [r.data for r in rows]
+
+
+def load_ptx(cfg: PPOConfig, tok):
+    if not cfg.ptx_data:
+        return []
+    rows = io.read_rows(cfg.ptx_data)
+    fmt = formats.detect_format(rows)
+    examples, _ = chat.tokenize_conversations(tok, [formats.to_conversation(r, fmt) for r in rows], cfg.max_length)
+    return examples
+
+
+def check(cfg: PPOConfig) -> None:
+    if cfg.advantage not in ADVANTAGES:
+        raise UsageError(f"--advantage {cfg.advantage!r}: expected one of {', '.join(ADVANTAGES)}")
+    if cfg.advantage in ("grpo", "rloo") and cfg.n_samples < 2:
+        raise UsageError(f"--advantage {cfg.advantage} compares a prompt's samples: set --n-samples ≥ 2")
+    if not cfg.reward_model and not cfg.reward_fn:
+        raise UsageError("give --reward-model, --reward-fn or both")
+    if cfg.missing_eos not in ("replace", "subtract", "none"):
+        raise UsageError(f"--missing-eos {cfg.missing_eos!r}: expected replace, subtract or none")
+    if cfg.kl_estimator not in ("k1", "k3"):
+        raise UsageError(f"--kl-estimator {cfg.kl_estimator!r}: expected k1 or k3")
+
+
+def train(cfg: PPOConfig) -> dict:
+    from accelerate import Accelerator
+
+    check(cfg)
+    # 1. setup: one process, precision, the four roles (actor, reference, critic, reward)
+    accelerator = Accelerator(mixed_precision=models.mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
+    if accelerator.num_processes > 1:
+        raise UsageError("rlhfkit ppo runs on one process for now (data-parallel PPO is not wired yet)")
+    device, precision = accelerator.device, models.mixed_precision(cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output)
+    tok = models.load_tokenizer(cfg.policy)
+    actor = models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok)
+    models.freeze_layers(actor, cfg.freeze_layers)
+    if cfg.lora:
+        actor = models.apply_lora(actor, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    net = torch.nn.ModuleDict({"actor": models.SelectedLogits(actor)})
+    ref = None if cfg.lora else models.SelectedLogits(
+        models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok)).requires_grad_(False)
+    critic_init = None
+    if cfg.advantage == "gae":
+        critic, critic_init = build_critic(cfg, tok)
+        net["critic"] = ValueModel(critic)
+    net.to(device).eval()  # dropout off everywhere; gradients still flow
+    if ref is not None:
+        ref.to(device).eval()
+    reward_model = RewardModel.load(cfg.reward_model, device) if cfg.reward_model else None
+    reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
+    prompts, metadata = load_prompts(cfg)
+    ptx_rows = load_ptx(cfg, tok)
+    engine = HFEngine(actor, tok, batch_size=cfg.batch_size, precision=precision)
+
+    groups = [{"params": [p for p in net["actor"].parameters() if p.requires_grad], "lr": cfg.lr}]
+    if "critic" in net:
+        groups.append({"params": list(net["critic"].parameters()), "lr": cfg.critic_lr})
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+    scheduler = make_schedule(optimizer, cfg, cfg.iterations)
+
+    # resume: weights, optimizer, schedule, β and the ptx position live in the checkpoint
+    state = {"step": 0, "beta": cfg.kl_coef, "ptx_step": 0, "nonfinite_skipped": 0, "episodes": 0}
+    ckpt_root = out / "checkpoints"
+    last = checkpoint.latest(ckpt_root) if cfg.resume else None
+    if last is not None:
+        state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
+        print(f"resuming from {last} (iteration {state['step']})")
+    tracker = Tracker(out, resume=last is not None)
+    samples_path = out / "samples.jsonl"
+    bar = tqdm(total=cfg.iterations, initial=state["step"], desc="ppo", dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+
+    while state["step"] < cfg.iterations:
+        it, beta, timing = state["step"], state["beta"], {}
+        # 2.1 this iteration's prompts
+        idx = global_batch_rows(it, len(prompts), cfg.rollout_prompts, cfg.seed)
+        batch_prompts = [prompts[i] for i in idx]
+        # 2.2 generate (per-row seeds: the same iteration always samples the same responses)
+        t0 = time.perf_counter()
+        params_s = SamplingParams(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + it)
+        samples = engine.generate(batch_prompts, params_s)
+        timing["time/generate"] = time.perf_counter() - t0
+        # 3. score
+        t0 = time.perf_counter()
+        row_prompts = [batch_prompts[i] for i in samples.prompt_index.tolist()]
+        scores = torch.zeros(len(samples.texts), dtype=torch.float64)
+        if reward_model is not None:
+            scores += reward_model.score(row_prompts, samples.texts, cfg.rm_batch_size,
+                                         cfg.max_length + cfg.max_new_tokens, precision)[0]
+        if reward_fn is not None:
+            row_meta = [metadata[idx[i]] for i in samples.prompt_index.tolist()]
+            scores += call_reward_fn(reward_fn, cfg.reward_fn, row_prompts, samples.texts, row_meta)
+        raw_scores = scores.float()
+        scores = apply_score_rules(raw_scores, samples.finished, cfg).to(device)
+        timing["time/score"] = time.perf_counter() - t0
+        # 4. old log-probs, reference log-probs and values, with the training forward's numerics
+        input_ids, attention_mask = samples.sequences()
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        rollout = Rollout(input_ids.to(device), attention_mask.to(device), position_ids.to(device),
+                          samples.response_mask.float().to(device), None, None, None, scores)
+        t0 = time.perf_counter()
+        with accelerator.autocast():
+            logprobs = in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature)[0], rollout, cfg.batch_size)
+            t1 = time.perf_counter()
+            if ref is not None:
+                ref_logprobs = in_chunks(lambda b: token_logprobs(ref, b, cfg.temperature)[0], rollout, cfg.batch_size)
+            else:
+                with actor.disable_adapter():
+                    ref_logprobs = in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature)[0], rollout,
+                                             cfg.batch_size)
+            t2 = time.perf_counter()
+            values = in_chunks(lambda b: token_values(net["critic"], b), rollout, cfg.batch_size) \
+                if "critic" in net else None
+        timing.update({"time/logprobs": t1 - t0, "time/reference": t2 - t1, "time/values": time.perf_counter() - t2})
+        rollout = replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values)
+        # 5. rewards and advantages
+        rollout = compute_advantages(rollout, cfg, beta)
+        mask = rollout.response_mask
+        kl_seq = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(1)  # (B,) k1 per sequence
+        # 6. PPO epochs over minibatches
+        t0 = time.perf_counter()
+        sums: dict[str, torch.Tensor] = {}
+        tokens_seen, updates, stopped_early = 0.0, 0, False
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(len(scores), generator=gen)
+            for m in range(0, len(perm), cfg.minibatch_size):
+                mb_idx = perm[m:m + cfg.minibatch_size]
+                n_tokens = float(mask[mb_idx].sum().clamp(min=1))
+                mb_stats: dict[str, torch.Tensor] = {}
+                for u in range(0, len(mb_idx), cfg.batch_size):
+                    with accelerator.autocast():
+                        loss, st = minibatch_loss(net, rollout.rows(mb_idx[u:u + cfg.batch_size]), cfg, beta,
+                                                  n_tokens)
+                    accelerator.backward(loss)
+                    merge_stats(mb_stats, st)
+                if ptx_rows:
+                    rows = [ptx_rows[i] for i in global_batch_rows(state["ptx_step"], len(ptx_rows),
+                                                                   cfg.ptx_batch_size, cfg.seed)]
+                    with accelerator.autocast():
+                        ptx = ptx_loss(net, rows, tok.pad_token_id, device)
+                    accelerator.backward(cfg.ptx_coef * ptx)
+                    mb_stats["ptx_loss"] = ptx.detach() * n_tokens
+                    state["ptx_step"] += 1
+                clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                loss_value = float(mb_stats["policy_loss"] / n_tokens)
+                if skip_nonfinite(loss_value, grad_norm, state, cfg, ckpt_root, f"iteration {it + 1}", True):
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                updates += 1
+                tokens_seen += n_tokens
+                merge_stats(sums, mb_stats)
+                if cfg.early_stop_kl is not None and float(mb_stats["approx_kl"] / n_tokens) > cfg.early_stop_kl:
+                    stopped_early = True
+                    break
+            if stopped_early:
+                break
+        timing["time/train"] = time.perf_counter() - t0
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        # 7. adaptive β, logs, samples, checkpoint
+        kl_mean = float(kl_seq.mean())
+        if cfg.adaptive_kl:
+            state["beta"] = rl.adaptive_kl_coef(beta, kl_mean, cfg.kl_target, cfg.kl_horizon, len(scores))
+        state["step"] += 1
+        state["episodes"] += len(scores)
+        n_gen = float(mask.sum())
+        metrics = {
+            "ppo/score": float(raw_scores.mean()), "ppo/score_after_rules": float(scores.mean()),
+            "ppo/kl": kl_mean, "ppo/sqrt_kl": math.sqrt(max(kl_mean, 0.0)), "ppo/beta": beta,
+            **{f"ppo/{k}": float(v if k.endswith("_max") else v / max(tokens_seen, 1)) for k, v in sums.items()},
+            "ppo/updates": updates, "ppo/early_stopped": int(stopped_early), "train/lr": lr,
+            "rollout/length": n_gen / len(scores), "rollout/eos_rate": float(samples.finished.float().mean()),
+            "perf/generate_tokens_per_s": n_gen / max(timing["time/generate"], 1e-9), **timing,
+        }
+        if "critic" in net:
+            metrics["ppo/explained_variance"] = float(rl.explained_variance(rollout.values, rollout.returns, mask))
+            metrics["ppo/value_mean"] = float(masked_mean(rollout.values, mask))
+        if it % cfg.log_steps == 0 or state["step"] == cfg.iterations:
+            tracker.log(state["step"], metrics)
+        if cfg.sample_every and (it % cfg.sample_every == 0 or state["step"] == cfg.iterations):
+            with samples_path.open("a") as f:
+                for k in range(min(4, len(samples.texts))):
+                    f.write(json.dumps({"iteration": state["step"], "prompt": row_prompts[k],
+                                        "response": samples.texts[k], "score": float(raw_scores[k]),
+                                        "finished": bool(samples.finished[k])}) + "\n")
+        bar.update(1)
+        bar.set_postfix(score=f"{metrics['ppo/score']:.3f}", kl=f"{kl_mean:.3f}")
+        if cfg.save_steps and (state["step"] % cfg.save_steps == 0 or state["step"] == cfg.iterations):
+            checkpoint.save(ckpt_root, state["step"], net, optimizer, scheduler, state, accelerator,
+                            cfg.save_total_limit)
+    bar.close()
+
+    # 8. the final policy as a Hugging Face directory
+    final = {**metrics, "train/iterations": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"],
+             "ppo/critic_init": critic_init}
+    models.save_causal_lm(actor, tok, out, merge=cfg.lora and cfg.merge)
+    write_run_json(out, cfg, "ppo", final)
+    tracker.close()
+    return final
