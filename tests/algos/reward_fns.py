@@ -1,10 +1,10 @@
-"""Programmatic rewards for the PPO and best-of-n tests (loaded as tests/algos/reward_fns.py:NAME)."""
+"""Programmatic rewards for the PPO tests (loaded as tests/algos/reward_fns.py:NAME)."""
 
 
-def vowel_fraction(prompts, responses, metadata):
-    """Fraction of a response's letters that are vowels: varies across random samples, so it is learnable."""
+def a_fraction(prompts, responses, metadata):
+    """Fraction of a response's words that are "a": one common token to favour, a dense and learnable signal."""
     out = []
     for r in responses:
-        letters = [c for c in r.lower() if c.isalpha()]
-        out.append(sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0)
+        words = r.split()
+        out.append(sum(w.lower() == "a" for w in words) / len(words) if words else 0.0)
     return out

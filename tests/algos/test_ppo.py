@@ -1,0 +1,155 @@
+"""PPO on a tiny SFT'd model with a programmatic reward: learning per estimator, KL control, ratio = 1, resume."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit import UsageError, models
+from rlhfkit.algos import ppo, reward, sft
+from rlhfkit.core import rl
+from rlhfkit.data import chat
+from rlhfkit.data.collate import collate
+from rlhfkit.tracking import read_metrics
+
+from conftest import rewind
+
+REWARD_FN = str(Path(__file__).parent / "reward_fns.py") + ":a_fraction"
+
+
+@pytest.fixture(scope="module")
+def sft_policy(tmp_path_factory) -> str:
+    """PPO starts from an SFT model, as in the recipe: 40 SFT steps concentrate the random tiny model on
+    common words, so a reward over its samples has something to select from."""
+    from accelerate.state import AcceleratorState
+
+    out = tmp_path_factory.mktemp("sft")
+    sft.train(sft.SFTConfig(model="tiny-llama", output=str(out), max_steps=40, batch_size=8, lr=1e-2,
+                            schedule="constant", warmup_ratio=0.0, dtype="fp32", val_fraction=0.0, max_length=256))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return str(out)
+
+
+def cfg_for(tmp_path: Path, policy: str, **kw) -> ppo.PPOConfig:
+    defaults = dict(policy=policy, reward_fn=REWARD_FN, output=str(tmp_path / "out"), iterations=10,
+                    max_new_tokens=8, dtype="fp32", lr=1e-2, critic_lr=1e-2, rollout_prompts=8, n_samples=4,
+                    missing_eos="none", kl_coef=0.01, minibatch_size=32, seed=1, sample_every=0)
+    defaults.update(kw)
+    return ppo.PPOConfig(**defaults)
+
+
+def logged(run_dir: Path, key: str) -> list[float]:
+    return [m[key] for m in read_metrics(run_dir) if key in m]
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo", "rloo", "reinforce++"])
+def test_each_estimator_raises_the_reward_with_bounded_kl(tmp_path, sft_policy, advantage):
+    critic_free = advantage in ("grpo", "rloo")
+    cfg = cfg_for(tmp_path, sft_policy, advantage=advantage, n_samples=4 if critic_free else 1,
+                  rollout_prompts=8 if critic_free else 32)
+    ppo.train(cfg)
+    scores, kls = logged(tmp_path / "out", "ppo/score"), logged(tmp_path / "out", "ppo/kl")
+    start, end = sum(scores[:2]) / 2, sum(scores[-3:]) / 3
+    assert end > start + 0.5, scores  # seeds 0-2 all went from ≈ 0.06 to ≥ 0.86 when this test was written
+    assert all(math.isfinite(k) for k in kls) and max(kls) < 70, kls  # nats per 8-token response
+
+
+def test_larger_beta_stays_closer_to_the_reference(tmp_path, sft_policy):
+    base = cfg_for(tmp_path, sft_policy, advantage="reinforce++", n_samples=1, rollout_prompts=32, iterations=6)
+    ppo.train(replace(base, output=str(tmp_path / "small"), kl_coef=0.01))
+    ppo.train(replace(base, output=str(tmp_path / "large"), kl_coef=1.0))
+    small, large = logged(tmp_path / "small", "ppo/kl"), logged(tmp_path / "large", "ppo/kl")
+    assert sum(large[-3:]) < 0.5 * sum(small[-3:]), (small, large)
+
+
+def test_ratio_is_one_while_the_weights_have_not_moved(tmp_path, sft_policy):
+    # lr 0: every minibatch of every epoch recomputes the rollout's log-probs in other batch compositions
+    cfg = cfg_for(tmp_path, sft_policy, advantage="gae", n_samples=1, iterations=2, lr=0.0, critic_lr=0.0,
+                  ppo_epochs=2, minibatch_size=3, batch_size=2)
+    ppo.train(cfg)
+    assert max(logged(tmp_path / "out", "ppo/ratio_dev_max")) < 1e-5
+    assert max(abs(c) for c in logged(tmp_path / "out", "ppo/clipfrac")) == 0
+
+
+def test_every_trainable_parameter_of_actor_and_critic_changes(tmp_path, sft_policy):
+    cfg = cfg_for(tmp_path, sft_policy, advantage="gae", n_samples=1, iterations=2, save_steps=2)
+    ppo.train(cfg)
+    before = load_file(Path(sft_policy) / "model.safetensors")
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    assert [k for k in before if torch.equal(before[k], after[k])] == []
+    ckpt = load_file(tmp_path / "out" / "checkpoints" / "step-0000002" / "trainable.safetensors")
+    critic_head = ckpt["critic.model.score.weight"]
+    assert critic_head.abs().sum() > 0  # zero-initialised, then trained
+
+
+def test_resume_two_plus_two_equals_four_bit_exact(tmp_path, sft_policy):
+    straight = cfg_for(tmp_path, sft_policy, output=str(tmp_path / "straight"), advantage="gae", n_samples=1,
+                       iterations=4, rollout_prompts=4, adaptive_kl=True)
+    ppo.train(straight)
+    split = replace(straight, output=str(tmp_path / "split"), save_steps=2)
+    ppo.train(split)
+    rewind(tmp_path / "split", 2)
+    ppo.train(replace(split, resume=True))
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert logged(tmp_path / "split", "ppo/beta")[-2:] == logged(tmp_path / "straight", "ppo/beta")[2:]
+
+
+def test_adaptive_kl_follows_the_controller(tmp_path, sft_policy):
+    cfg = cfg_for(tmp_path, sft_policy, advantage="rloo", iterations=3, adaptive_kl=True, kl_coef=0.1,
+                  kl_target=1.0, kl_horizon=100)
+    ppo.train(cfg)
+    betas, kls = logged(tmp_path / "out", "ppo/beta"), logged(tmp_path / "out", "ppo/kl")
+    for i in range(2):
+        assert betas[i + 1] == pytest.approx(rl.adaptive_kl_coef(betas[i], kls[i], 1.0, 100, 32))
+
+
+def test_ptx_loss_is_the_token_mean_nll_of_transformers(tok, sft_policy):
+    model = models.load_causal_lm(sft_policy, tokenizer=tok).eval()
+    convs = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend."}],
+             [{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "Blue."}]]
+    rows = [chat.tokenize_conversation(tok, c) for c in convs]
+    net = torch.nn.ModuleDict({"actor": models.SelectedLogits(model)})
+    ours = ppo.ptx_loss(net, rows, tok.pad_token_id, "cpu")
+    batch = collate(rows, tok.pad_token_id)
+    labels = batch.input_ids.masked_fill(~batch.loss_mask, -100)
+    theirs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+
+
+def test_ptx_run_logs_its_loss(tmp_path, sft_policy):
+    final = ppo.train(cfg_for(tmp_path, sft_policy, advantage="rloo", iterations=1, ptx_data="sample:conversations",
+                              ptx_coef=0.5))
+    assert 0 < final["ppo/ptx_loss"] < 20
+
+
+def test_lora_reference_is_the_base_with_the_adapter_off(tmp_path, sft_policy):
+    final = ppo.train(cfg_for(tmp_path, sft_policy, advantage="rloo", iterations=2, lora=True, lora_r=4))
+    kls = logged(tmp_path / "out", "ppo/kl")
+    assert kls[0] == 0.0 and kls[1] != 0.0  # the adapter starts as the identity, then moves
+    assert final["train/iterations"] == 2 and (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_reward_model_scores_and_initialises_the_critic(tmp_path, sft_policy):
+    from accelerate.state import AcceleratorState
+
+    rm_cfg = reward.RMConfig(model="tiny-llama", data="sample:pairs", output=str(tmp_path / "rm"), max_steps=2,
+                             batch_size=4, lr=1e-3, val_fraction=0.0, dtype="fp32", max_length=128)
+    reward.train(rm_cfg)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    final = ppo.train(cfg_for(tmp_path, sft_policy, reward_fn=None, reward_model=str(tmp_path / "rm"),
+                              advantage="gae", n_samples=1, iterations=1))
+    assert final["ppo/critic_init"] == "rm" and math.isfinite(final["ppo/score"])
+
+
+@pytest.mark.parametrize("kw,msg", [({"advantage": "grpo", "n_samples": 1}, "--n-samples ≥ 2"),
+                                    ({"reward_fn": None}, "give --reward-model, --reward-fn or both"),
+                                    ({"advantage": "ppo2"}, "expected one of gae, grpo, rloo, reinforce++")])
+def test_config_errors(tmp_path, kw, msg):
+    with pytest.raises(UsageError, match=msg):
+        ppo.train(cfg_for(tmp_path, "tiny-llama", **kw))
