@@ -9,7 +9,7 @@ One run, top to bottom:
 
 `sample` (steps 1–3) is also best-of-n's first step, so best-of-n with n=1 is this command with the same seed.
 
-Outputs and departures from the other commands (docs/sampling.md):
+Outputs and departures from the other commands (docs/algorithms/sampling.md):
 - The output is a file, not a directory, so the run record is written beside it as OUTPUT with the suffix
   `.run.json` (samples.jsonl -> samples.run.json): runs that write into one folder, or into a model directory
   that has its own run.json, never overwrite each other's. There is no training loop, so no metrics.jsonl or

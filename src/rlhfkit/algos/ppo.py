@@ -4,7 +4,7 @@ Papers: Ouyang et al. 2022 (InstructGPT) Eq. 2: objective = E[r(x, y) − β log
 [log π(x)]; Ziegler et al. 2019 (per-token KL reward, adaptive β); Schulman et al. 2017 (clipped surrogate) and
 2016 (GAE); Huang et al. 2024 ("The N+ implementation details of RLHF with PPO"). Critic-free estimators via
 `--advantage`: GRPO (Shao et al. 2024), RLOO (Ahmadian et al. 2024), REINFORCE++ (Hu 2025). Maths: core/rl.py
-and core/losses.py; every detail with its line: docs/ppo.md.
+and core/losses.py; every detail with its line: docs/algorithms/ppo.md.
 
 One iteration, top to bottom:
   1. this iteration's prompts (a seeded permutation per pass over the prompt set)

@@ -18,7 +18,7 @@ One iteration, top to bottom (the same skeleton as sft.py):
   5. log, evaluate, checkpoint
 After the last step: normalise (offset, optional scale), evaluate with calibration, save.
 
-Departures, and why (details in docs/reward.md):
+Departures, and why (details in docs/algorithms/reward.md):
 - The score is read at the last token of the chat template's rendering of prompt + response (for ChatML the
   newline after `<|im_end|>`), exactly where plain `AutoModelForSequenceClassification` pools it; the RM gets a
   pad token the template never writes, so padding can never be mistaken for the pooled token.

@@ -8,7 +8,7 @@
 interface later. Engines return token ids (so PPO can recompute log-probabilities with a forward pass that has the
 training numerics; no engine returns log-probabilities) and decoded text.
 
-Seeding (docs/sampling.md): row (i, j), sample j of prompt i of one `generate` call, draws all of its randomness
+Seeding (docs/algorithms/sampling.md): row (i, j), sample j of prompt i of one `generate` call, draws all of its randomness
 from its own stream seeded with (seed, i, j) (`row_rng`). A sample therefore does not depend on the batch size,
 on which rows share its batch, on how many samples are drawn per prompt, or on any global RNG: sample 0 of
 best-of-n with any n is exactly the sample that n=1 gives with the same seed.
