@@ -454,13 +454,14 @@ def train(cfg: PPOConfig) -> dict:
         # 6. PPO epochs over minibatches
         t0 = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
-        tokens_seen, updates, stopped_early = 0.0, 0, False
+        tokens_seen, train_tokens, updates, stopped_early = 0.0, 0.0, 0, False
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(len(scores), generator=gen)
             for m in range(0, len(perm), cfg.minibatch_size):
                 mb_idx = perm[m:m + cfg.minibatch_size]
                 n_tokens = float(mask[mb_idx].sum().clamp(min=1))
+                train_tokens += float(rollout.attention_mask[mb_idx].sum())  # prompt + response, forward + backward
                 mb_stats: dict[str, torch.Tensor] = {}
                 for u in range(0, len(mb_idx), cfg.batch_size):
                     with accelerator.autocast():
@@ -508,7 +509,8 @@ def train(cfg: PPOConfig) -> dict:
             **{f"ppo/{k}": float(v if k.endswith("_max") else v / max(tokens_seen, 1)) for k, v in sums.items()},
             "ppo/updates": updates, "ppo/early_stopped": int(stopped_early), "train/lr": lr,
             "rollout/length": n_gen / len(scores), "rollout/eos_rate": float(samples.finished.float().mean()),
-            "perf/generate_tokens_per_s": n_gen / max(timing["time/generate"], 1e-9), **timing,
+            "perf/generate_tokens_per_s": n_gen / max(timing["time/generate"], 1e-9),
+            "perf/train_tokens_per_s": train_tokens / max(timing["time/train"], 1e-9), **timing,
         }
         if "critic" in net:
             metrics["ppo/explained_variance"] = float(rl.explained_variance(rollout.values, rollout.returns, mask))
