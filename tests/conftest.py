@@ -32,6 +32,17 @@ def fresh_accelerate_state():
     PartialState._reset_state()
 
 
+@pytest.fixture
+def one_thread():
+    """The tiny model runs faster on one thread than on two that another process is also using."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(*args: str, check: bool = True, timeout: int = 300, env: dict | None = None,
             ) -> subprocess.CompletedProcess:
     """Run `rlhfkit ARGS` in a fresh process (as a user would)."""

@@ -5,6 +5,7 @@ Errors meant for people (RlhfkitError) print one line and exit non-zero, never a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -62,74 +63,35 @@ def _show(piece: str, trained: int, color: bool) -> str:
     return f"\x1b[42;30m{piece}\x1b[0m" if color else f"[[{piece}]]"
 
 
-def _sft(argv):
-    from rlhfkit.algos import sft
-
-    cfg = parse_args(sft.SFTConfig, argv, "rlhfkit sft")
-    final = sft.train(cfg)
-    print(json.dumps(final, default=float))
-
-
-def _rm(argv):
-    from rlhfkit.algos import reward
-
-    cfg = parse_args(reward.RMConfig, argv, "rlhfkit rm")
-    final = reward.train(cfg)
-    print(json.dumps(final, default=float))
-
-
-def _score(argv):
-    from rlhfkit.algos import score
-
-    cfg = parse_args(score.ScoreConfig, argv, "rlhfkit score")
-    final = score.score(cfg)
-    print(json.dumps(final, default=float))
-
-
-def _dpo(argv):
-    from rlhfkit.algos import dpo
-
-    cfg = parse_args(dpo.DPOConfig, argv, "rlhfkit dpo")
-    final = dpo.train(cfg)
-    print(json.dumps(final, default=float))
-
-
-def _generate(argv):
-    from rlhfkit.algos import generate
-
-    cfg = parse_args(generate.GenerateConfig, argv, "rlhfkit generate")
-    final = generate.generate(cfg)
-    print(json.dumps(final, default=float))
-
-
-def _best_of_n(argv):
-    from rlhfkit.algos import best_of_n
-
-    cfg = parse_args(best_of_n.BestOfNConfig, argv, "rlhfkit best-of-n")
-    final = best_of_n.best_of_n(cfg)
-    print(json.dumps(final, default=float))
-
-
-def _ppo(argv):
-    from rlhfkit.algos import ppo
-
-    cfg = parse_args(ppo.PPOConfig, argv, "rlhfkit ppo")
-    final = ppo.train(cfg)
-    print(json.dumps(final, default=float))
-
-
 def _preview(argv):
     preview(parse_args(PreviewConfig, argv, "rlhfkit data preview"))
 
 
+# command -> (module under rlhfkit.algos, its config class, the function that runs it, one line of help)
+ALGORITHMS = {
+    ("sft",): ("sft", "SFTConfig", "train", "supervised fine-tuning; loss on assistant tokens only"),
+    ("rm",): ("reward", "RMConfig", "train", "reward model from pairs or K-way rankings"),
+    ("score",): ("score", "ScoreConfig", "score", "add a reward column to (prompt, response) rows"),
+    ("dpo",): ("dpo", "DPOConfig", "train", "direct preference optimisation (sigmoid, IPO, conservative DPO)"),
+    ("ppo",): ("ppo", "PPOConfig", "train", "RLHF with PPO (gae, grpo, rloo, reinforce++), PPO-ptx"),
+    ("generate",): ("generate", "GenerateConfig", "generate", "batched sampling: n responses per prompt"),
+    ("best-of-n",): ("best_of_n", "BestOfNConfig", "best_of_n",
+                     "rejection sampling: best of n samples by reward; SFT and DPO data out"),
+}
+
+
+def run_algorithm(key: tuple[str, ...], argv: list[str]) -> None:
+    """Import the algorithm lazily (so `rlhfkit --help` stays fast), parse its config, run it, print the result."""
+    import importlib
+
+    module_name, config_name, fn_name, _ = ALGORITHMS[key]
+    module = importlib.import_module(f"rlhfkit.algos.{module_name}")
+    cfg = parse_args(getattr(module, config_name), argv, f"rlhfkit {' '.join(key)}")
+    print(json.dumps(getattr(module, fn_name)(cfg), default=float))
+
+
 COMMANDS = {
-    ("sft",): (_sft, "supervised fine-tuning; loss on assistant tokens only"),
-    ("rm",): (_rm, "reward model from pairs or K-way rankings"),
-    ("score",): (_score, "add a reward column to (prompt, response) rows"),
-    ("dpo",): (_dpo, "direct preference optimisation (sigmoid, IPO, conservative DPO)"),
-    ("generate",): (_generate, "sample n responses per prompt into a JSON Lines file"),
-    ("best-of-n",): (_best_of_n, "rejection sampling: best of n as SFT data, best vs worst as DPO pairs"),
-    ("ppo",): (_ppo, "RLHF with PPO (gae, grpo, rloo, reinforce++), PPO-ptx"),
+    **{key: (functools.partial(run_algorithm, key), doc) for key, (*_, doc) in ALGORITHMS.items()},
     ("data", "preview"): (_preview, "show rendering, tokens and loss masks of a data file"),
 }
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from rlhfkit.algos import generate
 
@@ -16,13 +15,7 @@ PROMPTS = [{"prompt": "How do I make pancakes?"}, {"prompt": "What is 48 divided
            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model runs faster on one thread than on two that another process is also using."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_prompts(tmp_path: Path) -> str:
