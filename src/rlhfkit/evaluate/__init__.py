@@ -1,1 +1,2 @@
-"""Evaluation: reward-model calibration (win rates, Elo and the KL–reward frontier come later)."""
+"""Evaluation: reward-model calibration (calibration.py), win rates, intervals and Monte-Carlo KL (winrates.py);
+Elo is `rlhfkit.losses.elo_ratings`. The `rlhfkit eval` command and the reward–KL frontier come later."""

@@ -1,0 +1,59 @@
+"""Win rates, intervals, the win-rate matrix and the Monte-Carlo KL estimator, against hand-worked values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhfkit.core.losses import elo_ratings
+from rlhfkit.evaluate import winrates
+
+
+def test_ties_count_half():
+    assert winrates.win_rate([1, 0, 0.5, 0.5]) == 0.5
+    assert winrates.win_rate([1, 1, 0.5, 0]) == 0.625
+
+
+def test_wilson_interval_by_hand():
+    # p = 0.5, n = 100, z = 1.96: centre = (0.5 + 1.96²/200)/(1 + 1.96²/100) = 0.5;
+    # half = 1.96·sqrt(0.25/100 + 1.96²/40000)/(1 + 1.96²/100) = 1.96·0.05095/1.03842 ≈ 0.09617
+    lo, hi = winrates.wilson_interval(50, 100)
+    assert lo == pytest.approx(0.5 - 0.096170, abs=1e-5) and hi == pytest.approx(0.5 + 0.096170, abs=1e-5)
+    # all wins: the interval stays inside [0, 1] and excludes 1/2 for n = 20: lo = 1/(1 + 1.96²/20) ≈ 0.8389
+    lo, hi = winrates.wilson_interval(20, 20)
+    assert hi == 1.0 and lo == pytest.approx(1 / (1 + winrates.Z95 ** 2 / 20), abs=1e-9)
+
+
+def test_bootstrap_interval_contains_the_rate_and_shrinks_with_n():
+    small = winrates.bootstrap_interval([1, 0] * 10)
+    large = winrates.bootstrap_interval([1, 0] * 200)
+    assert small[0] < 0.5 < small[1] and large[0] < 0.5 < large[1]
+    assert large[1] - large[0] < small[1] - small[0]
+
+
+def test_win_rate_matrix_is_antisymmetric():
+    games = [("a", "b", 1), ("b", "a", 0), ("a", "b", 0.5), ("a", "c", 1)]
+    m = winrates.win_rate_matrix(games)
+    assert m["a"]["b"]["win_rate"] == pytest.approx(2.5 / 3) and m["b"]["a"]["win_rate"] == pytest.approx(0.5 / 3)
+    assert m["a"]["b"]["n"] == 3 and m["c"]["a"]["win_rate"] == 0
+
+
+def test_elo_with_a_model_that_never_loses_stays_finite_and_ordered():
+    games = [("a", "b", 1)] * 10 + [("b", "c", 1)] * 6 + [("c", "b", 1)] * 4 + [("a", "c", 1)] * 5
+    ratings = elo_ratings(games)
+    assert all(math.isfinite(r) for r in ratings.values())
+    assert ratings["a"] > ratings["b"] > ratings["c"]
+    assert sum(ratings.values()) / 3 == pytest.approx(1000)
+
+
+def test_monte_carlo_kl_matches_the_exact_kl_of_two_categoricals():
+    # π = (0.7, 0.2, 0.1), π_ref = uniform: KL = Σ π log(π/π_ref)
+    p = torch.tensor([0.7, 0.2, 0.1])
+    exact = float((p * (p / (1 / 3)).log()).sum())
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.multinomial(p, 200_000, replacement=True, generator=gen).view(-1, 2)  # 100k sequences of 2
+    logprobs, ref = p.log()[tokens], torch.full(tokens.shape, math.log(1 / 3))
+    kl = winrates.sequence_kl(logprobs, ref, torch.ones_like(logprobs))
+    assert kl.mean().item() == pytest.approx(2 * exact, rel=0.01)  # two independent tokens: twice the KL
