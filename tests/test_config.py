@@ -40,3 +40,9 @@ def test_every_field_is_documented():
     import dataclasses
 
     assert {f.name for f in dataclasses.fields(SFTConfig)} == set(docs)
+
+
+def test_list_options_take_several_values_or_commas():
+    cfg = parse_args(SFTConfig, ["--lora-targets", "q_proj", "v_proj", "--epochs", "2"])
+    assert cfg.lora_targets == ["q_proj", "v_proj"] and cfg.epochs == 2
+    assert parse_args(SFTConfig, ["--lora-targets", "q_proj,k_proj"]).lora_targets == ["q_proj", "k_proj"]

@@ -67,16 +67,18 @@ def _preview(argv):
     preview(parse_args(PreviewConfig, argv, "rlhfkit data preview"))
 
 
-# command -> (module under rlhfkit.algos, its config class, the function that runs it, one line of help)
+# command -> (module under rlhfkit, its config class, the function that runs it, one line of help)
 ALGORITHMS = {
-    ("sft",): ("sft", "SFTConfig", "train", "supervised fine-tuning; loss on assistant tokens only"),
-    ("rm",): ("reward", "RMConfig", "train", "reward model from pairs or K-way rankings"),
-    ("score",): ("score", "ScoreConfig", "score", "add a reward column to (prompt, response) rows"),
-    ("dpo",): ("dpo", "DPOConfig", "train", "direct preference optimisation (sigmoid, IPO, conservative DPO)"),
-    ("ppo",): ("ppo", "PPOConfig", "train", "RLHF with PPO (gae, grpo, rloo, reinforce++), PPO-ptx"),
-    ("generate",): ("generate", "GenerateConfig", "generate", "batched sampling: n responses per prompt"),
-    ("best-of-n",): ("best_of_n", "BestOfNConfig", "best_of_n",
+    ("sft",): ("algos.sft", "SFTConfig", "train", "supervised fine-tuning; loss on assistant tokens only"),
+    ("rm",): ("algos.reward", "RMConfig", "train", "reward model from pairs or K-way rankings"),
+    ("score",): ("algos.score", "ScoreConfig", "score", "add a reward column to (prompt, response) rows"),
+    ("dpo",): ("algos.dpo", "DPOConfig", "train", "direct preference optimisation (sigmoid, IPO, conservative DPO)"),
+    ("ppo",): ("algos.ppo", "PPOConfig", "train", "RLHF with PPO (gae, grpo, rloo, reinforce++), PPO-ptx"),
+    ("generate",): ("algos.generate", "GenerateConfig", "generate", "batched sampling: n responses per prompt"),
+    ("best-of-n",): ("algos.best_of_n", "BestOfNConfig", "best_of_n",
                      "rejection sampling: best of n samples by reward; SFT and DPO data out"),
+    ("eval",): ("evaluate.evaluation", "EvalConfig", "evaluate",
+                "win rates, Elo, mean scores and KL of several models on held-out prompts"),
 }
 
 
@@ -85,7 +87,7 @@ def run_algorithm(key: tuple[str, ...], argv: list[str]) -> None:
     import importlib
 
     module_name, config_name, fn_name, _ = ALGORITHMS[key]
-    module = importlib.import_module(f"rlhfkit.algos.{module_name}")
+    module = importlib.import_module(f"rlhfkit.{module_name}")
     cfg = parse_args(getattr(module, config_name), argv, f"rlhfkit {' '.join(key)}")
     print(json.dumps(getattr(module, fn_name)(cfg), default=float))
 

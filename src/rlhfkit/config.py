@@ -133,8 +133,15 @@ def parse_args(cls: type[C], argv: list[str], prog: str = "rlhfkit") -> C:
         key = key.replace("-", "_")
         if not eq:
             is_flag = hints.get(key) is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+            is_list = typing.get_origin(hints.get(key)) is list
             if is_flag:
                 val = "true"
+            elif is_list and i + 1 < len(argv):  # --models A B C: every value up to the next option
+                items = []
+                while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    i += 1
+                    items.extend(v for v in argv[i].split(",") if v)
+                val = items
             elif i + 1 < len(argv):
                 i += 1
                 val = argv[i]

@@ -177,3 +177,22 @@ def demonstration(task: Task, rng: random.Random) -> str:
     good = POSITIVE if task.params["mood"] == "positive" else NEGATIVE
     a, b = rng.sample(sorted(good), 2)
     return f"The moment felt {a} and {b}."
+
+
+def to_row(task: Task) -> dict:
+    """A prompts-file row that keeps what the gold labeller needs (family, params) beside the prompt."""
+    return {"prompt": task.prompt, "family": task.family, "params": task.params}
+
+
+def from_row(row: dict) -> Task | None:
+    """The task of a prompts-file row written by `to_row`, or None for a row without one."""
+    if "family" not in row or row["family"] not in FAMILIES:
+        return None
+    return Task(row["family"], row["prompt"], dict(row.get("params") or {}))
+
+
+def split(name: str, n: int = 2000, seed: int = 0) -> list[Task]:
+    """The tasks of one split (sft, rm, rl or eval) of the suite of `n` prompts."""
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+    return [t for t in build_suite(n, seed) if split_of(t) == name]

@@ -1,0 +1,216 @@
+"""`rlhfkit eval`: responses of several models on held-out prompts, judged; win rates, Elo, scores and KL.
+
+One run, top to bottom:
+  1. prompts: `sim:SPLIT` (the built-in task's split, with gold-score metadata) or a prompts file
+  2. every model samples one response per prompt (the rollout engine, same seed for every model)
+  3. the judge scores every response: `sim` (the gold score of the built-in task) or `rm:DIR` (a reward model)
+  4. every pair of models meets on every prompt: the higher score wins, equal scores tie
+  5. win-rate matrix with Wilson intervals, Elo (Bradley–Terry maximum likelihood, mean 1000) with bootstrap
+     intervals, mean score (per family for sim prompts), response length, and, with --reference, the
+     Monte-Carlo KL of each model to it on its own samples
+  6. eval.json, eval.md and elo.png in OUTPUT
+
+Not yet: the `db:FILE` judge (human comparisons from the labelling app) and noisy simulated judges.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhfkit import UsageError, models
+from rlhfkit.config import write_run_json
+from rlhfkit.core.lm import sequence_logps, shifted_selection
+from rlhfkit.core.losses import elo_bootstrap, elo_ratings
+from rlhfkit.data import formats, io
+from rlhfkit.evaluate import winrates
+from rlhfkit.rollout import Samples, SamplingParams
+from rlhfkit.rollout.hf import HFEngine
+from rlhfkit.sim import tasks
+
+
+@dataclass
+class EvalConfig:
+    """rlhfkit eval: win rates, Elo, mean scores and KL of several models on held-out prompts."""
+
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    """Models to compare (aliases, Hugging Face directories, .gguf files or hub ids)."""
+    prompts: str = "sim:eval"
+    """sim:SPLIT (the built-in task's split, judged by its gold score) or a prompts file."""
+    judge: str = "sim"
+    """sim (gold score of the built-in task) or rm:DIR (a reward model from `rlhfkit rm`)."""
+    output: str = "runs/eval"
+    """Output directory: eval.json, eval.md, elo.png, run.json."""
+    reference: str | None = None
+    """Model to measure each model's KL against (usually the SFT model)."""
+    limit: int = 0
+    """Use only the first N prompts (0: all)."""
+    max_new_tokens: int = 128
+    """Longest response in tokens."""
+    temperature: float = 0.7
+    """Sampling temperature."""
+    seed: int = 0
+    """Sampling seed (the same for every model) and bootstrap seed."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    dtype: str = "auto"
+    """Compute precision: auto, bf16, fp16 or fp32."""
+    bootstrap: int = 1000
+    """Bootstrap resamples for the Elo intervals."""
+
+
+def load_prompts(cfg: EvalConfig) -> tuple[list[formats.Messages], list[tasks.Task | None]]:
+    if cfg.prompts.startswith("sim:"):
+        suite = tasks.split(cfg.prompts.split(":", 1)[1])
+        rows = [tasks.to_row(t) for t in suite]
+        where = [cfg.prompts] * len(rows)
+    else:
+        raw = io.read_rows(cfg.prompts)
+        rows, where = [r.data for r in raw], [r.where for r in raw]
+    rows, where = (rows[:cfg.limit], where[:cfg.limit]) if cfg.limit else (rows, where)
+    fmt = formats.detect_format([io.Row(r, w) for r, w in zip(rows, where)])
+    prompts = [formats.to_prompt(io.Row(r, w), fmt).messages for r, w in zip(rows, where)]
+    return prompts, [tasks.from_row(r) for r in rows]
+
+
+@torch.no_grad()
+def response_logps(model, samples: Samples, batch_size: int, precision: str) -> torch.Tensor:
+    """log π(y|x) of each sample's response under `model`, (B,): the sequence log-prob of SPEC's notation."""
+    from rlhfkit.rollout.hf import autocast
+
+    net = models.SelectedLogits(model).eval()
+    device = next(model.parameters()).device
+    input_ids, attention_mask = samples.sequences()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    loss_mask = torch.cat([torch.zeros_like(samples.prompt_ids), samples.response_mask], dim=1)
+    out = []
+    for i in range(0, len(input_ids), batch_size):
+        sl = slice(i, i + batch_size)
+        select, targets = shifted_selection(input_ids[sl], loss_mask[sl])
+        with autocast(device, precision):
+            logits = net(input_ids[sl].to(device), attention_mask[sl].to(device), position_ids[sl].to(device),
+                         select.to(device))
+        out.append(sequence_logps(logits, targets.to(device), select.to(device)).cpu())
+    return torch.cat(out)
+
+
+def judge_scores(cfg: EvalConfig, prompts, task_list, texts: list[str], precision: str) -> torch.Tensor:
+    if cfg.judge == "sim":
+        if any(t is None for t in task_list):
+            raise UsageError("--judge sim needs prompts of the built-in task (--prompts sim:eval, or rows with "
+                             "family and params)")
+        return torch.tensor([tasks.gold_score(t, r) for t, r in zip(task_list, texts)], dtype=torch.float64)
+    if cfg.judge.startswith("rm:"):
+        from rlhfkit.rewards import RewardModel
+
+        rm = RewardModel.load(cfg.judge[3:], torch.device("cpu"))
+        return rm.score(prompts, texts, cfg.batch_size, 2048, precision)[0]
+    raise UsageError(f"--judge {cfg.judge!r}: expected sim or rm:DIR (db:FILE is not built yet)")
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    if len(cfg.models) < 1:
+        raise UsageError("--models needs at least one model")
+    precision = models.mixed_precision(cfg.dtype)
+    # 1. prompts
+    prompts, task_list = load_prompts(cfg)
+    params = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    ref = None
+    if cfg.reference:
+        ref = models.load_causal_lm(cfg.reference, tokenizer=models.load_tokenizer(cfg.reference)).eval()
+    per_model: dict[str, dict] = {}
+    scores: dict[str, torch.Tensor] = {}
+    for name in cfg.models:
+        # 2. sample
+        tok = models.load_tokenizer(name)
+        model = models.load_causal_lm(name, tokenizer=tok).eval()
+        samples = HFEngine(model, tok, cfg.batch_size, precision, progress=True).generate(prompts, params)
+        # 3. judge
+        scores[name] = judge_scores(cfg, prompts, task_list, samples.texts, precision)
+        stats = {"mean_score": float(scores[name].mean()),
+                 "mean_length": float(samples.response_lengths.double().mean()),
+                 "finished_rate": float(samples.finished.double().mean())}
+        if task_list[0] is not None:
+            for family in tasks.FAMILIES:
+                idx = [i for i, t in enumerate(task_list) if t is not None and t.family == family]
+                if idx:
+                    stats[f"score/{family}"] = float(scores[name][idx].mean())
+        if ref is not None:
+            kl = response_logps(model, samples, cfg.batch_size, precision) - \
+                response_logps(ref, samples, cfg.batch_size, precision)
+            stats["kl_to_reference"] = float(kl.mean())
+        stats["examples"] = [{"prompt": prompts[i][-1]["content"], "response": samples.texts[i],
+                              "score": float(scores[name][i])} for i in range(min(3, len(prompts)))]
+        per_model[name] = stats
+    # 4. every pair of models on every prompt
+    games = [(a, b, 1.0 if sa > sb else 0.0 if sa < sb else 0.5)
+             for a, b in itertools.combinations(cfg.models, 2)
+             for sa, sb in zip(scores[a].tolist(), scores[b].tolist())]
+    # 5. win rates, Elo
+    result = {"prompts": len(prompts), "judge": cfg.judge, "models": per_model}
+    if games:
+        result["win_rates"] = winrates.win_rate_matrix(games)
+        result["elo"] = elo_ratings(games)
+        result["elo_interval"] = elo_bootstrap(games, n=cfg.bootstrap, seed=cfg.seed)
+    # 6. reports
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    (out / "eval.md").write_text(markdown(result))
+    if "elo" in result:
+        plot_elo(result, out / "elo.png")
+    final = {f"eval/{k}/{m}": v[k] for m, v in per_model.items() for k in ("mean_score", "mean_length")}
+    write_run_json(out, cfg, "eval", final)
+    return final
+
+
+def markdown(result: dict) -> str:
+    names = list(result["models"])
+    lines = [f"# Evaluation: {result['prompts']} prompts, judge {result['judge']}", "",
+             "| model | Elo (95% CI) | mean score | mean length | KL to reference |", "|---|---|---|---|---|"]
+    for m in names:
+        s = result["models"][m]
+        elo = (f"{result['elo'][m]:.0f} ({result['elo_interval'][m][0]:.0f}–{result['elo_interval'][m][1]:.0f})"
+               if "elo" in result else "—")
+        kl = f"{s['kl_to_reference']:.2f}" if "kl_to_reference" in s else "—"
+        lines.append(f"| {m} | {elo} | {s['mean_score']:.3f} | {s['mean_length']:.1f} | {kl} |")
+    if "win_rates" in result:
+        lines += ["", "Win rate of the row model against the column model (95% Wilson interval):", "",
+                  "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for a in names:
+            cells = [f"{result['win_rates'][a][b]['win_rate']:.2f} ({result['win_rates'][a][b]['lo']:.2f}–"
+                     f"{result['win_rates'][a][b]['hi']:.2f})" if b in result["win_rates"].get(a, {}) else "—"
+                     for b in names]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    families = [k for k in result["models"][names[0]] if k.startswith("score/")]
+    if families:
+        lines += ["", "Mean gold score per prompt family (helpful vs harmful):", "",
+                  "| model | " + " | ".join(f.split("/")[1] for f in families) + " |",
+                  "|---" * (len(families) + 1) + "|"]
+        for m in names:
+            lines.append(f"| {m} | " + " | ".join(f"{result['models'][m][f]:.3f}" for f in families) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_elo(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["elo"])
+    elo = [result["elo"][m] for m in names]
+    err = [[e - result["elo_interval"][m][0] for m, e in zip(names, elo)],
+           [result["elo_interval"][m][1] - e for m, e in zip(names, elo)]]
+    fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(names)), 3.5))
+    ax.bar(range(len(names)), elo, yerr=err, capsize=4, color="#4c72b0")
+    ax.set_xticks(range(len(names)), [Path(n).name or n for n in names], rotation=20, ha="right")
+    ax.axhline(1000, color="grey", lw=0.8)
+    ax.set_ylabel("Elo (95% bootstrap interval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,42 @@
+"""`rlhfkit eval` end to end on two tiny models, judged by the built-in task's gold score."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhfkit import models
+from rlhfkit.sim import tasks
+
+from conftest import run_cli
+
+
+def test_eval_writes_win_rates_elo_scores_and_kl(tmp_path, tok):
+    dirs = []
+    for seed in (0, 1):
+        d = tmp_path / f"m{seed}"
+        models.load_causal_lm("tiny-llama", seed=seed, tokenizer=tok).save_pretrained(d)
+        tok.save_pretrained(d)
+        dirs.append(str(d))
+    out = tmp_path / "eval"
+    run_cli("eval", "--models", *dirs, "--prompts", "sim:eval", "--limit", "12", "--max-new-tokens", "6",
+            "--reference", dirs[0], "--output", str(out), "--dtype", "fp32", "--bootstrap", "100")
+    result = json.loads((out / "eval.json").read_text())
+    a, b = dirs
+    assert result["prompts"] == 12
+    wr = result["win_rates"]
+    assert wr[a][b]["win_rate"] + wr[b][a]["win_rate"] == pytest.approx(1.0) and wr[a][b]["n"] == 12
+    assert sum(result["elo"].values()) / 2 == pytest.approx(1000)
+    assert result["models"][a]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # a model against itself
+    assert result["models"][b]["kl_to_reference"] != 0
+    eval_tasks = tasks.split("eval")[:12]
+    families = {f"score/{t.family}" for t in eval_tasks}
+    assert families <= set(result["models"][a])
+    assert (out / "elo.png").is_file() and "| model | Elo" in (out / "eval.md").read_text()
+
+
+def test_sim_judge_needs_task_prompts(tmp_path):
+    proc = run_cli("eval", "--models", "tiny-llama", "--prompts", "sample:prompts", "--judge", "sim",
+                   "--output", str(tmp_path / "e"), "--limit", "2", "--max-new-tokens", "2", check=False)
+    assert proc.returncode != 0 and "--judge sim needs prompts of the built-in task" in proc.stderr
