@@ -143,8 +143,12 @@ def test_reward_model_scores_and_initialises_the_critic(tmp_path, sft_policy):
     reward.train(rm_cfg)
     AcceleratorState._reset_state(reset_partial_state=True)
     final = ppo.train(cfg_for(tmp_path, sft_policy, reward_fn=None, reward_model=str(tmp_path / "rm"),
-                              advantage="gae", n_samples=1, iterations=1))
+                              advantage="gae", n_samples=1, iterations=1,
+                              monitor=["rm:" + str(tmp_path / "rm"), REWARD_FN]))
     assert final["ppo/critic_init"] == "rm" and math.isfinite(final["ppo/score"])
+    # monitors are logged, not optimised: the same RM as monitor reads the same score; the function its own
+    assert final["monitor/rm_rm"] == pytest.approx(final["ppo/score"], abs=1e-5)
+    assert 0 <= final["monitor/a_fraction"] <= 1
 
 
 @pytest.mark.parametrize("kw,msg", [({"advantage": "grpo", "n_samples": 1}, "--n-samples ≥ 2"),

@@ -11,7 +11,9 @@ import torch
 from rlhfkit import UsageError, models
 from rlhfkit.data import chat
 from rlhfkit.rollout import SamplingParams
-from rlhfkit.rollout.hf import HFEngine, sample_tokens
+import numpy as np
+
+from rlhfkit.rollout.hf import HFEngine, sample_tokens, sample_tokens_topk, tempered
 
 # three prompts of different lengths, so a batch of them is left-padded
 PROMPTS = [
@@ -103,7 +105,8 @@ def test_greedy_equals_argmax_of_uncached_unpadded_forward_passes(policy, tok):
 class ScriptedLM(torch.nn.Module):
     """A stand-in causal LM that emits a fixed script per row, chosen by the row's prompt length: its logits put
     all the mass on the script's next token, so no sampling noise can change it. Like a real KV cache, its state
-    rides in past_key_values, which the engine hands back on the next call."""
+    rides in past_key_values, which the engine hands back on the next call, and rows leave it through
+    `batch_select_indices` as they do a transformers Cache."""
 
     def __init__(self, scripts: dict[int, list[int]], vocab_size: int):
         super().__init__()
@@ -113,13 +116,21 @@ class ScriptedLM(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True,
                 logits_to_keep=0):
         if past_key_values is None:
-            past_key_values = {"scripts": [self.scripts[int(n)] for n in attention_mask.sum(-1)], "step": 0}
-        step = past_key_values["step"]
+            past_key_values = ScriptCache([self.scripts[int(n)] for n in attention_mask.sum(-1)])
+        assert len(input_ids) == len(past_key_values.scripts)
         logits = torch.full((len(input_ids), 1, self.vocab_size), -1e9)
-        for row, script in enumerate(past_key_values["scripts"]):
-            logits[row, 0, script[min(step, len(script) - 1)]] = 0.0
-        past_key_values["step"] += 1
+        for row, script in enumerate(past_key_values.scripts):
+            logits[row, 0, script[min(past_key_values.step, len(script) - 1)]] = 0.0
+        past_key_values.step += 1
         return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+
+
+class ScriptCache:
+    def __init__(self, scripts: list[list[int]]):
+        self.scripts, self.step = scripts, 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.scripts = [self.scripts[i] for i in indices.tolist()]
 
 
 def test_stops_at_end_of_turn_or_eos_and_flags_rows_cut_at_max_new_tokens(tok):
@@ -185,6 +196,23 @@ def test_sample_tokens_draws_from_the_tempered_nucleus(temperature, top_p, want)
     tokens = sample_tokens(logits, -torch.log(-torch.log(u)), temperature, top_p)
     freq = torch.bincount(tokens, minlength=3).double() / draws
     assert freq.tolist() == pytest.approx(want, abs=0.01)  # ~4 standard errors
+
+
+@pytest.mark.parametrize("temperature,top_p,k", [(1.0, 1.0, 3), (0.7, 1.0, 1), (1.0, 0.9, 3), (1.5, 1.0, 20)])
+def test_topk_sampler_draws_from_the_same_distribution_as_full_gumbel_max(temperature, top_p, k):
+    """k + 1 draws per row, the tail drawn as one Gumbel: the frequencies match softmax over the nucleus, also for
+    tokens outside the k candidates (k = 1 sends a third of the draws through the tail path)."""
+    draws = 30_000
+    logits = torch.log(torch.tensor([0.30, 0.20, 0.12, 0.10, 0.08, 0.07, 0.05, 0.04, 0.03, 0.01])).expand(draws, 10)
+    rngs = [np.random.default_rng([7, i]) for i in range(draws)]
+    tokens = sample_tokens_topk(logits, rngs, temperature, top_p, k=k)
+    freq = torch.bincount(tokens, minlength=10).double() / draws
+    want = tempered(logits[:1], temperature, top_p).softmax(-1)[0].double()
+    assert freq.tolist() == pytest.approx(want.tolist(), abs=0.012)  # ~4 standard errors at p = 0.3
+    # per-row streams: the same rows give the same tokens
+    again = sample_tokens_topk(logits[:50], [np.random.default_rng([7, i]) for i in range(50)], temperature, top_p,
+                               k=k)
+    assert torch.equal(again, tokens[:50])
 
 
 @pytest.mark.parametrize("bad", [dict(n=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5),

@@ -95,3 +95,13 @@ def test_rankings_are_valid_and_a_careful_labeller_ranks_by_gold():
         r = lab.rank(task, responses, random.Random(2))
         flat = [i for g in r for i in (g if isinstance(g, list) else [g])]
         assert sorted(flat) == [0, 1, 2, 3]
+
+
+def test_gold_reward_reads_the_task_from_prompt_rows():
+    suite = tasks.build_suite(50, seed=3)
+    rows = [tasks.to_row(t) for t in suite]
+    responses = [tasks.demonstration(t, random.Random(i)) for i, t in enumerate(suite)]
+    got = tasks.gold_reward([[{"role": "user", "content": t.prompt}] for t in suite], responses, rows)
+    assert got == [tasks.gold_score(t, r) for t, r in zip(suite, responses)]
+    with pytest.raises(ValueError, match="response 0: its prompt row has no built-in task"):
+        tasks.gold_reward([[]], ["hi"], [{"prompt": "hi"}])

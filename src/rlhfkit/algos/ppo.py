@@ -14,7 +14,8 @@ One iteration, top to bottom:
   5. rewards and advantages: per-token −β·KL plus the score on the last token, then GAE / GRPO / RLOO / REINFORCE++
   6. PPO epochs over minibatches: clipped surrogate (+ clipped value loss, + entropy bonus, + GRPO's KL term,
      + the PPO-ptx pre-training loss), clipping, optimizer step; optional early stop on approximate KL
-  7. adaptive β, logs (per phase timings), sample table, checkpoint
+  7. adaptive β, logs (per phase timings, --monitor scores such as a held-out RM or the gold score), sample
+     table, checkpoint
 
 Departures, and why:
 - Dropout is off in every model (all run in eval mode; ALGORITHMS.md).
@@ -29,7 +30,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -110,7 +112,9 @@ class PPOConfig(RunConfig):
     minibatch_size: int = 8
     """Rows per optimizer step."""
     batch_size: int = 8
-    """Rows per forward pass (micro-batch); also the generation batch."""
+    """Rows per forward pass (micro-batch) in training and log-prob passes."""
+    generate_batch_size: int = 64
+    """Rows decoded together when sampling (wider batches use the CPU's matmul units better)."""
     clip_eps: float = 0.2
     """PPO ratio clip ε."""
     value_clip: float = 0.2
@@ -143,6 +147,9 @@ class PPOConfig(RunConfig):
     """Sequences per reward-model forward."""
     sample_every: int = 5
     """Write a few prompts/responses/scores to samples.jsonl every N iterations."""
+    monitor: list[str] = field(default_factory=list)
+    """Scores logged each iteration but never optimised, as monitor/NAME: rm:DIR (e.g. a reward model trained on
+    held-out comparisons) or module:function (e.g. rlhfkit.sim.tasks:gold_reward, the built-in task's gold score)."""
 
 
 # --- models -------------------------------------------------------------------------------------------------
@@ -339,6 +346,27 @@ def load_ptx(cfg: PPOConfig, tok):
     return examples
 
 
+def load_monitors(cfg: PPOConfig, device) -> dict[str, Callable]:
+    """NAME -> fn(prompts, responses, metadata) -> (N,) scores, for --monitor (logged, never optimised)."""
+    monitors: dict[str, Callable] = {}
+    for spec in cfg.monitor:
+        if spec.startswith("rm:"):
+            rm = RewardModel.load(spec[3:], device)
+            name = "rm_" + Path(spec[3:]).name
+
+            def score(prompts, responses, metadata, rm=rm):
+                return rm.score(prompts, responses, cfg.rm_batch_size, cfg.max_length + cfg.max_new_tokens,
+                                models.mixed_precision(cfg.dtype))[0]
+        else:
+            fn = load_reward_fn(spec)
+            name = spec.rpartition(":")[2]
+
+            def score(prompts, responses, metadata, fn=fn, spec=spec):
+                return call_reward_fn(fn, spec, prompts, responses, metadata)
+        monitors[name] = score
+    return monitors
+
+
 def check(cfg: PPOConfig) -> None:
     if cfg.advantage not in ADVANTAGES:
         raise UsageError(f"--advantage {cfg.advantage!r}: expected one of {', '.join(ADVANTAGES)}")
@@ -382,7 +410,8 @@ def train(cfg: PPOConfig) -> dict:
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
     prompts, metadata = load_prompts(cfg)
     ptx_rows = load_ptx(cfg, tok)
-    engine = HFEngine(actor, tok, batch_size=cfg.batch_size, precision=precision)
+    engine = HFEngine(actor, tok, batch_size=cfg.generate_batch_size, precision=precision)
+    monitors = load_monitors(cfg, device)
 
     groups = [{"params": [p for p in net["actor"].parameters() if p.requires_grad], "lr": cfg.lr}]
     if "critic" in net:
@@ -421,11 +450,13 @@ def train(cfg: PPOConfig) -> dict:
         if reward_model is not None:
             scores += reward_model.score(row_prompts, samples.texts, cfg.rm_batch_size,
                                          cfg.max_length + cfg.max_new_tokens, precision)[0]
+        row_meta = [metadata[idx[i]] for i in samples.prompt_index.tolist()]
         if reward_fn is not None:
-            row_meta = [metadata[idx[i]] for i in samples.prompt_index.tolist()]
             scores += call_reward_fn(reward_fn, cfg.reward_fn, row_prompts, samples.texts, row_meta)
         raw_scores = scores.float()
         scores = apply_score_rules(raw_scores, samples.finished, cfg).to(device)
+        monitored = {f"monitor/{name}": float(fn(row_prompts, samples.texts, row_meta).mean())
+                     for name, fn in monitors.items()}
         timing["time/score"] = time.perf_counter() - t0
         # 4. old log-probs, reference log-probs and values, with the training forward's numerics
         input_ids, attention_mask = samples.sequences()
@@ -504,7 +535,7 @@ def train(cfg: PPOConfig) -> dict:
         state["episodes"] += len(scores)
         n_gen = float(mask.sum())
         metrics = {
-            "ppo/score": float(raw_scores.mean()), "ppo/score_after_rules": float(scores.mean()),
+            "ppo/score": float(raw_scores.mean()), "ppo/score_after_rules": float(scores.mean()), **monitored,
             "ppo/kl": kl_mean, "ppo/sqrt_kl": math.sqrt(max(kl_mean, 0.0)), "ppo/beta": beta,
             **{f"ppo/{k}": float(v if k.endswith("_max") else v / max(tokens_seen, 1)) for k, v in sums.items()},
             "ppo/updates": updates, "ppo/early_stopped": int(stopped_early), "train/lr": lr,

@@ -4,9 +4,14 @@ One `generate` call, top to bottom:
   1. render every prompt through the chat template with the generation prompt, and encode it
   2. expand to rows (prompt i, sample j), each with its own random stream seeded by (seed, i, j)
   3. batch rows of similar prompt length (less padding; per-row streams keep the grouping out of the result)
-  4. per batch: left-pad, prefill the KV cache, then decode one token per step (Gumbel-max with the row's own
-     noise, after temperature and top-p) until every row has stopped or max_new_tokens is reached
+  4. per batch: left-pad, prefill the KV cache (once per distinct prompt), then decode one token per step (Gumbel-max with the row's own
+     noise, after temperature and top-p) until every row has stopped or max_new_tokens is reached; rows that
+     have stopped leave the batch (and the KV cache), so the last long answers do not drag finished rows along
   5. put the rows back in prompt-major order as one `Samples`
+
+Speed on the CPU: with bf16 autocast every forward pass casts every fp32 weight to bf16 again, which for one
+decoded token costs about as much as the matmuls; so under bf16 on the CPU the engine samples from a bf16 copy
+of the model made once per `generate` call (weights change between PPO iterations, not within a call).
 
 Sampling is done here, not by `model.generate`: transformers' samplers draw from one RNG for the whole batch, so a
 row's sample would depend on its batch neighbours. Top-p keeps the smallest set of most likely tokens whose
@@ -17,6 +22,7 @@ returned: PPO recomputes them with its training forward pass (issue 4), so its f
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterable
 
 import numpy as np
@@ -37,6 +43,17 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
+def tempered(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """(B, V) logits / T, with −inf outside the top-p nucleus."""
+    logits = logits.float() / temperature
+    if top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before the token already reaches p
+        logits = logits.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf"))
+    return logits
+
+
 def sample_tokens(logits: torch.Tensor, gumbel: torch.Tensor | None, temperature: float, top_p: float
                   ) -> torch.Tensor:
     """One token per row. logits (B, V), gumbel (B, V) standard Gumbel noise (None when greedy) -> tokens (B,) long.
@@ -45,22 +62,49 @@ def sample_tokens(logits: torch.Tensor, gumbel: torch.Tensor | None, temperature
     stream, so the draw does not depend on the batch; and a tiny change of the logits (a different padding width
     or batch) changes the draw only if the two best perturbed scores are that close, which is rare, whereas an
     inverse-CDF draw moves whenever the float32 CDF over the vocabulary shifts by a token's width.
+    This is the definition; the engine uses `sample_tokens_topk`, which draws from the same distribution.
     """
-    logits = logits.float()
     if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before the token already reaches p
-        logits = logits.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf"))
-    return (logits + gumbel.to(logits)).argmax(-1)
+        return logits.float().argmax(-1)
+    return (tempered(logits, temperature, top_p) + gumbel.to(torch.float32)).argmax(-1)
 
 
-def gumbel_noise(rngs: list[np.random.Generator], vocab_size: int) -> torch.Tensor:
-    """(B, V) standard Gumbel noise, row b from its own stream, drawn on the CPU (the same on every device)."""
-    u = torch.from_numpy(np.stack([rng.random(vocab_size, dtype=np.float32) for rng in rngs]))
+TOP_K = 64  # candidates that get their own Gumbel noise in `sample_tokens_topk`
+
+
+def sample_tokens_topk(logits: torch.Tensor, rngs: list[np.random.Generator], temperature: float, top_p: float,
+                       k: int = TOP_K) -> torch.Tensor:
+    """`sample_tokens`' distribution with k + 1 Gumbel draws per row instead of V (49,152 for SmolLM2).
+
+    The k most likely tokens get their own noise; the other V − k compete as one: the maximum of s_i + g_i over a
+    set of tokens is Gumbel with location logsumexp(s) over the set, and which token attains it is independent of
+    that maximum, distributed as softmax(s) over the set. So: if the tail's maximum, logsumexp(tail) + g, beats
+    the best candidate, the token is drawn from the tail by full Gumbel-max (rare when k covers most of the mass);
+    otherwise it is the best candidate. Exact, and per-row deterministic like `sample_tokens`.
+    logits (B, V) -> tokens (B,) long.
+    """
+    if temperature == 0:
+        return logits.float().argmax(-1)
+    scores = tempered(logits, temperature, top_p)  # (B, V)
+    k = min(k, scores.shape[-1])
+    top, top_idx = scores.topk(k, dim=-1)  # (B, k)
+    lse = scores.logsumexp(-1, keepdim=True)  # (B, 1)
+    tail_mass = (1 - (top - lse).exp().sum(-1)).clamp(min=0)  # (B,) probability outside the candidates
+    tail_lse = lse.squeeze(-1) + tail_mass.log()  # −inf when the candidates hold all the mass
+    noise = gumbel_noise(rngs, k + 1)  # (B, k + 1)
+    cand = top + noise[:, :k]
+    best = cand.argmax(-1)  # (B,)
+    tokens = top_idx.gather(1, best[:, None]).squeeze(1)
+    tail_wins = (tail_lse + noise[:, k] > cand.max(-1).values).nonzero().squeeze(1).tolist()
+    for b in tail_wins:
+        row = scores[b].scatter(0, top_idx[b], float("-inf"))  # the tail only
+        tokens[b] = (row + gumbel_noise([rngs[b]], row.shape[-1])[0]).argmax()
+    return tokens
+
+
+def gumbel_noise(rngs: list[np.random.Generator], width: int) -> torch.Tensor:
+    """(B, width) standard Gumbel noise, row b from its own stream, drawn on the CPU (the same on every device)."""
+    u = torch.from_numpy(np.stack([rng.random(width, dtype=np.float32) for rng in rngs]))
     return -torch.log(-torch.log(u))  # u = 0 gives −inf: never chosen
 
 
@@ -113,12 +157,13 @@ class HFEngine:
         bar = tqdm(total=len(rows), disable=not self.progress, desc="generate", unit="seq", dynamic_ncols=True)
         was_training = self.model.training
         self.model.eval()
+        model = self._sampling_model()
         try:
             for b in range(0, len(order), self.batch_size):
                 idx = order[b:b + self.batch_size]
                 # 4. one batch: prefill + decode
                 rngs = [row_rng(params.seed, *rows[r]) for r in idx]
-                out, done = self._generate_batch([encoded[rows[r][0]] for r in idx], rngs, params)
+                out, done = self._generate_batch(model, [encoded[rows[r][0]] for r in idx], rngs, params)
                 for r, ids, stopped in zip(idx, out, done):
                     responses[r], finished[r] = ids, stopped
                 bar.update(len(idx))
@@ -128,35 +173,55 @@ class HFEngine:
         # 5. prompt-major tensors and text
         return self._assemble(encoded, rows, responses, finished, params.n)
 
-    @torch.no_grad()
-    def _generate_batch(self, prompts: list[list[int]], rngs: list[np.random.Generator], params: SamplingParams
-                        ) -> tuple[list[list[int]], list[bool]]:
-        """Sampled tokens of each row (up to and including its stop token) and whether it stopped."""
+    def _sampling_model(self):
+        """The model to sample from: a bf16 copy under bf16 on the CPU (see the module docstring), else itself."""
         device = next(self.model.parameters()).device
-        ids, mask = pad_left(prompts, self.pad_id)  # (B, P)
+        if self.precision != "bf16" or device.type != "cpu":
+            return self.model
+        return copy.deepcopy(self.model).to(torch.bfloat16).eval()
+
+    @torch.no_grad()
+    def _generate_batch(self, model, prompts: list[list[int]], rngs: list[np.random.Generator],
+                        params: SamplingParams) -> tuple[list[list[int]], list[bool]]:
+        """Sampled tokens of each row (up to and including its stop token) and whether it stopped."""
+        device = next(model.parameters()).device
+        # rows of the same prompt (n > 1) share one prefill: encode each distinct prompt once, then copy its cache
+        distinct: dict[tuple[int, ...], int] = {}
+        row_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts])  # (B,)
+        ids, mask = pad_left([list(p) for p in distinct], self.pad_id)  # (U, P)
         ids, mask = ids.to(device), mask.to(device)
         stop_ids = self.stop_ids.to(device)
         # positions count real tokens only, so a row's left padding does not shift its positions
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # (B,)
-        steps = []
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, P)
+        tokens = torch.full((len(prompts), params.max_new_tokens), self.pad_id, dtype=torch.long)  # (B, K)
+        active = torch.arange(len(prompts))  # (A,) rows still decoding, in batch order
+        steps = 0
         with autocast(device, self.precision):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+            cache, logits = out.past_key_values, out.logits[:, -1].float()  # (U, V)
+            if len(distinct) < len(prompts):
+                cache.batch_select_indices(row_of.to(device))
+            logits, mask, positions = logits[row_of.to(device)], mask[row_of.to(device)], positions[row_of.to(device)]
+            done = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # (A,)
             for t in range(params.max_new_tokens):
-                logits = out.logits[:, -1].float()  # (B, V)
-                noise = gumbel_noise(rngs, logits.shape[-1]) if params.temperature > 0 else None
-                token = sample_tokens(logits, noise, params.temperature, params.top_p)
-                token = torch.where(done, self.pad_id, token)  # (B,)
-                steps.append(token)
+                token = sample_tokens_topk(logits.cpu(), [rngs[r] for r in active.tolist()], params.temperature,
+                                           params.top_p).to(device)  # (A,)
+                token = torch.where(done, self.pad_id, token)
+                tokens[active, t] = token.cpu()
+                steps = t + 1
                 done = done | torch.isin(token, stop_ids)
                 if bool(done.all()) or t == params.max_new_tokens - 1:
                     break
+                if int(done.sum()) * 8 >= len(done):  # an eighth has stopped: they leave the batch and the cache
+                    keep = (~done).nonzero().squeeze(1)
+                    cache.batch_select_indices(keep)
+                    active, token, mask, positions = active[keep.cpu()], token[keep], mask[keep], positions[keep]
+                    done = done[keep]
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 positions = positions[:, -1:] + 1
-                out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                                 past_key_values=out.past_key_values, use_cache=True)
-        tokens = torch.stack(steps, dim=1).cpu()  # (B, K')
+                logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                               past_key_values=cache, use_cache=True).logits[:, -1].float()  # (A, V)
+        tokens = tokens[:, :steps]  # (B, K')
         is_stop = torch.isin(tokens, self.stop_ids)
         responses, stopped = [], []
         for row, stops in zip(tokens.tolist(), is_stop):

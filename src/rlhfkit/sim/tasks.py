@@ -191,6 +191,18 @@ def from_row(row: dict) -> Task | None:
     return Task(row["family"], row["prompt"], dict(row.get("params") or {}))
 
 
+def gold_reward(prompts: list, responses: list[str], metadata: list[dict]) -> list[float]:
+    """The gold score as a `--reward-fn`/`--monitor` function: metadata are prompt rows written by `to_row`."""
+    out = []
+    for k, (response, row) in enumerate(zip(responses, metadata)):
+        task = from_row(row)
+        if task is None:
+            raise ValueError(f"response {k}: its prompt row has no built-in task (family, params); write prompts "
+                             "with rlhfkit.sim.tasks.to_row")
+        out.append(gold_score(task, response))
+    return out
+
+
 def split(name: str, n: int = 2000, seed: int = 0) -> list[Task]:
     """The tasks of one split (sft, rm, rl or eval) of the suite of `n` prompts."""
     if name not in SPLITS:
