@@ -10,6 +10,7 @@ import torch
 
 from rlhfkit.core.losses import (
     best_of_n_kl,
+    best_of_n_value,
     dpo_loss,
     elo_bootstrap,
     elo_ratings,
@@ -271,3 +272,27 @@ def test_best_of_n_kl():
     """log 16 − 15/16 = 2.7726 − 0.9375 ≈ 1.8351; n = 1 is the policy itself, KL 0."""
     assert best_of_n_kl(16) == pytest.approx(1.8351, abs=1e-4)
     assert best_of_n_kl(1) == 0.0
+
+
+def test_best_of_n_value_hand_worked():
+    """N = 3 samples with proxies (0.1, 0.9, 0.5) and values (10, 30, 20). Sorted by proxy: values (10, 20, 30).
+    n = 1: the mean, 20. n = 2: subsets {10,20} {10,30} {20,30} have best-by-proxy 20, 30, 30 -> 80/3; the
+    weights C(i−1, 1)/C(3, 2) are (0, 1/3, 2/3): 20/3 + 60/3. n = 3: the top-proxy sample, 30."""
+    proxy = torch.tensor([[0.1, 0.9, 0.5]])
+    value = torch.tensor([[10.0, 30.0, 20.0]])
+    assert best_of_n_value(proxy, value, 1).tolist() == pytest.approx([20.0])
+    assert best_of_n_value(proxy, value, 2).tolist() == pytest.approx([80 / 3])
+    assert best_of_n_value(proxy, value, 3).tolist() == pytest.approx([30.0])
+    with pytest.raises(ValueError):
+        best_of_n_value(proxy, value, 4)
+
+
+def test_best_of_n_value_matches_enumerating_every_subset():
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    proxy, value = torch.rand(4, 7, generator=g), torch.randn(4, 7, generator=g)
+    for n in (1, 3, 5):
+        want = [sum(value[p, max(c, key=lambda k: proxy[p, k])].item() for c in itertools.combinations(range(7), n))
+                / math.comb(7, n) for p in range(4)]
+        assert best_of_n_value(proxy, value, n).tolist() == pytest.approx(want)

@@ -40,3 +40,29 @@ def test_sim_judge_needs_task_prompts(tmp_path):
     proc = run_cli("eval", "--models", "tiny-llama", "--prompts", "sample:prompts", "--judge", "sim",
                    "--output", str(tmp_path / "e"), "--limit", "2", "--max-new-tokens", "2", check=False)
     assert proc.returncode != 0 and "--judge sim needs prompts of the built-in task" in proc.stderr
+
+
+def test_responses_file_is_judged_like_a_model_and_labels_name_models(tmp_path):
+    """A responses file holding the gold demonstrations beats a random tiny model on nearly every prompt."""
+    import random
+
+    suite = tasks.split("eval")[:10]
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t.prompt},
+                                                      {"role": "assistant",
+                                                       "content": tasks.demonstration(t, random.Random(0))}]}) + "\n"
+                             for t in suite))
+    out = tmp_path / "eval"
+    run_cli("eval", "--models", "tiny-llama", f"responses:{demos}", "--labels", "random", "demos",
+            "--prompts", "sim:eval", "--limit", "10", "--max-new-tokens", "4", "--output", str(out),
+            "--dtype", "fp32", "--bootstrap", "50")
+    result = json.loads((out / "eval.json").read_text())
+    assert set(result["models"]) == {"random", "demos"}
+    gold = [tasks.gold_score(t, tasks.demonstration(t, random.Random(0))) for t in suite]
+    assert result["models"]["demos"]["mean_score"] == pytest.approx(sum(gold) / len(gold))
+    assert result["win_rates"]["demos"]["random"]["win_rate"] > 0.8
+    short = tmp_path / "short.jsonl"
+    short.write_text(demos.read_text().splitlines()[0] + "\n")
+    proc = run_cli("eval", "--models", f"responses:{short}", "--prompts", "sim:eval", "--limit", "10",
+                   "--output", str(tmp_path / "e2"), check=False)
+    assert proc.returncode != 0 and "has no response for 9 of the 10 prompts" in proc.stderr

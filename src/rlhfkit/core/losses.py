@@ -223,6 +223,27 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+def best_of_n_value(proxy: Tensor, value: Tensor, n: int) -> Tensor:
+    """E[value of the sample with the highest proxy among n drawn without replacement from N], per prompt.
+
+    proxy, value: (P, N) scores of N samples per prompt (e.g. reward model and gold score) -> (P,). The unbiased
+    estimator of Gao et al. 2022 (App. of "Scaling laws for reward model overoptimization"): sort by proxy; the
+    sample of rank i (1-based, ascending) is the best of a random n-subset with probability C(i−1, n−1) / C(N, n).
+    Using every subset at once, rather than the first n samples, gives the curve for every n ≤ N with far less
+    noise. Proxy ties are broken by position.
+    """
+    N = proxy.shape[-1]
+    if not 1 <= n <= N:
+        raise ValueError(f"n must be in 1..{N}, got {n}")
+    order = proxy.argsort(dim=-1, stable=True)
+    ranks = torch.arange(1, N + 1, dtype=torch.float64)
+    # C(i−1, n−1) / C(N, n) via log-gamma; zero where i − 1 < n − 1
+    log_w = torch.lgamma(ranks) - torch.lgamma(torch.tensor(float(n))) - torch.lgamma(ranks - n + 1) \
+        - (math.lgamma(N + 1) - math.lgamma(n + 1) - math.lgamma(N - n + 1))
+    weights = torch.where(ranks >= n, log_w.exp(), torch.zeros_like(ranks))
+    return (value.double().gather(-1, order) * weights).sum(-1)
+
+
 def _strongly_connected(beats: Tensor) -> bool:
     # Zermelo/Ford: the BT maximum exists iff every player can be reached from every other along "beat"
     # edges. Transitive closure by repeated squaring of the boolean reachability matrix.

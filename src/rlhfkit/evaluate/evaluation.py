@@ -2,7 +2,8 @@
 
 One run, top to bottom:
   1. prompts: `sim:SPLIT` (the built-in task's split, with gold-score metadata) or a prompts file
-  2. every model samples one response per prompt (the rollout engine, same seed for every model)
+  2. every model samples one response per prompt (the rollout engine, same seed for every model); a
+     responses:FILE entry brings its own responses (best-of-n, another system), matched by prompt
   3. the judge scores every response: `sim` (the gold score of the built-in task) or `rm:DIR` (a reward model)
   4. every pair of models meets on every prompt: the higher score wins, equal scores tie
   5. win-rate matrix with Wilson intervals, Elo (Bradley–Terry maximum likelihood, mean 1000) with bootstrap
@@ -38,7 +39,10 @@ class EvalConfig:
     """rlhfkit eval: win rates, Elo, mean scores and KL of several models on held-out prompts."""
 
     models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
-    """Models to compare (aliases, Hugging Face directories, .gguf files or hub ids)."""
+    """Models to compare (aliases, Hugging Face directories, .gguf files or hub ids), or responses:FILE for
+    responses made elsewhere (e.g. best-of-n's output): rows with messages, or prompt and response."""
+    labels: list[str] = field(default_factory=list)
+    """Names to show for --models, in the same order (default: the model names)."""
     prompts: str = "sim:eval"
     """sim:SPLIT (the built-in task's split, judged by its gold score) or a prompts file."""
     judge: str = "sim"
@@ -98,6 +102,27 @@ def response_logps(model, samples: Samples, batch_size: int, precision: str) -> 
     return torch.cat(out)
 
 
+def file_responses(path: str, prompts: list[formats.Messages]) -> list[str]:
+    """Responses from rows with `messages` (the last assistant turn answers the turns before it) or `prompt` and
+    `response`, matched to the evaluation prompts by their message lists."""
+    found: dict[str, str] = {}
+    for row in io.read_rows(path):
+        d = row.data
+        if "messages" in d and d["messages"] and d["messages"][-1].get("role") == "assistant":
+            prompt, response = d["messages"][:-1], d["messages"][-1]["content"]
+        elif "prompt" in d and "response" in d:
+            prompt = d["prompt"] if isinstance(d["prompt"], list) else [{"role": "user", "content": d["prompt"]}]
+            response = d["response"]
+        else:
+            raise UsageError(f"{row.where}: expected messages ending with an assistant turn, or prompt and response")
+        found.setdefault(json.dumps(prompt, sort_keys=True), response)
+    missing = [i for i, p in enumerate(prompts) if json.dumps(p, sort_keys=True) not in found]
+    if missing:
+        raise UsageError(f"responses:{path} has no response for {len(missing)} of the {len(prompts)} prompts "
+                         f"(the first: {prompts[missing[0]][-1]['content']!r})")
+    return [found[json.dumps(p, sort_keys=True)] for p in prompts]
+
+
 def judge_scores(cfg: EvalConfig, prompts, task_list, texts: list[str], precision: str) -> torch.Tensor:
     if cfg.judge == "sim":
         if any(t is None for t in task_list):
@@ -124,31 +149,47 @@ def evaluate(cfg: EvalConfig) -> dict:
         ref = models.load_causal_lm(cfg.reference, tokenizer=models.load_tokenizer(cfg.reference)).eval()
     per_model: dict[str, dict] = {}
     scores: dict[str, torch.Tensor] = {}
-    for name in cfg.models:
-        # 2. sample
-        tok = models.load_tokenizer(name)
-        model = models.load_causal_lm(name, tokenizer=tok).eval()
-        samples = HFEngine(model, tok, cfg.batch_size, precision, progress=True).generate(prompts, params)
+    if cfg.labels and len(cfg.labels) != len(cfg.models):
+        raise UsageError(f"--labels names {len(cfg.labels)} models, --models {len(cfg.models)}")
+    names = dict(zip(cfg.models, cfg.labels or cfg.models))
+    if len(set(names.values())) < len(names):
+        raise UsageError("--models and --labels must name each model once")
+    # response lengths of responses:FILE entries are counted with the reference's (or first model's) tokenizer
+    length_tok = models.load_tokenizer(cfg.reference or next((m for m in cfg.models
+                                                              if not m.startswith("responses:")), "tiny-llama"))
+    for spec in cfg.models:
+        name = names[spec]
+        # 2. sample, or read the responses of a file
+        samples = None
+        if spec.startswith("responses:"):
+            texts = file_responses(spec.split(":", 1)[1], prompts)
+        else:
+            tok = models.load_tokenizer(spec)
+            model = models.load_causal_lm(spec, tokenizer=tok).eval()
+            samples = HFEngine(model, tok, cfg.batch_size, precision, progress=True).generate(prompts, params)
+            texts = samples.texts
         # 3. judge
-        scores[name] = judge_scores(cfg, prompts, task_list, samples.texts, precision)
-        stats = {"mean_score": float(scores[name].mean()),
-                 "mean_length": float(samples.response_lengths.double().mean()),
-                 "finished_rate": float(samples.finished.double().mean())}
+        scores[name] = judge_scores(cfg, prompts, task_list, texts, precision)
+        lengths = samples.response_lengths.double() if samples is not None else \
+            torch.tensor([len(length_tok.encode(t, add_special_tokens=False)) for t in texts], dtype=torch.float64)
+        stats = {"mean_score": float(scores[name].mean()), "mean_length": float(lengths.mean())}
+        if samples is not None:
+            stats["finished_rate"] = float(samples.finished.double().mean())
         if task_list[0] is not None:
             for family in tasks.FAMILIES:
                 idx = [i for i, t in enumerate(task_list) if t is not None and t.family == family]
                 if idx:
                     stats[f"score/{family}"] = float(scores[name][idx].mean())
-        if ref is not None:
+        if ref is not None and samples is not None:
             kl = response_logps(model, samples, cfg.batch_size, precision) - \
                 response_logps(ref, samples, cfg.batch_size, precision)
             stats["kl_to_reference"] = float(kl.mean())
-        stats["examples"] = [{"prompt": prompts[i][-1]["content"], "response": samples.texts[i],
+        stats["examples"] = [{"prompt": prompts[i][-1]["content"], "response": texts[i],
                               "score": float(scores[name][i])} for i in range(min(3, len(prompts)))]
         per_model[name] = stats
     # 4. every pair of models on every prompt
     games = [(a, b, 1.0 if sa > sb else 0.0 if sa < sb else 0.5)
-             for a, b in itertools.combinations(cfg.models, 2)
+             for a, b in itertools.combinations(list(per_model), 2)
              for sa, sb in zip(scores[a].tolist(), scores[b].tolist())]
     # 5. win rates, Elo
     result = {"prompts": len(prompts), "judge": cfg.judge, "models": per_model}
