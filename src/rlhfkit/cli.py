@@ -79,6 +79,8 @@ ALGORITHMS = {
                      "rejection sampling: best of n samples by reward; SFT and DPO data out"),
     ("eval",): ("evaluate.evaluation", "EvalConfig", "evaluate",
                 "win rates, Elo, mean scores and KL of several models on held-out prompts"),
+    ("pipeline",): ("pipeline", "PipelineConfig", "pipeline",
+                    "the whole recipe end to end on the built-in task, with a report"),
 }
 
 

@@ -71,6 +71,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
         inner = args[0] if args else str
         return [_coerce(key, v, inner) for v in items]
+    if tp is dict or origin is dict:  # a stage's overrides: a YAML mapping, or `--sft "{lr: 1e-4}"`
+        loaded = yaml.safe_load(value) if isinstance(value, str) else value
+        if not isinstance(loaded, dict):
+            raise UsageError(f"--{key}: expected a mapping such as {{lr: 1e-4}}, got {value!r}")
+        return loaded
     if tp is bool:
         if isinstance(value, bool):
             return value

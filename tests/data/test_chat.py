@@ -84,6 +84,19 @@ def test_alpaca_row_with_and_without_input(tok):
     assert bare.messages[0]["content"] == "Say hi"
 
 
+def test_response_starting_with_newlines_is_encoded_as_generated(tok):
+    """"assistant\\n" + "\\n\\nHi" would merge into one newline token across the turn boundary; pieces are encoded
+    apart, so the prompt's tokens are exactly the generation prompt's and the response's are its own."""
+    prompt = [{"role": "user", "content": "Say hi."}]
+    response = [{"role": "assistant", "content": "\n\nHi"}]
+    ex = chat.tokenize_response(tok, prompt, response)
+    head = chat.encode(tok, chat.render(tok, prompt, add_generation_prompt=True))
+    assert ex.input_ids[:len(head)] == head and not any(ex.loss_mask[:len(head)])
+    trained = [i for i, m in zip(ex.input_ids, ex.loss_mask) if m]
+    assert trained == chat.encode(tok, "\n\nHi<|im_end|>")
+    assert chat.tokenize_conversation(tok, prompt + response).loss_mask == ex.loss_mask
+
+
 def test_template_that_rewrites_earlier_turns_fails_loudly(tok):
     bad = tok.__class__.from_pretrained(tok.name_or_path)
     # renders the number of messages first, so every prefix rendering differs from the full one

@@ -10,7 +10,7 @@ rewrites earlier turns, or whose token merges cross a turn boundary) fails loudl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from rlhfkit import TemplateError
 from rlhfkit.data.formats import Messages
@@ -49,39 +49,59 @@ def encode(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def _check_prefix(tok, prefix: list[int], full: list[int], where: str, turn: int) -> None:
-    if full[: len(prefix)] != prefix:
+def _check_prefix(tok, prefix: str, full: str, where: str, turn: int) -> None:
+    if not full.startswith(prefix):
         at = next((i for i, (a, b) in enumerate(zip(prefix, full)) if a != b), min(len(prefix), len(full)))
         raise TemplateError(
             f"{where}: the chat template of {tok.name_or_path!r} breaks the prefix property at message {turn} "
-            f"(token {at}): rendering the conversation up to that turn is not a token prefix of the full "
+            f"(character {at}): rendering the conversation up to that turn is not a prefix of the full "
             "rendering, so loss masks cannot be exact. Use a template that renders turns append-only.")
 
 
-def assistant_spans(tok, messages: Messages, full: list[int], where: str) -> list[tuple[int, int]]:
-    """[start, end) token spans of every assistant turn in `full`, each ending at its end-of-turn token."""
-    eot = end_of_turn_ids(tok)
+def assistant_cuts(tok, messages: Messages, full: str, where: str) -> list[tuple[int, int]]:
+    """[start, end) character spans of every assistant turn in the rendering `full` (its end-of-turn included)."""
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        head = encode(tok, render(tok, messages[:i], add_generation_prompt=True)) if i else []
-        upto = encode(tok, render(tok, messages[: i + 1]))
+        head = render(tok, messages[:i], add_generation_prompt=True) if i else ""
+        upto = render(tok, messages[: i + 1])
         _check_prefix(tok, head, upto, where, i)
         _check_prefix(tok, upto, full, where, i)
-        start, end = len(head), len(upto)
-        stops = [t for t in range(start, end) if upto[t] in eot]
-        spans.append((start, stops[-1] + 1 if stops else end))
+        spans.append((len(head), len(upto)))
     return spans
+
+
+def _encode_turns(tok, messages: Messages, where: str) -> tuple[list[int], list[int], list[int]]:
+    """(input_ids, loss_mask, start token of every assistant turn): the rendering encoded piece by piece, cut where
+    each assistant turn starts and ends, so a token merge can never straddle a turn boundary (a response that starts
+    with a newline would otherwise merge with the template's "assistant\\n"); these are the tokens a model sees when
+    it generates the turn after the prompt. Each assistant piece is trained up to and including its last
+    end-of-turn token (the model learns to stop; the template's newline after it stays untrained)."""
+    full = render(tok, messages)
+    eot = end_of_turn_ids(tok)
+    ids: list[int] = []
+    mask: list[int] = []
+    starts: list[int] = []
+    pos = 0
+    for start, end in assistant_cuts(tok, messages, full, where):
+        context = encode(tok, full[pos:start])
+        piece = encode(tok, full[start:end])
+        stops = [t for t, x in enumerate(piece) if x in eot]
+        trained = stops[-1] + 1 if stops else len(piece)
+        ids += context
+        starts.append(len(ids))
+        ids += piece
+        mask += [0] * len(context) + [1] * trained + [0] * (len(piece) - trained)
+        pos = end
+    rest = encode(tok, full[pos:]) if pos < len(full) else []
+    return ids + rest, mask + [0] * len(rest), starts
 
 
 def tokenize_conversation(tok, messages: Messages, where: str = "", max_length: int | None = None
                           ) -> TokenizedExample:
     """Tokens and loss mask of one conversation; truncation keeps the start and cuts the end."""
-    ids = encode(tok, render(tok, messages))
-    mask = [0] * len(ids)
-    for start, end in assistant_spans(tok, messages, ids, where):
-        mask[start:end] = [1] * (end - start)
+    ids, mask, _ = _encode_turns(tok, messages, where)
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, mask = ids[:max_length], mask[:max_length]
@@ -93,9 +113,14 @@ def tokenize_response(tok, prompt: Messages, response: Messages, where: str = ""
     """prompt + response, with loss on the response only: assistant turns inside the prompt (earlier turns of a
     multi-turn prompt) are context. The loss-carrying tokens are exactly those of the sequence log-prob
     log π(y | x) that DPO and PPO use."""
-    ex = tokenize_conversation(tok, prompt + response, where, max_length)
-    n_prompt = len(encode(tok, render(tok, prompt, add_generation_prompt=True)))
-    return replace(ex, loss_mask=[0] * min(n_prompt, len(ex.loss_mask)) + ex.loss_mask[n_prompt:])
+    ids, mask, starts = _encode_turns(tok, prompt + response, where)
+    k = sum(m["role"] == "assistant" for m in prompt)  # the response's first turn is assistant turn k
+    n_prompt = starts[k] if k < len(starts) else len(ids)
+    mask = [0] * n_prompt + mask[n_prompt:]
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids, mask = ids[:max_length], mask[:max_length]
+    return TokenizedExample(ids, mask, where, truncated)
 
 
 @dataclass

@@ -1,0 +1,266 @@
+"""The pipeline's report: report.md and report.html from the stage directories, with the plots it draws.
+
+Built as a list of blocks (heading, paragraph, table, image) rendered twice: markdown with the PNGs beside it, and
+one self-contained HTML page with the PNGs inlined. Every number is read back from the stages' own outputs
+(eval.json, run.json, metrics.jsonl, best-of-n samples), never recomputed from memory of the run.
+
+Over-optimisation views (Gao et al. 2022; Bai et al. 2022 Fig. 13):
+- along PPO: the proxy (the RM PPO optimises), the gold score and, with the robustness check, the held-out RM,
+  per iteration against √KL(π ‖ π_SFT) measured on the rollouts;
+- along best-of-n: the expected proxy and gold score of the best of n SFT samples (every n-subset of the N drawn,
+  `core.losses.best_of_n_value`) against √KL_BoN = √(log n − (n−1)/n).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhfkit.core.losses import best_of_n_kl, best_of_n_value
+from rlhfkit.sim import tasks
+from rlhfkit.tracking import read_metrics
+
+Block = tuple  # ("h1"|"h2"|"p", text) | ("table", header, rows) | ("img", path, caption)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _metrics(d: Path) -> list[dict]:
+    return read_metrics(d) if (d / "metrics.jsonl").is_file() else []
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows) if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def bon_curve(out: Path) -> dict[str, list[float]] | None:
+    """Expected proxy and gold of best-of-n for n = 1, 2, 4, … ≤ N, from best_of_n/samples.jsonl."""
+    path = out / "best_of_n" / "samples.jsonl"
+    if not path.is_file():
+        return None
+    prompt_rows = [json.loads(line) for line in (out / "data" / "eval_prompts.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    n_max = max(r["sample_index"] for r in rows) + 1
+    proxy = torch.zeros(len(prompt_rows), n_max, dtype=torch.float64)
+    gold = torch.zeros_like(proxy)
+    for r in rows:
+        i, j = r["prompt_index"], r["sample_index"]
+        proxy[i, j] = r["score"]
+        gold[i, j] = tasks.gold_score(tasks.from_row(prompt_rows[i]), r["response"])
+    ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= n_max]
+    return {"n": ns, "sqrt_kl": [math.sqrt(best_of_n_kl(n)) for n in ns],
+            "proxy": [float(best_of_n_value(proxy, proxy, n).mean()) for n in ns],
+            "gold": [float(best_of_n_value(proxy, gold, n).mean()) for n in ns]}
+
+
+def plot_overoptimisation(out: Path, bon: dict | None, path: Path) -> Path | None:
+    ppo_rows = _metrics(out / "ppo")
+    if not ppo_rows and bon is None:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax = axes[0]
+    if ppo_rows:
+        x = [r["ppo/sqrt_kl"] for r in ppo_rows]
+        ax.plot(x, [r["ppo/score"] for r in ppo_rows], "o-", label="proxy RM (optimised)")
+        if "monitor/gold_reward" in ppo_rows[0]:
+            ax.plot(x, [r["monitor/gold_reward"] for r in ppo_rows], "s-", label="gold score")
+        held = [k for k in ppo_rows[0] if k.startswith("monitor/rm_")]
+        for k in held:
+            ax.plot(x, [r[k] for r in ppo_rows], "^-", label="held-out RM")
+    ax.set_title("PPO iterations")
+    ax.set_xlabel("√KL(π ‖ π_SFT) (nats^½, per sequence)")
+    ax.set_ylabel("score")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    if bon is not None:
+        ax.plot(bon["sqrt_kl"], bon["proxy"], "o-", label="proxy RM (selects)")
+        ax.plot(bon["sqrt_kl"], bon["gold"], "s-", label="gold score")
+        for n, x, y in zip(bon["n"], bon["sqrt_kl"], bon["gold"]):
+            ax.annotate(f"n={n}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, -10))
+    ax.set_title("best-of-n on the evaluation prompts")
+    ax.set_xlabel("√KL_BoN = √(log n − (n−1)/n)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_training(out: Path, path: Path) -> Path | None:
+    panels = [("sft", "train/loss", "SFT loss"), ("rm", "train/loss", "RM loss"), ("dpo", "train/loss", "DPO loss"),
+              ("ppo", "ppo/score", "PPO proxy score")]
+    panels = [(d, k, t) for d, k, t in panels if _series(_metrics(out / d), k)[0]]
+    if not panels:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
+    for ax, (d, key, title) in zip(axes[0], panels):
+        rows = _metrics(out / d)
+        ax.plot(*_series(rows, key), lw=1.2, label=key)
+        if d == "rm":
+            ax2 = ax.twinx()
+            ax2.plot(*_series(rows, "train/accuracy"), color="tab:orange", lw=1, label="accuracy")
+            ax2.set_ylim(0, 1)
+        if d == "ppo" and _series(rows, "monitor/gold_reward")[0]:
+            ax.plot(*_series(rows, "monitor/gold_reward"), lw=1.2, label="gold score")
+            ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step" if d != "ppo" else "iteration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _run_final(d: Path) -> dict:
+    p = d / "run.json"
+    return json.loads(p.read_text()).get("final_metrics", {}) if p.is_file() else {}
+
+
+def blocks(out: Path, cfg: Any, summaries: dict, seconds: dict) -> list[Block]:
+    ev = json.loads((out / "eval" / "eval.json").read_text())
+    names = list(ev["models"])
+    sft = "sft" if "sft" in names else names[0]
+    prompts = summaries.get("data", {}).get("prompts", {})
+    b: list[Block] = [("h1", "rlhfkit pipeline report"),
+                      ("p", f"Base model {cfg.model}, preset {cfg.preset}, built-in task with simulated labellers. "
+                            f"Prompts: {prompts.get('sft', '?')} SFT demonstrations, {prompts.get('rm', '?')} RM "
+                            f"prompts × {cfg.k} ranked responses, {prompts.get('rl', '?')} PPO prompts, "
+                            f"{ev['prompts']} held-out evaluation prompts judged by the gold score. "
+                            f"Total time {sum(seconds.values()) / 60:.1f} min.")]
+    # results: Elo, gold score, win rate against SFT, KL, length
+    rows = []
+    for m in names:
+        s = ev["models"][m]
+        lo, hi = ev["elo_interval"][m]
+        wr = ev["win_rates"].get(m, {}).get(sft)
+        rows.append([m, f"{ev['elo'][m]:.0f} ({lo:.0f}–{hi:.0f})", f"{s['mean_score']:.3f}",
+                     f"{wr['win_rate']:.3f} ({wr['lo']:.3f}–{wr['hi']:.3f})" if wr else "—",
+                     f"{s['kl_to_reference']:.2f}" if "kl_to_reference" in s else "—", f"{s['mean_length']:.1f}"])
+    b += [("h2", "Results on held-out prompts"),
+          ("table", ["model", "Elo (95% CI)", "mean gold score", f"win rate vs {sft} (95% CI)", "KL to SFT",
+                     "mean length (tokens)"], rows),
+          ("p", "Win rates count ties as half a win; intervals are Wilson score intervals; Elo is the Bradley–Terry "
+                "maximum-likelihood fit on the Elo scale (mean 1000) with bootstrap intervals over prompts.")]
+    if (out / "eval" / "elo.png").is_file():
+        b.append(("img", out / "eval" / "elo.png", "Elo of every model (95% bootstrap intervals)"))
+    fams = [k for k in ev["models"][names[0]] if k.startswith("score/")]
+    if fams:
+        b += [("h2", "Helpful and harmless: gold score per prompt family"),
+              ("table", ["model"] + [f.split("/")[1] for f in fams],
+               [[m] + [f"{ev['models'][m][f]:.3f}" for f in fams] for m in names]),
+              ("p", "The harmful family rewards a polite refusal with an alternative; the others reward doing what "
+                    "was asked, so a model that refuses everything, or complies with everything, loses somewhere.")]
+    b += [("h2", "Win-rate matrix"), ("table", [""] + names, [
+        [a] + [f"{ev['win_rates'][a][c]['win_rate']:.2f}" if c in ev["win_rates"].get(a, {}) else "—" for c in names]
+        for a in names])]
+    # reward model
+    rm_rows = []
+    for d in ("rm", "rm_heldout"):
+        f = _run_final(out / d)
+        if f:
+            rm_rows.append([d, f"{f.get('rm/accuracy', float('nan')):.3f}", f"{f.get('rm/ece', float('nan')):.3f}",
+                            f"{f.get('rm/margin', float('nan')):.3f}"])
+    if rm_rows:
+        b += [("h2", "Reward model"), ("table", ["reward model", "held-out accuracy", "ECE", "mean margin"], rm_rows)]
+        if (out / "rm" / "reliability.png").is_file():
+            b.append(("img", out / "rm" / "reliability.png", "Calibration: predicted σ(r_A − r_B) against the "
+                                                             "observed frequency on held-out comparisons"))
+    # over-optimisation
+    bon = bon_curve(out)
+    over = plot_overoptimisation(out, bon, out / "reward_vs_sqrt_kl.png")
+    if over:
+        b += [("h2", "Over-optimisation: proxy and gold reward against √KL"),
+              ("p", "Left: PPO iterations (rollouts on the RL prompts); the proxy is the RM PPO optimises, the gold "
+                    "score is the hidden truth the simulated labellers judge by" +
+                    (", and the held-out RM was trained on the other half of the comparisons (the HH paper's "
+                     "robustness check)" if cfg.robustness else "") +
+                    ". Right: best-of-n on the evaluation prompts. Where the proxy climbs and the gold score does "
+                    "not, the policy is exploiting the reward model."),
+              ("img", over, "Reward against √KL along PPO and along best-of-n")]
+        if bon:
+            b.append(("table", ["n", "√KL", "proxy", "gold"],
+                      [[n, f"{x:.2f}", f"{p:.3f}", f"{g:.3f}"] for n, x, p, g in
+                       zip(bon["n"], bon["sqrt_kl"], bon["proxy"], bon["gold"])]))
+    curves = plot_training(out, out / "training_curves.png")
+    if curves:
+        b += [("h2", "Training curves"), ("img", curves, "SFT, RM and DPO losses per step; PPO scores per iteration")]
+    # timings and examples
+    b += [("h2", "Stages"), ("table", ["stage", "minutes", "summary"],
+                             [[k, f"{v / 60:.2f}", _short(summaries.get(k, {}))] for k, v in seconds.items()])]
+    ex_rows = [[m, e["prompt"], e["response"], f"{e['score']:.2f}"] for m in names for e in
+               ev["models"][m].get("examples", [])[:2]]
+    b += [("h2", "Examples"), ("table", ["model", "prompt", "response", "gold"], ex_rows)]
+    return b
+
+
+def _short(summary: dict) -> str:
+    items = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
+             if not isinstance(v, dict)]
+    return ", ".join(items[:6])
+
+
+def _cell_md(v: Any) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ⏎ ")
+
+
+def to_markdown(bs: list[Block], out: Path) -> str:
+    lines = []
+    for blk in bs:
+        if blk[0] in ("h1", "h2"):
+            lines += [("# " if blk[0] == "h1" else "## ") + blk[1], ""]
+        elif blk[0] == "p":
+            lines += [blk[1], ""]
+        elif blk[0] == "table":
+            lines += ["| " + " | ".join(map(_cell_md, blk[1])) + " |", "|" + "---|" * len(blk[1])]
+            lines += ["| " + " | ".join(map(_cell_md, r)) + " |" for r in blk[2]] + [""]
+        elif blk[0] == "img":
+            lines += [f"![{blk[2]}]({Path(blk[1]).relative_to(out)})", ""]
+    return "\n".join(lines)
+
+
+def to_html(bs: list[Block]) -> str:
+    e = html.escape
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' "
+             "content='width=device-width, initial-scale=1'><title>rlhfkit pipeline report</title><style>"
+             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;"
+             "padding:4px 8px;text-align:left;vertical-align:top;white-space:pre-wrap}th{background:#f3f3f3}"
+             "img{max-width:100%}figcaption{color:#555;font-size:13px}</style></head><body>"]
+    for blk in bs:
+        if blk[0] in ("h1", "h2"):
+            parts.append(f"<{blk[0]}>{e(blk[1])}</{blk[0]}>")
+        elif blk[0] == "p":
+            parts.append(f"<p>{e(blk[1])}</p>")
+        elif blk[0] == "table":
+            parts.append("<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in blk[1]) + "</tr>" +
+                         "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in blk[2]) +
+                         "</table>")
+        elif blk[0] == "img":
+            data = base64.b64encode(Path(blk[1]).read_bytes()).decode()
+            parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{e(blk[2])}'>"
+                         f"<figcaption>{e(blk[2])}</figcaption></figure>")
+    return "\n".join(parts) + "</body></html>\n"
+
+
+def write(out: Path, cfg: Any, summaries: dict, seconds: dict) -> dict[str, Path]:
+    bs = blocks(out, cfg, summaries, seconds)
+    md, page = out / "report.md", out / "report.html"
+    md.write_text(to_markdown(bs, out))
+    page.write_text(to_html(bs))
+    return {"md": md, "html": page}

@@ -1,0 +1,397 @@
+"""`rlhfkit pipeline`: the whole recipe on the built-in task, end to end, with a report.
+
+Papers: Ouyang et al. 2022 (InstructGPT: demonstrations → SFT, K-way rankings → RM, PPO against the RM with a KL
+penalty to the SFT model, PPO-ptx); Bai et al. 2022 (HH: best-of-n as the inference-time baseline, reward against
+√KL, two RMs on disjoint halves as the robustness check, iterated online RLHF); Rafailov et al. 2023 (DPO on the
+same comparisons); Gao et al. 2022 (over-optimisation: proxy and gold reward against √KL); Dubois et al. 2023
+(AlpacaFarm: simulated labellers in place of people).
+
+Stages, top to bottom; each writes OUTPUT/STAGE/ and a stage.json, and a rerun skips a stage whose stage.json
+matches its settings and inputs (and says so):
+  1. data         the built-in task's disjoint splits: SFT demonstrations, RM, RL and evaluation prompts
+  2. sft          supervised fine-tuning of the base model on the demonstrations
+  3. comparisons  K responses per RM prompt from the SFT model, each set ranked by one simulated labeller
+  4. rm           the reward model on the rankings, initialised from the SFT model; with `robustness`, a second RM
+                  on a disjoint half of the prompts (the first then sees the other half only)
+  5. ppo          PPO from the SFT model against the RM; the gold score (and the held-out RM) logged per iteration
+  6. dpo          DPO from the SFT model on the same rankings
+  7. best_of_n    n responses per evaluation prompt from the SFT model; the best by the RM
+  8. round1..N    `--online-rounds N`: sample from the latest policy, label, retrain the RM on all comparisons so
+                  far, run PPO again
+  9. eval         base, SFT, best-of-n, DPO and PPO (and every round) on held-out prompts, judged by the gold score
+ 10. report       report.md and report.html: Elo, win rates, per-family scores, RM calibration, proxy and gold
+                  reward against √KL along PPO and along best-of-n, training curves
+
+Departures, and why:
+- Labels come from simulated labellers; `feedback: db:FILE` (human comparisons from the labelling app) is refused
+  until that app exists.
+- Each online round's PPO starts again from the SFT model (KL to SFT), as the HH paper retrained its policies on
+  the newer preference models; the rounds differ in the RM they optimise.
+- Presets: `default` fits the 20-minute budget of a 2-core CPU (so fewer prompts and iterations than a real run);
+  `tiny` runs everything on tiny-llama in about a minute, for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from rlhfkit import UsageError
+from rlhfkit.config import from_dict, write_run_json
+from rlhfkit.sim import labellers, tasks
+
+STAGES = ("data", "sft", "comparisons", "rm", "ppo", "dpo", "best_of_n", "online", "eval", "report")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "model": "smollm2-135m", "suite_size": 2000, "sft_prompts": 0, "rm_prompts": 256, "rl_prompts": 0,
+        "eval_prompts": 0, "k": 4, "bon_n": 16, "robustness": False, "ptx": False, "temperature": 0.7,
+        "sft": {"lr": 1e-4, "batch_size": 16, "epochs": 1, "max_length": 256, "packing": True,
+                "val_fraction": 0.05, "warmup_ratio": 0.05},
+        "rm": {"lr": 3e-5, "batch_size": 8, "epochs": 1, "max_length": 256, "val_fraction": 0.1,
+               "warmup_ratio": 0.05},
+        "ppo": {"advantage": "rloo", "iterations": 16, "rollout_prompts": 16, "n_samples": 4, "max_new_tokens": 48,
+                "lr": 1e-5, "kl_coef": 0.05, "minibatch_size": 64, "batch_size": 16, "temperature": 1.0},
+        "dpo": {"lr": 1e-5, "beta": 0.1, "batch_size": 8, "max_steps": 40, "max_length": 256},
+        "sample": {"max_new_tokens": 48, "temperature": 1.0, "batch_size": 128},
+        "eval": {"max_new_tokens": 48, "batch_size": 128},
+    },
+    "tiny": {
+        "model": "tiny-llama", "suite_size": 300, "sft_prompts": 48, "rm_prompts": 24, "rl_prompts": 16,
+        "eval_prompts": 16, "k": 3, "bon_n": 4, "robustness": True, "ptx": True, "temperature": 1.0,
+        "sft": {"lr": 1e-2, "batch_size": 8, "max_steps": 12, "max_length": 128, "dtype": "fp32",
+                "val_fraction": 0.0, "schedule": "constant", "warmup_ratio": 0.0},
+        "rm": {"lr": 1e-3, "batch_size": 4, "max_steps": 6, "max_length": 128, "dtype": "fp32",
+               "val_fraction": 0.2},
+        "ppo": {"advantage": "rloo", "iterations": 3, "rollout_prompts": 4, "n_samples": 2, "max_new_tokens": 8,
+                "lr": 1e-3, "dtype": "fp32", "minibatch_size": 8, "ptx_batch_size": 4},
+        "dpo": {"lr": 1e-3, "batch_size": 4, "max_steps": 4, "max_length": 128, "dtype": "fp32"},
+        "sample": {"max_new_tokens": 8, "temperature": 1.0, "dtype": "fp32"},
+        "eval": {"max_new_tokens": 8, "dtype": "fp32", "bootstrap": 100},
+    },
+}
+
+
+@dataclass
+class PipelineConfig:
+    """rlhfkit pipeline: SFT → comparisons → RM → PPO, DPO and best-of-n → evaluation and report, on the built-in
+    task. Options left unset take the preset's value."""
+
+    preset: str = "default"
+    """default (smollm2-135m, about 20 minutes on a 2-core CPU) or tiny (tiny-llama, about a minute)."""
+    output: str = "runs/pipeline"
+    """Output directory: one subdirectory per stage, report.md, report.html, run.json."""
+    online_rounds: int = 0
+    """Iterated online RLHF: rounds of sampling from the latest policy, labelling, retraining the RM, PPO again."""
+    feedback: str = "sim"
+    """Where comparisons come from: sim (simulated labellers); db:FILE (the labelling app) is not built yet."""
+    seed: int = 0
+    """Seed of the task suite, the labellers and every stage."""
+    model: str | None = None
+    """Base model (preset: smollm2-135m; tiny: tiny-llama)."""
+    suite_size: int | None = None
+    """Prompts in the built-in task suite before splitting into SFT/RM/RL/eval."""
+    sft_prompts: int | None = None
+    """SFT demonstrations to use (0: the whole SFT split)."""
+    rm_prompts: int | None = None
+    """RM prompts to collect comparisons on (0: the whole RM split)."""
+    rl_prompts: int | None = None
+    """PPO prompts (0: the whole RL split)."""
+    eval_prompts: int | None = None
+    """Held-out evaluation prompts (0: the whole evaluation split)."""
+    k: int | None = None
+    """Responses ranked per RM prompt (InstructGPT: 4 to 9)."""
+    bon_n: int | None = None
+    """n of the best-of-n baseline."""
+    robustness: bool | None = None
+    """Train two RMs on disjoint halves of the prompts; PPO optimises one and is scored by the other."""
+    ptx: bool | None = None
+    """PPO-ptx: mix the SFT demonstrations' log-likelihood into PPO's updates."""
+    temperature: float | None = None
+    """Sampling temperature of the evaluation and of best-of-n."""
+    skip: list[str] = field(default_factory=list)
+    """Stages to leave out: dpo, best_of_n, ppo (the rest are needed by later stages)."""
+    sft: dict = field(default_factory=dict)
+    """Overrides of `rlhfkit sft` options, e.g. {lr: 5e-5, epochs: 2}."""
+    rm: dict = field(default_factory=dict)
+    """Overrides of `rlhfkit rm` options."""
+    ppo: dict = field(default_factory=dict)
+    """Overrides of `rlhfkit ppo` options."""
+    dpo: dict = field(default_factory=dict)
+    """Overrides of `rlhfkit dpo` options."""
+    sample: dict = field(default_factory=dict)
+    """Sampling of the comparisons: max_new_tokens, temperature, top_p, batch_size, dtype."""
+    eval: dict = field(default_factory=dict)
+    """Overrides of `rlhfkit eval` options."""
+
+
+def resolve(cfg: PipelineConfig) -> PipelineConfig:
+    """The preset's values under the user's: unset top-level options from the preset, stage dicts merged."""
+    if cfg.preset not in PRESETS:
+        raise UsageError(f"--preset {cfg.preset!r}: expected one of {', '.join(PRESETS)}")
+    preset = PRESETS[cfg.preset]
+    bad = [s for s in cfg.skip if s not in ("dpo", "best_of_n", "ppo")]
+    if bad:
+        raise UsageError(f"--skip {bad[0]!r}: only dpo, best_of_n and ppo can be skipped")
+    if cfg.feedback != "sim":
+        raise UsageError(f"--feedback {cfg.feedback!r}: only sim (simulated labellers) is built; human comparisons "
+                         "(db:FILE) need the labelling app")
+    values = {}
+    for f in fields(cfg):
+        mine, theirs = getattr(cfg, f.name), preset.get(f.name)
+        if isinstance(theirs, dict):
+            values[f.name] = {**theirs, **mine}
+        elif mine is None:
+            values[f.name] = theirs
+    return replace(cfg, **values)
+
+
+# --- stages: each returns a summary dict; `Run.stage` skips what is already complete ----------------------------
+
+
+@dataclass
+class Run:
+    cfg: PipelineConfig
+    out: Path
+    keys: dict[str, str] = field(default_factory=dict)  # stage -> key of its settings and inputs
+    summaries: dict[str, dict] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def stage(self, name: str, settings: dict, inputs: list[str], fn: Callable[[Path], dict]) -> dict:
+        """Run `fn(dir)` unless DIR/stage.json records the same settings and inputs; a changed stage reruns from
+        scratch (its directory is removed first, so no stale checkpoint is resumed)."""
+        d = self.out / name
+        key = hashlib.sha1(json.dumps([settings, [self.keys[i] for i in inputs]], sort_keys=True,
+                                      default=str).encode()).hexdigest()[:16]
+        self.keys[name] = key
+        marker = d / "stage.json"
+        if marker.is_file():
+            done = json.loads(marker.read_text())
+            if done.get("key") == key:
+                print(f"[pipeline] {name}: complete in {d}, skipped")
+                self.summaries[name], self.seconds[name] = done["summary"], done["seconds"]
+                return done["summary"]
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        print(f"[pipeline] {name}: running → {d}")
+        start = time.perf_counter()
+        summary = fn(d)
+        self.seconds[name] = time.perf_counter() - start
+        self.summaries[name] = summary
+        marker.write_text(json.dumps({"key": key, "summary": summary, "seconds": self.seconds[name]}, indent=2,
+                                     default=float))
+        return summary
+
+
+def reset_accelerate() -> None:
+    """Stages share one process; accelerate keeps global state that a second Accelerator must not inherit."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    from rlhfkit.algos.generate import write_jsonl
+
+    write_jsonl(path, rows)
+
+
+def limited(items: list, n: int) -> list:
+    return items[:n] if n else items
+
+
+def stage_data(cfg: PipelineConfig, d: Path) -> dict:
+    """Splits of the suite as files: demonstrations (SFT data) and prompt rows that carry the gold task."""
+    rng = random.Random(cfg.seed)
+    suite = tasks.build_suite(cfg.suite_size, cfg.seed)
+    split = {name: [t for t in suite if tasks.split_of(t) == name] for name in tasks.SPLITS}
+    sft = limited(split["sft"], cfg.sft_prompts)
+    write_rows(d / "sft.jsonl", [{"messages": [{"role": "user", "content": t.prompt},
+                                               {"role": "assistant", "content": tasks.demonstration(t, rng)}]}
+                                 for t in sft])
+    counts = {"sft": len(sft)}
+    for name, n in (("rm", cfg.rm_prompts), ("rl", cfg.rl_prompts), ("eval", cfg.eval_prompts)):
+        rows = [tasks.to_row(t) for t in limited(split[name], n)]
+        write_rows(d / f"{name}_prompts.jsonl", rows)
+        counts[name] = len(rows)
+    return {"prompts": counts}
+
+
+def label(cfg: PipelineConfig, policy: str, d: Path, seed: int) -> dict:
+    """K responses per RM prompt from `policy`, ranked by simulated labellers, as SPEC rankings rows."""
+    from rlhfkit.algos.generate import SamplingConfig, sample
+
+    sampling = from_dict(SamplingConfig, {**cfg.sample, "prompts": str(cfg_out(cfg) / "data" / "rm_prompts.jsonl"),
+                                          "n": cfg.k, "seed": seed}, "pipeline.sample")
+    prompts, columns, samples, metrics = sample(sampling, policy)
+    pool, rng = labellers.default_pool(), random.Random(seed)
+    rows = []
+    for i, (prompt, row) in enumerate(zip(prompts, columns)):
+        task = tasks.from_row(row)
+        texts = samples.texts[i * cfg.k:(i + 1) * cfg.k]
+        who = pool[i % len(pool)]
+        rows.append({"prompt": prompt.messages, "responses": texts, "ranking": who.rank(task, texts, rng),
+                     "labeller": who.id, "family": task.family, "params": task.params,
+                     "gold": [tasks.gold_score(task, t) for t in texts]})
+    write_rows(d / "rankings.jsonl", rows)
+    # disjoint halves by prompt, for the two-RM robustness check
+    write_rows(d / "half_a.jsonl", rows[0::2])
+    write_rows(d / "half_b.jsonl", rows[1::2])
+    tied = sum(any(isinstance(g, list) for g in r["ranking"]) for r in rows)
+    return {"rankings": len(rows), "rankings_with_ties": tied, "samples": len(samples.texts),
+            "mean_gold": sum(sum(r["gold"]) for r in rows) / max(1, sum(len(r["gold"]) for r in rows)),
+            "generate_tokens_per_s": metrics["perf/tokens_per_s"]}
+
+
+def cfg_out(cfg: PipelineConfig) -> Path:
+    return Path(cfg.output)
+
+
+def train_rm(cfg: PipelineConfig, sft_dir: str, data: str, d: Path) -> dict:
+    from rlhfkit.algos import reward
+
+    reset_accelerate()
+    rm_cfg = from_dict(reward.RMConfig, {"seed": cfg.seed, **cfg.rm, "model": sft_dir, "data": data,
+                                         "output": str(d)}, "pipeline.rm")
+    final = reward.train(rm_cfg)
+    return {k: v for k, v in final.items() if k.startswith(("rm/", "val/", "train/loss"))}
+
+
+def train_ppo(cfg: PipelineConfig, sft_dir: str, rm_dir: str, monitor_rm: str | None, d: Path) -> dict:
+    from rlhfkit.algos import ppo
+
+    reset_accelerate()
+    monitor = ["rlhfkit.sim.tasks:gold_reward"] + ([f"rm:{monitor_rm}"] if monitor_rm else [])
+    extra = {"ptx_data": str(cfg_out(cfg) / "data" / "sft.jsonl")} if cfg.ptx else {}
+    ppo_cfg = from_dict(ppo.PPOConfig, {"seed": cfg.seed, **extra, **cfg.ppo, "policy": sft_dir,
+                                        "reward_model": rm_dir, "monitor": monitor,
+                                        "prompts": str(cfg_out(cfg) / "data" / "rl_prompts.jsonl"),
+                                        "output": str(d)}, "pipeline.ppo")
+    final = ppo.train(ppo_cfg)
+    return {k: v for k, v in final.items() if k.startswith(("ppo/score", "ppo/kl", "ppo/sqrt_kl", "monitor/",
+                                                            "rollout/", "ppo/ptx"))}
+
+
+def stage_best_of_n(cfg: PipelineConfig, sft_dir: str, rm_dir: str, d: Path) -> dict:
+    from rlhfkit.algos.best_of_n import BestOfNConfig, best_of_n
+
+    ev = cfg.eval
+    bon = from_dict(BestOfNConfig, {"policy": sft_dir, "reward_model": rm_dir, "n": cfg.bon_n,
+                                    "prompts": str(cfg_out(cfg) / "data" / "eval_prompts.jsonl"),
+                                    "output": str(d / "best.jsonl"), "samples_output": str(d / "samples.jsonl"),
+                                    "temperature": cfg.temperature, "seed": cfg.seed,
+                                    **{k: ev[k] for k in ("max_new_tokens", "batch_size", "dtype") if k in ev}},
+                    "pipeline.best_of_n")
+    final = best_of_n(bon)
+    return {k: v for k, v in final.items() if k.startswith("bon/")}
+
+
+def pipeline(cfg: PipelineConfig) -> dict:
+    from rlhfkit.evaluate import report
+
+    cfg = resolve(cfg)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(cfg, out)
+    start = time.perf_counter()
+    common = {"model": cfg.model, "seed": cfg.seed}
+    # 1. data
+    run.stage("data", {**common, "suite": cfg.suite_size, "limits": [cfg.sft_prompts, cfg.rm_prompts, cfg.rl_prompts,
+                                                                      cfg.eval_prompts]}, [],
+              lambda d: stage_data(cfg, d))
+    # 2. SFT
+    sft_dir = str(out / "sft")
+
+    def do_sft(d: Path) -> dict:
+        from rlhfkit.algos import sft
+
+        reset_accelerate()
+        sft_cfg = from_dict(sft.SFTConfig, {"seed": cfg.seed, **cfg.sft, "model": cfg.model,
+                                            "data": str(out / "data" / "sft.jsonl"), "output": str(d)}, "pipeline.sft")
+        final = sft.train(sft_cfg)
+        return {k: v for k, v in final.items() if k.startswith(("train/loss", "val/", "train/steps"))}
+
+    run.stage("sft", {**common, "sft": cfg.sft}, ["data"], do_sft)
+    # 3. comparisons from the SFT model
+    run.stage("comparisons", {"k": cfg.k, "sample": cfg.sample, "seed": cfg.seed}, ["sft"],
+              lambda d: label(cfg, sft_dir, d, cfg.seed))
+    # 4. reward model(s)
+    comparisons = out / "comparisons"
+    rm_data = str(comparisons / ("half_a.jsonl" if cfg.robustness else "rankings.jsonl"))
+    run.stage("rm", {"rm": cfg.rm, "robustness": cfg.robustness}, ["comparisons"],
+              lambda d: train_rm(cfg, sft_dir, rm_data, d))
+    rm_dir, held_out = str(out / "rm"), None
+    if cfg.robustness:
+        run.stage("rm_heldout", {"rm": cfg.rm}, ["comparisons"],
+                  lambda d: train_rm(cfg, sft_dir, str(comparisons / "half_b.jsonl"), d))
+        held_out = str(out / "rm_heldout")
+    # 5. PPO, 6. DPO, 7. best-of-n
+    entries = [(cfg.model, "base"), (sft_dir, "sft")]
+    if "best_of_n" not in cfg.skip:
+        run.stage("best_of_n", {"n": cfg.bon_n, "t": cfg.temperature, "eval": cfg.eval}, ["rm"],
+                  lambda d: stage_best_of_n(cfg, sft_dir, rm_dir, d))
+        entries.append((f"responses:{out / 'best_of_n' / 'best.jsonl'}", f"best-of-{cfg.bon_n}"))
+    if "dpo" not in cfg.skip:
+        def do_dpo(d: Path) -> dict:
+            from rlhfkit.algos import dpo
+
+            reset_accelerate()
+            dpo_cfg = from_dict(dpo.DPOConfig, {"seed": cfg.seed, **cfg.dpo, "model": sft_dir,
+                                                "data": str(comparisons / "rankings.jsonl"), "output": str(d)},
+                                "pipeline.dpo")
+            final = dpo.train(dpo_cfg)
+            return {k: v for k, v in final.items() if k.startswith(("dpo/", "train/loss", "train/accuracy"))}
+
+        run.stage("dpo", {"dpo": cfg.dpo}, ["comparisons"], do_dpo)
+        entries.append((str(out / "dpo"), "dpo"))
+    ppo_inputs = ["rm"] + (["rm_heldout"] if held_out else [])
+    if "ppo" not in cfg.skip:
+        run.stage("ppo", {"ppo": cfg.ppo, "ptx": cfg.ptx}, ppo_inputs,
+                  lambda d: train_ppo(cfg, sft_dir, rm_dir, held_out, d))
+        entries.append((str(out / "ppo"), "ppo"))
+    # 8. online rounds: fresh comparisons from the latest policy, the RM retrained on all so far, PPO again
+    policy, all_rankings = str(out / "ppo"), [comparisons / "rankings.jsonl"]
+    for r in range(1, cfg.online_rounds + 1):
+        if "ppo" in cfg.skip:
+            raise UsageError("--online-rounds needs the ppo stage")
+        rd = f"round{r}"
+        run.stage(f"{rd}/comparisons", {"k": cfg.k, "sample": cfg.sample, "round": r},
+                  ["ppo" if r == 1 else f"round{r - 1}/ppo"], lambda d, p=policy, r=r: label(cfg, p, d, cfg.seed + r))
+        all_rankings.append(out / rd / "comparisons" / "rankings.jsonl")
+        merged = out / rd / "all_rankings.jsonl"
+        merged.write_text("".join(p.read_text() for p in all_rankings))
+        run.stage(f"{rd}/rm", {"rm": cfg.rm}, [f"{rd}/comparisons"], lambda d, m=merged: train_rm(cfg, sft_dir,
+                                                                                                 str(m), d))
+        run.stage(f"{rd}/ppo", {"ppo": cfg.ppo, "ptx": cfg.ptx}, [f"{rd}/rm"],
+                  lambda d, rd=rd: train_ppo(cfg, sft_dir, str(out / rd / "rm"), held_out, d))
+        policy = str(out / rd / "ppo")
+        entries.append((policy, f"ppo-{rd}"))
+    # 9. evaluation on held-out prompts, judged by the gold score
+    def do_eval(d: Path) -> dict:
+        from rlhfkit.evaluate.evaluation import EvalConfig, evaluate
+
+        ev = from_dict(EvalConfig, {"temperature": cfg.temperature, "seed": cfg.seed, **cfg.eval,
+                                    "models": [m for m, _ in entries], "labels": [n for _, n in entries],
+                                    "prompts": str(out / "data" / "eval_prompts.jsonl"), "judge": "sim",
+                                    "reference": sft_dir, "output": str(d)}, "pipeline.eval")
+        evaluate(ev)
+        return json.loads((d / "eval.json").read_text())["elo"]
+
+    run.stage("eval", {"eval": cfg.eval, "t": cfg.temperature, "entries": entries},
+              [k for k in run.keys if k != "data"], do_eval)
+    # 10. report
+    paths = report.write(out, cfg, run.summaries, run.seconds)
+    total = time.perf_counter() - start
+    final = {"pipeline/seconds": total, **{f"elo/{k}": v for k, v in run.summaries["eval"].items()}}
+    write_run_json(out, cfg, "pipeline", final, {"stages": run.seconds, "summaries": run.summaries,
+                                                 "preset": cfg.preset, "config": asdict(cfg)})
+    print(f"[pipeline] done in {total / 60:.1f} min: {paths['md']} and {paths['html']}")
+    return final
