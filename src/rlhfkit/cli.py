@@ -94,9 +94,18 @@ def run_algorithm(key: tuple[str, ...], argv: list[str]) -> None:
     print(json.dumps(getattr(module, fn_name)(cfg), default=float))
 
 
+def _label(command: str, argv: list[str]) -> None:
+    from rlhfkit.label.commands import main as label_main  # the web stack only when asked for
+
+    label_main(command, argv)
+
+
 COMMANDS = {
     **{key: (functools.partial(run_algorithm, key), doc) for key, (*_, doc) in ALGORITHMS.items()},
     ("data", "preview"): (_preview, "show rendering, tokens and loss masks of a data file"),
+    ("label", "serve"): (functools.partial(_label, "serve"), "the human-feedback web app (needs the web extra)"),
+    ("label", "users", "add"): (functools.partial(_label, "users add"), "add a labeller and print their token"),
+    ("label", "export"): (functools.partial(_label, "export"), "SFT/pairs/rankings data from collected feedback"),
 }
 
 

@@ -1,0 +1,439 @@
+"""The labelling web app: Starlette, server-rendered pages, and a JSON API that mirrors them.
+
+Every page and API call needs a session cookie (from signing in with a token at /login) or an
+`Authorization: Bearer TOKEN` header; otherwise 401. Posts made with the cookie must also carry the session's
+CSRF token (form field `csrf` or header `X-CSRF-Token`); bearer calls need none, since a browser never adds that
+header by itself. Feedback endpoints take JSON (the API; 201 with the new id) or a form (the pages; 303 back to
+the page). Bad input stores nothing and gets a clear 4xx: malformed body 400, unknown item 404, invalid field 422,
+replayed submission id 409, body over the size limit 413.
+
+The database is used from the event loop thread only (short transactions; SQLite serialises writers anyway);
+generation runs in a worker thread, one at a time, so pages stay responsive while a model samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from rlhfkit.label import pages, store
+from rlhfkit.label.store import User
+
+COOKIE = "rlhfkit_session"
+FEEDBACK = {"prompts": "prompt", "demonstrations": "demonstration", "rankings": "ranking",
+            "comparisons": "comparison", "ratings": "rating"}
+PAGE_OF = {"prompt": "/prompt", "demonstration": "/demonstrate", "ranking": "/rank", "comparison": "/chat",
+           "rating": "/rate"}
+INT_FIELDS = ("prompt_id", "item_id", "response_a", "response_b", "response_id", "supersedes")
+JSON_FIELDS = ("ranking", "flags")
+FLAGS = ("harmful or offensive", "makes things up", "contains personal information", "unreadable")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How the served models sample; stored with every response."""
+
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    rank_k: int = 4
+
+
+def model_revision(name: str) -> str:
+    """A short hash of the weights and config (so records tell checkpoints of one name apart)."""
+    from rlhfkit import models
+
+    src = models.resolve(name)
+    if src.path is None:
+        return "random-init-seed0"
+    path = Path(src.path)
+    if not path.is_dir():
+        return "hub"
+    digest = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("config.json")):
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+class Models:
+    """The served models, sampled one call at a time (an engine is not thread-safe)."""
+
+    def __init__(self, names: list[str], batch_size: int = 8):
+        self.names = list(names)
+        self.engines, self.revisions = {}, {}
+        if names:
+            from rlhfkit import models
+            from rlhfkit.rollout.hf import HFEngine
+
+            for name in names:
+                tok = models.load_tokenizer(name)
+                self.engines[name] = HFEngine(models.load_causal_lm(name, tokenizer=tok), tok, batch_size)
+                self.revisions[name] = model_revision(name)
+
+    def sample(self, context: list[dict], picks: list[str], gen: Generation) -> list[tuple[str, str, dict, str]]:
+        """One response per entry of `picks` (model names), in that order: (model, revision, settings, text).
+        Each model samples all of its responses in one batched call; settings record the seed and the sample's
+        index, which together fix the sample (see rlhfkit.rollout)."""
+        from rlhfkit.rollout import SamplingParams
+
+        out: list = [None] * len(picks)
+        for name in dict.fromkeys(picks):
+            slots = [i for i, p in enumerate(picks) if p == name]
+            params = SamplingParams(n=len(slots), temperature=gen.temperature, top_p=gen.top_p,
+                                    max_new_tokens=gen.max_new_tokens, seed=random.randrange(2**31))
+            texts = self.engines[name].generate([context], params).texts
+            for j, (slot, text) in enumerate(zip(slots, texts)):
+                settings = {"temperature": params.temperature, "top_p": params.top_p,
+                            "max_new_tokens": params.max_new_tokens, "seed": params.seed, "sample_index": j}
+                out[slot] = (name, self.revisions[name], settings, text)
+        return out
+
+
+# --- the request pipeline: size limit, authentication, CSRF, body parsing ------------------------------------
+
+class BodyLimit:
+    """413 for bodies over `max_bytes`: by Content-Length up front, else while the body streams in."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return await JSONResponse({"error": f"request body over {self.max_bytes} bytes"}, 413)(
+                scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def wants_html(request: Request) -> bool:
+    return not request.url.path.startswith("/api/")
+
+
+def authenticate(request: Request) -> tuple[User, str | None]:
+    """The signed-in user and the session's CSRF token (None for bearer tokens), or 401."""
+    engine = request.app.state.db
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        user = store.user_by_token(engine, auth[7:].strip())
+        if user:
+            return user, None
+    elif request.cookies.get(COOKIE):
+        found = store.session_user(engine, request.cookies[COOKIE])
+        if found:
+            return found
+    raise HTTPException(401, "sign in first: a session cookie or an 'Authorization: Bearer TOKEN' header")
+
+
+async def read_body(request: Request, csrf: str | None) -> tuple[dict, bool]:
+    """The posted fields and whether they came from a form; checks the CSRF token of cookie sessions."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip()
+    if ctype == "application/json":
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise HTTPException(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPException(400, "the body must be a JSON object")
+        sent_csrf, is_form = request.headers.get("x-csrf-token"), False
+    elif ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        body = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+        sent_csrf, is_form = body.pop("csrf", None) or request.headers.get("x-csrf-token"), True
+        for key in INT_FIELDS:
+            if key in body:
+                body[key] = None if body[key] == "" else int(body[key]) if body[key].isdigit() else body[key]
+        for key in JSON_FIELDS:
+            if key in body:
+                try:
+                    body[key] = json.loads(body[key])
+                except ValueError:
+                    raise HTTPException(400, f"{key} is not valid JSON") from None
+    else:
+        raise HTTPException(415, "send application/json or a form")
+    if csrf is not None and sent_csrf != csrf:
+        raise HTTPException(403, "missing or wrong CSRF token; reload the page")
+    return body, is_form
+
+
+def error_response(request: Request, status: int, message: str) -> Response:
+    if not wants_html(request):
+        return JSONResponse({"error": message}, status)
+    if status == 401:
+        return pages.render("login.html", status=401, error=None, user=None, csrf="")
+    return pages.render("error.html", status=status, message=message, user=None, csrf="")
+
+
+async def on_error(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status", None) or getattr(exc, "status_code", 500)
+    return error_response(request, status, str(getattr(exc, "detail", None) or exc))
+
+
+# --- sign in / out ------------------------------------------------------------------------------------------
+
+async def login_page(request: Request) -> Response:
+    return pages.render("login.html", error=None, user=None, csrf="")
+
+
+async def login(request: Request) -> Response:
+    form = await request.form()
+    user = store.user_by_token(request.app.state.db, str(form.get("token", "")).strip())
+    if user is None:
+        return pages.render("login.html", status=401, error="Unknown token.", user=None, csrf="")
+    cookie, _ = store.new_session(request.app.state.db, user)
+    response = RedirectResponse("/", 303)
+    response.set_cookie(COOKIE, cookie, httponly=True, samesite="strict", path="/")
+    return response
+
+
+async def logout(request: Request) -> Response:
+    _, csrf = authenticate(request)
+    await read_body(request, csrf)
+    store.end_session(request.app.state.db, request.cookies.get(COOKIE, ""))
+    response = RedirectResponse("/login", 303)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+# --- feedback -----------------------------------------------------------------------------------------------
+
+async def submit(request: Request) -> Response:
+    """POST /api/{prompts,demonstrations,rankings,comparisons,ratings}: store one submission."""
+    user, csrf = authenticate(request)
+    if request.path_params["kind"] not in FEEDBACK:
+        raise HTTPException(404, f"no endpoint /api/{request.path_params['kind']}")
+    kind = FEEDBACK[request.path_params["kind"]]
+    body, is_form = await read_body(request, csrf)
+    record_id = store.submit(request.app.state.db, user, kind, body)  # committed before we answer
+    if is_form:
+        return RedirectResponse(f"{PAGE_OF[kind]}?saved={kind}", 303)
+    return JSONResponse({"kind": kind, "id": record_id, "submission_id": body["submission_id"]}, 201)
+
+
+async def generate(request: Request, context: list[dict], picks: list[str]) -> list[tuple]:
+    app = request.app.state
+    if not app.models.names:
+        raise HTTPException(503, "this server was started without --model, so it cannot generate responses")
+    async with app.generate_lock:
+        return await run_in_threadpool(app.models.sample, context, picks, app.generation)
+
+
+def public_response(row: dict) -> dict:
+    """A response as a labeller sees it: no model name, so comparisons stay blind."""
+    return {"id": row["id"], "text": row["text"]}
+
+
+async def queue(request: Request) -> Response:
+    """GET /api/queue/{demonstration,ranking,rating}: the next item this labeller has not seen (made if need be)."""
+    user, _ = authenticate(request)
+    item = await next_item(request, user, request.path_params["kind"])
+    return JSONResponse({"item": item})
+
+
+async def next_item(request: Request, user: User, kind: str) -> dict | None:
+    if kind not in ("demonstration", "ranking", "rating"):
+        raise HTTPException(404, f"no queue {kind!r}; queues: demonstration, ranking, rating")
+    app = request.app.state
+    db = app.db
+    async with app.queue_lock:  # two labellers asking at once must not both make an item for one prompt
+        item_id = store.next_item(db, user, kind)
+        if item_id is None and kind != "demonstration":
+            item_id = await make_item(request, user, kind)
+    if item_id is None:
+        return None
+    if kind == "demonstration":
+        prompt = store.get(db, store.prompts, item_id, "prompt")
+        return {"prompt_id": prompt["id"], "prompt": prompt["text"]}
+    if kind == "ranking":
+        item = store.get(db, store.rank_items, item_id, "rank item")
+        shown = [store.get(db, store.responses, r, "response") for r in item["response_ids"]]
+        return {"item_id": item_id, "prompt_id": item["prompt_id"], "context": shown[0]["context"],
+                "responses": [public_response(r) for r in shown]}
+    response = store.get(db, store.responses, item_id, "response")
+    return {"response_id": item_id, "prompt_id": response["prompt_id"], "context": response["context"],
+            "response": public_response(response)}
+
+
+async def make_item(request: Request, user: User, kind: str) -> int | None:
+    """A new rank item (K responses, the models taking turns) or a new response to rate, for the newest prompt
+    without a rank item (or, for ratings, any prompt)."""
+    app = request.app.state
+    if not app.models.names:
+        return None
+    prompt_id = store.unranked_prompt(app.db) if kind == "ranking" else store.latest_prompt(app.db)
+    if prompt_id is None:
+        return None
+    context = [{"role": "user", "content": store.get(app.db, store.prompts, prompt_id, "prompt")["text"]}]
+    k = app.generation.rank_k if kind == "ranking" else 1
+    names, start = app.models.names, random.randrange(len(app.models.names))
+    picks = [names[(start + i) % len(names)] for i in range(k)]
+    random.shuffle(picks)  # the order shown says nothing about which model wrote what
+    ids = store.add_responses(app.db, user, prompt_id, context, await generate(request, context, picks))
+    item_id = store.add_rank_item(app.db, prompt_id, ids) if kind == "ranking" else ids[0]
+    store.hand_out(app.db, user, kind, item_id)
+    return item_id
+
+
+async def chat_turn(request: Request) -> Response:
+    """POST /api/chat/turn {messages, prompt_id?}: two candidate replies for the conversation so far, from two
+    different models when more than one is served. The first user message becomes a prompt (its id comes back;
+    send it with later turns)."""
+    user, csrf = authenticate(request)
+    body, _ = await read_body(request, csrf)
+    db = request.app.state.db
+    messages = store.check_messages(body.get("messages"))
+    prompt_id = body.get("prompt_id")
+    if prompt_id is None:
+        first = next(m["content"] for m in messages if m["role"] == "user")
+        prompt_id = store.submit(db, user, "prompt", {"submission_id": str(uuid.uuid4()), "text": first})
+    else:
+        store.get(db, store.prompts, prompt_id, "prompt")
+    names = request.app.state.models.names
+    picks = random.sample(names, 2) if len(names) > 1 else names * 2
+    ids = store.add_responses(db, user, prompt_id, messages, await generate(request, messages, picks))
+    candidates = [public_response(store.get(db, store.responses, i, "response")) for i in ids]
+    return JSONResponse({"prompt_id": prompt_id, "candidates": candidates})
+
+
+# --- reading back -------------------------------------------------------------------------------------------
+
+async def me(request: Request) -> Response:
+    user, _ = authenticate(request)
+    return JSONResponse(asdict(user))
+
+
+async def history(request: Request) -> Response:
+    """GET /api/history: the caller's own records (never anyone else's)."""
+    user, _ = authenticate(request)
+    return JSONResponse(store.history(request.app.state.db, user))
+
+
+async def record(request: Request) -> Response:
+    """GET /api/records/{kind}/{id}: one of the caller's records (admins: anyone's); 404 otherwise."""
+    user, _ = authenticate(request)
+    kind = request.path_params["kind"]
+    if kind not in store.KINDS:
+        raise HTTPException(404, f"no record kind {kind!r}")
+    row = store.get(request.app.state.db, store.KINDS[kind], request.path_params["id"], kind)
+    if row["labeller_id"] != user.id and not user.is_admin:
+        raise HTTPException(404, f"no {kind} {row['id']}")  # the same answer as for a missing record
+    return JSONResponse(row)
+
+
+async def admin_stats(request: Request) -> Response:
+    user, _ = authenticate(request)
+    if not user.is_admin:
+        raise HTTPException(403, "admins only")
+    return JSONResponse(store.stats(request.app.state.db))
+
+
+# --- pages --------------------------------------------------------------------------------------------------
+
+async def page(request: Request) -> Response:
+    """The HTML pages: the same data as the API, rendered on the server (everything typed is escaped)."""
+    user, csrf = authenticate(request)
+    name = request.path_params.get("page", "home")
+    db = request.app.state.db
+    common = {"user": user, "csrf": csrf or "", "saved": request.query_params.get("saved"),
+              "submission_id": str(uuid.uuid4())}
+    if name == "home":
+        return pages.render("home.html", counts={k: len(v) for k, v in store.history(db, user).items()}, **common)
+    if name == "prompt":
+        return pages.render("prompt.html", **common)
+    if name in ("demonstrate", "rank", "rate"):
+        kind = {"demonstrate": "demonstration", "rank": "ranking", "rate": "rating"}[name]
+        item = await next_item(request, user, kind)
+        return pages.render(f"{name}.html", item=item, flags=FLAGS, can_generate=bool(request.app.state.models.names),
+                            **common)
+    if name == "chat":
+        return pages.render("chat.html", strengths=store.STRENGTHS, **common)
+    if name == "history":
+        return pages.render("history.html", records=store.history(db, user), **common)
+    if name == "admin":
+        if not user.is_admin:
+            raise HTTPException(403, "admins only")
+        return pages.render("admin.html", stats=store.stats(db), **common)
+    raise HTTPException(404, f"no page /{name}")
+
+
+async def static(request: Request) -> Response:
+    name = request.path_params["name"]
+    if name not in pages.STATIC:
+        raise HTTPException(404, "no such file")
+    body, media = pages.STATIC[name]
+    return Response(body, media_type=media, headers={"Cache-Control": "no-cache"})
+
+
+class SecurityHeaders:
+    """No inline script runs (CSP), pages are not framed, content types are not sniffed."""
+
+    HEADERS = [(b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; "
+                                            b"img-src 'self'; frame-ancestors 'none'; form-action 'self'"),
+               (b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff"),
+               (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store")]
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                names = {k.lower() for k, _ in message["headers"]}
+                message["headers"] = list(message["headers"]) + [h for h in self.HEADERS if h[0] not in names]
+            await send(message)
+
+        await self.app(scope, receive, with_headers if scope["type"] == "http" else send)
+
+
+def create_app(db: str, models: Models | None = None, generation: Generation | None = None,
+               max_body_bytes: int = 64 * 1024) -> Starlette:
+    """The app over database `db` (a path or SQLAlchemy URL), sampling from `models` (none: no generation)."""
+    from starlette.middleware import Middleware
+
+    routes = [
+        Route("/login", login_page, methods=["GET"]),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/static/{name}", static),
+        Route("/api/me", me),
+        Route("/api/history", history),
+        Route("/api/records/{kind}/{id:int}", record),
+        Route("/api/admin/stats", admin_stats),
+        Route("/api/queue/{kind}", queue),
+        Route("/api/chat/turn", chat_turn, methods=["POST"]),
+        Route("/api/{kind:str}", submit, methods=["POST"]),
+        Route("/", page),
+        Route("/{page}", page),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: on_error, store.StoreError: on_error},
+                    middleware=[Middleware(SecurityHeaders), Middleware(BodyLimit, max_bytes=max_body_bytes)])
+    app.state.db = store.open_engine(db)
+    app.state.models = models or Models([])
+    app.state.generation = generation or Generation()
+    app.state.generate_lock = asyncio.Lock()
+    app.state.queue_lock = asyncio.Lock()
+    return app

@@ -1,0 +1,69 @@
+"""Fixtures for the labelling app: a database with people in it, the app over it, clients signed in as them."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+pytest.importorskip("starlette", reason="the labelling app needs the web extra: pip install -e .[web]")
+pytest.importorskip("httpx", reason="starlette's TestClient needs httpx (in the dev extra)")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Two different tiny models (tiny-llama and a copy with other random weights), so A/B turns compare
+    models; 8 new tokens at most."""
+    from rlhfkit import models
+    from rlhfkit.label.server import Models
+
+    other = tmp_path_factory.mktemp("models") / "tiny-other"
+    tok = models.load_tokenizer("tiny-llama")
+    models.save_causal_lm(models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok), tok, other)
+    return Models(["tiny-llama", str(other)], batch_size=4)
+
+
+@pytest.fixture
+def generation():
+    from rlhfkit.label.server import Generation
+
+    return Generation(temperature=1.0, top_p=1.0, max_new_tokens=8, rank_k=4)
+
+
+class Person:
+    """A signed-in labeller talking to the JSON API with a bearer token."""
+
+    def __init__(self, client, name: str, token: str):
+        self.client, self.name, self.token = client, name, token
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def get(self, url, **kw):
+        return self.client.get(url, headers=self.headers, **kw)
+
+    def post(self, url, body=None, **kw):
+        return self.client.post(url, json=body, headers=self.headers, **kw)
+
+    def submit(self, endpoint: str, **fields):
+        return self.post(f"/api/{endpoint}", {"submission_id": str(uuid.uuid4()), **fields})
+
+
+@pytest.fixture
+def lab(tmp_path, tiny_models, generation):
+    """The app over a fresh database, with labellers ann and bob and admin ada: (client, people, engine)."""
+    from starlette.testclient import TestClient
+
+    from rlhfkit.label import server, store
+
+    db = str(tmp_path / "label.sqlite")
+    app = server.create_app(db, tiny_models, generation, max_body_bytes=16 * 1024)
+    engine = app.state.db
+    tokens = {name: store.add_user(engine, name, admin=(name == "ada")) for name in ("ann", "bob", "ada")}
+    with TestClient(app) as client:
+        yield client, {n: Person(client, n, t) for n, t in tokens.items()}, engine
+
+
+def count(engine, table) -> int:
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
