@@ -1,0 +1,65 @@
+"""From people to a model: A/B comparisons made through the API are exported (by the CLI, as a user would) and
+train a reward model; the CLI's users add / export / serve --help behave."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli, train_losses
+
+
+def test_comparisons_exported_train_a_reward_model(lab, tmp_path, one_thread):
+    from rlhfkit.algos.reward import RMConfig, train
+
+    client, people, engine = lab
+    for person, opener in [(people["ann"], "Hi there"), (people["bob"], "Good morning"), (people["ann"], "Hey")]:
+        turn = person.post("/api/chat/turn", {"messages": [{"role": "user", "content": opener}]}).json()
+        a, b = turn["candidates"]
+        r = person.submit("comparisons", response_a=a["id"], response_b=b["id"], choice="a", strength="better")
+        assert r.status_code == 201
+    db = str(engine.url).removeprefix("sqlite:///")
+    out = tmp_path / "pairs"
+    summary = json.loads(run_cli("label", "export", "--db", db, "--kind", "pairs", "--split-by", "labeller",
+                                 "--output", str(out), "--val-fraction", "0.3").stdout)
+    assert (summary["train"], summary["validation"]) in [(2, 1), (1, 2)]
+    rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    assert all(r["prompt"] in ("Hi there", "Good morning", "Hey") and r["chosen"] != r["rejected"] for r in rows)
+    data = out / "all.jsonl"
+    data.write_text((out / "train.jsonl").read_text() + (out / "validation.jsonl").read_text())
+    train(RMConfig(model="tiny-llama", data=str(data), output=str(tmp_path / "rm"), max_steps=2, batch_size=2,
+                   dtype="fp32", val_fraction=0.0))
+    metrics = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["data/examples"] == 3  # every exported comparison was read
+    assert len(train_losses(tmp_path / "rm")) == 2 and (tmp_path / "rm" / "model.safetensors").is_file()
+
+
+def test_cli_users_add_and_errors(tmp_path):
+    db = str(tmp_path / "cli.sqlite")
+    proc = run_cli("label", "users", "add", "--db", db, "--name", "ann", "--admin")
+    token = proc.stdout.strip()
+    assert len(token) >= 30 and "token" in proc.stderr
+    from rlhfkit.label import store
+
+    engine = store.open_engine(db)
+    user = store.user_by_token(engine, token)
+    engine.dispose()
+    assert user.name == "ann" and user.is_admin
+    again = run_cli("label", "users", "add", "--db", db, "--name", "ann", check=False)
+    assert again.returncode == 1 and "exists already" in again.stderr and "Traceback" not in again.stderr
+    nameless = run_cli("label", "users", "add", "--db", db, check=False)
+    assert nameless.returncode == 2 and "--name is required" in nameless.stderr
+    bad = run_cli("label", "export", "--db", db, "--kind", "essays", check=False)
+    assert bad.returncode == 2 and "essays" in bad.stderr
+    helped = run_cli("label", "serve", "--help")
+    assert "--model" in helped.stdout and "127.0.0.1" in helped.stdout
+
+
+@pytest.mark.parametrize("argv, models", [(["--model", "a", "--model", "b", "--port", "1"], ["a", "b"]),
+                                          (["--model", "a", "b"], ["a", "b"]), (["--model=a"], ["a"]), ([], [])])
+def test_serve_takes_repeated_models(argv, models):
+    from rlhfkit.config import parse_args
+    from rlhfkit.label.commands import ServeConfig, repeated_as_list
+
+    assert parse_args(ServeConfig, repeated_as_list(argv, "model")).model == models
