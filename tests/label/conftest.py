@@ -6,9 +6,6 @@ import uuid
 
 import pytest
 
-pytest.importorskip("starlette", reason="the labelling app needs the web extra: pip install -e .[web]")
-pytest.importorskip("httpx", reason="starlette's TestClient needs httpx (in the dev extra)")
-
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):

@@ -13,12 +13,11 @@ import threading
 import time
 import uuid
 
-import pytest
+import httpx
 import sqlalchemy as sa
 
 from rlhfkit.label import store
 
-httpx = pytest.importorskip("httpx")
 PEOPLE, EACH = 20, 50
 
 
