@@ -51,14 +51,14 @@ STAGES = ("data", "sft", "comparisons", "rm", "ppo", "dpo", "best_of_n", "online
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
-        "model": "smollm2-135m", "suite_size": 2000, "sft_prompts": 0, "rm_prompts": 256, "rl_prompts": 0,
+        "model": "smollm2-135m", "suite_size": 2000, "sft_prompts": 400, "rm_prompts": 256, "rl_prompts": 0,
         "eval_prompts": 0, "k": 4, "bon_n": 16, "robustness": False, "ptx": False, "temperature": 0.7,
-        "sft": {"lr": 1e-4, "batch_size": 16, "epochs": 1, "max_length": 256, "packing": True,
-                "val_fraction": 0.05, "warmup_ratio": 0.05},
+        "sft": {"lr": 5e-5, "batch_size": 16, "epochs": 2, "max_length": 256, "val_fraction": 0.05,
+                "warmup_ratio": 0.05},
         "rm": {"lr": 3e-5, "batch_size": 8, "epochs": 1, "max_length": 256, "val_fraction": 0.1,
                "warmup_ratio": 0.05},
         "ppo": {"advantage": "rloo", "iterations": 16, "rollout_prompts": 16, "n_samples": 4, "max_new_tokens": 48,
-                "lr": 1e-5, "kl_coef": 0.05, "minibatch_size": 64, "batch_size": 16, "temperature": 1.0},
+                "lr": 1e-5, "kl_coef": 0.03, "minibatch_size": 16, "batch_size": 16, "temperature": 1.0},
         "dpo": {"lr": 1e-5, "beta": 0.1, "batch_size": 8, "max_steps": 40, "max_length": 256},
         "sample": {"max_new_tokens": 48, "temperature": 1.0, "batch_size": 128},
         "eval": {"max_new_tokens": 48, "batch_size": 128},
@@ -99,9 +99,9 @@ class PipelineConfig:
     suite_size: int | None = None
     """Prompts in the built-in task suite before splitting into SFT/RM/RL/eval."""
     sft_prompts: int | None = None
-    """SFT demonstrations to use (0: the whole SFT split)."""
+    """SFT demonstrations to use, the families taken in turn (0: the whole SFT split)."""
     rm_prompts: int | None = None
-    """RM prompts to collect comparisons on (0: the whole RM split)."""
+    """RM prompts to collect comparisons on, the families taken in turn (0: the whole RM split)."""
     rl_prompts: int | None = None
     """PPO prompts (0: the whole RL split)."""
     eval_prompts: int | None = None
@@ -150,7 +150,23 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
             values[f.name] = {**theirs, **mine}
         elif mine is None:
             values[f.name] = theirs
-    return replace(cfg, **values)
+    resolved = replace(cfg, **values)
+    check_stage_options(resolved)
+    return resolved
+
+
+def check_stage_options(cfg: PipelineConfig) -> None:
+    """A typo in a stage's overrides fails before any stage runs, naming the stage and the key."""
+    from rlhfkit.algos.dpo import DPOConfig
+    from rlhfkit.algos.generate import SamplingConfig
+    from rlhfkit.algos.ppo import PPOConfig
+    from rlhfkit.algos.reward import RMConfig
+    from rlhfkit.algos.sft import SFTConfig
+    from rlhfkit.evaluate.evaluation import EvalConfig
+
+    for name, cls in (("sft", SFTConfig), ("rm", RMConfig), ("ppo", PPOConfig), ("dpo", DPOConfig),
+                      ("sample", SamplingConfig), ("eval", EvalConfig)):
+        from_dict(cls, getattr(cfg, name), f"pipeline.{name}")
 
 
 # --- stages: each returns a summary dict; `Run.stage` skips what is already complete ----------------------------
@@ -208,18 +224,26 @@ def limited(items: list, n: int) -> list:
     return items[:n] if n else items
 
 
+def interleaved(split: list[tasks.Task]) -> list[tasks.Task]:
+    """The split's tasks taking the families in turn, so a limit keeps them balanced (most prompts of the suite
+    are of the length family, which has the most distinct prompts)."""
+    by_family = [[t for t in split if t.family == f] for f in tasks.FAMILIES]
+    return [group[i] for i in range(max(map(len, by_family))) for group in by_family if i < len(group)]
+
+
 def stage_data(cfg: PipelineConfig, d: Path) -> dict:
     """Splits of the suite as files: demonstrations (SFT data) and prompt rows that carry the gold task."""
     rng = random.Random(cfg.seed)
     suite = tasks.build_suite(cfg.suite_size, cfg.seed)
     split = {name: [t for t in suite if tasks.split_of(t) == name] for name in tasks.SPLITS}
-    sft = limited(split["sft"], cfg.sft_prompts)
+    sft = limited(interleaved(split["sft"]), cfg.sft_prompts)
     write_rows(d / "sft.jsonl", [{"messages": [{"role": "user", "content": t.prompt},
                                                {"role": "assistant", "content": tasks.demonstration(t, rng)}]}
                                  for t in sft])
     counts = {"sft": len(sft)}
     for name, n in (("rm", cfg.rm_prompts), ("rl", cfg.rl_prompts), ("eval", cfg.eval_prompts)):
-        rows = [tasks.to_row(t) for t in limited(split[name], n)]
+        # RM and RL prompts balanced across families; evaluation keeps the suite's own mix
+        rows = [tasks.to_row(t) for t in limited(split[name] if name == "eval" else interleaved(split[name]), n)]
         write_rows(d / f"{name}_prompts.jsonl", rows)
         counts[name] = len(rows)
     return {"prompts": counts}

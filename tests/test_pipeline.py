@@ -1,0 +1,87 @@
+"""`rlhfkit pipeline --preset tiny`: the whole recipe end to end on tiny-llama, its report, and reruns that skip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhfkit import UsageError
+from rlhfkit.pipeline import PipelineConfig, resolve
+from rlhfkit.sim import tasks
+from rlhfkit.tracking import read_metrics
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    proc = run_cli("pipeline", "--preset", "tiny", "--online-rounds", "1", "--output", str(out), timeout=600)
+    return out, proc
+
+
+def test_tiny_pipeline_runs_every_stage_and_writes_the_report(tiny_run):
+    out, proc = tiny_run
+    for stage in ("data", "sft", "comparisons", "rm", "rm_heldout", "ppo", "dpo", "best_of_n", "round1/comparisons",
+                  "round1/rm", "round1/ppo", "eval"):
+        assert json.loads((out / stage / "stage.json").read_text())["key"], stage
+    # comparisons: K ranked responses per RM prompt, a labeller id each, indices forming a valid ranking
+    rows = [json.loads(line) for line in (out / "comparisons" / "rankings.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and all(len(r["responses"]) == 3 for r in rows)
+    for r in rows:
+        flat = sorted(i for g in r["ranking"] for i in (g if isinstance(g, list) else [g]))
+        assert flat == [0, 1, 2] and r["labeller"].startswith("L")
+        assert r["gold"] == [tasks.gold_score(tasks.from_row(r), t) for t in r["responses"]]
+    # PPO logged the gold score and the held-out RM beside its own proxy, every iteration
+    ppo_rows = read_metrics(out / "ppo")
+    assert len(ppo_rows) == 3 and all("monitor/gold_reward" in m and "monitor/rm_rm_heldout" in m for m in ppo_rows)
+    # evaluation: every model, the round's policy included, with Elo and win rates
+    ev = json.loads((out / "eval" / "eval.json").read_text())
+    assert list(ev["models"]) == ["base", "sft", "best-of-4", "dpo", "ppo", "ppo-round1"]
+    assert ev["prompts"] == 16 and sum(ev["elo"].values()) / 6 == pytest.approx(1000)
+    md = (out / "report.md").read_text()
+    for heading in ("Results on held-out prompts", "Helpful and harmless", "Reward model", "Over-optimisation",
+                    "Training curves"):
+        assert f"## {heading}" in md
+    assert "| ppo-round1 |" in md
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "<script" not in page
+    for png in ("reward_vs_sqrt_kl.png", "training_curves.png", "eval/elo.png", "rm/reliability.png"):
+        assert (out / png).stat().st_size > 1000
+    assert json.loads((out / "run.json").read_text())["final_metrics"]["elo/ppo"] > 0
+
+
+def test_rerun_skips_complete_stages_and_a_changed_stage_reruns_with_what_follows(tiny_run):
+    out, _ = tiny_run
+    before = (out / "eval" / "eval.json").read_text()
+    proc = run_cli("pipeline", "--preset", "tiny", "--output", str(out), "--skip", "ppo", check=False)
+    # skipping ppo changes the evaluated models: data..dpo are reused, eval reruns
+    assert proc.returncode == 0, proc.stderr
+    for stage in ("data", "sft", "comparisons", "rm", "dpo", "best_of_n"):
+        assert f"[pipeline] {stage}: complete" in proc.stdout
+    assert "[pipeline] eval: running" in proc.stdout
+    assert (out / "eval" / "eval.json").read_text() != before
+    assert "ppo" not in json.loads((out / "eval" / "eval.json").read_text())["models"]
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"preset": "huge"}, "--preset 'huge': expected one of default, tiny"),
+    ({"skip": ["sft"]}, "--skip 'sft': only dpo, best_of_n and ppo can be skipped"),
+    ({"feedback": "db:labels.sqlite"}, "human comparisons"),
+])
+def test_config_errors(kw, msg):
+    with pytest.raises(UsageError, match=msg):
+        resolve(PipelineConfig(**kw))
+
+
+def test_preset_values_sit_under_the_users(tmp_path):
+    cfg = resolve(PipelineConfig(preset="tiny", k=5, sft={"lr": 0.5}))
+    assert cfg.model == "tiny-llama" and cfg.k == 5
+    assert cfg.sft["lr"] == 0.5 and cfg.sft["max_steps"] == 12  # merged, not replaced
+
+
+def test_stage_override_typo_names_the_stage(tmp_path):
+    proc = run_cli("pipeline", "--preset", "tiny", "--output", str(tmp_path / "p"), "--sft", "{lrr: 0.1}",
+                   check=False)
+    assert proc.returncode == 2 and "pipeline.sft: unknown config key 'lrr'; did you mean --lr?" in proc.stderr
