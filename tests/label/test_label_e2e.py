@@ -33,6 +33,17 @@ def test_comparisons_exported_train_a_reward_model(lab, tmp_path, one_thread):
     metrics = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["data/examples"] == 3  # every exported comparison was read
     assert len(train_losses(tmp_path / "rm")) == 2 and (tmp_path / "rm" / "model.safetensors").is_file()
+    # the same comparisons are games between the two served models: Elo from people's choices
+    ev_dir = tmp_path / "eval"
+    run_cli("eval", "--judge", f"db:{db}", "--output", str(ev_dir), "--bootstrap", "50")
+    ev = json.loads((ev_dir / "eval.json").read_text())
+    assert ev["games"] == 3 and len(ev["elo"]) == 2 and sum(ev["elo"].values()) / 2 == pytest.approx(1000)
+    (a_name, b_name) = sorted(ev["elo"])
+    wr = ev["win_rates"][a_name][b_name]
+    assert wr["n"] == 3 and wr["win_rate"] + ev["win_rates"][b_name][a_name]["win_rate"] == pytest.approx(1)
+    assert (ev_dir / "elo.png").is_file() and "3 human A/B comparisons" in (ev_dir / "eval.md").read_text()
+    missing = run_cli("eval", "--judge", f"db:{tmp_path / 'nope.sqlite'}", "--output", str(ev_dir), check=False)
+    assert missing.returncode == 2 and "database not found" in missing.stderr
 
 
 def test_cli_users_add_and_errors(tmp_path):

@@ -11,7 +11,8 @@ One run, top to bottom:
      Monte-Carlo KL of each model to it on its own samples
   6. eval.json, eval.md and elo.png in OUTPUT
 
-Not yet: the `db:FILE` judge (human comparisons from the labelling app) and noisy simulated judges.
+With `--judge db:FILE` steps 1–3 are replaced by the labelling app's A/B comparisons (each one a game between
+the two models whose responses were compared), and step 5 has no scores or KL, only win rates and Elo.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class EvalConfig:
     prompts: str = "sim:eval"
     """sim:SPLIT (the built-in task's split, judged by its gold score) or a prompts file."""
     judge: str = "sim"
-    """sim (gold score of the built-in task) or rm:DIR (a reward model from `rlhfkit rm`)."""
+    """sim (gold score of the built-in task), rm:DIR (a reward model from `rlhfkit rm`) or db:FILE (people's A/B
+    comparisons from `rlhfkit label serve`: no sampling; the models are those the comparisons name)."""
     output: str = "runs/eval"
     """Output directory: eval.json, eval.md, elo.png, run.json."""
     reference: str | None = None
@@ -137,7 +139,39 @@ def judge_scores(cfg: EvalConfig, prompts, task_list, texts: list[str], precisio
     raise UsageError(f"--judge {cfg.judge!r}: expected sim or rm:DIR (db:FILE is not built yet)")
 
 
+def evaluate_db(cfg: EvalConfig) -> dict:
+    """Win rates and Elo from people's A/B comparisons in a labelling-app database."""
+    from rlhfkit.label.store import comparison_games
+
+    db = cfg.judge[3:]
+    if "://" not in db and not Path(db).is_file():
+        raise UsageError(f"--judge {cfg.judge}: database not found: {db}")
+    games = comparison_games(db)
+    explicit = cfg.models != EvalConfig().models
+    if explicit:  # only the games between the models asked for
+        games = [g for g in games if g[0] in cfg.models and g[1] in cfg.models]
+    if not games:
+        raise UsageError(f"--judge {cfg.judge}: no A/B comparisons between two different models"
+                         + (f" among {', '.join(cfg.models)}" if explicit else ""))
+    names = sorted({m for a, b, _ in games for m in (a, b)})
+    played = {m: sum(m in (a, b) for a, b, _ in games) for m in names}
+    result = {"prompts": len(games), "judge": cfg.judge, "games": len(games),
+              "models": {m: {"games": played[m]} for m in names},
+              "win_rates": winrates.win_rate_matrix(games), "elo": elo_ratings(games),
+              "elo_interval": elo_bootstrap(games, n=cfg.bootstrap, seed=cfg.seed)}
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    (out / "eval.md").write_text(markdown(result))
+    plot_elo(result, out / "elo.png")
+    final = {f"eval/elo/{m}": v for m, v in result["elo"].items()}
+    write_run_json(out, cfg, "eval", final)
+    return final
+
+
 def evaluate(cfg: EvalConfig) -> dict:
+    if cfg.judge.startswith("db:"):
+        return evaluate_db(cfg)
     if len(cfg.models) < 1:
         raise UsageError("--models needs at least one model")
     precision = models.mixed_precision(cfg.dtype)
@@ -211,14 +245,16 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def markdown(result: dict) -> str:
     names = list(result["models"])
-    lines = [f"# Evaluation: {result['prompts']} prompts, judge {result['judge']}", "",
+    what = f"{result['games']} human A/B comparisons" if "games" in result else f"{result['prompts']} prompts"
+    lines = [f"# Evaluation: {what}, judge {result['judge']}", "",
              "| model | Elo (95% CI) | mean score | mean length | KL to reference |", "|---|---|---|---|---|"]
     for m in names:
         s = result["models"][m]
         elo = (f"{result['elo'][m]:.0f} ({result['elo_interval'][m][0]:.0f}–{result['elo_interval'][m][1]:.0f})"
                if "elo" in result else "—")
-        kl = f"{s['kl_to_reference']:.2f}" if "kl_to_reference" in s else "—"
-        lines.append(f"| {m} | {elo} | {s['mean_score']:.3f} | {s['mean_length']:.1f} | {kl} |")
+        cells = [f"{s[k]:{f}}" if k in s else "—" for k, f in (("mean_score", ".3f"), ("mean_length", ".1f"),
+                                                               ("kl_to_reference", ".2f"))]
+        lines.append(f"| {m} | {elo} | " + " | ".join(cells) + " |")
     if "win_rates" in result:
         lines += ["", "Win rate of the row model against the column model (95% Wilson interval):", "",
                   "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
