@@ -52,7 +52,8 @@ STAGES = ("data", "sft", "comparisons", "rm", "ppo", "dpo", "best_of_n", "online
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
         "model": "smollm2-135m", "suite_size": 2000, "sft_prompts": 400, "rm_prompts": 256, "rl_prompts": 0,
-        "eval_prompts": 0, "k": 4, "bon_n": 16, "robustness": False, "ptx": False, "temperature": 0.7,
+        "eval_prompts": 200, "k": 4, "bon_n": 16, "robustness": False, "ptx": False, "temperature": 0.7,
+        "system_prompt": "You are a helpful assistant.",
         "sft": {"lr": 5e-5, "batch_size": 16, "epochs": 2, "max_length": 256, "val_fraction": 0.05,
                 "warmup_ratio": 0.05},
         "rm": {"lr": 3e-5, "batch_size": 8, "epochs": 1, "max_length": 256, "val_fraction": 0.1,
@@ -66,6 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": "tiny-llama", "suite_size": 300, "sft_prompts": 48, "rm_prompts": 24, "rl_prompts": 16,
         "eval_prompts": 16, "k": 3, "bon_n": 4, "robustness": True, "ptx": True, "temperature": 1.0,
+        "system_prompt": "You are a helpful assistant.",
         "sft": {"lr": 1e-2, "batch_size": 8, "max_steps": 12, "max_length": 128, "dtype": "fp32",
                 "val_fraction": 0.0, "schedule": "constant", "warmup_ratio": 0.0},
         "rm": {"lr": 1e-3, "batch_size": 4, "max_steps": 6, "max_length": 128, "dtype": "fp32",
@@ -116,6 +118,9 @@ class PipelineConfig:
     """PPO-ptx: mix the SFT demonstrations' log-likelihood into PPO's updates."""
     temperature: float | None = None
     """Sampling temperature of the evaluation and of best-of-n."""
+    system_prompt: str | None = None
+    """A system turn before every prompt (none: the chat template's own default; SmolLM2's is 20 tokens long,
+    a third of a typical sequence here)."""
     skip: list[str] = field(default_factory=list)
     """Stages to leave out: dpo, best_of_n, ppo (the rest are needed by later stages)."""
     sft: dict = field(default_factory=dict)
@@ -236,14 +241,16 @@ def stage_data(cfg: PipelineConfig, d: Path) -> dict:
     rng = random.Random(cfg.seed)
     suite = tasks.build_suite(cfg.suite_size, cfg.seed)
     split = {name: [t for t in suite if tasks.split_of(t) == name] for name in tasks.SPLITS}
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     sft = limited(interleaved(split["sft"]), cfg.sft_prompts)
-    write_rows(d / "sft.jsonl", [{"messages": [{"role": "user", "content": t.prompt},
-                                               {"role": "assistant", "content": tasks.demonstration(t, rng)}]}
+    write_rows(d / "sft.jsonl", [{"messages": system + [{"role": "user", "content": t.prompt},
+                                                        {"role": "assistant", "content": tasks.demonstration(t, rng)}]}
                                  for t in sft])
     counts = {"sft": len(sft)}
     for name, n in (("rm", cfg.rm_prompts), ("rl", cfg.rl_prompts), ("eval", cfg.eval_prompts)):
         # RM and RL prompts balanced across families; evaluation keeps the suite's own mix
-        rows = [tasks.to_row(t) for t in limited(split[name] if name == "eval" else interleaved(split[name]), n)]
+        rows = [{**tasks.to_row(t), "prompt": system + [{"role": "user", "content": t.prompt}]}
+                for t in limited(split[name] if name == "eval" else interleaved(split[name]), n)]
         write_rows(d / f"{name}_prompts.jsonl", rows)
         counts[name] = len(rows)
     return {"prompts": counts}
@@ -328,8 +335,8 @@ def pipeline(cfg: PipelineConfig) -> dict:
     start = time.perf_counter()
     common = {"model": cfg.model, "seed": cfg.seed}
     # 1. data
-    run.stage("data", {**common, "suite": cfg.suite_size, "limits": [cfg.sft_prompts, cfg.rm_prompts, cfg.rl_prompts,
-                                                                      cfg.eval_prompts]}, [],
+    run.stage("data", {**common, "suite": cfg.suite_size, "system": cfg.system_prompt,
+                       "limits": [cfg.sft_prompts, cfg.rm_prompts, cfg.rl_prompts, cfg.eval_prompts]}, [],
               lambda d: stage_data(cfg, d))
     # 2. SFT
     sft_dir = str(out / "sft")

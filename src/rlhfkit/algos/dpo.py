@@ -165,7 +165,8 @@ def cache_key(cfg: DPOConfig, ref_name: str, splits: dict[str, list[PairExample]
 
 def precomputed_reference(cfg: DPOConfig, tok, splits: dict[str, list[PairExample]], accelerator
                           ) -> dict[str, torch.Tensor]:
-    """Reference log-probs for every split, computed once by the main process and cached in OUTPUT."""
+    """Reference log-probs of the given pairs of every split, computed once by the main process and cached in
+    OUTPUT; each split's table has a row per pair index (the pairs left out, never visited, stay NaN)."""
     path = Path(cfg.output) / "ref_logps.pt"
     ref_name = cfg.ref_model or cfg.model
     key = cache_key(cfg, ref_name, splits)
@@ -174,10 +175,13 @@ def precomputed_reference(cfg: DPOConfig, tok, splits: dict[str, list[PairExampl
         if cached is None or cached.get("key") != key:
             ref = models.load_causal_lm(ref_name, seed=cfg.seed, tokenizer=tok).to(accelerator.device).eval()
             net = models.SelectedLogits(ref)
-            cached = {"key": key, **{name: compute_reference(net, pairs, tok.pad_token_id, cfg.batch_size,
-                                                            accelerator.autocast, accelerator.device,
-                                                            desc=f"reference log-probs ({name})")
-                                     for name, pairs in splits.items()}}
+            cached = {"key": key}
+            for name, pairs in splits.items():
+                table = torch.full((max((p.index for p in pairs), default=-1) + 1, 2), float("nan"))
+                table[[p.index for p in pairs]] = compute_reference(
+                    net, pairs, tok.pad_token_id, cfg.batch_size, accelerator.autocast, accelerator.device,
+                    desc=f"reference log-probs ({name})")
+                cached[name] = table
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".pt.tmp")
             torch.save(cached, tmp)
@@ -299,7 +303,12 @@ def train(cfg: DPOConfig) -> dict:
     scheduler = make_schedule(optimizer, cfg, total_steps)
     net, optimizer = accelerator.prepare(models.SelectedLogits(model), optimizer)
     mode = cfg.ref_mode if cfg.ref_mode != "auto" else ("lora" if cfg.lora else "precomputed")
-    reference = reference_fn(mode, cfg, tok, net, {"train": pairs, "val": val_pairs}, accelerator)
+    # only the training pairs that the steps will visit need reference log-probs (a --max-steps run over a large
+    # ranking set visits a fraction of its C(K, 2) pairs)
+    visited = sorted({i for step in range(total_steps) for i in global_batch_rows(step, len(pairs), global_batch,
+                                                                                  cfg.seed)})
+    reference = reference_fn(mode, cfg, tok, net, {"train": [pairs[i] for i in visited], "val": val_pairs},
+                             accelerator)
 
     # 4. resume
     state = {"step": 0, "tokens": 0, "nonfinite_skipped": 0}

@@ -204,7 +204,10 @@ def from_row(row: dict) -> Task | None:
     """The task of a prompts-file row written by `to_row`, or None for a row without one."""
     if "family" not in row or row["family"] not in FAMILIES:
         return None
-    return Task(row["family"], row["prompt"], dict(row.get("params") or {}))
+    prompt = row["prompt"]
+    if isinstance(prompt, list):  # messages (e.g. with a system turn): the task is the last user turn
+        prompt = next(m["content"] for m in reversed(prompt) if m.get("role") == "user")
+    return Task(row["family"], prompt, dict(row.get("params") or {}))
 
 
 def gold_reward(prompts: list, responses: list[str], metadata: list[dict]) -> list[float]:
