@@ -59,7 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rm": {"lr": 3e-5, "batch_size": 8, "epochs": 1, "max_length": 256, "val_fraction": 0.1,
                "warmup_ratio": 0.05, "freeze_layers": 10},
         "ppo": {"advantage": "rloo", "iterations": 12, "rollout_prompts": 16, "n_samples": 4, "max_new_tokens": 48,
-                "lr": 1e-5, "kl_coef": 0.05, "minibatch_size": 16, "batch_size": 16, "temperature": 1.0},
+                "lr": 1e-5, "kl_coef": 0.15, "minibatch_size": 16, "batch_size": 16, "temperature": 1.0},
         "dpo": {"lr": 1e-5, "beta": 0.1, "batch_size": 8, "max_steps": 32, "max_length": 256},
         "sample": {"max_new_tokens": 48, "temperature": 1.0, "batch_size": 128},
         "eval": {"max_new_tokens": 48, "batch_size": 128},

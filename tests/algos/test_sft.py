@@ -107,6 +107,7 @@ def test_bf16_resume_is_bit_exact_too(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # 30 s; the 2+2 = 4 resume tests of every trainer stay in the default run
 def test_sigkill_mid_training_resumes_to_same_weights(tmp_path):
     args = ["sft", "--model", "tiny-llama", "--max-steps", "12", "--batch-size", "2", "--lr", "1e-3",
             "--dtype", "fp32", "--val-fraction", "0", "--max-length", "128", "--save-steps", "2"]
