@@ -11,7 +11,7 @@ from rlhfkit.pipeline import PipelineConfig, resolve
 from rlhfkit.sim import tasks
 from rlhfkit.tracking import read_metrics
 
-from conftest import run_cli
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -47,8 +47,6 @@ from rlhfkit import UsageError
 from rlhfkit.config import from_dict, write_run_json
 from rlhfkit.sim import labellers, tasks
 
-STAGES = ("data", "sft", "comparisons", "rm", "ppo", "dpo", "best_of_n", "online", "eval", "report")
-
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
         "model": "smollm2-135m", "suite_size": 2000, "sft_prompts": 400, "rm_prompts": 256, "rl_prompts": 0,
@@ -225,6 +223,10 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     write_jsonl(path, rows)
 
 
+def cfg_out(cfg: PipelineConfig) -> Path:
+    return Path(cfg.output)
+
+
 def limited(items: list, n: int) -> list:
     return items[:n] if n else items
 
@@ -280,10 +282,6 @@ def label(cfg: PipelineConfig, policy: str, d: Path, seed: int) -> dict:
     return {"rankings": len(rows), "rankings_with_ties": tied, "samples": len(samples.texts),
             "mean_gold": sum(sum(r["gold"]) for r in rows) / max(1, sum(len(r["gold"]) for r in rows)),
             "generate_tokens_per_s": metrics["perf/tokens_per_s"]}
-
-
-def cfg_out(cfg: PipelineConfig) -> Path:
-    return Path(cfg.output)
 
 
 def train_rm(cfg: PipelineConfig, sft_dir: str, data: str, d: Path) -> dict:

@@ -14,7 +14,7 @@ from rlhfkit import UsageError
 from rlhfkit.algos import best_of_n, generate, reward, score, sft
 from rlhfkit.data import formats, io
 
-from conftest import run_cli
+from tests.conftest import run_cli
 
 # each prompt row carries a column ("bonus") that only a reward function reading the metadata can see
 PROMPTS = [{"prompt": "How do I make pancakes?", "bonus": 0},

@@ -15,7 +15,7 @@ from rlhfkit.algos import dpo
 from rlhfkit.tracking import read_metrics
 from rlhfkit.training import global_batch_rows
 
-from conftest import polite_pairs, rewind, run_cli, train_losses, write_jsonl
+from tests.conftest import polite_pairs, rewind, run_cli, train_losses, write_jsonl
 
 
 @pytest.fixture(scope="module")

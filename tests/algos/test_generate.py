@@ -9,7 +9,7 @@ import pytest
 
 from rlhfkit.algos import generate
 
-from conftest import run_cli
+from tests.conftest import run_cli
 
 PROMPTS = [{"prompt": "How do I make pancakes?"}, {"prompt": "What is 48 divided by 4?"},
            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]}]

@@ -17,7 +17,7 @@ from rlhfkit.data import chat
 from rlhfkit.data.collate import collate
 from rlhfkit.tracking import read_metrics
 
-from conftest import rewind
+from tests.conftest import rewind
 
 REWARD_FN = str(Path(__file__).parent / "reward_fns.py") + ":a_fraction"
 

@@ -19,7 +19,7 @@ from rlhfkit.data import chat, formats
 from rlhfkit.data.io import Row
 from rlhfkit.tracking import read_metrics
 
-from conftest import polite_pairs, rewind, run_cli, train_losses, write_jsonl
+from tests.conftest import polite_pairs, rewind, run_cli, train_losses, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from rlhfkit import TrainingError, models
 from rlhfkit.algos import sft
 
-from conftest import rewind, run_cli, train_losses
+from tests.conftest import rewind, run_cli, train_losses
 
 
 def base_cfg(tmp_path: Path, **kw) -> sft.SFTConfig:

@@ -9,7 +9,7 @@ import pytest
 from rlhfkit import models
 from rlhfkit.sim import tasks
 
-from conftest import run_cli
+from tests.conftest import run_cli
 
 
 def test_eval_writes_win_rates_elo_scores_and_kl(tmp_path, tok):
