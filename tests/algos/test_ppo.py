@@ -51,11 +51,13 @@ def logged(run_dir: Path, key: str) -> list[float]:
 def test_each_estimator_raises_the_reward_with_bounded_kl(tmp_path, sft_policy, advantage):
     critic_free = advantage in ("grpo", "rloo")
     cfg = cfg_for(tmp_path, sft_policy, advantage=advantage, n_samples=4 if critic_free else 1,
-                  rollout_prompts=8 if critic_free else 32)
+                  rollout_prompts=8 if critic_free else 32, iterations=14 if critic_free else 10)
     ppo.train(cfg)
     scores, kls = logged(tmp_path / "out", "ppo/score"), logged(tmp_path / "out", "ppo/kl")
     start, end = sum(scores[:2]) / 2, sum(scores[-3:]) / 3
-    assert end > start + 0.5, scores  # seeds 0-2 all went from ≈ 0.06 to ≥ 0.86 when this test was written
+    # seeds 0-2 all went from ≈ 0.06 to ≥ 0.86 when this test was written; since the engine's top-k Gumbel
+    # sampler (other random draws, the same distribution) RLOO needed 14 iterations instead of 10 with seed 1
+    assert end > start + 0.5, scores
     assert all(math.isfinite(k) for k in kls) and max(kls) < 70, kls  # nats per 8-token response
 
 
