@@ -74,3 +74,45 @@ def test_mixed_precision_resolution():
     assert models.mixed_precision("fp32") == "no"
     assert models.mixed_precision("bf16") == "bf16"
     assert models.mixed_precision("auto") in ("bf16", "fp16", "no")
+
+
+def _saved_bytes_and_grads(model, ids, mask, precision):
+    """Bytes autograd keeps for the backward of one forward, and the gradients of that forward's loss."""
+    saved, weights = [], {s for p in model.parameters() for s in (p.shape, p.shape[::-1])}
+
+    def pack(t):
+        if t.shape not in weights:  # activations only: weights (and autocast's bf16 copies) are kept either way
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    net = models.SelectedLogits(model)
+    select = torch.zeros_like(ids, dtype=torch.bool)
+    select[:, -1] = True  # one position per row: the (N, V) logits would otherwise dwarf the blocks' activations
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = net(ids, mask, None, select)
+        loss = torch.nn.functional.cross_entropy(logits.float(), ids[:, 0])
+    loss.backward()
+    return sum(saved), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_checkpointed_layers_give_the_same_loss_and_gradients_with_less_kept(tok, mode, precision):
+    # eval mode matters: DPO and PPO train with dropout off, where transformers' own switch would not checkpoint
+    plain = models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok)
+    ckpt = models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok)
+    models.checkpoint_layers(ckpt)
+    plain.train(mode == "train"), ckpt.train(mode == "train")
+    ids = torch.randint(0, 1000, (4, 128), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 100:] = 0  # padding goes through the checkpointed blocks too
+    kept_plain, loss_plain, grads_plain = _saved_bytes_and_grads(plain, ids, mask, precision)
+    kept_ckpt, loss_ckpt, grads_ckpt = _saved_bytes_and_grads(ckpt, ids, mask, precision)
+    assert torch.equal(loss_plain, loss_ckpt)
+    assert grads_plain.keys() == grads_ckpt.keys() and len(grads_plain) == len(list(plain.parameters()))
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=0, atol=0, msg=name)
+    assert kept_ckpt < 0.6 * kept_plain, (kept_ckpt, kept_plain)
+    with torch.no_grad():  # no-grad forwards (reference, evaluation) are untouched
+        torch.testing.assert_close(ckpt(ids).logits, plain(ids).logits, rtol=0, atol=0)

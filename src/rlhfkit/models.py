@@ -215,6 +215,26 @@ def freeze_layers(model, n: int) -> None:
         layer.requires_grad_(False)
 
 
+def checkpoint_layers(model) -> None:
+    """Gradient checkpointing (Chen et al. 2016): each transformer block keeps only its input and recomputes its
+    activations in the backward pass, so training memory holds one block's activations instead of all of them,
+    for about one more forward pass of compute. TRL turns this on by default.
+
+    Done here rather than by transformers' `gradient_checkpointing_enable`, which checkpoints only in train mode:
+    DPO and PPO train in eval mode (dropout off). Non-reentrant checkpointing restores the autocast state and
+    needs no input that requires grad, so frozen embeddings and LoRA work. Call before `apply_lora`.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.get_decoder().layers:
+        def forward(*args, _forward=layer.forward, **kwargs):
+            if torch.is_grad_enabled():  # no-grad passes (evaluation, reference, generation) keep nothing anyway
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        layer.forward = forward
+
+
 def apply_lora(model, r: int, alpha: int, dropout: float, targets: list[str]):
     from peft import LoraConfig, get_peft_model
 

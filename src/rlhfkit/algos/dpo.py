@@ -276,6 +276,8 @@ def train(cfg: DPOConfig) -> dict:
     tok = models.load_tokenizer(cfg.model)
     model = models.load_causal_lm(cfg.model, seed=cfg.seed, tokenizer=tok)
     models.freeze_layers(model, cfg.freeze_layers)
+    if cfg.gradient_checkpointing:
+        models.checkpoint_layers(model)
     if cfg.lora:
         model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model.eval()

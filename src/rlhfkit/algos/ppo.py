@@ -394,6 +394,8 @@ def train(cfg: PPOConfig) -> dict:
     tok = models.load_tokenizer(cfg.policy)
     actor = models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok)
     models.freeze_layers(actor, cfg.freeze_layers)
+    if cfg.gradient_checkpointing:
+        models.checkpoint_layers(actor)
     if cfg.lora:
         actor = models.apply_lora(actor, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     net = torch.nn.ModuleDict({"actor": models.SelectedLogits(actor)})

@@ -269,6 +269,8 @@ def build_model(cfg: RMConfig, tok):
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id
     models.freeze_layers(model, cfg.freeze_layers)
+    if cfg.gradient_checkpointing:
+        models.checkpoint_layers(model)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 

@@ -97,6 +97,8 @@ def evaluate(model, rows, cfg: SFTConfig, pad_id: int, accelerator) -> float:
 def build_model(cfg: SFTConfig, tok):
     model = models.load_causal_lm(cfg.model, seed=cfg.seed, tokenizer=tok)
     models.freeze_layers(model, cfg.freeze_layers)
+    if cfg.gradient_checkpointing:
+        models.checkpoint_layers(model)
     if cfg.lora:
         model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     return model
