@@ -32,7 +32,7 @@ from sft_bench import HEADER, Result, count_non_embedding, ensure_cached, synthe
 
 from rlhfkit import models  # noqa: E402
 from rlhfkit.algos import dpo  # noqa: E402
-from rlhfkit.training import make_schedule  # noqa: E402
+from rlhfkit.training import adamw, make_schedule  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> tuple[Result, float]:
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> tuple[Result, float]:
         model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+    optimizer = adamw(params, cfg)
     scheduler = make_schedule(optimizer, cfg, steps)
     net, optimizer = accelerator.prepare(models.SelectedLogits(model), optimizer)
 

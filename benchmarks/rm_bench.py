@@ -33,7 +33,7 @@ from sft_bench import HEADER, Result, ensure_cached, synthetic_rows, table_row  
 
 from rlhfkit import models  # noqa: E402
 from rlhfkit.algos import reward  # noqa: E402
-from rlhfkit.training import make_schedule  # noqa: E402
+from rlhfkit.training import adamw, make_schedule  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> Result:
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> Result:
     model.train()
     net = accelerator.prepare(model)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+    optimizer = adamw(params, cfg)
     scheduler = make_schedule(optimizer, cfg, steps)
     optimizer = accelerator.prepare_optimizer(optimizer)
 

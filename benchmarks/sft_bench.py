@@ -43,6 +43,7 @@ from rlhfkit import models  # noqa: E402
 from rlhfkit.algos import sft  # noqa: E402
 from rlhfkit.data.chat import TokenizedExample  # noqa: E402
 from rlhfkit.data.collate import collate  # noqa: E402
+from rlhfkit.training import adamw  # noqa: E402
 
 
 @dataclass
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> Result:
     lm = sft.build_model(cfg, tok)
     lm.train()
     params = [p for p in lm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+    optimizer = adamw(params, cfg)
     scheduler = sft.make_schedule(optimizer, cfg, cfg.max_steps)
     net, optimizer = accelerator.prepare(models.SelectedLogits(lm), optimizer)
 

@@ -96,6 +96,79 @@ class RewardModel:
             seqs.append(ids)
             truncated += full > len(ids)
         device = next(self.model.parameters()).device
-        raw = score_sequences(self.model, seqs, self.tokenizer.pad_token_id, batch_size,
-                              functools.partial(autocast, device, precision))
+        cast = functools.partial(autocast, device, precision)
+        runs = prompt_runs(prompts)
+        if (len(runs) < len(prompts) and min(map(len, seqs)) > 1 and hasattr(self.model, "score")
+                and hasattr(self.model, "base_model")):
+            raw = score_shared_prefixes(self.model, seqs, runs, self.tokenizer.pad_token_id, batch_size, cast)
+        else:
+            raw = score_sequences(self.model, seqs, self.tokenizer.pad_token_id, batch_size, cast)
         return ((raw - self.offset) * self.scale if normalize else raw), truncated
+
+
+def prompt_runs(prompts: list[Messages]) -> list[range]:
+    """Runs of consecutive equal prompts (best-of-n and PPO put a prompt's n samples next to each other)."""
+    runs, start = [], 0
+    for i in range(1, len(prompts) + 1):
+        if i == len(prompts) or prompts[i] != prompts[start]:
+            runs.append(range(start, i))
+            start = i
+    return runs
+
+
+@torch.no_grad()
+def score_shared_prefixes(model, seqs: list[list[int]], runs: list[range], pad_id: int, batch_size: int,
+                          autocast) -> torch.Tensor:
+    """`reward.score_sequences`' scores (up to float rounding; tested), reading each run's shared prefix once.
+
+    The n samples of a prompt share the prompt's tokens, often most of the sequence: the shared prefix (the
+    longest common one, less at least one token so every sequence keeps a suffix) is run once into a KV cache,
+    the cache is copied to the run's rows, and only the suffixes run on top of it. The score is read at each
+    sequence's last token, as transformers' pooling does for right-padded input. seqs: token ids in input
+    order; runs: ranges of `seqs` to share a prefix. Returns (len(seqs),) float64.
+    """
+    from rlhfkit.algos.reward import pad_right
+    from rlhfkit.rollout.hf import pad_left
+
+    model.eval()
+    decoder, device = model.base_model, next(model.parameters()).device
+    out = torch.zeros(len(seqs), dtype=torch.float64)
+    shared = []  # (run, prefix length)
+    for run in runs:
+        group = [seqs[i] for i in run]
+        n = min(len(s) for s in group) - 1
+        for k, tokens in enumerate(zip(*group)):
+            if k == n or any(t != tokens[0] for t in tokens):
+                n = k
+                break
+        if n == 0:  # nothing shared (equal prompts render to equal tokens, so not expected): one row per run
+            shared += [(range(i, i + 1), len(seqs[i]) - 1) for i in run]
+        else:
+            shared.append((run, n))
+    batch: list[tuple[range, int]] = []
+    for item in shared + [None]:
+        if item is not None and (not batch or sum(len(r) for r, _ in batch) + len(item[0]) <= batch_size):
+            batch.append(item)
+            continue
+        # one forward for the prefixes (left-padded), one for every row's suffix (right-padded) on the cache
+        prefix_ids, prefix_mask = pad_left([seqs[r[0]][:n] for r, n in batch], pad_id)  # (G, P)
+        prefix_len = prefix_mask.sum(1)
+        row_of = torch.tensor([g for g, (r, _) in enumerate(batch) for _ in r])  # (R,) prefix of each row
+        rows = [i for r, _ in batch for i in r]
+        cuts = [n for r, n in batch for _ in r]
+        suffix_ids, suffix_mask = pad_right([seqs[i][c:] for i, c in zip(rows, cuts)], pad_id)  # (R, S)
+        with autocast():
+            cache = decoder(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
+                            position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0).to(device),
+                            use_cache=True).past_key_values
+            cache.batch_select_indices(row_of.to(device))
+            mask = torch.cat([prefix_mask[row_of], suffix_mask], dim=1)  # (R, P + S)
+            positions = prefix_len[row_of, None] + torch.arange(suffix_ids.shape[1])  # (R, S)
+            hidden = decoder(input_ids=suffix_ids.to(device), attention_mask=mask.to(device),
+                             position_ids=positions.to(device), past_key_values=cache,
+                             use_cache=True).last_hidden_state  # (R, S, H)
+            last = hidden[torch.arange(len(rows)), suffix_mask.sum(1).to(device) - 1]  # (R, H)
+            out[rows] = model.score(last)[:, 0].double().cpu()
+        if item is not None:
+            batch = [item]
+    return out

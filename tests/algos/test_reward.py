@@ -256,3 +256,31 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
     tokens = [m["train/tokens"] for m in read_metrics(tmp_path / "one") if "train/tokens" in m]
     assert tokens == [m["train/tokens"] for m in read_metrics(tmp_path / "two") if "train/tokens" in m]
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_scores_with_shared_prefixes_equal_scoring_each_sequence_whole(rm_tok, tmp_path, precision):
+    # best-of-n and PPO score n samples per prompt: the prompt is run once into a KV cache; the scores must be
+    # the plain path's (transformers' pooled forward over each whole sequence)
+    from rlhfkit.rewards import RewardModel, prompt_runs, score_shared_prefixes
+
+    model = reward.build_model(base_cfg(tmp_path, seed=3), rm_tok).eval()
+    torch.nn.init.normal_(model.score.weight, std=1.0)  # a non-trivial head
+    rm = RewardModel(model, rm_tok, offset=0.0, scale=1.0)
+    p1 = [{"role": "user", "content": "Name three fruits, please."}]
+    p2 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    p3 = [{"role": "user", "content": "A much longer question about the colour of the autumn sky at dusk?"}]
+    prompts = [p1] * 3 + [p2] + [p3] * 4 + [p1] * 2  # runs of 3, 1, 4 and 2 (p1 again: a new run)
+    responses = ["apple, pear, plum", "kiwi", "Banana bread is not a fruit but here goes nothing at all.", "Hello",
+                 "Blue.", "Orange and pink, then grey.", "Blue", "Dark", "x", "fig fig fig"]
+    assert [len(r) for r in prompt_runs(prompts)] == [3, 1, 4, 2]
+    seqs = [reward.encode(rm_tok, p + [{"role": "assistant", "content": r}], 256, "t")[0]
+            for p, r in zip(prompts, responses)]
+    cast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
+    whole = reward.score_sequences(model, seqs, rm_tok.pad_token_id, 4, cast)
+    for batch_size in (2, 5, 64):  # runs split over batches, several runs per batch, one batch
+        shared = score_shared_prefixes(model, seqs, prompt_runs(prompts), rm_tok.pad_token_id, batch_size, cast)
+        assert torch.equal(rm.score(prompts, responses, batch_size, 256, precision, normalize=False)[0], shared)
+        tol = dict(rtol=0, atol=1e-5) if precision == "no" else dict(rtol=0.02, atol=0.05)
+        torch.testing.assert_close(shared, whole, **tol)
+    assert whole.std() > 0.1  # the scores differ, so equality is not trivially met

@@ -47,7 +47,7 @@ from rlhfkit.data import chat, formats, io
 from rlhfkit.data.chat import TokenizedExample
 from rlhfkit.data.collate import collate
 from rlhfkit.tracking import Tracker
-from rlhfkit.training import TrainConfig, global_batch_rows, make_schedule, skip_nonfinite, split_validation
+from rlhfkit.training import TrainConfig, adamw, global_batch_rows, make_schedule, skip_nonfinite, split_validation
 
 
 @dataclass
@@ -301,7 +301,7 @@ def train(cfg: DPOConfig) -> dict:
 
     # 3. optimizer, schedule, reference
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+    optimizer = adamw(params, cfg)
     scheduler = make_schedule(optimizer, cfg, total_steps)
     net, optimizer = accelerator.prepare(models.SelectedLogits(model), optimizer)
     mode = cfg.ref_mode if cfg.ref_mode != "auto" else ("lora" if cfg.lora else "precomputed")

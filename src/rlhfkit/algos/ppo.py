@@ -49,7 +49,7 @@ from rlhfkit.rewards import RewardModel, call_reward_fn, load_reward_fn
 from rlhfkit.rollout import SamplingParams
 from rlhfkit.rollout.hf import HFEngine
 from rlhfkit.tracking import Tracker
-from rlhfkit.training import RunConfig, global_batch_rows, make_schedule, skip_nonfinite
+from rlhfkit.training import RunConfig, adamw, global_batch_rows, make_schedule, skip_nonfinite
 
 ADVANTAGES = ("gae", "grpo", "rloo", "reinforce++")
 
@@ -419,7 +419,7 @@ def train(cfg: PPOConfig) -> dict:
     if "critic" in net:
         groups.append({"params": list(net["critic"].parameters()), "lr": cfg.critic_lr})
     params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+    optimizer = adamw(groups, cfg)
     scheduler = make_schedule(optimizer, cfg, cfg.iterations)
 
     # resume: weights, optimizer, schedule, β and the ptx position live in the checkpoint

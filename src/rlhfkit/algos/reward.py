@@ -49,7 +49,7 @@ from rlhfkit.core.losses import grouped_ranking_loss, pairwise_loss
 from rlhfkit.data import chat, formats, io
 from rlhfkit.evaluate import calibration
 from rlhfkit.tracking import Tracker
-from rlhfkit.training import TrainConfig, global_batch_rows, make_schedule, skip_nonfinite, split_validation
+from rlhfkit.training import TrainConfig, adamw, global_batch_rows, make_schedule, skip_nonfinite, split_validation
 
 
 @dataclass
@@ -455,8 +455,7 @@ def train(cfg: RMConfig) -> dict:
     for p, phase in enumerate(phases):
         if phase.steps == 0 or phase.end < resume_step:
             continue
-        optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=cfg.weight_decay,
-                                      betas=tuple(cfg.adam_betas))
+        optimizer = adamw(params, cfg, lr=phase.lr)
         scheduler = make_schedule(optimizer, cfg, phase.steps)
         optimizer = accelerator.prepare_optimizer(optimizer)
         if last is not None and phase.start < resume_step <= phase.end:

@@ -36,7 +36,7 @@ from rlhfkit.core.lm import shifted_selection, summed_nll
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.collate import LMBatch, collate, pack
 from rlhfkit.tracking import Tracker
-from rlhfkit.training import TrainConfig, global_batch_rows, make_schedule, skip_nonfinite, split_validation
+from rlhfkit.training import TrainConfig, adamw, global_batch_rows, make_schedule, skip_nonfinite, split_validation
 
 
 @dataclass
@@ -140,7 +140,7 @@ def train(cfg: SFTConfig) -> dict:
 
     # 3. optimizer and schedule (the scheduler is stepped by hand, once per optimizer step)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+    optimizer = adamw(params, cfg)
     scheduler = make_schedule(optimizer, cfg, total_steps)
     net, optimizer = accelerator.prepare(models.SelectedLogits(model), optimizer)
 

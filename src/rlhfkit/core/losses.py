@@ -292,12 +292,15 @@ def elo_ratings(games: Sequence[tuple[str, str, float]]) -> dict[str, float]:
     """
     names = list(dict.fromkeys(name for a, b, _ in games for name in (a, b)))
     index = {name: i for i, name in enumerate(names)}
-    wins = torch.zeros(len(names), len(names), dtype=torch.float64)
+    # counted in Python floats, then one tensor: indexing a tensor per game made this 100× slower, and the
+    # bootstrap calls it a thousand times
+    counts = [[0.0] * len(names) for _ in names]
     for a, b, outcome in games:
         if not 0.0 <= outcome <= 1.0:
             raise ValueError(f"outcome must be in [0, 1], got {outcome} for {a} vs {b}")
-        wins[index[a], index[b]] += outcome
-        wins[index[b], index[a]] += 1.0 - outcome
+        counts[index[a]][index[b]] += outcome
+        counts[index[b]][index[a]] += 1.0 - outcome
+    wins = torch.tensor(counts, dtype=torch.float64)
     if not _strongly_connected(wins > 0):
         wins = F.pad(wins, (0, 1, 0, 1))
         wins[-1, :-1] = wins[:-1, -1] = 0.5  # one virtual tie of each player with the virtual player

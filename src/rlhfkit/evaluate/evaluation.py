@@ -17,6 +17,7 @@ the two models whose responses were compared), and step 5 has no scores or KL, o
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -189,8 +190,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     if len(set(names.values())) < len(names):
         raise UsageError("--models and --labels must name each model once")
     # response lengths of responses:FILE entries are counted with the reference's (or first model's) tokenizer
-    length_tok = models.load_tokenizer(cfg.reference or next((m for m in cfg.models
-                                                              if not m.startswith("responses:")), "tiny-llama"))
+    length_tok = functools.cache(lambda: models.load_tokenizer(
+        cfg.reference or next((m for m in cfg.models if not m.startswith("responses:")), "tiny-llama")))
     for spec in cfg.models:
         name = names[spec]
         # 2. sample, or read the responses of a file
@@ -205,7 +206,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         # 3. judge
         scores[name] = judge_scores(cfg, prompts, task_list, texts, precision)
         lengths = samples.response_lengths.double() if samples is not None else \
-            torch.tensor([len(length_tok.encode(t, add_special_tokens=False)) for t in texts], dtype=torch.float64)
+            torch.tensor([len(length_tok().encode(t, add_special_tokens=False)) for t in texts], dtype=torch.float64)
         stats = {"mean_score": float(scores[name].mean()), "mean_length": float(lengths.mean())}
         if samples is not None:
             stats["finished_rate"] = float(samples.finished.double().mean())
@@ -214,7 +215,9 @@ def evaluate(cfg: EvalConfig) -> dict:
                 idx = [i for i, t in enumerate(task_list) if t is not None and t.family == family]
                 if idx:
                     stats[f"score/{family}"] = float(scores[name][idx].mean())
-        if ref is not None and samples is not None:
+        if ref is not None and samples is not None and spec == cfg.reference:
+            stats["kl_to_reference"] = 0.0  # the reference itself: exactly 0, two forward passes saved
+        elif ref is not None and samples is not None:
             kl = response_logps(model, samples, cfg.batch_size, precision) - \
                 response_logps(ref, samples, cfg.batch_size, precision)
             stats["kl_to_reference"] = float(kl.mean())
