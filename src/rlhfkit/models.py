@@ -264,9 +264,17 @@ class SelectedLogits(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, position_ids, select):
-        from rlhfkit.core.lm import token_logits
+    def forward(self, input_ids, attention_mask, position_ids, select, targets=None):
+        """Logits (N, V) at the selected positions; with targets (N,), only their log-probs (N,) fp32, the head
+        computed in chunks so that no (N, V) tensor is kept (`core.lm.target_logps`)."""
+        from rlhfkit.core.lm import target_logps, token_logits
 
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                        position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
-        return token_logits(hidden, self.lm.get_output_embeddings(), select)  # (N, V)
+        head = self.lm.get_output_embeddings()
+        if targets is not None and isinstance(head, torch.nn.Linear) and head.bias is None:
+            return target_logps(hidden[select], head.weight, targets)  # (N,)
+        logits = token_logits(hidden, head, select)  # (N, V)
+        if targets is None:
+            return logits
+        return -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")

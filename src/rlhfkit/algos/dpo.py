@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from rlhfkit import TrainingError, checkpoint, models
 from rlhfkit.config import write_run_json
-from rlhfkit.core.lm import sequence_logps, shifted_selection
+from rlhfkit.core.lm import per_row_sums, shifted_selection
 from rlhfkit.core.losses import DPO_LOSSES, dpo_loss
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.chat import TokenizedExample
@@ -135,8 +135,9 @@ def concatenated_logps(net, pairs: list[PairExample], pad_id: int, device) -> tu
     """Summed response log-probs of chosen and rejected, in one forward over (2B, T). -> (B,), (B,)."""
     batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     select, targets = shifted_selection(batch.input_ids, batch.loss_mask)
-    logits = net(batch.input_ids.to(device), batch.attention_mask.to(device), None, select.to(device))  # (N, V)
-    logps = sequence_logps(logits, targets.to(device), select.to(device))  # (2B,)
+    token_logps = net(batch.input_ids.to(device), batch.attention_mask.to(device), None, select.to(device),
+                      targets.to(device))  # (N,)
+    logps = per_row_sums(token_logps, select.to(device))  # (2B,)
     return logps[:len(pairs)], logps[len(pairs):]
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from rlhfkit import TrainingError, checkpoint, models
 from rlhfkit.config import write_run_json
-from rlhfkit.core.lm import shifted_selection, summed_nll
+from rlhfkit.core.lm import shifted_selection
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.collate import LMBatch, collate, pack
 from rlhfkit.tracking import Tracker
@@ -71,8 +71,9 @@ def batch_nll(model, batch: LMBatch, device) -> torch.Tensor:
     """Summed NLL of the trained tokens of one micro-batch (scalar, fp32)."""
     select, targets = shifted_selection(batch.input_ids, batch.loss_mask)
     put = lambda t: None if t is None else t.to(device)  # noqa: E731
-    logits = model(put(batch.input_ids), put(batch.attention_mask), put(batch.position_ids), put(select))  # (N, V)
-    return summed_nll(logits, targets.to(device))
+    token_logps = model(put(batch.input_ids), put(batch.attention_mask), put(batch.position_ids), put(select),
+                        targets.to(device))  # (N,), the LM head in chunks
+    return -token_logps.sum()
 
 
 @torch.no_grad()

@@ -36,3 +36,57 @@ def sequence_logps(logits: Tensor, targets: Tensor, select: Tensor) -> Tensor:
     token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
     rows = select.nonzero()[:, 0]  # (N,) row of each selected position, in the same row-major order
     return torch.zeros(select.shape[0], device=logits.device).index_add(0, rows, token_logps)
+
+
+def per_row_sums(values: Tensor, select: Tensor) -> Tensor:
+    """Sum of each row's selected values: values (N,) in the row-major order of select (B, T) -> (B,) fp32."""
+    rows = select.nonzero()[:, 0]
+    return torch.zeros(select.shape[0], device=values.device).index_add(0, rows, values.float())
+
+
+class ChunkedTargetLogps(torch.autograd.Function):
+    """log softmax(h Wᵀ)[target] for N positions, the (N, V) logits made `chunk` rows at a time, never all at once.
+
+    Forward keeps only the hidden states, the weight, the targets and each row's log-sum-exp (N,); backward
+    recomputes each chunk's logits and turns them into the gradient at once: d logp / d logits = onehot − softmax.
+    Memory: one (chunk, V) block instead of the (N, V) logits, their fp32 copy, the log-softmax and its gradient
+    (for SmolLM2's 49,152-way vocabulary and N = 2,048, about 2 GB). Cost: the head's forward matmul once more.
+    Matmuls run in the hidden states' dtype (bf16 under autocast, as the plain lm_head would), softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        w = weight.to(hidden.dtype)  # (V, H)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax in fp32 (fp64 stays fp64)
+        out = torch.empty(len(targets), dtype=acc, device=hidden.device)
+        lse = torch.empty(len(targets), dtype=acc, device=hidden.device)
+        for i in range(0, len(targets), chunk):
+            logits = (hidden[i:i + chunk] @ w.T).to(acc)  # (C, V)
+            lse[i:i + chunk] = torch.logsumexp(logits, dim=-1)
+            out[i:i + chunk] = logits.gather(1, targets[i:i + chunk, None])[:, 0] - lse[i:i + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        w = weight.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+        for i in range(0, len(targets), ctx.chunk):
+            h, g = hidden[i:i + ctx.chunk], grad[i:i + ctx.chunk, None]  # (C, H), (C, 1)
+            d = torch.exp((h @ w.T).to(lse.dtype) - lse[i:i + ctx.chunk, None]).mul_(-g)  # −g·softmax, (C, V)
+            d.scatter_add_(1, targets[i:i + ctx.chunk, None], g.to(d.dtype))  # + g·onehot
+            d = d.to(hidden.dtype)
+            grad_hidden[i:i + ctx.chunk] = d @ w
+            grad_weight += d.T @ h  # accumulated in fp32 (at least) across chunks
+        return grad_hidden, grad_weight.to(weight.dtype), None, None
+
+
+def target_logps(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
+    """log π(target) at N positions from the final hidden states (N, H) and the LM head's weight (V, H) -> (N,)
+    fp32 (fp64 for fp64 input), with the head computed in chunks (`ChunkedTargetLogps`)."""
+    if torch.is_autocast_enabled(hidden.device.type):  # the plain lm_head would run in the autocast dtype
+        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+    return ChunkedTargetLogps.apply(hidden, weight, targets, chunk)
