@@ -78,6 +78,25 @@ def test_ratio_is_one_while_the_weights_have_not_moved(tmp_path, sft_policy):
     assert max(abs(c) for c in logged(tmp_path / "out", "ppo/clipfrac")) == 0
 
 
+def test_on_policy_grpo_skips_the_old_log_prob_pass_and_makes_the_same_update(tmp_path, sft_policy, monkeypatch):
+    # one epoch of one minibatch: the update's own forward stands in for the separate old-log-prob pass (TRL's
+    # shortcut); the weights, scores and KL must be those of the run that makes the pass
+    cfg = cfg_for(tmp_path, sft_policy, advantage="grpo", iterations=2, minibatch_size=32, batch_size=32,
+                  kl_coef=0.1)
+    assert ppo.on_policy(cfg, 32) and not ppo.on_policy(replace(cfg, ppo_epochs=2), 32)
+    ppo.train(replace(cfg, output=str(tmp_path / "fast")))
+    monkeypatch.setattr(ppo, "on_policy", lambda cfg, rows: False)
+    ppo.train(replace(cfg, output=str(tmp_path / "plain")))
+    a, b = load_file(tmp_path / "fast" / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    for key in ("ppo/score", "ppo/kl"):
+        assert len(logged(tmp_path / "fast", key)) == 2, key
+        assert logged(tmp_path / "fast", key) == pytest.approx(logged(tmp_path / "plain", key), abs=1e-5), key
+    assert logged(tmp_path / "fast", "ppo/ratio_dev_max") == [0.0, 0.0]
+    assert max(logged(tmp_path / "fast", "time/logprobs")) < 0.01
+
+
 def test_every_trainable_parameter_of_actor_and_critic_changes(tmp_path, sft_policy):
     cfg = cfg_for(tmp_path, sft_policy, advantage="gae", n_samples=1, iterations=2, save_steps=2)
     ppo.train(cfg)

@@ -297,12 +297,13 @@ def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: floa
     """Step 6 for one micro-batch: the loss scaled by the minibatch's token count, and summed statistics."""
     mask = mb.response_mask
     logps, entropy = token_logprobs(net["actor"], mb, cfg.temperature, with_entropy=True)
-    pg, ratio = rl.clipped_policy_loss(logps, mb.logprobs, mb.advantages, cfg.clip_eps)
+    old = logps.detach() if mb.logprobs is None else mb.logprobs  # None: on-policy (see `on_policy`)
+    pg, ratio = rl.clipped_policy_loss(logps, old, mb.advantages, cfg.clip_eps)
     loss = (pg * mask).sum() / n_tokens - cfg.entropy_coef * (entropy * mask).sum() / n_tokens
     stats = {"policy_loss": (pg * mask).sum(), "entropy": (entropy * mask).sum(),
              "clipfrac": (((ratio - 1).abs() > cfg.clip_eps).float() * mask).sum(),
-             "approx_kl": (0.5 * (logps - mb.logprobs) ** 2 * mask).sum(), "ratio": (ratio * mask).sum(),
-             "ratio_dev_max": ((ratio - 1).abs() * mask).max()}
+             "approx_kl": (0.5 * (logps - old) ** 2 * mask).sum(), "ratio": (ratio * mask).sum(),
+             "ratio_dev_max": ((ratio - 1).abs() * mask).max(), "logps": logps}
     if cfg.advantage == "grpo":
         kl = kl_estimate(logps, mb.ref_logprobs, "k3")
         loss = loss + beta * (kl * mask).sum() / n_tokens
@@ -312,6 +313,13 @@ def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: floa
         loss = loss + cfg.vf_coef * (vl * mask).sum() / n_tokens
         stats.update(value_loss=(vl * mask).sum(), value_clipfrac=(clipped.float() * mask).sum())
     return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def on_policy(cfg: PPOConfig, rows: int) -> bool:
+    """GRPO with one epoch of one minibatch updates the policy that sampled: its own forward gives the old
+    log-probs (the ratio is 1 and its gradient the policy gradient), so the separate old-log-prob pass is skipped,
+    as TRL does. RLOO, REINFORCE++ and GAE need them before the update, for the KL in the reward."""
+    return cfg.advantage == "grpo" and cfg.ppo_epochs == 1 and cfg.minibatch_size >= rows
 
 
 def merge_stats(into: dict, new: dict) -> None:
@@ -467,7 +475,8 @@ def train(cfg: PPOConfig) -> dict:
                           samples.response_mask.float().to(device), None, None, None, scores)
         t0 = time.perf_counter()
         with accelerator.autocast():
-            logprobs = in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature)[0], rollout, cfg.batch_size)
+            logprobs = None if on_policy(cfg, len(scores)) else \
+                in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature)[0], rollout, cfg.batch_size)
             t1 = time.perf_counter()
             if ref is not None:
                 ref_logprobs = in_chunks(lambda b: token_logprobs(ref, b, cfg.temperature)[0], rollout, cfg.batch_size)
@@ -483,7 +492,7 @@ def train(cfg: PPOConfig) -> dict:
         # 5. rewards and advantages
         rollout = compute_advantages(rollout, cfg, beta)
         mask = rollout.response_mask
-        kl_seq = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(1)  # (B,) k1 per sequence
+        policy_logprobs = torch.zeros_like(mask) if rollout.logprobs is None else rollout.logprobs  # (B, R)
         # 6. PPO epochs over minibatches
         t0 = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
@@ -501,6 +510,9 @@ def train(cfg: PPOConfig) -> dict:
                         loss, st = minibatch_loss(net, rollout.rows(mb_idx[u:u + cfg.batch_size]), cfg, beta,
                                                   n_tokens)
                     accelerator.backward(loss)
+                    if rollout.logprobs is None:  # on-policy: the update's own forward is the sampling policy's
+                        policy_logprobs[mb_idx[u:u + cfg.batch_size]] = st["logps"].float()
+                    del st["logps"]
                     merge_stats(mb_stats, st)
                 if ptx_rows:
                     rows = [ptx_rows[i] for i in global_batch_rows(state["ptx_step"], len(ptx_rows),
@@ -527,6 +539,7 @@ def train(cfg: PPOConfig) -> dict:
             if stopped_early:
                 break
         timing["time/train"] = time.perf_counter() - t0
+        kl_seq = ((policy_logprobs - rollout.ref_logprobs) * mask).sum(1)  # (B,) k1 per sequence
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         # 7. adaptive β, logs, samples, checkpoint
