@@ -1,9 +1,10 @@
 """Scores for sampled responses: a reward-model directory, a programmatic `--reward-fn module:function`, or both
 summed. Used by `rlhfkit best-of-n` and `rlhfkit ppo`.
 
-- Reward model: a directory written by `rlhfkit rm`, scored exactly as `rlhfkit score` scores (prompt + response
+- Reward model: a directory written by `rlhfkit rm`, scored as `rlhfkit score` scores (prompt + response
   rendered by the RM's own chat template, pooled by transformers, `reward.score_sequences`), with the recorded
-  normalisation (r − offset) × scale applied unless `normalize` is false.
+  normalisation (r − offset) × scale applied unless `normalize` is false. The n samples of a prompt share its
+  prefix: it runs once (`score_shared_prefixes`, equal up to float rounding).
 - Reward function: `module:function` (importable: on PYTHONPATH, since the `rlhfkit` script does not search the
   current directory) or `path/to/file.py:function`, called once with all rows as `fn(prompts, responses,
   metadata)`: prompts are message lists, responses strings, metadata the prompt rows' own columns (one dict per
