@@ -76,7 +76,8 @@ class ChunkedTargetLogps(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
         for i in range(0, len(targets), ctx.chunk):
             h, g = hidden[i:i + ctx.chunk], grad[i:i + ctx.chunk, None]  # (C, H), (C, 1)
-            d = torch.exp((h @ w.T).to(lse.dtype) - lse[i:i + ctx.chunk, None]).mul_(-g)  # −g·softmax, (C, V)
+            # in place: every (C, V) temporary is a fresh allocation (page faults) on CPU
+            d = (h @ w.T).to(lse.dtype).sub_(lse[i:i + ctx.chunk, None]).exp_().mul_(-g)  # −g·softmax, (C, V)
             d.scatter_add_(1, targets[i:i + ctx.chunk, None], g.to(d.dtype))  # + g·onehot
             d = d.to(hidden.dtype)
             grad_hidden[i:i + ctx.chunk] = d @ w
