@@ -116,3 +116,23 @@ def test_checkpointed_layers_give_the_same_loss_and_gradients_with_less_kept(tok
     assert kept_ckpt < 0.6 * kept_plain, (kept_ckpt, kept_plain)
     with torch.no_grad():  # no-grad forwards (reference, evaluation) are untouched
         torch.testing.assert_close(ckpt(ids).logits, plain(ids).logits, rtol=0, atol=0)
+
+
+def test_checkpointed_reward_model_trains_like_the_plain_one(tok, tmp_path):
+    # the RM's sequence-classification forward makes a KV cache by default; the recomputation must not append
+    # to it a second time (it did: a (…, 2T) mask against (…, T) keys)
+    from rlhfkit.algos import reward
+
+    cfg = reward.RMConfig(model="tiny-llama", output=str(tmp_path), dtype="fp32")
+    plain, ckpt = reward.build_model(cfg, tok), reward.build_model(cfg, tok)
+    models.checkpoint_layers(ckpt)
+    ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 24:] = 0  # padding makes transformers build a mask, which the doubled cache no longer matched
+    grads = []
+    for m in (plain, ckpt):
+        m.train()
+        m(input_ids=ids, attention_mask=mask).logits.sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0, msg=n)

@@ -229,6 +229,9 @@ def checkpoint_layers(model) -> None:
     for layer in model.get_decoder().layers:
         def forward(*args, _forward=layer.forward, **kwargs):
             if torch.is_grad_enabled():  # no-grad passes (evaluation, reference, generation) keep nothing anyway
+                # no KV cache: the recomputation would append to it a second time (a sequence-classification
+                # model, the RM, makes one by default)
+                kwargs.update(past_key_values=None, use_cache=False)
                 return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
             return _forward(*args, **kwargs)
 
