@@ -84,9 +84,9 @@ DIFFERENCES = """\
   generation, temperature 1, top-p 1, β = 0.04 with the k3 KL in the loss (TRL's default β = 0 would load no
   reference model), clip ε 0.2, group-normalised advantages (std + 1e-4; rlhfkit's extra whitening off), token-mean
   loss over the batch (TRL's default `dapo`), no missing-EOS penalty (rlhfkit's default −1 off), the same reward
-  function. Unequal: rlhfkit computes the old log-probs with an extra forward; TRL (one iteration per generation)
-  reuses the current ones. MFU counts the training forward and backward only; generation and no-grad passes are
-  overhead.
+  function. Neither makes a separate old-log-prob pass: with one epoch of one minibatch the update's own forward
+  gives them (TRL: one iteration per generation; rlhfkit: `ppo.on_policy`). MFU counts the training forward and
+  backward only; generation and no-grad passes are overhead.
 - Gradient checkpointing: TRL through transformers' `gradient_checkpointing_enable`, rlhfkit through its own option.
 - rlhfkit saves the final model after the last step (in the wall time, not in the step times); TRL saves nothing.
 """
