@@ -36,6 +36,19 @@ def test_chunked_target_logps_equal_the_full_log_softmax_and_its_gradients(chunk
     torch.testing.assert_close(grads[1], weight.grad, rtol=0, atol=1e-10)
 
 
+def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_the_same():
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(9, 8, generator=gen, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(20, 8, generator=gen, dtype=torch.float64)  # frozen
+    targets = torch.randint(0, 20, (9,), generator=gen)
+    target_logps(hidden, weight, targets, 4).sum().backward()
+    chunked = hidden.grad.clone()
+    hidden.grad = None
+    plain_logps(hidden, weight, targets).sum().backward()
+    torch.testing.assert_close(chunked, hidden.grad, rtol=0, atol=1e-12)
+    assert weight.grad is None
+
+
 def test_per_row_sums():
     select = torch.tensor([[0, 1, 1], [0, 0, 0], [1, 0, 1]], dtype=torch.bool)
     assert per_row_sums(torch.tensor([1.0, 2.0, 3.0, 4.0]), select).tolist() == [3.0, 0.0, 7.0]

@@ -33,14 +33,12 @@ def sequence_logps(logits: Tensor, targets: Tensor, select: Tensor) -> Tensor:
 
     logits (N, V) at the N selected positions of select (B, T), row-major; targets (N,) -> (B,) fp32.
     """
-    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
-    rows = select.nonzero()[:, 0]  # (N,) row of each selected position, in the same row-major order
-    return torch.zeros(select.shape[0], device=logits.device).index_add(0, rows, token_logps)
+    return per_row_sums(-F.cross_entropy(logits.float(), targets, reduction="none"), select)
 
 
 def per_row_sums(values: Tensor, select: Tensor) -> Tensor:
     """Sum of each row's selected values: values (N,) in the row-major order of select (B, T) -> (B,) fp32."""
-    rows = select.nonzero()[:, 0]
+    rows = select.nonzero()[:, 0]  # (N,) row of each selected position, in the same row-major order
     return torch.zeros(select.shape[0], device=values.device).index_add(0, rows, values.float())
 
 
@@ -73,7 +71,8 @@ class ChunkedTargetLogps(torch.autograd.Function):
         hidden, weight, targets, lse = ctx.saved_tensors
         w = weight.to(hidden.dtype)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+        want_weight = ctx.needs_input_grad[1]  # False for a frozen head (LoRA; --freeze-layers, tied embeddings)
+        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if want_weight else None
         for i in range(0, len(targets), ctx.chunk):
             h, g = hidden[i:i + ctx.chunk], grad[i:i + ctx.chunk, None]  # (C, H), (C, 1)
             # in place: every (C, V) temporary is a fresh allocation (page faults) on CPU
@@ -81,8 +80,9 @@ class ChunkedTargetLogps(torch.autograd.Function):
             d.scatter_add_(1, targets[i:i + ctx.chunk, None], g.to(d.dtype))  # + g·onehot
             d = d.to(hidden.dtype)
             grad_hidden[i:i + ctx.chunk] = d @ w
-            grad_weight += d.T @ h  # accumulated in fp32 (at least) across chunks
-        return grad_hidden, grad_weight.to(weight.dtype), None, None
+            if want_weight:
+                grad_weight += d.T @ h  # accumulated in fp32 (at least) across chunks
+        return grad_hidden, grad_weight.to(weight.dtype) if want_weight else None, None, None
 
 
 def target_logps(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
