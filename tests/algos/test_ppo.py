@@ -81,9 +81,9 @@ def test_ratio_is_one_while_the_weights_have_not_moved(tmp_path, sft_policy):
 def test_on_policy_grpo_skips_the_old_log_prob_pass_and_makes_the_same_update(tmp_path, sft_policy, monkeypatch):
     # one epoch of one minibatch: the update's own forward stands in for the separate old-log-prob pass (TRL's
     # shortcut); the weights, scores and KL must be those of the run that makes the pass
-    cfg = cfg_for(tmp_path, sft_policy, advantage="grpo", iterations=2, minibatch_size=32, batch_size=32,
-                  kl_coef=0.1)
-    assert ppo.on_policy(cfg, 32) and not ppo.on_policy(replace(cfg, ppo_epochs=2), 32)
+    cfg = cfg_for(tmp_path, sft_policy, advantage="grpo", iterations=2, rollout_prompts=4, minibatch_size=16,
+                  batch_size=16, kl_coef=0.1)
+    assert ppo.on_policy(cfg, 16) and not ppo.on_policy(replace(cfg, ppo_epochs=2), 16)
     ppo.train(replace(cfg, output=str(tmp_path / "fast")))
     monkeypatch.setattr(ppo, "on_policy", lambda cfg, rows: False)
     ppo.train(replace(cfg, output=str(tmp_path / "plain")))
