@@ -128,20 +128,14 @@ def score_shared_prefixes(model, seqs: list[list[int]], runs: list[range], pad_i
     sequence's last token, as transformers' pooling does for right-padded input. seqs: token ids in input
     order; runs: ranges of `seqs` to share a prefix. Returns (len(seqs),) float64.
     """
-    from rlhfkit.algos.reward import pad_right
+    from rlhfkit.algos.reward import pad_right, score_on_prefixes, shared_prefix_length
     from rlhfkit.rollout.hf import pad_left
 
     model.eval()
-    decoder, device = model.base_model, next(model.parameters()).device
     out = torch.zeros(len(seqs), dtype=torch.float64)
     shared = []  # (run, prefix length)
     for run in runs:
-        group = [seqs[i] for i in run]
-        n = min(len(s) for s in group) - 1
-        for k, tokens in enumerate(zip(*group)):
-            if k == n or any(t != tokens[0] for t in tokens):
-                n = k
-                break
+        n = shared_prefix_length([seqs[i] for i in run])
         if n == 0:  # nothing shared (equal prompts render to equal tokens, so not expected): one row per run
             shared += [(range(i, i + 1), len(seqs[i]) - 1) for i in run]
         else:
@@ -153,23 +147,13 @@ def score_shared_prefixes(model, seqs: list[list[int]], runs: list[range], pad_i
             continue
         # one forward for the prefixes (left-padded), one for every row's suffix (right-padded) on the cache
         prefix_ids, prefix_mask = pad_left([seqs[r[0]][:n] for r, n in batch], pad_id)  # (G, P)
-        prefix_len = prefix_mask.sum(1)
         row_of = torch.tensor([g for g, (r, _) in enumerate(batch) for _ in r])  # (R,) prefix of each row
         rows = [i for r, _ in batch for i in r]
         cuts = [n for r, n in batch for _ in r]
         suffix_ids, suffix_mask = pad_right([seqs[i][c:] for i, c in zip(rows, cuts)], pad_id)  # (R, S)
         with autocast():
-            cache = decoder(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
-                            position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0).to(device),
-                            use_cache=True).past_key_values
-            cache.batch_select_indices(row_of.to(device))
-            mask = torch.cat([prefix_mask[row_of], suffix_mask], dim=1)  # (R, P + S)
-            positions = prefix_len[row_of, None] + torch.arange(suffix_ids.shape[1])  # (R, S)
-            hidden = decoder(input_ids=suffix_ids.to(device), attention_mask=mask.to(device),
-                             position_ids=positions.to(device), past_key_values=cache,
-                             use_cache=True).last_hidden_state  # (R, S, H)
-            last = hidden[torch.arange(len(rows)), suffix_mask.sum(1).to(device) - 1]  # (R, H)
-            out[rows] = model.score(last)[:, 0].double().cpu()
+            scores = score_on_prefixes(model, prefix_ids, prefix_mask, row_of, suffix_ids, suffix_mask)  # (R,)
+        out[rows] = scores.double().cpu()
         if item is not None:
             batch = [item]
     return out

@@ -284,3 +284,43 @@ def test_scores_with_shared_prefixes_equal_scoring_each_sequence_whole(rm_tok, t
         tol = dict(rtol=0, atol=1e-5) if precision == "no" else dict(rtol=0.02, atol=0.05)
         torch.testing.assert_close(shared, whole, **tol)
     assert whole.std() > 0.1  # the scores differ, so equality is not trivially met
+
+
+def test_training_on_shared_prefixes_gives_the_whole_sequences_scores_loss_and_gradients(rm_tok, tmp_path):
+    # the trainer runs each prompt's common start once (`shared_prefix`): its scores, loss and every parameter's
+    # gradient must be the plain path's, with prompts of different lengths and responses sharing a first word
+    model = reward.build_model(base_cfg(tmp_path, seed=5), rm_tok).train()
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    prefs = [formats.to_preference(Row(r, f"f:{i}"), "rankings") for i, r in enumerate([
+        {"prompt": "Name a fruit.", "responses": ["Apple.", "A pear, I think", "Plum"], "ranking": [0, 2, 1]},
+        {"prompt": "Describe the autumn sky at dusk, in one short sentence please.",
+         "responses": ["It glows orange.", "It glows", "Grey and cold, with a thin moon rising."],
+         "ranking": [[0, 2], 1]}], 1)]
+    items, _ = reward.encode_preferences(rm_tok, prefs, 256)
+    whole = reward.collate_preferences(items, rm_tok.pad_token_id)
+    shared = reward.collate_preferences(items, rm_tok.pad_token_id, share_prefix=True)
+    assert shared.prefix_ids is not None and shared.input_ids.shape[1] < whole.input_ids.shape[1]
+    assert shared.num_tokens == whole.num_tokens and shared.groups == whole.groups
+    results = []
+    for batch in (whole, shared):
+        model.zero_grad()
+        scores = reward.score_rewards(model, batch)
+        loss = reward.preference_loss_sum(scores, batch)
+        loss.backward()
+        results.append((scores.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (s0, l0, g0), (s1, l1, g1) = results
+    assert s0.std() > 0.1  # the scores differ, so equality is not trivially met
+    torch.testing.assert_close(s1, s0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert all(g0[n].abs().sum() > 0 for n in ("score.weight", "model.embed_tokens.weight"))
+    for n in g0:  # float rounding differs between the paths: tolerance relative to the tensor's largest entry
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5 * float(g0[n].abs().max()), msg=n)
+
+
+def test_shared_prefix_is_used_only_where_it_can_run(tmp_path, rm_tok):
+    model = reward.build_model(base_cfg(tmp_path), rm_tok)
+    assert reward.use_shared_prefix(base_cfg(tmp_path), model)
+    assert not reward.use_shared_prefix(base_cfg(tmp_path, shared_prefix=False), model)
+    assert not reward.use_shared_prefix(base_cfg(tmp_path, gradient_checkpointing=True), model)
+    lora = reward.build_model(base_cfg(tmp_path, lora=True), rm_tok)
+    assert not reward.use_shared_prefix(base_cfg(tmp_path, lora=True), lora)

@@ -110,6 +110,10 @@ class RMConfig(TrainConfig):
     """Seed for data order, the validation split and the initialisation of new weights (the score head)."""
     eval_steps: int = 0
     """Evaluate on the held-out comparisons every N steps (0: only at the end)."""
+    shared_prefix: bool = True
+    """Run the common start of a prompt's K responses (the prompt) once per step and the responses on its KV
+    cache, instead of K whole sequences; the same scores and gradients up to float rounding (tested). Used on
+    one process without LoRA or gradient checkpointing; elsewhere every sequence runs whole."""
 
 
 # --- data -------------------------------------------------------------------------------------------------
@@ -186,20 +190,30 @@ def encode_preferences(tok, prefs: list[formats.Preference], max_length: int
 class RewardBatch:
     """All responses of a batch of prompts, flat, right-padded. N = total responses, T = longest.
 
-    input_ids:      (N, T) long, padded with the RM's pad id (which no text contains)
+    input_ids:      (N, T) long, padded with the RM's pad id (which no text contains); with a shared prefix, each
+                    response's tokens after it
     attention_mask: (N, T) long, 1 on real tokens
     groups:         one list per prompt of (winner, loser) indices into the N responses
     margins:        one margin (or None) per prompt
+    prefix_ids:     (G, P) long or None: the tokens all responses of prompt g start with (the prompt, and any
+                    common start of the responses), LEFT-padded; None when every response runs whole
+    prefix_mask:    (G, P) long or None, 1 on real tokens
+    row_of:         (N,) long or None, the prefix (prompt) of each response
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     groups: list[list[tuple[int, int]]]
     margins: list[float | None]
+    prefix_ids: torch.Tensor | None = None
+    prefix_mask: torch.Tensor | None = None
+    row_of: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        """Tokens of the N scored sequences (a shared prefix counts once per sequence, as if run whole)."""
+        shared = 0 if self.prefix_mask is None else int(self.prefix_mask.sum(1)[self.row_of].sum())
+        return int(self.attention_mask.sum()) + shared
 
 
 def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,14 +226,32 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def collate_preferences(items: list[EncodedPreference], pad_id: int) -> RewardBatch:
+def shared_prefix_length(seqs: list[list[int]]) -> int:
+    """Length of the longest common start of `seqs`, less at least one token so every sequence keeps a suffix."""
+    n = min(len(s) for s in seqs) - 1
+    for k, tokens in enumerate(zip(*seqs)):
+        if k == n or any(t != tokens[0] for t in tokens):
+            return k
+    return n
+
+
+def collate_preferences(items: list[EncodedPreference], pad_id: int, share_prefix: bool = False) -> RewardBatch:
+    """One batch; with `share_prefix`, each prompt's common start is split off to run once (`score_rewards`)."""
+    from rlhfkit.rollout.hf import pad_left
+
     seqs, groups, offset = [], [], 0
     for item in items:
         seqs += item.input_ids
         groups.append([(offset + w, offset + l) for w, l in item.pairs])
         offset += len(item.input_ids)
-    ids, mask = pad_right(seqs, pad_id)
-    return RewardBatch(ids, mask, groups, [item.margin for item in items])
+    margins = [item.margin for item in items]
+    cuts = [shared_prefix_length(item.input_ids) for item in items] if share_prefix else []
+    if not share_prefix or min(cuts) == 0:
+        return RewardBatch(*pad_right(seqs, pad_id), groups, margins)
+    prefix_ids, prefix_mask = pad_left([item.input_ids[0][:n] for item, n in zip(items, cuts)], pad_id)
+    suffixes = [s[n:] for item, n in zip(items, cuts) for s in item.input_ids]
+    row_of = torch.tensor([g for g, item in enumerate(items) for _ in item.input_ids])
+    return RewardBatch(*pad_right(suffixes, pad_id), groups, margins, prefix_ids, prefix_mask, row_of)
 
 
 # --- model ------------------------------------------------------------------------------------------------
@@ -285,6 +317,51 @@ def score_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[:, 0].float()
 
 
+def score_on_prefixes(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, row_of: torch.Tensor,
+                      suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
+    """`score_batch` of the sequences prefix[row_of[i]] + suffix[i], running each prefix once (tested equal).
+
+    The G prefixes (left-padded, (G, P)) run into a KV cache, the cache is copied to the R rows that share them,
+    and the right-padded suffixes ((R, S)) run on top of it; the score is read at each row's last real token,
+    where transformers pools. Gradients flow through the copied cache into the prefix's forward. Under the
+    caller's autocast; the model's own forward (and so an accelerate autocast wrapper on it) is not called.
+    Returns (R,) fp32.
+    """
+    decoder, device = model.base_model, next(model.parameters()).device
+    row_of = row_of.to(device)
+    prefix_mask, suffix_mask = prefix_mask.to(device), suffix_mask.to(device)
+    cache = decoder(input_ids=prefix_ids.to(device), attention_mask=prefix_mask,
+                    position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0), use_cache=True).past_key_values
+    cache.batch_select_indices(row_of)
+    mask = torch.cat([prefix_mask[row_of], suffix_mask], dim=1)  # (R, P + S)
+    positions = prefix_mask.sum(1)[row_of, None] + torch.arange(suffix_ids.shape[1], device=device)  # (R, S)
+    hidden = decoder(input_ids=suffix_ids.to(device), attention_mask=mask, position_ids=positions,
+                     past_key_values=cache, use_cache=True).last_hidden_state  # (R, S, H)
+    last = hidden[torch.arange(len(row_of), device=device), suffix_mask.sum(1) - 1]  # (R, H)
+    return model.score(last)[:, 0].float()
+
+
+def score_rewards(model, batch: RewardBatch) -> torch.Tensor:
+    """Scores (N,) fp32 of a batch's responses, whole or on their shared prefixes."""
+    if batch.prefix_ids is None:
+        return score_batch(model, batch.input_ids, batch.attention_mask)
+    return score_on_prefixes(model, batch.prefix_ids, batch.prefix_mask, batch.row_of, batch.input_ids,
+                             batch.attention_mask)
+
+
+def use_shared_prefix(cfg: RMConfig, model) -> bool:
+    """Whether this run scores on shared prefixes (checkpointed layers drop the KV cache it needs)."""
+    return cfg.shared_prefix and not cfg.gradient_checkpointing and can_share_prefix(model)
+
+
+def can_share_prefix(model) -> bool:
+    """A plain transformers sequence-classification model (not DDP- or peft-wrapped): `score_on_prefixes` can
+    drive it."""
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel) and hasattr(model, "score") and model.base_model is not model
+
+
 def preference_loss_sum(scores: torch.Tensor, batch: RewardBatch) -> torch.Tensor:
     """Σ over prompts of each prompt's mean pair loss (InstructGPT Eq. 1); margins as −log σ(Δ − m)."""
     plain = [g for g, m in zip(batch.groups, batch.margins) if m is None]
@@ -308,9 +385,9 @@ def pair_differences(model, items: list[EncodedPreference], cfg: RMConfig, pad_i
     diffs, lengths = [], []
     for i in range(0, len(items), cfg.batch_size):
         chunk = items[i:i + cfg.batch_size]
-        batch = collate_preferences(chunk, pad_id)
+        batch = collate_preferences(chunk, pad_id, use_shared_prefix(cfg, model))
         with autocast():
-            s = score_batch(model, batch.input_ids, batch.attention_mask).cpu()
+            s = score_rewards(model, batch).cpu()
         flat_lengths = [n for item in chunk for n in item.response_lengths]
         for g in batch.groups:
             diffs += [s[w] - s[l] for w, l in g]
@@ -495,6 +572,7 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
     world, main = accelerator.num_processes, accelerator.is_main_process
     global_batch = cfg.batch_size * cfg.grad_accum * world
     metrics, t_last, tokens_since = {}, time.perf_counter(), 0
+    share = use_shared_prefix(cfg, net)
     while state["step"] < phase.end:
         step = state["step"]
         # 5.1 this step's prompts; this process takes every world-th prompt, in grad_accum micro-batches
@@ -508,10 +586,11 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
         # 5.2 score each response once; Σ per-prompt losses / prompts in the global batch (× world: DDP averages)
         sums = torch.zeros(4, device=accelerator.device)  # loss sum, correct pairs, pairs, tokens
         for j, mb in enumerate(micro):
-            batch = collate_preferences(mb, pad_id)
+            batch = collate_preferences(mb, pad_id, share)
             sync = accelerator.no_sync(net) if j < len(micro) - 1 else contextlib.nullcontext()
             with sync:
-                scores = score_batch(net, batch.input_ids, batch.attention_mask)  # (N,)
+                with accelerator.autocast():  # net's own forward has it; the shared-prefix path does not call it
+                    scores = score_rewards(net, batch)  # (N,)
                 loss_sum = preference_loss_sum(scores, batch)
                 accelerator.backward(loss_sum * weight)
             diffs = torch.stack([scores[w] - scores[l] for g in batch.groups for w, l in g]).detach()
