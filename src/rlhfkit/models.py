@@ -238,6 +238,27 @@ def checkpoint_layers(model) -> None:
         layer.forward = forward
 
 
+def decode_on_prefixes(decoder, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, row_of: torch.Tensor,
+                       suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (R, S, H) of the suffixes of the sequences prefix[row_of[r]] + suffix[r], each prefix run
+    once: G prefixes (G, P), LEFT-padded, run into a KV cache, the cache is copied to the R rows that share them,
+    and the right-padded suffixes (R, S) run on top of it. What a forward over the R whole sequences gives at
+    their suffix positions, up to float rounding (tested in the RM and DPO tests); gradients flow through the
+    copied cache into the prefix's forward. Positions count real tokens only, so padding shifts nothing.
+    """
+    device = prefix_ids.device
+    cache = decoder(input_ids=prefix_ids, attention_mask=prefix_mask,
+                    position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0), use_cache=True).past_key_values
+    if cache is None or cache.get_seq_length() != prefix_ids.shape[1]:
+        # checkpointed layers (`checkpoint_layers`) keep no cache while training: the suffix would see nothing
+        raise RuntimeError("decode_on_prefixes needs the KV cache, which checkpointed layers do not keep")
+    cache.batch_select_indices(row_of)
+    mask = torch.cat([prefix_mask[row_of], suffix_mask], dim=1)  # (R, P + S)
+    positions = prefix_mask.sum(1)[row_of, None] + torch.arange(suffix_ids.shape[1], device=device)  # (R, S)
+    return decoder(input_ids=suffix_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True).last_hidden_state
+
+
 def apply_lora(model, r: int, alpha: int, dropout: float, targets: list[str]):
     from peft import LoraConfig, get_peft_model
 
@@ -267,13 +288,19 @@ class SelectedLogits(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, position_ids, select, targets=None):
+    def forward(self, input_ids, attention_mask, position_ids, select, targets=None, prefix=None):
         """Logits (N, V) at the selected positions; with targets (N,), only their log-probs (N,) fp32, the head
-        computed in chunks so that no (N, V) tensor is kept (`core.lm.target_logps`)."""
+        computed in chunks so that no (N, V) tensor is kept (`core.lm.target_logps`). With `prefix`
+        (prefix_ids (G, P) left-padded, prefix_mask, row_of (B,)), input_ids are the rows' suffixes after a
+        shared prefix that runs once (`decode_on_prefixes`; position_ids unused) and select indexes them."""
         from rlhfkit.core.lm import target_logps, token_logits
 
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
+        decoder = self.lm.get_decoder()
+        if prefix is None:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state  # (B, T, H)
+        else:
+            hidden = decode_on_prefixes(decoder, *prefix, input_ids, attention_mask)  # (B, S, H)
         head = self.lm.get_output_embeddings()
         if targets is not None and isinstance(head, torch.nn.Linear) and head.bias is None:
             return target_logps(hidden[select], head.weight, targets)  # (N,)

@@ -154,3 +154,28 @@ def test_cli_ipo_and_bad_loss(tmp_path):
     assert first(tmp_path / "ipo", "dpo/loss") == pytest.approx((1 / (2 * 0.1)) ** 2, rel=1e-6)  # h = 0 at step 1
     proc = run_cli("dpo", "--model", "tiny-llama", "--output", str(tmp_path / "x"), "--loss", "hinge", check=False)
     assert proc.returncode != 0 and "expected one of sigmoid, ipo" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shared_prefix_gives_the_whole_sequences_logps_and_gradients(tmp_path, tok):
+    # chosen and rejected run on one KV cache of their prompt (`shared_prefix`, on by default): the summed
+    # response log-probs and every parameter's gradient must be those of the two whole sequences
+    data = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "A pear, I think, or a plum"},
+        {"prompt": "Describe the autumn sky at dusk, in one short sentence please.", "chosen": "It glows orange.",
+         "rejected": "It glows"}])
+    pairs, _ = dpo.load_pairs(data, None, tok, 256)
+    # shared: the prompt, up to the position whose logit predicts the first response token
+    assert [dpo.shared_cut(p) for p in pairs] == [p.chosen.loss_mask.index(1) - 1 for p in pairs]
+    net = models.SelectedLogits(models.load_causal_lm("tiny-llama", seed=2, tokenizer=tok)).eval()
+    results = []
+    for share in (False, True):
+        net.zero_grad()
+        chosen, rejected = dpo.concatenated_logps(net, pairs, tok.pad_token_id, torch.device("cpu"), share)
+        (chosen.sum() - 2 * rejected.sum()).backward()
+        results.append((chosen.detach(), rejected.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
+    (c0, r0, g0), (c1, r1, g1) = results
+    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(r1, r0, rtol=1e-5, atol=1e-4)
+    for n in g0:  # tolerance relative to each tensor's largest entry: the two paths round differently
+        assert g0[n].abs().max() > 0, n
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5 * float(g0[n].abs().max()), msg=n)

@@ -178,3 +178,53 @@ def test_reward_model_scores_and_initialises_the_critic(tmp_path, sft_policy):
 def test_config_errors(tmp_path, kw, msg):
     with pytest.raises(UsageError, match=msg):
         ppo.train(cfg_for(tmp_path, "tiny-llama", **kw))
+
+
+def test_shared_prompt_forwards_give_the_whole_sequences_logprobs_values_and_gradients(tok, sft_policy):
+    # rows of the same prompt run it once (`shared_prefix`): log-probs, entropies, values and gradients must be
+    # those of the whole left-padded sequences, with prompts of different lengths and ragged responses
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.rollout import SamplingParams
+    from rlhfkit.rollout.hf import HFEngine
+
+    lm = models.load_causal_lm(sft_policy, tokenizer=tok).eval()
+    prompts = [[{"role": "user", "content": "Hi"}],
+               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours?"}]]
+    samples = HFEngine(lm, tok, 8).generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=6))
+    input_ids, attention_mask = samples.sequences()
+    rollout = ppo.Rollout(input_ids, attention_mask, (attention_mask.cumsum(-1) - 1).clamp(min=0),
+                          samples.response_mask.float(), None, None, None, torch.zeros(6))
+    assert ppo.model_inputs(rollout, True)[-1] is not None and ppo.model_inputs(rollout, False)[-1] is None
+    assert len(ppo.model_inputs(rollout, True)[-1][0]) == 2  # two prompts, each run once
+    actor = models.SelectedLogits(lm)
+    critic = ppo.ValueModel(AutoModelForSequenceClassification.from_config(
+        models.tiny_llama_config(len(tok), num_labels=1), dtype=torch.float32)).eval()
+    results = []
+    for share in (False, True):
+        actor.zero_grad()
+        critic.zero_grad()
+        logps, entropy = ppo.token_logprobs(actor, rollout, 0.7, with_entropy=True, share=share)
+        values = ppo.token_values(critic, rollout, share)
+        (logps.sum() + entropy.sum() + values.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in [*actor.named_parameters(), *critic.named_parameters()]}
+        results.append((logps.detach(), entropy.detach(), values.detach(), grads))
+    for a, b in zip(results[0][:3], results[1][:3]):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    g0, g1 = results[0][3], results[1][3]
+    for n in g0:  # tolerance relative to each tensor's largest entry: the two paths round differently
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5 * float(g0[n].abs().max()), msg=n)
+
+
+def test_minibatches_hold_whole_prompt_groups(tmp_path, sft_policy, monkeypatch):
+    # 4 prompts × 4 samples in minibatches of 8: each minibatch is two whole prompt groups
+    seen = []
+    real = ppo.minibatch_loss
+    monkeypatch.setattr(ppo, "minibatch_loss", lambda net, mb, *a: seen.append(mb) or real(net, mb, *a))
+    ppo.train(cfg_for(tmp_path, sft_policy, advantage="rloo", iterations=1, rollout_prompts=4, minibatch_size=8,
+                      batch_size=8))
+    assert len(seen) == 2
+    for mb in seen:
+        width = mb.input_ids.shape[1] - mb.response_mask.shape[1]  # the prompt's (left-padded) width
+        assert len({tuple(row[:width].tolist()) for row in mb.input_ids}) == 2

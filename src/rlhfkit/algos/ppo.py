@@ -21,6 +21,8 @@ Departures, and why:
 - Dropout is off in every model (all run in eval mode; ALGORITHMS.md).
 - One process: data-parallel PPO is not wired yet (the rollout engine runs on the process that holds the actor).
 - The value head is read at the position whose logit samples the token (the convention of TRL and OpenRLHF).
+- Minibatches are drawn as whole prompt groups (a prompt's n samples stay together, as TRL's GRPO sampler keeps
+  them), so that each forward runs a shared prompt once (`--shared-prefix`).
 - PPO-ptx's γ multiplies the token-mean pre-training NLL of a ptx batch; InstructGPT's γ = 27.8 was tuned for its
   own loss scaling, so the default here is 1.
 """
@@ -147,6 +149,10 @@ class PPOConfig(RunConfig):
     """Sequences per reward-model forward."""
     sample_every: int = 5
     """Write a few prompts/responses/scores to samples.jsonl every N iterations."""
+    shared_prefix: bool = True
+    """Run the prompt of a prompt's n samples once per forward (log-probs, reference, values, training) and the
+    responses on its KV cache: the same numbers up to float rounding, on fewer tokens (not while training with
+    gradient checkpointing, whose layers keep no cache). Minibatches hold whole prompt groups either way."""
     monitor: list[str] = field(default_factory=list)
     """Scores logged each iteration but never optimised, as monitor/NAME: rm:DIR (e.g. a reward model trained on
     held-out comparisons) or module:function (e.g. rlhfkit.sim.tasks:gold_reward, the built-in task's gold score)."""
@@ -162,9 +168,14 @@ class ValueModel(torch.nn.Module):
         super().__init__()
         self.model = seq_cls
 
-    def forward(self, input_ids, attention_mask, position_ids, select):
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
+    def forward(self, input_ids, attention_mask, position_ids, select, prefix=None):
+        """With `prefix`, input_ids are suffixes after shared prefixes (as in `models.SelectedLogits`)."""
+        decoder = self.model.base_model
+        if prefix is None:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state  # (B, T, H)
+        else:
+            hidden = models.decode_on_prefixes(decoder, *prefix, input_ids, attention_mask)  # (B, S, H)
         return self.model.score(hidden[select]).squeeze(-1).float()  # (M,)
 
 
@@ -239,17 +250,39 @@ def to_tokens(flat: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def token_logprobs(actor, batch: Rollout, temperature: float, with_entropy: bool = False):
+def model_inputs(batch: Rollout, share: bool) -> tuple:
+    """(input_ids, attention_mask, position_ids, select, targets, prefix) for the actor, reference or critic.
+
+    With `share`, rows with the same prompt (the n samples of one prompt) run it once: the prompt up to its last
+    token becomes a shared prefix (`models.decode_on_prefixes`) and each row keeps that last token, whose logit
+    samples the first response token, and its response as the suffix. The same numbers up to float rounding
+    (tested); prefix is None when every row runs whole.
+    """
+    select, targets = response_select(batch.input_ids, batch.response_mask)  # (B, P + R), (M,)
+    cut = batch.input_ids.shape[1] - batch.response_mask.shape[1] - 1  # P − 1
+    if share and cut > 0:
+        key = torch.cat([batch.input_ids[:, :cut], batch.attention_mask[:, :cut]], dim=1)
+        distinct, row_of = torch.unique(key, dim=0, return_inverse=True)  # (G, 2·cut), (B,)
+        prefix_ids, prefix_mask = distinct[:, :cut], distinct[:, cut:]
+        start = int(prefix_mask.any(0).long().argmax())  # columns of left padding in every distinct prompt
+        prefix_ids, prefix_mask = prefix_ids[:, start:], prefix_mask[:, start:]
+        if len(distinct) < len(key) and bool(prefix_mask.any(1).all()):
+            return (batch.input_ids[:, cut:], batch.attention_mask[:, cut:], None, select[:, cut:], targets,
+                    (prefix_ids, prefix_mask, row_of))
+    return batch.input_ids, batch.attention_mask, batch.position_ids, select, targets, None
+
+
+def token_logprobs(actor, batch: Rollout, temperature: float, with_entropy: bool = False, share: bool = False):
     """log π(y_t | …) at temperature τ of every response token, (B, R); and the entropies (B, R) if asked."""
-    select, targets = response_select(batch.input_ids, batch.response_mask)
-    logits = actor(batch.input_ids, batch.attention_mask, batch.position_ids, select).float() / temperature  # (M, V)
+    input_ids, attention_mask, position_ids, select, targets, prefix = model_inputs(batch, share)
+    logits = actor(input_ids, attention_mask, position_ids, select, None, prefix).float() / temperature  # (M, V)
     logps = to_tokens(-F.cross_entropy(logits, targets, reduction="none"), batch.response_mask)
     return logps, (to_tokens(rl.entropy_from_logits(logits), batch.response_mask) if with_entropy else None)
 
 
-def token_values(critic, batch: Rollout) -> torch.Tensor:
-    select, _ = response_select(batch.input_ids, batch.response_mask)
-    return to_tokens(critic(batch.input_ids, batch.attention_mask, batch.position_ids, select), batch.response_mask)
+def token_values(critic, batch: Rollout, share: bool = False) -> torch.Tensor:
+    input_ids, attention_mask, position_ids, select, _, prefix = model_inputs(batch, share)
+    return to_tokens(critic(input_ids, attention_mask, position_ids, select, prefix), batch.response_mask)
 
 
 @torch.no_grad()
@@ -296,7 +329,8 @@ def compute_advantages(r: Rollout, cfg: PPOConfig, beta: float) -> Rollout:
 def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: float) -> tuple[torch.Tensor, dict]:
     """Step 6 for one micro-batch: the loss scaled by the minibatch's token count, and summed statistics."""
     mask = mb.response_mask
-    logps, entropy = token_logprobs(net["actor"], mb, cfg.temperature, with_entropy=True)
+    share = cfg.shared_prefix and not cfg.gradient_checkpointing  # checkpointed layers keep no KV cache
+    logps, entropy = token_logprobs(net["actor"], mb, cfg.temperature, with_entropy=True, share=share)
     old = logps.detach() if mb.logprobs is None else mb.logprobs  # None: on-policy (see `on_policy`)
     pg, ratio = rl.clipped_policy_loss(logps, old, mb.advantages, cfg.clip_eps)
     loss = (pg * mask).sum() / n_tokens - cfg.entropy_coef * (entropy * mask).sum() / n_tokens
@@ -308,7 +342,7 @@ def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: floa
         kl = kl_estimate(logps, mb.ref_logprobs, "k3")
         loss = loss + beta * (kl * mask).sum() / n_tokens
     if "critic" in net:
-        values = token_values(net["critic"], mb)
+        values = token_values(net["critic"], mb, share)
         vl, clipped = rl.clipped_value_loss(values, mb.values, mb.returns, cfg.value_clip)
         loss = loss + cfg.vf_coef * (vl * mask).sum() / n_tokens
         stats.update(value_loss=(vl * mask).sum(), value_clipfrac=(clipped.float() * mask).sum())
@@ -474,18 +508,21 @@ def train(cfg: PPOConfig) -> dict:
         rollout = Rollout(input_ids.to(device), attention_mask.to(device), position_ids.to(device),
                           samples.response_mask.float().to(device), None, None, None, scores)
         t0 = time.perf_counter()
+        share = cfg.shared_prefix  # no gradients here, so checkpointed layers keep their cache
         with accelerator.autocast():
             logprobs = None if on_policy(cfg, len(scores)) else \
-                in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature)[0], rollout, cfg.batch_size)
+                in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature, share=share)[0], rollout,
+                          cfg.batch_size)
             t1 = time.perf_counter()
             if ref is not None:
-                ref_logprobs = in_chunks(lambda b: token_logprobs(ref, b, cfg.temperature)[0], rollout, cfg.batch_size)
+                ref_logprobs = in_chunks(lambda b: token_logprobs(ref, b, cfg.temperature, share=share)[0], rollout,
+                                         cfg.batch_size)
             else:
                 with actor.disable_adapter():
-                    ref_logprobs = in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature)[0], rollout,
-                                             cfg.batch_size)
+                    ref_logprobs = in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature,
+                                                                      share=share)[0], rollout, cfg.batch_size)
             t2 = time.perf_counter()
-            values = in_chunks(lambda b: token_values(net["critic"], b), rollout, cfg.batch_size) \
+            values = in_chunks(lambda b: token_values(net["critic"], b, share), rollout, cfg.batch_size) \
                 if "critic" in net else None
         timing.update({"time/logprobs": t1 - t0, "time/reference": t2 - t1, "time/values": time.perf_counter() - t2})
         rollout = replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values)
@@ -499,7 +536,9 @@ def train(cfg: PPOConfig) -> dict:
         tokens_seen, train_tokens, updates, stopped_early = 0.0, 0.0, 0, False
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
         for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(len(scores), generator=gen)
+            # whole prompt groups per minibatch (TRL's GRPO sampler does the same), so a prompt runs once in it
+            groups = torch.randperm(len(scores) // cfg.n_samples, generator=gen)
+            perm = (groups[:, None] * cfg.n_samples + torch.arange(cfg.n_samples)).flatten()
             for m in range(0, len(perm), cfg.minibatch_size):
                 mb_idx = perm[m:m + cfg.minibatch_size]
                 n_tokens = float(mask[mb_idx].sum().clamp(min=1))

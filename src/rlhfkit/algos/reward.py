@@ -321,22 +321,16 @@ def score_on_prefixes(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor
                       suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
     """`score_batch` of the sequences prefix[row_of[i]] + suffix[i], running each prefix once (tested equal).
 
-    The G prefixes (left-padded, (G, P)) run into a KV cache, the cache is copied to the R rows that share them,
-    and the right-padded suffixes ((R, S)) run on top of it; the score is read at each row's last real token,
-    where transformers pools. Gradients flow through the copied cache into the prefix's forward. Under the
-    caller's autocast; the model's own forward (and so an accelerate autocast wrapper on it) is not called.
+    `models.decode_on_prefixes` runs the G prefixes ((G, P), left-padded) once and the right-padded suffixes
+    ((R, S)) on their KV cache; the score is read at each row's last real token, where transformers pools.
+    Under the caller's autocast: the model's own forward (and so an accelerate autocast wrapper on it) is not
+    called.
     Returns (R,) fp32.
     """
-    decoder, device = model.base_model, next(model.parameters()).device
-    row_of = row_of.to(device)
-    prefix_mask, suffix_mask = prefix_mask.to(device), suffix_mask.to(device)
-    cache = decoder(input_ids=prefix_ids.to(device), attention_mask=prefix_mask,
-                    position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0), use_cache=True).past_key_values
-    cache.batch_select_indices(row_of)
-    mask = torch.cat([prefix_mask[row_of], suffix_mask], dim=1)  # (R, P + S)
-    positions = prefix_mask.sum(1)[row_of, None] + torch.arange(suffix_ids.shape[1], device=device)  # (R, S)
-    hidden = decoder(input_ids=suffix_ids.to(device), attention_mask=mask, position_ids=positions,
-                     past_key_values=cache, use_cache=True).last_hidden_state  # (R, S, H)
+    device = next(model.parameters()).device
+    row_of, suffix_mask = row_of.to(device), suffix_mask.to(device)
+    hidden = models.decode_on_prefixes(model.base_model, prefix_ids.to(device), prefix_mask.to(device), row_of,
+                                       suffix_ids.to(device), suffix_mask)  # (R, S, H)
     last = hidden[torch.arange(len(row_of), device=device), suffix_mask.sum(1) - 1]  # (R, H)
     return model.score(last)[:, 0].float()
 
