@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -136,3 +137,34 @@ def test_checkpointed_reward_model_trains_like_the_plain_one(tok, tmp_path):
         grads.append({n: p.grad for n, p in m.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0, msg=n)
+
+
+def test_short_training_forwards_use_the_math_attention_kernel_and_compute_the_same(tok):
+    # on the CPU at key length ≤ 128, SDPA's math kernel (faster backward there), with or without gradients so
+    # that reference passes match training forwards exactly; log-probs and gradients are the flash kernel's up
+    # to rounding
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from rlhfkit.core.lm import shifted_selection
+
+    cpu = torch.device("cpu")
+    assert isinstance(models.training_attention(128, cpu), contextlib.nullcontext) is False
+    assert isinstance(models.training_attention(129, cpu), contextlib.nullcontext)
+    with torch.no_grad():
+        assert not isinstance(models.training_attention(64, cpu), contextlib.nullcontext)
+    net = models.SelectedLogits(models.load_causal_lm("tiny-llama", seed=3, tokenizer=tok))
+    ids = torch.randint(5, 1000, (3, 40))
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    select, targets = shifted_selection(ids, mask)
+    results = []
+    for forced in (None, SDPBackend.FLASH_ATTENTION):
+        net.zero_grad()
+        ctx = contextlib.nullcontext() if forced is None else sdpa_kernel(forced)
+        with ctx:
+            logps = net(ids, mask, None, select, targets)
+        logps.sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for n, g in results[1][1].items():
+        torch.testing.assert_close(results[0][1][n], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=n)

@@ -14,6 +14,8 @@ No code path here touches the network unless the user names a hub id.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import importlib.util
 import os
@@ -215,6 +217,23 @@ def freeze_layers(model, n: int) -> None:
         layer.requires_grad_(False)
 
 
+def _enabled_sdpa_kernels() -> list:
+    """The SDPA kernels enabled now (`torch.nn.attention.sdpa_kernel` sets these flags, CPU included)."""
+    from torch.nn.attention import SDPBackend
+
+    flags = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
+             SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
+             SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled(),
+             SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled()}
+    return [k for k, on in flags.items() if on]
+
+
+def _sdpa_kernel(kernels: list):
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(kernels)
+
+
 def checkpoint_layers(model) -> None:
     """Gradient checkpointing (Chen et al. 2016): each transformer block keeps only its input and recomputes its
     activations in the backward pass, so training memory holds one block's activations instead of all of them,
@@ -232,10 +251,31 @@ def checkpoint_layers(model) -> None:
                 # no KV cache: the recomputation would append to it a second time (a sequence-classification
                 # model, the RM, makes one by default)
                 kwargs.update(past_key_values=None, use_cache=False)
-                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                # the recomputation runs in the backward, outside the forward's `training_attention` context:
+                # give it the attention kernels of the forward, or it recomputes with another one
+                kernels = _enabled_sdpa_kernels()
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs,
+                                  context_fn=lambda: (contextlib.nullcontext(), _sdpa_kernel(kernels)))
             return _forward(*args, **kwargs)
 
         layer.forward = forward
+
+
+MATH_ATTENTION_MAX_LEN = 128  # measured: benchmarks/RESULTS.md, "attention backend"
+
+
+def training_attention(key_len: int, device: torch.device):
+    """The SDPA kernel for a trainer's forwards: on the CPU at key length ≤ 128, the math kernel (its backward
+    is plain matmuls, ~1.5–2× faster there than the CPU flash kernel's backward, which dominates an RM step on
+    short sequences); otherwise whatever torch picks (flash: less memory and faster at 512). The choice depends
+    on the length only, never on whether gradients are on, so a trainer's no-grad passes (reference and old
+    log-probs) compute exactly what its training forward computes: DPO's h and PPO's first ratio stay exact.
+    Both kernels compute softmax(QKᵀ/√d)V: the same numbers up to rounding (tested)."""
+    if device.type != "cpu" or key_len > MATH_ATTENTION_MAX_LEN:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def decode_on_prefixes(decoder, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, row_of: torch.Tensor,
@@ -296,11 +336,13 @@ class SelectedLogits(torch.nn.Module):
         from rlhfkit.core.lm import target_logps, token_logits
 
         decoder = self.lm.get_decoder()
-        if prefix is None:
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).last_hidden_state  # (B, T, H)
-        else:
-            hidden = decode_on_prefixes(decoder, *prefix, input_ids, attention_mask)  # (B, S, H)
+        key_len = input_ids.shape[1] + (0 if prefix is None else prefix[0].shape[1])
+        with training_attention(key_len, input_ids.device):
+            if prefix is None:
+                hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state  # (B, T, H)
+            else:
+                hidden = decode_on_prefixes(decoder, *prefix, input_ids, attention_mask)  # (B, S, H)
         head = self.lm.get_output_embeddings()
         if targets is not None and isinstance(head, torch.nn.Linear) and head.bias is None:
             return target_logps(hidden[select], head.weight, targets)  # (N,)

@@ -337,10 +337,12 @@ def score_on_prefixes(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor
 
 def score_rewards(model, batch: RewardBatch) -> torch.Tensor:
     """Scores (N,) fp32 of a batch's responses, whole or on their shared prefixes."""
-    if batch.prefix_ids is None:
-        return score_batch(model, batch.input_ids, batch.attention_mask)
-    return score_on_prefixes(model, batch.prefix_ids, batch.prefix_mask, batch.row_of, batch.input_ids,
-                             batch.attention_mask)
+    key_len = batch.input_ids.shape[1] + (0 if batch.prefix_ids is None else batch.prefix_ids.shape[1])
+    with models.training_attention(key_len, next(model.parameters()).device):
+        if batch.prefix_ids is None:
+            return score_batch(model, batch.input_ids, batch.attention_mask)
+        return score_on_prefixes(model, batch.prefix_ids, batch.prefix_mask, batch.row_of, batch.input_ids,
+                                 batch.attention_mask)
 
 
 def use_shared_prefix(cfg: RMConfig, model) -> bool:
