@@ -166,5 +166,8 @@ def test_short_training_forwards_use_the_math_attention_kernel_and_compute_the_s
         logps.sum().backward()
         results.append((logps.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # evaluation opts out (forward only: flash is faster there) and computes the same
+        plain = models.SelectedLogits(net.lm, short_math_attention=False)(ids, mask, None, select, targets)
+    torch.testing.assert_close(plain, results[0][0], rtol=1e-5, atol=1e-5)
     for n, g in results[1][1].items():
         torch.testing.assert_close(results[0][1][n], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=n)

@@ -270,6 +270,8 @@ def training_attention(key_len: int, device: torch.device):
     short sequences); otherwise whatever torch picks (flash: less memory and faster at 512). The choice depends
     on the length only, never on whether gradients are on, so a trainer's no-grad passes (reference and old
     log-probs) compute exactly what its training forward computes: DPO's h and PPO's first ratio stay exact.
+    Evaluation, forward only, does not use it (`SelectedLogits(short_math_attention=False)`): the math forward
+    alone is ~1.4× slower than flash there (benchmarks/RESULTS.md).
     Both kernels compute softmax(QKᵀ/√d)V: the same numbers up to rounding (tested)."""
     if device.type != "cpu" or key_len > MATH_ATTENTION_MAX_LEN:
         return contextlib.nullcontext()
@@ -324,9 +326,12 @@ class SelectedLogits(torch.nn.Module):
     hooks is the one that runs, while the vocabulary projection skips the prompt and padding positions.
     """
 
-    def __init__(self, lm):
+    def __init__(self, lm, short_math_attention: bool = True):
         super().__init__()
         self.lm = lm
+        # trainers: `training_attention` (math kernel at short lengths, in every pass, so that their reference
+        # passes match their training forwards); evaluation, forward only, turns it off: there flash is faster
+        self.short_math_attention = short_math_attention
 
     def forward(self, input_ids, attention_mask, position_ids, select, targets=None, prefix=None):
         """Logits (N, V) at the selected positions; with targets (N,), only their log-probs (N,) fp32, the head
@@ -337,7 +342,9 @@ class SelectedLogits(torch.nn.Module):
 
         decoder = self.lm.get_decoder()
         key_len = input_ids.shape[1] + (0 if prefix is None else prefix[0].shape[1])
-        with training_attention(key_len, input_ids.device):
+        kernel = (training_attention(key_len, input_ids.device) if self.short_math_attention
+                  else contextlib.nullcontext())
+        with kernel:
             if prefix is None:
                 hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  use_cache=False).last_hidden_state  # (B, T, H)

@@ -89,7 +89,7 @@ def response_logps(model, samples: Samples, batch_size: int, precision: str) -> 
     """log π(y|x) of each sample's response under `model`, (B,): the sequence log-prob of SPEC's notation."""
     from rlhfkit.rollout.hf import autocast
 
-    net = models.SelectedLogits(model).eval()
+    net = models.SelectedLogits(model, short_math_attention=False).eval()  # forward only: flash is faster
     device = next(model.parameters()).device
     input_ids, attention_mask = samples.sequences()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
