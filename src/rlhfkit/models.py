@@ -15,7 +15,6 @@ No code path here touches the network unless the user names a hub id.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import importlib.util
 import os
@@ -228,12 +227,6 @@ def _enabled_sdpa_kernels() -> list:
     return [k for k, on in flags.items() if on]
 
 
-def _sdpa_kernel(kernels: list):
-    from torch.nn.attention import sdpa_kernel
-
-    return sdpa_kernel(kernels)
-
-
 def checkpoint_layers(model) -> None:
     """Gradient checkpointing (Chen et al. 2016): each transformer block keeps only its input and recomputes its
     activations in the backward pass, so training memory holds one block's activations instead of all of them,
@@ -243,6 +236,7 @@ def checkpoint_layers(model) -> None:
     DPO and PPO train in eval mode (dropout off). Non-reentrant checkpointing restores the autocast state and
     needs no input that requires grad, so frozen embeddings and LoRA work. Call before `apply_lora`.
     """
+    from torch.nn.attention import sdpa_kernel
     from torch.utils.checkpoint import checkpoint
 
     for layer in model.get_decoder().layers:
@@ -255,7 +249,7 @@ def checkpoint_layers(model) -> None:
                 # give it the attention kernels of the forward, or it recomputes with another one
                 kernels = _enabled_sdpa_kernels()
                 return checkpoint(_forward, *args, use_reentrant=False, **kwargs,
-                                  context_fn=lambda: (contextlib.nullcontext(), _sdpa_kernel(kernels)))
+                                  context_fn=lambda: (contextlib.nullcontext(), sdpa_kernel(kernels)))
             return _forward(*args, **kwargs)
 
         layer.forward = forward
@@ -278,6 +272,29 @@ def training_attention(key_len: int, device: torch.device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(SDPBackend.MATH)
+
+
+def shared_prefix_length(seqs: list[list[int]]) -> int:
+    """Length of the longest common start of `seqs`, less at least one token so every sequence keeps a suffix."""
+    n = min(len(s) for s in seqs) - 1
+    for k, tokens in enumerate(zip(*seqs)):
+        if k == n or any(t != tokens[0] for t in tokens):
+            return k
+    return n
+
+
+def decode(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
+           prefix: tuple | None = None, short_math_attention: bool = True) -> torch.Tensor:
+    """Last hidden states (B, T, H) of a trainer's forward: whole rows, or with `prefix` (prefix_ids (G, P)
+    left-padded, prefix_mask, row_of (B,)) the rows' suffixes on shared prefixes (`decode_on_prefixes`;
+    position_ids unused), under `training_attention` unless `short_math_attention` is off."""
+    key_len = input_ids.shape[1] + (0 if prefix is None else prefix[0].shape[1])
+    kernel = training_attention(key_len, input_ids.device) if short_math_attention else contextlib.nullcontext()
+    with kernel:
+        if prefix is None:
+            return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False).last_hidden_state
+        return decode_on_prefixes(decoder, *prefix, input_ids, attention_mask)
 
 
 def decode_on_prefixes(decoder, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, row_of: torch.Tensor,
@@ -340,16 +357,8 @@ class SelectedLogits(torch.nn.Module):
         shared prefix that runs once (`decode_on_prefixes`; position_ids unused) and select indexes them."""
         from rlhfkit.core.lm import target_logps, token_logits
 
-        decoder = self.lm.get_decoder()
-        key_len = input_ids.shape[1] + (0 if prefix is None else prefix[0].shape[1])
-        kernel = (training_attention(key_len, input_ids.device) if self.short_math_attention
-                  else contextlib.nullcontext())
-        with kernel:
-            if prefix is None:
-                hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=False).last_hidden_state  # (B, T, H)
-            else:
-                hidden = decode_on_prefixes(decoder, *prefix, input_ids, attention_mask)  # (B, S, H)
+        hidden = decode(self.lm.get_decoder(), input_ids, attention_mask, position_ids, prefix,
+                        self.short_math_attention)  # (B, T, H)
         head = self.lm.get_output_embeddings()
         if targets is not None and isinstance(head, torch.nn.Linear) and head.bias is None:
             return target_logps(hidden[select], head.weight, targets)  # (N,)

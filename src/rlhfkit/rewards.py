@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit import UsageError
+from rlhfkit import UsageError, models
 from rlhfkit.data.formats import Messages
 from rlhfkit.rollout.hf import autocast
 
@@ -128,14 +128,14 @@ def score_shared_prefixes(model, seqs: list[list[int]], runs: list[range], pad_i
     sequence's last token, as transformers' pooling does for right-padded input. seqs: token ids in input
     order; runs: ranges of `seqs` to share a prefix. Returns (len(seqs),) float64.
     """
-    from rlhfkit.algos.reward import pad_right, score_on_prefixes, shared_prefix_length
+    from rlhfkit.algos.reward import pad_right, score_on_prefixes
     from rlhfkit.rollout.hf import pad_left
 
     model.eval()
     out = torch.zeros(len(seqs), dtype=torch.float64)
     shared = []  # (run, prefix length)
     for run in runs:
-        n = shared_prefix_length([seqs[i] for i in run])
+        n = models.shared_prefix_length([seqs[i] for i in run])
         if n == 0:  # nothing shared (equal prompts render to equal tokens, so not expected): one row per run
             shared += [(range(i, i + 1), len(seqs[i]) - 1) for i in run]
         else:

@@ -166,10 +166,7 @@ def shared_cut(pair: PairExample) -> int:
     """Tokens the pair's sequences share before the first position whose logit is trained (0: none)."""
     c, r = pair.chosen, pair.rejected
     first = min(c.loss_mask.index(1), r.loss_mask.index(1)) - 1  # logit of position p predicts token p + 1
-    n = 0
-    while n < first and c.input_ids[n] == r.input_ids[n]:
-        n += 1
-    return n
+    return min(models.shared_prefix_length([c.input_ids, r.input_ids]), first)
 
 
 @torch.no_grad()

@@ -170,14 +170,7 @@ class ValueModel(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, select, prefix=None):
         """With `prefix`, input_ids are suffixes after shared prefixes (as in `models.SelectedLogits`)."""
-        decoder = self.model.base_model
-        key_len = input_ids.shape[1] + (0 if prefix is None else prefix[0].shape[1])
-        with models.training_attention(key_len, input_ids.device):
-            if prefix is None:
-                hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=False).last_hidden_state  # (B, T, H)
-            else:
-                hidden = models.decode_on_prefixes(decoder, *prefix, input_ids, attention_mask)  # (B, S, H)
+        hidden = models.decode(self.model.base_model, input_ids, attention_mask, position_ids, prefix)  # (B, T, H)
         return self.model.score(hidden[select]).squeeze(-1).float()  # (M,)
 
 

@@ -226,15 +226,6 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def shared_prefix_length(seqs: list[list[int]]) -> int:
-    """Length of the longest common start of `seqs`, less at least one token so every sequence keeps a suffix."""
-    n = min(len(s) for s in seqs) - 1
-    for k, tokens in enumerate(zip(*seqs)):
-        if k == n or any(t != tokens[0] for t in tokens):
-            return k
-    return n
-
-
 def collate_preferences(items: list[EncodedPreference], pad_id: int, share_prefix: bool = False) -> RewardBatch:
     """One batch; with `share_prefix`, each prompt's common start is split off to run once (`score_rewards`)."""
     from rlhfkit.rollout.hf import pad_left
@@ -245,7 +236,7 @@ def collate_preferences(items: list[EncodedPreference], pad_id: int, share_prefi
         groups.append([(offset + w, offset + l) for w, l in item.pairs])
         offset += len(item.input_ids)
     margins = [item.margin for item in items]
-    cuts = [shared_prefix_length(item.input_ids) for item in items] if share_prefix else []
+    cuts = [models.shared_prefix_length(item.input_ids) for item in items] if share_prefix else []
     if not share_prefix or min(cuts) == 0:
         return RewardBatch(*pad_right(seqs, pad_id), groups, margins)
     prefix_ids, prefix_mask = pad_left([item.input_ids[0][:n] for item, n in zip(items, cuts)], pad_id)
