@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import pytest
@@ -148,10 +149,12 @@ def test_short_training_forwards_use_the_math_attention_kernel_and_compute_the_s
     from rlhfkit.core.lm import shifted_selection
 
     cpu = torch.device("cpu")
-    assert isinstance(models.training_attention(128, cpu), contextlib.nullcontext) is False
-    assert isinstance(models.training_attention(129, cpu), contextlib.nullcontext)
-    with torch.no_grad():
-        assert not isinstance(models.training_attention(64, cpu), contextlib.nullcontext)
+    with models.training_attention(128, cpu):
+        assert models._enabled_sdpa_kernels() == [SDPBackend.MATH]
+    with models.training_attention(129, cpu):
+        assert SDPBackend.FLASH_ATTENTION in models._enabled_sdpa_kernels()
+    with torch.no_grad(), models.training_attention(64, cpu):
+        assert models._enabled_sdpa_kernels() == [SDPBackend.MATH]
     net = models.SelectedLogits(models.load_causal_lm("tiny-llama", seed=3, tokenizer=tok))
     ids = torch.randint(5, 1000, (3, 40))
     mask = torch.ones_like(ids)
@@ -171,3 +174,34 @@ def test_short_training_forwards_use_the_math_attention_kernel_and_compute_the_s
     torch.testing.assert_close(plain, results[0][0], rtol=1e-5, atol=1e-5)
     for n, g in results[1][1].items():
         torch.testing.assert_close(results[0][1][n], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=n)
+
+
+@pytest.mark.parametrize("length", [40, 200])  # the math kernel (training, ≤ 128) and flash
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_native_grouped_query_attention_computes_exactly_what_repeated_keys_do(tok, length, precision):
+    # `native_gqa` lets SDPA attend 4 query heads to tiny-llama's 2 key/value heads instead of transformers'
+    # repeat_kv copies: the log-probs must be the same bits, every gradient the same up to rounding (the key and
+    # value heads' gradients are summed over their query heads in another order); the setting is scoped
+    cpu = torch.device("cpu")
+    lm = models.load_causal_lm("tiny-llama", seed=4, tokenizer=tok)
+    assert lm.config.num_key_value_heads < lm.config.num_attention_heads
+    ids = torch.randint(5, 1000, (3, length), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, length - 9:] = 0
+    with models.training_attention(length, cpu):
+        assert os.environ[models.GQA_ENV] == "1"
+    assert models.GQA_ENV not in os.environ  # restored
+    results = []
+    for gqa in ("0", "1"):  # transformers' repeat_kv, then SDPA's own GQA, each with training_attention's kernel
+        lm.zero_grad()
+        with models.training_attention(length, cpu), models._environ(models.GQA_ENV, gqa), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logps = lm(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)[:, :-1] \
+                .gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T - 1)
+        (logps * mask[:, 1:]).sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}))
+    (repeated, grads_repeated), (native, grads_native) = results
+    assert torch.equal(repeated, native)
+    rel = 1e-5 if precision == "fp32" else 2e-2  # bf16: one rounding of a gradient in bf16 is 2^-8 relative
+    for n, g in grads_repeated.items():
+        torch.testing.assert_close(grads_native[n], g, rtol=0, atol=rel * float(g.abs().max()), msg=n)

@@ -309,19 +309,19 @@ def score_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 
 
 def score_on_prefixes(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, row_of: torch.Tensor,
-                      suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
+                      suffix_ids: torch.Tensor, suffix_mask: torch.Tensor, cache=None) -> torch.Tensor:
     """`score_batch` of the sequences prefix[row_of[i]] + suffix[i], running each prefix once (tested equal).
 
     `models.decode_on_prefixes` runs the G prefixes ((G, P), left-padded) once and the right-padded suffixes
     ((R, S)) on their KV cache; the score is read at each row's last real token, where transformers pools.
     Under the caller's autocast: the model's own forward (and so an accelerate autocast wrapper on it) is not
-    called.
+    called. `cache`: the prefixes' `models.prefix_cache`, when several batches of suffixes share them.
     Returns (R,) fp32.
     """
     device = next(model.parameters()).device
     row_of, suffix_mask = row_of.to(device), suffix_mask.to(device)
     hidden = models.decode_on_prefixes(model.base_model, prefix_ids.to(device), prefix_mask.to(device), row_of,
-                                       suffix_ids.to(device), suffix_mask)  # (R, S, H)
+                                       suffix_ids.to(device), suffix_mask, cache)  # (R, S, H)
     last = hidden[torch.arange(len(row_of), device=device), suffix_mask.sum(1) - 1]  # (R, H)
     return model.score(last)[:, 0].float()
 
@@ -432,9 +432,10 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int, 
     model.eval()
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = torch.zeros(len(seqs), dtype=torch.float64)
+    device = next(model.parameters()).device
     for i in tqdm(range(0, len(order), batch_size), disable=not progress, desc="score", dynamic_ncols=True):
         idx = order[i:i + batch_size]
-        with autocast():
+        with autocast(), models.native_gqa(device):
             out[idx] = score_batch(model, *pad_right([seqs[j] for j in idx], pad_id)).double().cpu()
     return out
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rlhfkit import models
 from rlhfkit.data import chat
 from rlhfkit.data.formats import Messages
 from rlhfkit.rollout import Samples, SamplingParams, row_rng
@@ -197,7 +198,9 @@ class HFEngine:
         active = torch.arange(len(prompts))  # (A,) rows still decoding, in batch order
         steps = 0
         with autocast(device, self.precision):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+            with models.native_gqa(device):  # the prefill only: decode steps have their own GQA path
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1)
             cache, logits = out.past_key_values, out.logits[:, -1].float()  # (U, V)
             if len(distinct) < len(prompts):
                 cache.batch_select_indices(row_of.to(device))
