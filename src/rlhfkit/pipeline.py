@@ -59,8 +59,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ppo": {"advantage": "rloo", "iterations": 12, "rollout_prompts": 16, "n_samples": 4, "max_new_tokens": 48,
                 "lr": 1e-5, "kl_coef": 0.3, "minibatch_size": 16, "batch_size": 16, "temperature": 1.0},
         "dpo": {"lr": 1e-5, "beta": 0.1, "batch_size": 8, "max_steps": 24, "max_length": 256},
-        "sample": {"max_new_tokens": 48, "temperature": 1.0, "batch_size": 128},
-        "eval": {"max_new_tokens": 48, "batch_size": 128},
+        "sample": {"max_new_tokens": 48, "temperature": 1.0, "batch_size": 256},
+        "eval": {"max_new_tokens": 48, "batch_size": 256},
     },
     "tiny": {
         "model": "tiny-llama", "suite_size": 300, "sft_prompts": 48, "rm_prompts": 24, "rl_prompts": 16,

@@ -215,6 +215,16 @@ def test_shared_prompt_forwards_give_the_whole_sequences_logprobs_values_and_gra
     g0, g1 = results[0][3], results[1][3]
     for n in g0:  # tolerance relative to each tensor's largest entry: the two paths round differently
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5 * float(g0[n].abs().max()), msg=n)
+    # a rollout is padded to its widest prompt and response; the rows are cut to what they need (`trimmed`):
+    # three more padding columns on each side change nothing, and the results keep the rollout's width
+    wide = ppo.Rollout(*(torch.nn.functional.pad(t, (3, 3), value=v) for t, v in
+                         ((input_ids, tok.pad_token_id), (attention_mask, 0), (rollout.position_ids, 0))),
+                       torch.nn.functional.pad(rollout.response_mask, (0, 3)), None, None, None, torch.zeros(6))
+    assert ppo.trimmed(wide).input_ids.shape == input_ids.shape
+    for share in (False, True):
+        logps = ppo.token_logprobs(actor, wide, 0.7, share=share)[0]
+        assert logps.shape == wide.response_mask.shape
+        torch.testing.assert_close(logps[:, :-3], results[int(share)][0], rtol=1e-5, atol=1e-5)
 
 
 def test_minibatches_hold_whole_prompt_groups(tmp_path, sft_policy, monkeypatch):

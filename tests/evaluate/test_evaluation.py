@@ -66,3 +66,30 @@ def test_responses_file_is_judged_like_a_model_and_labels_name_models(tmp_path):
     proc = run_cli("eval", "--models", f"responses:{short}", "--prompts", "sim:eval", "--limit", "10",
                    "--output", str(tmp_path / "e2"), check=False)
     assert proc.returncode != 0 and "has no response for 9 of the 10 prompts" in proc.stderr
+
+
+def test_response_logps_in_length_sorted_trimmed_batches_equal_each_row_alone(tok):
+    # KL to the reference sums log π(y|x) over each response; rows are batched by length and each batch cut to
+    # the columns it needs: every row's value must be what a plain forward over that row alone gives
+    import torch
+
+    from rlhfkit.evaluate.evaluation import response_logps
+    from rlhfkit.rollout import SamplingParams
+    from rlhfkit.rollout.hf import HFEngine
+
+    lm = models.load_causal_lm("tiny-llama", seed=2, tokenizer=tok).eval()
+    prompts = [[{"role": "user", "content": p}] for p in ("Hi", "Name three fruits of the autumn, please.", "Why?",
+                                                            "A much longer question, about the colour of the sky?")]
+    engine = HFEngine(lm, tok, 8, stop_ids=range(6000))  # a random model: stop on an eighth of the vocabulary
+    samples = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=0))
+    assert len(set(samples.response_mask.sum(1).tolist())) > 1  # responses of several lengths
+    expected = []
+    for k in range(len(samples.texts)):  # one row, no padding: the definition
+        p = samples.prompt_ids[k][samples.prompt_mask[k].bool()]
+        r = samples.response_ids[k][samples.response_mask[k].bool()]
+        with torch.no_grad():
+            logits = lm(torch.cat([p, r])[None]).logits[0, len(p) - 1:-1].double()  # (|r|, V)
+        expected.append(float(logits.log_softmax(-1).gather(1, r[:, None]).sum()))
+    for batch_size in (1, 3, 64):
+        got = response_logps(lm, samples, batch_size, "no")
+        torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-4)

@@ -68,6 +68,27 @@ def test_batched_equals_one_row_at_a_time(policy, tok, params):
     assert same(batched, sample(policy, tok, batch_size=1, seed=3, **params))
 
 
+@pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=1.0, n=3),
+                                    dict(temperature=0.7, top_p=0.9, n=2)])
+def test_rows_joining_a_running_batch_sample_what_they_sample_alone(policy, tok, params, monkeypatch):
+    # continuous batching: as rows stop, the next ones are prefilled and join the running batch, their KV cache
+    # left-padded to its length (and the batch's cropped as rows leave); no row's tokens may change. A random
+    # model stopping on a fifth of the vocabulary gives rows of many lengths, so rows leave at different steps
+    from rlhfkit.rollout import hf
+
+    joins = []
+    real = hf.join_caches
+    monkeypatch.setattr(hf, "join_caches", lambda *a: joins.append(len(a[1])) or real(*a))
+    p = SamplingParams(**{"max_new_tokens": 12, "seed": 5, **params})
+    stops = range(3, len(tok), 5)
+    prompts = [[{"role": "user", "content": f"Question {k}:" + " and then" * k}] for k in range(10)]
+    alone = HFEngine(policy, tok, 1, stop_ids=stops).generate(prompts, p)
+    assert len(set(alone.response_lengths.tolist())) > 2 and not joins
+    for batch_size in (2, 3, 5):
+        assert same(HFEngine(policy, tok, batch_size, stop_ids=stops).generate(prompts, p), alone)
+    assert len(joins) > 5 and any(n > 1 for n in joins)  # rows joined batches that were still running
+
+
 # --- padding and the KV cache -----------------------------------------------------------------------------
 
 

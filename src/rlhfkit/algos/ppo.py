@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from rlhfkit import UsageError, checkpoint, models
 from rlhfkit.config import write_run_json
 from rlhfkit.core import rl
-from rlhfkit.core.lm import shifted_selection, summed_nll
+from rlhfkit.core.lm import real_columns, shifted_selection, summed_nll
 from rlhfkit.core.losses import gae, kl_estimate, kl_penalized_rewards, masked_mean, masked_whiten
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.collate import collate
@@ -245,14 +245,27 @@ def to_tokens(flat: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def trimmed(batch: Rollout) -> Rollout:
+    """The rows without the columns that are padding in all of them. A rollout is padded to its longest prompt
+    and response; a chunk or micro-batch of it mostly needs less. The selected tokens keep their row-major
+    order, so per-token results go back to the untrimmed (B, R) by `to_tokens` with the untrimmed mask. Only the
+    model inputs and the response mask are trimmed."""
+    cols = real_columns(batch.attention_mask)
+    width = batch.response_mask.shape[1] - (batch.attention_mask.shape[1] - cols.stop)  # R': the longest response
+    return replace(batch, input_ids=batch.input_ids[:, cols], attention_mask=batch.attention_mask[:, cols],
+                   position_ids=batch.position_ids[:, cols], response_mask=batch.response_mask[:, :width])
+
+
 def model_inputs(batch: Rollout, share: bool) -> tuple:
     """(input_ids, attention_mask, position_ids, select, targets, prefix) for the actor, reference or critic.
 
     With `share`, rows with the same prompt (the n samples of one prompt) run it once: the prompt up to its last
     token becomes a shared prefix (`models.decode_on_prefixes`) and each row keeps that last token, whose logit
     samples the first response token, and its response as the suffix. The same numbers up to float rounding
-    (tested); prefix is None when every row runs whole.
+    (tested); prefix is None when every row runs whole. The inputs are the rows' `trimmed` ones; select and
+    targets index those.
     """
+    batch = trimmed(batch)
     select, targets = response_select(batch.input_ids, batch.response_mask)  # (B, P + R), (M,)
     cut = batch.input_ids.shape[1] - batch.response_mask.shape[1] - 1  # P − 1
     if share and cut > 0:

@@ -36,6 +36,13 @@ def sequence_logps(logits: Tensor, targets: Tensor, select: Tensor) -> Tensor:
     return per_row_sums(-F.cross_entropy(logits.float(), targets, reduction="none"), select)
 
 
+def real_columns(mask: Tensor) -> slice:
+    """The columns of a (B, T) attention mask from the first to the last that holds a real token in some row: what
+    a batch cut from a wider one (left-padded prompts, right-padded responses) still needs."""
+    real = mask.bool().any(0)  # (T,)
+    return slice(int(real.long().argmax()), len(real) - int(real.flip(0).long().argmax()))
+
+
 def per_row_sums(values: Tensor, select: Tensor) -> Tensor:
     """Sum of each row's selected values: values (N,) in the row-major order of select (B, T) -> (B,) fp32."""
     rows = select.nonzero()[:, 0]  # (N,) row of each selected position, in the same row-major order

@@ -27,7 +27,7 @@ import torch
 
 from rlhfkit import UsageError, models
 from rlhfkit.config import write_run_json
-from rlhfkit.core.lm import sequence_logps, shifted_selection
+from rlhfkit.core.lm import per_row_sums, real_columns, shifted_selection
 from rlhfkit.core.losses import elo_bootstrap, elo_ratings
 from rlhfkit.data import formats, io
 from rlhfkit.evaluate import winrates
@@ -86,7 +86,9 @@ def load_prompts(cfg: EvalConfig) -> tuple[list[formats.Messages], list[tasks.Ta
 
 @torch.no_grad()
 def response_logps(model, samples: Samples, batch_size: int, precision: str) -> torch.Tensor:
-    """log π(y|x) of each sample's response under `model`, (B,): the sequence log-prob of SPEC's notation."""
+    """log π(y|x) of each sample's response under `model`, (B,): the sequence log-prob of SPEC's notation.
+    Batches of rows of similar length, each cut to the columns it needs: the samples are padded to the longest
+    prompt and the longest response of all (a base model's rambling one), most rows to much less."""
     from rlhfkit.rollout.hf import autocast
 
     net = models.SelectedLogits(model, short_math_attention=False).eval()  # forward only: flash is faster
@@ -94,15 +96,18 @@ def response_logps(model, samples: Samples, batch_size: int, precision: str) -> 
     input_ids, attention_mask = samples.sequences()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     loss_mask = torch.cat([torch.zeros_like(samples.prompt_ids), samples.response_mask], dim=1)
-    out = []
-    for i in range(0, len(input_ids), batch_size):
-        sl = slice(i, i + batch_size)
-        select, targets = shifted_selection(input_ids[sl], loss_mask[sl])
+    order = attention_mask.sum(1).argsort(stable=True)  # (B,) shortest first
+    out = torch.zeros(len(input_ids))
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        cols = real_columns(attention_mask[rows])
+        ids, mask, pos, lm = (t[rows][:, cols].to(device) for t in (input_ids, attention_mask, position_ids,
+                                                                      loss_mask))
+        select, targets = shifted_selection(ids, lm)
         with autocast(device, precision):
-            logits = net(input_ids[sl].to(device), attention_mask[sl].to(device), position_ids[sl].to(device),
-                         select.to(device))
-        out.append(sequence_logps(logits, targets.to(device), select.to(device)).cpu())
-    return torch.cat(out)
+            logps = net(ids, mask, pos, select, targets)  # (M,) the head in chunks, never (M, V) logits
+        out[rows] = per_row_sums(logps, select).cpu()
+    return out
 
 
 def file_responses(path: str, prompts: list[formats.Messages]) -> list[str]:

@@ -3,10 +3,11 @@
 One `generate` call, top to bottom:
   1. render every prompt through the chat template with the generation prompt, and encode it
   2. expand to rows (prompt i, sample j), each with its own random stream seeded by (seed, i, j)
-  3. batch rows of similar prompt length (less padding; per-row streams keep the grouping out of the result)
-  4. per batch: left-pad, prefill the KV cache (once per distinct prompt), then decode one token per step (Gumbel-max with the row's own
-     noise, after temperature and top-p) until every row has stopped or max_new_tokens is reached; rows that
-     have stopped leave the batch (and the KV cache), so the last long answers do not drag finished rows along
+  3. order rows by prompt length (less padding; per-row streams keep the grouping out of the result)
+  4. continuous batching: up to batch_size rows decode together, one token per step (Gumbel-max with the row's
+     own noise, after temperature and top-p); rows that have stopped (or reached max_new_tokens) leave the batch
+     and its KV cache, and the next rows join in their place (their prompts prefilled, once per distinct prompt,
+     and their caches appended left-padded), so the batch stays full until the rows run out
   5. put the rows back in prompt-major order as one `Samples`
 
 Speed on the CPU: with bf16 autocast every forward pass casts every fp32 weight to bf16 again, which for one
@@ -151,26 +152,23 @@ class HFEngine:
         encoded = [self.encode_prompt(m) for m in prompts]
         # 2. rows (i, j), each with its own random stream
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
-        # 3. batches of rows with similar prompt lengths
+        # 3. rows join the batch in order of prompt length (less padding), a prompt's n rows together
         order = sorted(range(len(rows)), key=lambda r: len(encoded[rows[r][0]]))
-        responses: list[list[int]] = [[] for _ in rows]
-        finished = [False] * len(rows)
         bar = tqdm(total=len(rows), disable=not self.progress, desc="generate", unit="seq", dynamic_ncols=True)
         was_training = self.model.training
         self.model.eval()
         model = self._sampling_model()
         try:
-            for b in range(0, len(order), self.batch_size):
-                idx = order[b:b + self.batch_size]
-                # 4. one batch: prefill + decode
-                rngs = [row_rng(params.seed, *rows[r]) for r in idx]
-                out, done = self._generate_batch(model, [encoded[rows[r][0]] for r in idx], rngs, params)
-                for r, ids, stopped in zip(idx, out, done):
-                    responses[r], finished[r] = ids, stopped
-                bar.update(len(idx))
+            # 4. continuous batching: prefill + decode
+            out, done = self._decode(model, [encoded[rows[r][0]] for r in order],
+                                     [row_rng(params.seed, *rows[r]) for r in order], params, bar)
         finally:
             self.model.train(was_training)
             bar.close()
+        responses: list[list[int]] = [[] for _ in rows]
+        finished = [False] * len(rows)
+        for k, r in enumerate(order):
+            responses[r], finished[r] = out[k], done[k]
         # 5. prompt-major tensors and text
         return self._assemble(encoded, rows, responses, finished, params.n)
 
@@ -182,57 +180,87 @@ class HFEngine:
         return copy.deepcopy(self.model).to(torch.bfloat16).eval()
 
     @torch.no_grad()
-    def _generate_batch(self, model, prompts: list[list[int]], rngs: list[np.random.Generator],
-                        params: SamplingParams) -> tuple[list[list[int]], list[bool]]:
-        """Sampled tokens of each row (up to and including its stop token) and whether it stopped."""
+    def _prefill(self, model, prompts: list[list[int]]):
+        """KV cache, next-token logits (N, V), mask (N, P) and last positions (N, 1) of N prompts; rows of the same
+        prompt (n > 1) share one prefill: each distinct prompt runs once and its cache is copied."""
         device = next(model.parameters()).device
-        # rows of the same prompt (n > 1) share one prefill: encode each distinct prompt once, then copy its cache
         distinct: dict[tuple[int, ...], int] = {}
-        row_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts])  # (B,)
+        row_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts],
+                              device=device)  # (N,)
         ids, mask = pad_left([list(p) for p in distinct], self.pad_id)  # (U, P)
         ids, mask = ids.to(device), mask.to(device)
-        stop_ids = self.stop_ids.to(device)
         # positions count real tokens only, so a row's left padding does not shift its positions
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, P)
-        tokens = torch.full((len(prompts), params.max_new_tokens), self.pad_id, dtype=torch.long)  # (B, K)
-        active = torch.arange(len(prompts))  # (A,) rows still decoding, in batch order
-        steps = 0
+        with autocast(device, self.precision), models.native_gqa(device):  # decode steps have their own GQA path
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        if len(distinct) < len(prompts):
+            cache.batch_select_indices(row_of)
+        return cache, out.logits[:, -1].float()[row_of], mask[row_of], positions[row_of, -1:]
+
+    @torch.no_grad()
+    def _decode(self, model, prompts: list[list[int]], rngs: list[np.random.Generator], params: SamplingParams,
+                bar) -> tuple[list[list[int]], list[bool]]:
+        """Sampled tokens of each row (up to and including its stop token) and whether it stopped.
+
+        Continuous batching: up to batch_size rows decode together, one token per step (Gumbel-max with each row's
+        own noise). Rows that have stopped leave the batch and its KV cache once they are an eighth of it, and
+        the next rows join in their place: their prompts are prefilled and their caches, left-padded to a common
+        length, appended to the running one. So the batch stays full until the rows run out, instead of
+        draining to the few longest answers of each batch. Columns that are padding in every remaining row are
+        dropped from the cache as rows leave. A row's tokens depend only on its own prompt and random stream.
+        """
+        device = next(model.parameters()).device
+        stop_ids, k_max = self.stop_ids.to(device), params.max_new_tokens
+        tokens = torch.full((len(prompts), k_max), self.pad_id, dtype=torch.long)  # (N, K)
+        lengths = torch.zeros(len(prompts), dtype=torch.long)  # (N,) tokens sampled so far
+        stopped = torch.zeros(len(prompts), dtype=torch.bool)  # (N,)
+        active = torch.zeros(0, dtype=torch.long)  # (A,) rows in the batch, in batch order
+        done = torch.zeros(0, dtype=torch.bool, device=device)  # (A,) row has finished but not left yet
+        cache = logits = mask = positions = None  # cache; (A, V); (A, L); (A, 1) position of the last token fed
+        joined = 0  # rows [0, joined) have joined
         with autocast(device, self.precision):
-            with models.native_gqa(device):  # the prefill only: decode steps have their own GQA path
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=1)
-            cache, logits = out.past_key_values, out.logits[:, -1].float()  # (U, V)
-            if len(distinct) < len(prompts):
-                cache.batch_select_indices(row_of.to(device))
-            logits, mask, positions = logits[row_of.to(device)], mask[row_of.to(device)], positions[row_of.to(device)]
-            done = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # (A,)
-            for t in range(params.max_new_tokens):
+            while joined < len(prompts) or len(active):
+                free = self.batch_size - len(active)
+                if joined < len(prompts) and (not len(active) or (
+                        mergeable(cache) and free >= min(max(1, self.batch_size // 8), len(prompts) - joined))):
+                    new = torch.arange(joined, min(len(prompts), joined + free))
+                    joined = int(new[-1]) + 1
+                    c, lg, m, pos = self._prefill(model, [prompts[r] for r in new.tolist()])
+                    if len(active):
+                        cache, mask = join_caches(cache, mask, c, m)
+                        logits, positions = torch.cat([logits, lg]), torch.cat([positions, pos])
+                    else:
+                        cache, logits, mask, positions = c, lg, m, pos
+                    active = torch.cat([active, new])
+                    done = torch.cat([done, torch.zeros(len(new), dtype=torch.bool, device=device)])
                 token = sample_tokens_topk(logits.cpu(), [rngs[r] for r in active.tolist()], params.temperature,
                                            params.top_p).to(device)  # (A,)
                 token = torch.where(done, self.pad_id, token)
-                tokens[active, t] = token.cpu()
-                steps = t + 1
-                done = done | torch.isin(token, stop_ids)
-                if bool(done.all()) or t == params.max_new_tokens - 1:
-                    break
-                if int(done.sum()) * 8 >= len(done):  # an eighth has stopped: they leave the batch and the cache
+                live = (~done).cpu()
+                rows = active[live]
+                tokens[rows, lengths[rows]] = token.cpu()[live]
+                lengths[rows] += 1
+                hit = torch.isin(token, stop_ids)
+                stopped[active[hit.cpu() & live]] = True
+                done = done | hit | (lengths[active] >= k_max).to(device)
+                if int(done.sum()) * 8 >= len(done):  # an eighth has finished: they leave the batch and the cache
+                    bar.update(int(done.sum()))
                     keep = (~done).nonzero().squeeze(1)
+                    if not len(keep):
+                        active, done, cache = active[:0], done[:0], None
+                        continue
                     cache.batch_select_indices(keep)
-                    active, token, mask, positions = active[keep.cpu()], token[keep], mask[keep], positions[keep]
-                    done = done[keep]
+                    active, token, mask, positions, done = (active[keep.cpu()], token[keep], mask[keep],
+                                                            positions[keep], done[keep])
+                    if mergeable(cache):  # drop the columns that are now padding in every row
+                        first = int(mask.any(0).long().argmax())
+                        cache, mask = crop_left(cache, first), mask[:, first:]
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                positions = positions[:, -1:] + 1
+                positions = positions + 1
                 logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
                                past_key_values=cache, use_cache=True).logits[:, -1].float()  # (A, V)
-        tokens = tokens[:, :steps]  # (B, K')
-        is_stop = torch.isin(tokens, self.stop_ids)
-        responses, stopped = [], []
-        for row, stops in zip(tokens.tolist(), is_stop):
-            hit = stops.nonzero()
-            end = int(hit[0]) + 1 if len(hit) else len(row)
-            responses.append(row[:end])
-            stopped.append(bool(len(hit)))
-        return responses, stopped
+        return [tokens[r, :int(lengths[r])].tolist() for r in range(len(prompts))], stopped.tolist()
 
     def _assemble(self, encoded: list[list[int]], rows: list[tuple[int, int]], responses: list[list[int]],
                   finished: list[bool], n: int) -> Samples:
@@ -249,3 +277,36 @@ class HFEngine:
                        response_mask=response_mask, finished=torch.tensor(finished), texts=texts,
                        prompt_index=torch.tensor([i for i, _ in rows]),
                        sample_index=torch.tensor([j for _, j in rows]), n=n, pad_id=self.pad_id)
+
+
+# --- KV caches of rows that joined at different times ----------------------------------------------------------
+
+
+def mergeable(cache) -> bool:
+    """Whether rows can join or be cropped: a transformers DynamicCache of full-attention layers, whose tensors are
+    (rows, heads, length, head_dim) with nothing else to keep in step (sliding-window and other caches are not)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def join_caches(cache, mask: torch.Tensor, other, other_mask: torch.Tensor):
+    """`other`'s rows appended to `cache`'s, both left-padded to the longer length; masks (A, L) and (N, L')
+    likewise -> (cache, (A + N, max(L, L')) mask). Left padding is masked, so it changes no row's attention."""
+    width = max(mask.shape[1], other_mask.shape[1])
+    pad = lambda t, n: torch.nn.functional.pad(t, (0, 0, n, 0)) if n else t  # noqa: E731  (…, L, d) on the left
+    for layer, new in zip(cache.layers, other.layers):
+        a, b = width - layer.keys.shape[-2], width - new.keys.shape[-2]
+        layer.keys = torch.cat([pad(layer.keys, a), pad(new.keys, b)])
+        layer.values = torch.cat([pad(layer.values, a), pad(new.values, b)])
+    pad_mask = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731
+    return cache, torch.cat([pad_mask(mask), pad_mask(other_mask)])
+
+
+def crop_left(cache, first: int):
+    """The cache without its first `first` positions (padding in every row)."""
+    if first:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+    return cache
