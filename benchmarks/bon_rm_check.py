@@ -11,7 +11,6 @@ import json, sys, time
 import torch
 from rlhfkit.rewards import RewardModel
 from rlhfkit.sim import tasks
-from rlhfkit.data import formats
 
 run, rm_dir = sys.argv[1], sys.argv[2]
 out_path = sys.argv[3] if len(sys.argv) > 3 else "benchmarks/results/bon_rm_check.jsonl"

@@ -9,7 +9,7 @@ when present. Session 3 ran, with RUN = runs/pipeline-default:
     python benchmarks/rm_variant.py /tmp/exp/e2 4 256 1.0 '{"lr": 1e-4}'    # (the run's own rankings copied in)
     python benchmarks/rm_variant.py /tmp/exp/e1 8 128 1.0 '{}'
 """
-import json, shutil, sys
+import json, sys
 from pathlib import Path
 from rlhfkit.pipeline import PipelineConfig, resolve, label, train_rm
 

@@ -65,7 +65,7 @@ for share in (False, True):
         reward.preference_loss_sum(scores, batch).backward()
     run_tokens = int(batch.attention_mask.numel() + (0 if batch.prefix_ids is None else batch.prefix_ids.numel()))
     results[f"rm/{'shared' if share else 'whole'}"] = {**timed(step), "tokens_run": run_tokens}
-del rm
+rm = None  # free it before DPO loads its model
 # DPO
 tok = models.load_tokenizer(sft_dir)
 pairs, _ = dpo.load_pairs(rankings, None, tok, 256)

@@ -28,3 +28,25 @@ def test_fused_adamw_makes_the_plain_adamw_update(tok):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
         moved += not torch.equal(a, a0)
     assert moved == len(list(plain_model.parameters()))
+
+
+def test_length_grouped_batches_cover_each_epoch_once_and_pad_less():
+    # `group_by_length`: the epoch's permutation in mega-batches of 8 global batches, each sorted longest first;
+    # every row still comes once per epoch, a batch's rows come from one mega-batch of the plain order, and the
+    # batches pad less than the plain ones
+    from rlhfkit.training import GROUP_BATCHES, global_batch_rows
+
+    n, batch = 100, 4  # 25 steps per epoch: three full mega-batches of 32 rows and one of 4
+    lengths = [(7 * i) % 31 + 1 for i in range(n)]
+    for epoch in (0, 1):
+        steps = range(epoch * 25, (epoch + 1) * 25)
+        grouped = [global_batch_rows(s, n, batch, seed=3, lengths=lengths) for s in steps]
+        plain = [global_batch_rows(s, n, batch, seed=3) for s in steps]
+        assert sorted(r for b in grouped for r in b) == list(range(n))
+        for m in range(0, 25, GROUP_BATCHES):
+            mega_g = [r for b in grouped[m:m + GROUP_BATCHES] for r in b]
+            assert set(mega_g) == {r for b in plain[m:m + GROUP_BATCHES] for r in b}
+            assert [lengths[r] for r in mega_g] == sorted((lengths[r] for r in mega_g), reverse=True)
+        padded = lambda batches: sum(len(b) * max(lengths[r] for r in b) for b in batches)  # noqa: E731
+        assert padded(grouped) < 0.8 * padded(plain)
+    assert global_batch_rows(30, n, batch, seed=3, lengths=lengths) == global_batch_rows(30, n, batch, 3, lengths)

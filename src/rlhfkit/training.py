@@ -102,6 +102,9 @@ class TrainConfig(RunConfig):
     """Micro-batches per optimizer step; global batch = batch_size × grad_accum × processes."""
     eval_steps: int = 0
     """Evaluate every N steps (0: only at the end)."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (within mega-batches of 8 global batches, longest first): less
+    padding, a less random order."""
 
 
 def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -114,13 +117,24 @@ def split_validation(items: list, fraction: float, seed: int) -> tuple[list, lis
     return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
 
 
-def global_batch_rows(step: int, n_rows: int, global_batch: int, seed: int) -> list[int]:
+GROUP_BATCHES = 8  # global batches per mega-batch of `group_by_length`
+
+
+def global_batch_rows(step: int, n_rows: int, global_batch: int, seed: int,
+                      lengths: list[int] | None = None) -> list[int]:
     """Row indices of optimizer step `step`: a seeded permutation per epoch, cut into global batches.
 
-    The data position is just the step number, so resuming needs no sampler state."""
+    With `lengths` (one per row: what its padded batch costs), length-grouped: the permutation is cut into
+    mega-batches of GROUP_BATCHES global batches and each is sorted longest first before the cut, so a batch holds
+    rows of similar length and pads less (transformers' `group_by_length`, with mega-batches of 8 batches rather
+    than 50, so the order stays close to random). The data position is just the step number, so resuming needs no
+    sampler state."""
     steps_per_epoch = math.ceil(n_rows / global_batch)
     epoch, i = divmod(step, steps_per_epoch)
     perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    if lengths is not None:
+        mega = GROUP_BATCHES * global_batch
+        perm = [r for k in range(0, n_rows, mega) for r in sorted(perm[k:k + mega], key=lambda r: -lengths[r])]
     return perm[i * global_batch:(i + 1) * global_batch]
 
 

@@ -118,8 +118,10 @@ def test_learns_a_held_out_preference(tmp_path):
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[-1] < 0.5 * losses[0]
 
 
-def test_resume_two_plus_two_equals_four_bit_exact(tmp_path):
-    straight = base_cfg(tmp_path, output=str(tmp_path / "straight"), max_steps=4, grad_accum=2, batch_size=2)
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_resume_two_plus_two_equals_four_bit_exact(tmp_path, group_by_length):
+    straight = base_cfg(tmp_path, output=str(tmp_path / "straight"), max_steps=4, grad_accum=2, batch_size=2,
+                        group_by_length=group_by_length)
     dpo.train(straight)
     split = replace(straight, output=str(tmp_path / "split"), save_steps=2)
     dpo.train(split)

@@ -113,8 +113,10 @@ def test_learns_a_rule_to_90_percent_held_out_accuracy(tmp_path):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_resume_two_plus_two_equals_four_bit_exact(tmp_path):
-    straight = base_cfg(tmp_path, output=str(tmp_path / "straight"), grad_accum=2, batch_size=2)
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_resume_two_plus_two_equals_four_bit_exact(tmp_path, group_by_length):
+    straight = base_cfg(tmp_path, output=str(tmp_path / "straight"), grad_accum=2, batch_size=2,
+                        group_by_length=group_by_length)
     reward.train(straight)
     split = replace(straight, output=str(tmp_path / "split"), save_steps=2)
     reward.train(split)

@@ -80,8 +80,10 @@ def test_loss_falls_on_a_tiny_overfit_set(tmp_path):
     assert final["train/steps"] == 40
 
 
-def test_resume_two_plus_two_equals_four_bit_exact(tmp_path):
-    straight = base_cfg(tmp_path, output=str(tmp_path / "straight"), grad_accum=2, batch_size=2)
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_resume_two_plus_two_equals_four_bit_exact(tmp_path, group_by_length):
+    straight = base_cfg(tmp_path, output=str(tmp_path / "straight"), grad_accum=2, batch_size=2,
+                        group_by_length=group_by_length)
     sft.train(straight)
     # a 4-step run that checkpoints at step 2; rewinding it to that checkpoint leaves exactly what a run
     # stopped after 2 steps leaves (the SIGKILL test below kills a real process)

@@ -337,8 +337,10 @@ def train(cfg: DPOConfig) -> dict:
     mode = cfg.ref_mode if cfg.ref_mode != "auto" else ("lora" if cfg.lora else "precomputed")
     # only the training pairs that the steps will visit need reference log-probs (a --max-steps run over a large
     # ranking set visits a fraction of its C(K, 2) pairs)
+    lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs] if cfg.group_by_length \
+        else None
     visited = sorted({i for step in range(total_steps) for i in global_batch_rows(step, len(pairs), global_batch,
-                                                                                  cfg.seed)})
+                                                                                  cfg.seed, lengths)})
     reference = reference_fn(mode, cfg, tok, net, {"train": [pairs[i] for i in visited], "val": val_pairs},
                              accelerator)
 
@@ -361,7 +363,7 @@ def train(cfg: DPOConfig) -> dict:
     while state["step"] < total_steps:
         step = state["step"]
         # 5.1 this step's pairs; this process takes every world-th pair, in grad_accum micro-batches
-        rows = [pairs[i] for i in global_batch_rows(step, len(pairs), global_batch, cfg.seed)]
+        rows = [pairs[i] for i in global_batch_rows(step, len(pairs), global_batch, cfg.seed, lengths)]
         step_tokens = sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in rows)
         mine = rows[accelerator.process_index::world]
         weight = world / len(rows) if mine else 0.0  # a process left without pairs runs one with weight 0

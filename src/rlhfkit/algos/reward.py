@@ -561,11 +561,13 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
     global_batch = cfg.batch_size * cfg.grad_accum * world
     metrics, t_last, tokens_since = {}, time.perf_counter(), 0
     share = use_shared_prefix(cfg, net)
+    # a prompt's K responses pad to the longest of the batch
+    lengths = [max(map(len, r.input_ids)) for r in phase.rows] if cfg.group_by_length else None
     while state["step"] < phase.end:
         step = state["step"]
         # 5.1 this step's prompts; this process takes every world-th prompt, in grad_accum micro-batches
         rows = [phase.rows[i] for i in global_batch_rows(step - phase.start, len(phase.rows), global_batch,
-                                                         cfg.seed + 1000 * p)]
+                                                         cfg.seed + 1000 * p, lengths)]
         mine = rows[accelerator.process_index::world]
         # a short last batch may leave a process without prompts; it runs one with weight 0 so DDP does not hang
         weight = world / len(rows) if mine else 0.0

@@ -162,10 +162,11 @@ def train(cfg: SFTConfig) -> dict:
     metrics: dict[str, float] = {}
     t_last = time.perf_counter()
     tokens_since = 0
+    lengths = [len(r.input_ids) for r in train_rows] if cfg.group_by_length else None
     while state["step"] < total_steps:
         step = state["step"]
         # 5.1 this step's rows; this process takes every world-th row, in grad_accum micro-batches
-        rows = [train_rows[i] for i in global_batch_rows(step, len(train_rows), global_batch, cfg.seed)]
+        rows = [train_rows[i] for i in global_batch_rows(step, len(train_rows), global_batch, cfg.seed, lengths)]
         n_loss_tokens = max(sum(sum(r.loss_mask[1:]) for r in rows), 1)
         step_tokens = sum(len(r.input_ids) for r in rows)
         mine = rows[accelerator.process_index::world]

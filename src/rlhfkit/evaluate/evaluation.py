@@ -27,7 +27,7 @@ import torch
 
 from rlhfkit import UsageError, models
 from rlhfkit.config import write_run_json
-from rlhfkit.core.lm import per_row_sums, real_columns, shifted_selection
+from rlhfkit.core.lm import per_row_sums, shifted_selection
 from rlhfkit.core.losses import elo_bootstrap, elo_ratings
 from rlhfkit.data import formats, io
 from rlhfkit.evaluate import winrates
@@ -84,28 +84,40 @@ def load_prompts(cfg: EvalConfig) -> tuple[list[formats.Messages], list[tasks.Ta
     return prompts, [tasks.from_row(r) for r in rows]
 
 
+LOGPS_BATCH_TOKENS = 8192  # padded tokens per forward of `response_logps`: bigger batches gain nothing here
+
+
 @torch.no_grad()
 def response_logps(model, samples: Samples, batch_size: int, precision: str) -> torch.Tensor:
     """log π(y|x) of each sample's response under `model`, (B,): the sequence log-prob of SPEC's notation.
-    Batches of rows of similar length, each cut to the columns it needs: the samples are padded to the longest
-    prompt and the longest response of all (a base model's rambling one), most rows to much less."""
+    Each row is its prompt and response side by side without padding between or before them, right-padded to
+    its batch's longest, the rows batched in order of length: `Samples` pads every prompt to the longest prompt
+    and every response to the longest response of all (a base model's rambling one), most rows to much less."""
+    from rlhfkit.algos.reward import pad_right
     from rlhfkit.rollout.hf import autocast
 
     net = models.SelectedLogits(model, short_math_attention=False).eval()  # forward only: flash is faster
     device = next(model.parameters()).device
-    input_ids, attention_mask = samples.sequences()
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    loss_mask = torch.cat([torch.zeros_like(samples.prompt_ids), samples.response_mask], dim=1)
-    order = attention_mask.sum(1).argsort(stable=True)  # (B,) shortest first
-    out = torch.zeros(len(input_ids))
-    for i in range(0, len(order), batch_size):
-        rows = order[i:i + batch_size]
-        cols = real_columns(attention_mask[rows])
-        ids, mask, pos, lm = (t[rows][:, cols].to(device) for t in (input_ids, attention_mask, position_ids,
-                                                                      loss_mask))
-        select, targets = shifted_selection(ids, lm)
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(samples.prompt_ids, samples.prompt_mask)]
+    responses = [ids[mask.bool()].tolist() for ids, mask in zip(samples.response_ids, samples.response_mask)]
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    order = sorted(range(len(prompts)), key=lambda k: lengths[k])
+    batches, start = [], 0  # up to batch_size rows and LOGPS_BATCH_TOKENS padded tokens each, shortest first
+    for end in range(1, len(order) + 1):
+        if end == len(order) or end - start == batch_size or (end + 1 - start) * lengths[order[end]] > \
+                LOGPS_BATCH_TOKENS:
+            batches.append(order[start:end])
+            start = end
+    out = torch.zeros(len(prompts))
+    for rows in batches:
+        ids, mask = pad_right([prompts[k] + responses[k] for k in rows], samples.pad_id)  # (b, T)
+        loss_mask = torch.zeros_like(mask)
+        for r, k in enumerate(rows):
+            loss_mask[r, len(prompts[k]):len(prompts[k]) + len(responses[k])] = 1
+        select, targets = shifted_selection(ids, loss_mask)
+        ids, mask, select, targets = ids.to(device), mask.to(device), select.to(device), targets.to(device)
         with autocast(device, precision):
-            logps = net(ids, mask, pos, select, targets)  # (M,) the head in chunks, never (M, V) logits
+            logps = net(ids, mask, None, select, targets)  # (M,) the head in chunks, never (M, V) logits
         out[rows] = per_row_sums(logps, select).cpu()
     return out
 
