@@ -132,9 +132,10 @@ def global_batch_rows(step: int, n_rows: int, global_batch: int, seed: int,
     steps_per_epoch = math.ceil(n_rows / global_batch)
     epoch, i = divmod(step, steps_per_epoch)
     perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    if lengths is not None:
-        mega = GROUP_BATCHES * global_batch
-        perm = [r for k in range(0, n_rows, mega) for r in sorted(perm[k:k + mega], key=lambda r: -lengths[r])]
+    if lengths is not None:  # only the step's own mega-batch needs sorting
+        size = GROUP_BATCHES * global_batch
+        mega = slice(i // GROUP_BATCHES * size, (i // GROUP_BATCHES + 1) * size)
+        perm[mega] = sorted(perm[mega], key=lambda r: -lengths[r])
     return perm[i * global_batch:(i + 1) * global_batch]
 
 

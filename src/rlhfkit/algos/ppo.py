@@ -272,7 +272,7 @@ def model_inputs(batch: Rollout, share: bool) -> tuple:
         key = torch.cat([batch.input_ids[:, :cut], batch.attention_mask[:, :cut]], dim=1)
         distinct, row_of = torch.unique(key, dim=0, return_inverse=True)  # (G, 2·cut), (B,)
         prefix_ids, prefix_mask = distinct[:, :cut], distinct[:, cut:]
-        start = int(prefix_mask.any(0).long().argmax())  # columns of left padding in every distinct prompt
+        start = real_columns(prefix_mask).start  # columns of left padding in every distinct prompt
         prefix_ids, prefix_mask = prefix_ids[:, start:], prefix_mask[:, start:]
         if len(distinct) < len(key) and bool(prefix_mask.any(1).all()):
             return (batch.input_ids[:, cut:], batch.attention_mask[:, cut:], None, select[:, cut:], targets,

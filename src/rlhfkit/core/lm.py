@@ -28,14 +28,6 @@ def summed_nll(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def sequence_logps(logits: Tensor, targets: Tensor, select: Tensor) -> Tensor:
-    """Summed log π(y_t | x, y_<t) of each row's selected tokens: the sequence log-prob of the response.
-
-    logits (N, V) at the N selected positions of select (B, T), row-major; targets (N,) -> (B,) fp32.
-    """
-    return per_row_sums(-F.cross_entropy(logits.float(), targets, reduction="none"), select)
-
-
 def real_columns(mask: Tensor) -> slice:
     """The columns of a (B, T) attention mask from the first to the last that holds a real token in some row: what
     a batch cut from a wider one (left-padded prompts, right-padded responses) still needs."""
@@ -44,7 +36,8 @@ def real_columns(mask: Tensor) -> slice:
 
 
 def per_row_sums(values: Tensor, select: Tensor) -> Tensor:
-    """Sum of each row's selected values: values (N,) in the row-major order of select (B, T) -> (B,) fp32."""
+    """Sum of each row's selected values: values (N,) in the row-major order of select (B, T) -> (B,) fp32. Of
+    `target_logps`' values: each row's sequence log-prob, Σ log π(y_t | x, y_<t) over its response."""
     rows = select.nonzero()[:, 0]  # (N,) row of each selected position, in the same row-major order
     return torch.zeros(select.shape[0], device=values.device).index_add(0, rows, values.float())
 

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhfkit import models
+from rlhfkit.core.lm import real_columns
 from rlhfkit.data import chat
 from rlhfkit.data.formats import Messages
 from rlhfkit.rollout import Samples, SamplingParams, row_rng
@@ -254,7 +255,7 @@ class HFEngine:
                     active, token, mask, positions, done = (active[keep.cpu()], token[keep], mask[keep],
                                                             positions[keep], done[keep])
                     if mergeable(cache):  # drop the columns that are now padding in every row
-                        first = int(mask.any(0).long().argmax())
+                        first = real_columns(mask).start
                         cache, mask = crop_left(cache, first), mask[:, first:]
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 positions = positions + 1
