@@ -31,19 +31,28 @@ class Row:
     mfu: float = 0.0
     flops_per_token: float = 0.0
     token_check: str = ""
+    compiled: bool = False  # rlhfkit --compile true
 
     @property
     def ckpt(self) -> str:
         return "on" if self.gradient_checkpointing else "off"
 
+    @property
+    def name(self) -> str:
+        return self.trainer + (", compiled" if self.compiled else "")
+
+    @property
+    def setting(self) -> str:
+        return f"checkpointing {self.ckpt}" + (", compiled" if self.compiled else "")
+
 
 def fmt_row(r: Row, warmup: int) -> str:
     if r.error:
-        return f"| {NAMES[r.algo]} | {r.trainer} | {r.ckpt} | failed: {r.error} | | | | | | |"
+        return f"| {NAMES[r.algo]} | {r.name} | {r.ckpt} | failed: {r.error} | | | | | | |"
     unit = "completions/s" if r.algo == "grpo" else "tokens/s"
     losses = ", ".join(f"{x:.4f}" for x in r.losses[:3])
     timed = r.step_s[warmup:]
-    return (f"| {NAMES[r.algo]} | {r.trainer} | {r.ckpt} | {sum(r.tokens) / len(r.tokens):,.0f} "
+    return (f"| {NAMES[r.algo]} | {r.name} | {r.ckpt} | {sum(r.tokens) / len(r.tokens):,.0f} "
             f"| {r.throughput:,.{2 if r.algo == 'grpo' else 0}f} {unit} | {sum(timed) / max(len(timed), 1):.2f} "
             f"| {r.mfu:.1%} | {r.peak_rss_mb:,.0f} MB | {r.setup_s:.0f} | {losses} |")
 
@@ -54,14 +63,14 @@ def checks(algo: str, rows: list[Row]) -> list[str]:
     ours = [r for r in rows if r.trainer == "rlhfkit" and not r.error]
     out = []
     if trl and ours and trl.throughput:
-        ratios = ", ".join(f"×{r.throughput / trl.throughput:.2f} (checkpointing {r.ckpt})" for r in ours)
+        ratios = ", ".join(f"×{r.throughput / trl.throughput:.2f} ({r.setting})" for r in ours)
         out.append(f"{NAMES[algo]}: rlhfkit's throughput / TRL's: {ratios}.")
     if algo == "dpo":
-        step1 = [f"{r.trainer} (checkpointing {r.ckpt}) {r.losses[0] - LN2_FP32:+.1e}"
+        step1 = [f"{r.trainer} ({r.setting}) {r.losses[0] - LN2_FP32:+.1e}"
                  for r in ([trl] if trl else []) + ours if r.losses]
         out.append("DPO step-1 loss − ln 2 (policy = reference; ln 2 in fp32): " + ", ".join(step1) + ".")
         if trl:
-            out += [f"DPO peak RSS, rlhfkit with precomputed reference log-probs (checkpointing {r.ckpt}) / TRL with "
+            out += [f"DPO peak RSS, rlhfkit with precomputed reference log-probs ({r.setting}) / TRL with "
                     f"a frozen copy: {r.peak_rss_mb / trl.peak_rss_mb:.2f} (issue 8's target ≤ 0.6); rlhfkit's "
                     f"one-off reference pass took {r.reference_s or 0:.1f} s, not in its step times." for r in ours]
     if trl and trl.token_check:

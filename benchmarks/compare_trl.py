@@ -7,8 +7,10 @@
 For each algorithm the same model is trained on the same data with the same settings by TRL's trainer and by
 rlhfkit's, one run after the other, each in a fresh subprocess (benchmarks/trl_side.py, benchmarks/rlhfkit_side.py)
 so that its peak resident memory (the child's own ru_maxrss) is its alone, all with the same torch thread count.
-Rows per algorithm: TRL with gradient checkpointing on (TRL 1.16's default in every config); rlhfkit with it on
-(`--gradient-checkpointing true`, skipped with a note while the CLI lacks the flag); rlhfkit with its default (off).
+Rows per algorithm (`--variants`): TRL with gradient checkpointing on (TRL 1.16's default in every config); rlhfkit
+with it on (`gc`; skipped with a note while the CLI lacks the flag); rlhfkit with its default, off (`nogc`); rlhfkit
+with it off and its transformer blocks compiled (`compile`: `--compile true`, torch.compile / Inductor; TRL's
+`torch_compile` stays at its default, off); and with both (`gc-compile`).
 rlhfkit runs through its CLI (`rlhfkit sft|rm|dpo|ppo --advantage grpo`), data loading and logging included.
 
 Made equal: the model (one local Hugging Face directory; for the reward model one initial directory whose score
@@ -58,6 +60,7 @@ from compare_data import (check_tokens, prepare_models, prompt_tokens, rlhfkit_s
 from compare_report import NAMES, Row, markdown, rewrite_results  # noqa: E402
 
 ALGOS = ("sft", "rm", "dpo", "grpo")
+VARIANTS = ("trl", "gc", "gc-compile", "nogc", "compile")
 REWARD_FN = "benchmarks/ppo_rewards.py:length_target"
 GRPO_BETA = 0.04  # KL coefficient of both sides (TRL's default 0 would drop its reference model altogether)
 
@@ -120,12 +123,13 @@ def child_env(ctx: Context) -> dict[str, str]:
             "HF_DATASETS_CACHE": str(ctx.root / "hf-datasets"), "PYTHONPATH": str(REPO / "src")}
 
 
-def rlhfkit_argv(algo: str, ctx: Context, gc: bool, out: Path) -> list[str]:
+def rlhfkit_argv(algo: str, ctx: Context, gc: bool, out: Path, compiled: bool = False) -> list[str]:
     p, o, S = ctx.preset, optim(algo), str(ctx.preset.steps[algo])
     n = p.grpo_prompts * p.grpo_generations
     common = ["--output", str(out), "--dtype", "bf16", "--seed", "0", "--log-steps", "1", "--lr", str(o["lr"]),
               "--schedule", "constant", "--warmup-ratio", "0", "--weight-decay", str(o["weight_decay"]),
-              "--max-grad-norm", str(o["max_grad_norm"])] + (["--gradient-checkpointing", "true"] if gc else [])
+              "--max-grad-norm", str(o["max_grad_norm"])] + (["--gradient-checkpointing", "true"] if gc else []) \
+        + (["--compile", "true"] if compiled else [])
     fixed = ["--max-steps", S, "--batch-size", str(p.batch), "--max-length", str(p.max_length), "--val-fraction", "0"]
     return {
         "sft": ["sft", "--model", str(ctx.causal), "--data", str(ctx.files["sft"]), *fixed],
@@ -169,12 +173,12 @@ def deltas(cumulative: list[float]) -> list[float]:
     return [b - a for a, b in zip([0] + cumulative, cumulative)]
 
 
-def run_rlhfkit(algo: str, ctx: Context, gc: bool) -> Row:
-    name = f"{algo}-rlhfkit-{'gc' if gc else 'nogc'}"
+def run_rlhfkit(algo: str, ctx: Context, gc: bool, compiled: bool = False) -> Row:
+    name = f"{algo}-rlhfkit-{'gc' if gc else 'nogc'}{'-compile' if compiled else ''}"
     out, result = ctx.root / "runs" / name, ctx.root / "results" / f"{name}.json"
     shutil.rmtree(out, ignore_errors=True)  # no cached reference log-probs or checkpoints from an earlier run
-    argv = rlhfkit_argv(algo, ctx, gc, out)
-    row = Row(algo, "rlhfkit", gc, "rlhfkit " + " ".join(argv))
+    argv = rlhfkit_argv(algo, ctx, gc, out, compiled)
+    row = Row(algo, "rlhfkit", gc, "rlhfkit " + " ".join(argv), compiled=compiled)
     code, log = run_child([sys.executable, str(HERE / "rlhfkit_side.py"), "--threads", str(ctx.threads),
                            "--result", str(result), "--", *argv], ctx, name)
     if code != 0:
@@ -279,6 +283,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(ALGOS), help="comma-separated subset of sft,rm,dpo,grpo")
     p.add_argument("--steps", default=None, help="steps for all algorithms (N) or some (sft=5,dpo=3)")
     p.add_argument("--warmup", type=int, default=None, help="first steps left out of throughput")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads of every run")
     p.add_argument("--workdir", type=Path, default=None,
                    help="data, models, logs and per-run JSON (default /tmp/rlhfkit-compare-trl-MODE)")
@@ -314,14 +319,17 @@ def setup(preset: Preset, root: Path, threads: int) -> Context:
                    prompt_tokens(tok, files["prompts"]))
 
 
-def run_algorithm(algo: str, ctx: Context) -> tuple[list[Row], str | None]:
-    """TRL, rlhfkit with gradient checkpointing (when the CLI has the flag), rlhfkit's default; and a note."""
+def run_algorithm(algo: str, ctx: Context, variants: list[str]) -> tuple[list[Row], str | None]:
+    """The `variants` of VARIANTS, in that order (rlhfkit with gradient checkpointing only when the CLI has the
+    flag); and a note."""
     gc = has_gc_flag(algo)
-    runs = [("TRL (its defaults: checkpointing on)", lambda: run_trl(algo, ctx)),
-            ("rlhfkit, checkpointing on", lambda: run_rlhfkit(algo, ctx, True)),
-            ("rlhfkit, its default: checkpointing off", lambda: run_rlhfkit(algo, ctx, False))]
+    runs = {"trl": ("TRL (its defaults: checkpointing on)", lambda: run_trl(algo, ctx)),
+            "gc": ("rlhfkit, checkpointing on", lambda: run_rlhfkit(algo, ctx, True)),
+            "gc-compile": ("rlhfkit, checkpointing on, blocks compiled", lambda: run_rlhfkit(algo, ctx, True, True)),
+            "nogc": ("rlhfkit, its default: checkpointing off", lambda: run_rlhfkit(algo, ctx, False)),
+            "compile": ("rlhfkit, checkpointing off, blocks compiled", lambda: run_rlhfkit(algo, ctx, False, True))}
     rows = []
-    for label, run in runs if gc else [runs[0], runs[2]]:
+    for label, run in [runs[v] for v in VARIANTS if v in variants and (gc or not v.startswith("gc"))]:
         print(f"{NAMES[algo]}: {label} ...", flush=True)
         rows.append(row := run())
         if not row.error:
@@ -353,6 +361,9 @@ def main(argv: list[str] | None = None) -> None:
     only = [a.strip() for a in args.only.split(",") if a.strip()]
     if unknown := set(only) - set(ALGOS):
         raise SystemExit(f"--only: unknown {sorted(unknown)}; choose from {','.join(ALGOS)}")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if unknown := set(variants) - set(VARIANTS):
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {','.join(VARIANTS)}")
     preset = preset_from(args)
     root = args.workdir or Path(f"/tmp/rlhfkit-compare-trl-{mode}")
     torch.set_num_threads(args.threads)  # the matmul peak with the threads every run gets
@@ -363,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = {"bf16_before": matmul_peak(torch.bfloat16, preset.peak_n, preset.peak_seconds),
             "fp32_before": matmul_peak(torch.float32, preset.peak_n, preset.peak_seconds)}
     ctx = setup(preset, root, args.threads)
-    results = {algo: run_algorithm(algo, ctx) for algo in ALGOS if algo in only}
+    results = {algo: run_algorithm(algo, ctx, variants) for algo in ALGOS if algo in only}
     peak.update(bf16_after=matmul_peak(torch.bfloat16, preset.peak_n, preset.peak_seconds),
                 fp32_after=matmul_peak(torch.float32, preset.peak_n, preset.peak_seconds))
 

@@ -205,3 +205,38 @@ def test_native_grouped_query_attention_computes_exactly_what_repeated_keys_do(t
     rel = 1e-5 if precision == "fp32" else 2e-2  # bf16: one rounding of a gradient in bf16 is 2^-8 relative
     for n, g in grads_repeated.items():
         torch.testing.assert_close(grads_native[n], g, rtol=0, atol=rel * float(g.abs().max()), msg=n)
+
+
+def test_compiled_layers_train_like_eager_ones_and_stay_eager_without_gradients(tok):
+    # `compile_layers`: Inductor fuses the elementwise work between a block's matmuls; the loss and every gradient
+    # must be those of the eager blocks up to rounding, with padding, at two lengths (the second recompiles with
+    # dynamic shapes), under bf16 autocast as well, and composed with checkpointing; no-grad forwards and forwards
+    # on a KV cache run the eager blocks, bit for bit
+    plain = models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok)
+    compiled = models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok)
+    models.compile_layers(compiled)
+    both = models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok)
+    models.compile_layers(both)
+    models.checkpoint_layers(both)
+    for length, precision in [(96, "fp32"), (64, "fp32"), (64, "bf16")]:
+        ids = torch.randint(0, 1000, (4, length), generator=torch.Generator().manual_seed(length))
+        mask = torch.ones_like(ids)
+        mask[1, length - 20:] = 0
+        _, loss_plain, grads_plain = _saved_bytes_and_grads(plain, ids, mask, precision)
+        for model in (compiled, both):
+            model.zero_grad()
+            _, loss, grads = _saved_bytes_and_grads(model, ids, mask, precision)
+            tol = 1e-5 if precision == "fp32" else 2e-2  # bf16: Inductor rounds its fused intermediates less often
+            torch.testing.assert_close(loss, loss_plain, rtol=tol, atol=0)
+            assert grads.keys() == grads_plain.keys() and len(grads) == len(list(plain.parameters()))
+            for name, g in grads_plain.items():
+                torch.testing.assert_close(grads[name], g, rtol=0, atol=tol * float(g.abs().max()), msg=name)
+        plain.zero_grad()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, plain(ids).logits, rtol=0, atol=0)
+        prefix = compiled(ids[:, :40], use_cache=True).past_key_values
+        expected = plain(ids[:, :40], use_cache=True).past_key_values
+    with torch.enable_grad():  # on a KV cache (shared prefixes): eager even with gradients
+        out = compiled(ids[:, 40:], past_key_values=prefix, use_cache=True).logits
+    torch.testing.assert_close(out, plain(ids[:, 40:], past_key_values=expected, use_cache=True).logits,
+                               rtol=0, atol=0)

@@ -256,6 +256,40 @@ def checkpoint_layers(model) -> None:
         layer.forward = forward
 
 
+def compile_layers(model) -> None:
+    """torch.compile (Inductor) of each transformer block, for the passes that train (gradients on).
+
+    A block's matmuls run as they do eagerly; what Inductor changes is the rest (RMSNorm, rotary embeddings,
+    SiLU·up, residual adds, autocast's casts), which eagerly is a dozen memory-bound passes per block, and its
+    backward partitioner recomputes such cheap elementwise results instead of keeping them. SmolLM2, 8 × 512
+    tokens, bf16, this CPU: a training step 1.1–1.35× faster and peak RSS 7.6 → 5.2 GB (benchmarks/RESULTS.md).
+    Costs ~40–60 s of compilation in a fresh process (Inductor's on-disk cache makes later ones a few seconds),
+    once per precision and train/eval mode: the graph is compiled for any batch shape.
+
+    Eager, as before, where compiling would not pay or would not hold: without gradients (evaluation, reference
+    and old log-probs, sampling: one-token decode steps) and with a KV cache (`decode_on_prefixes`: the cache's
+    per-layer index would compile each block separately). The compiled graph fixes its attention kernel when it
+    is traced (the global SDPA flags are not guarded), so it is traced under torch's default choice with native
+    grouped-query attention whatever `training_attention` asks: the same maths, not the same bits, as the
+    eager path (tested equal to rounding).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    default_kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+                       SDPBackend.CUDNN_ATTENTION]
+    for layer in model.get_decoder().layers:
+        # dynamic from the start: trainers' batches change length every step, and one dynamic graph compiles once
+        # where a static first guess would compile twice
+        def forward(*args, _eager=layer.forward, _compiled=torch.compile(layer.forward, dynamic=True), **kwargs):
+            if not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None:
+                return _eager(*args, **kwargs)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            with sdpa_kernel(default_kernels), native_gqa(hidden.device):
+                return _compiled(*args, **kwargs)
+
+        layer.forward = forward
+
+
 @contextlib.contextmanager
 def _recompute_attention(kernels: list, gqa: str | None):
     from torch.nn.attention import sdpa_kernel

@@ -258,7 +258,7 @@ def reference_fn(mode: str, cfg: DPOConfig, tok, net, splits, accelerator):
 
 def pair_losses(net, pairs, split, reference, cfg: DPOConfig, pad_id: int, device) -> dict[str, torch.Tensor]:
     """Per-pair DPO losses, implicit rewards and log-probs of one micro-batch; every tensor (B,)."""
-    share = cfg.shared_prefix and not (cfg.gradient_checkpointing and torch.is_grad_enabled())
+    share = cfg.shared_prefix and not ((cfg.gradient_checkpointing or cfg.compile) and torch.is_grad_enabled())
     chosen, rejected = concatenated_logps(net, pairs, pad_id, device, share)
     ref_chosen, ref_rejected = reference(split, pairs)
     losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
@@ -306,6 +306,8 @@ def train(cfg: DPOConfig) -> dict:
     tok = models.load_tokenizer(cfg.model)
     model = models.load_causal_lm(cfg.model, seed=cfg.seed, tokenizer=tok)
     models.freeze_layers(model, cfg.freeze_layers)
+    if cfg.compile:
+        models.compile_layers(model)
     if cfg.gradient_checkpointing:
         models.checkpoint_layers(model)
     if cfg.lora:

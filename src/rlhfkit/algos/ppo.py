@@ -337,7 +337,8 @@ def compute_advantages(r: Rollout, cfg: PPOConfig, beta: float) -> Rollout:
 def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: float) -> tuple[torch.Tensor, dict]:
     """Step 6 for one micro-batch: the loss scaled by the minibatch's token count, and summed statistics."""
     mask = mb.response_mask
-    share = cfg.shared_prefix and not cfg.gradient_checkpointing  # checkpointed layers keep no KV cache
+    # checkpointed layers keep no KV cache; compiled ones run eagerly on one (`models.compile_layers`)
+    share = cfg.shared_prefix and not (cfg.gradient_checkpointing or cfg.compile)
     logps, entropy = token_logprobs(net["actor"], mb, cfg.temperature, with_entropy=True, share=share)
     old = logps.detach() if mb.logprobs is None else mb.logprobs  # None: on-policy (see `on_policy`)
     pg, ratio = rl.clipped_policy_loss(logps, old, mb.advantages, cfg.clip_eps)
@@ -444,6 +445,8 @@ def train(cfg: PPOConfig) -> dict:
     tok = models.load_tokenizer(cfg.policy)
     actor = models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok)
     models.freeze_layers(actor, cfg.freeze_layers)
+    if cfg.compile:
+        models.compile_layers(actor)
     if cfg.gradient_checkpointing:
         models.checkpoint_layers(actor)
     if cfg.lora:

@@ -292,6 +292,8 @@ def build_model(cfg: RMConfig, tok):
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id
     models.freeze_layers(model, cfg.freeze_layers)
+    if cfg.compile:
+        models.compile_layers(model)
     if cfg.gradient_checkpointing:
         models.checkpoint_layers(model)
     if cfg.lora:
@@ -560,7 +562,7 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
     world, main = accelerator.num_processes, accelerator.is_main_process
     global_batch = cfg.batch_size * cfg.grad_accum * world
     metrics, t_last, tokens_since = {}, time.perf_counter(), 0
-    share = use_shared_prefix(cfg, net)
+    share = use_shared_prefix(cfg, net) and not cfg.compile  # compiled blocks run eagerly on a KV cache
     # a prompt's K responses pad to the longest of the batch
     lengths = [max(map(len, r.input_ids)) for r in phase.rows] if cfg.group_by_length else None
     while state["step"] < phase.end:

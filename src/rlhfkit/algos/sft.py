@@ -98,6 +98,8 @@ def evaluate(model, rows, cfg: SFTConfig, pad_id: int, accelerator) -> float:
 def build_model(cfg: SFTConfig, tok):
     model = models.load_causal_lm(cfg.model, seed=cfg.seed, tokenizer=tok)
     models.freeze_layers(model, cfg.freeze_layers)
+    if cfg.compile:
+        models.compile_layers(model)
     if cfg.gradient_checkpointing:
         models.checkpoint_layers(model)
     if cfg.lora:
