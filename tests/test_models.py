@@ -209,9 +209,12 @@ def test_native_grouped_query_attention_computes_exactly_what_repeated_keys_do(t
 
 def test_compiled_layers_train_like_eager_ones_and_stay_eager_without_gradients(tok):
     # `compile_layers`: Inductor fuses the elementwise work between a block's matmuls; the loss and every gradient
-    # must be those of the eager blocks up to rounding, with padding, at two lengths (the second recompiles with
-    # dynamic shapes), under bf16 autocast as well, and composed with checkpointing; no-grad forwards and forwards
-    # on a KV cache run the eager blocks, bit for bit
+    # must be those of the eager blocks up to rounding, with padding, at two lengths (one graph with dynamic
+    # shapes), under bf16 autocast as well, and composed with checkpointing; no-grad forwards and forwards on a KV
+    # cache run the eager blocks, bit for bit
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # count this test's graphs only
     plain = models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok)
     compiled = models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok)
     models.compile_layers(compiled)
@@ -232,6 +235,7 @@ def test_compiled_layers_train_like_eager_ones_and_stay_eager_without_gradients(
             for name, g in grads_plain.items():
                 torch.testing.assert_close(grads[name], g, rtol=0, atol=tol * float(g.abs().max()), msg=name)
         plain.zero_grad()
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled blocks did run (a silent eager fallback would not)
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, plain(ids).logits, rtol=0, atol=0)
         prefix = compiled(ids[:, :40], use_cache=True).past_key_values

@@ -54,9 +54,9 @@ class RunConfig:
     """Recompute each block's activations in the backward pass instead of keeping them: much less memory for
     about a third more compute (TRL's default)."""
     compile: bool = False
-    """torch.compile each transformer block for the training passes (needs a C++ compiler on the CPU): faster
-    steps and less activation memory after ~40 s of compiling; a trained prompt is then not split off as a
-    shared prefix (benchmarks/RESULTS.md)."""
+    """torch.compile each transformer block for the training passes (needs a C++ compiler on the CPU): less
+    activation memory and steps up to ~1.3× faster after ~40 s of compiling; a trained prompt is then not split
+    off as a shared prefix (benchmarks/RESULTS.md)."""
     dtype: str = "auto"
     """Compute precision: auto (bf16 autocast where the hardware has it), bf16, fp16 or fp32. Weights stay fp32."""
     seed: int = 0
