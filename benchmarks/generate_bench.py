@@ -19,7 +19,8 @@ import torch
 from rlhfkit import models
 from rlhfkit.data import chat
 from rlhfkit.rollout import SamplingParams
-from rlhfkit.rollout.hf import HFEngine, autocast, pad_left
+from rlhfkit.data.collate import pad_left
+from rlhfkit.rollout.hf import HFEngine, autocast
 from rlhfkit.sim import tasks
 
 

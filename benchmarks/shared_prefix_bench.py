@@ -26,7 +26,7 @@ import torch
 from rlhfkit import models
 from rlhfkit.algos import dpo, ppo, reward
 from rlhfkit.data import chat
-from rlhfkit.rollout.hf import pad_left
+from rlhfkit.data.collate import pad_left
 
 run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/pipeline-s4")
 repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 5

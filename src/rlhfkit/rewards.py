@@ -135,8 +135,8 @@ def score_shared_prefixes(model, seqs: list[list[int]], runs: list[range], pad_i
     pooling does for right-padded input. seqs: token ids in input order; runs: ranges of `seqs` to share a
     prefix. Returns (len(seqs),) float64.
     """
-    from rlhfkit.algos.reward import pad_right, score_on_prefixes
-    from rlhfkit.rollout.hf import pad_left
+    from rlhfkit.algos.reward import score_on_prefixes
+    from rlhfkit.data.collate import pad_left, pad_right
 
     model.eval()
     device = next(model.parameters()).device

@@ -45,7 +45,7 @@ from rlhfkit.core.lm import per_row_sums, shifted_selection
 from rlhfkit.core.losses import DPO_LOSSES, dpo_loss
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.chat import TokenizedExample
-from rlhfkit.data.collate import collate
+from rlhfkit.data.collate import collate, pad_left
 from rlhfkit.tracking import Tracker
 from rlhfkit.training import TrainConfig, adamw, global_batch_rows, make_schedule, skip_nonfinite, split_validation
 
@@ -146,8 +146,6 @@ def concatenated_logps(net, pairs: list[PairExample], pad_id: int, device, share
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     cuts = [shared_cut(p) for p in pairs] if share_prefix else [0]
     if min(cuts) > 0:
-        from rlhfkit.rollout.hf import pad_left
-
         prefix_ids, prefix_mask = pad_left([p.chosen.input_ids[:n] for p, n in zip(pairs, cuts)], pad_id)  # (B, P)
         row_of = torch.arange(len(pairs)).repeat(2)  # (2B,) chosen rows, then rejected rows
         prefix = (prefix_ids.to(device), prefix_mask.to(device), row_of.to(device))

@@ -47,6 +47,7 @@ from rlhfkit import DataError, ModelError, TrainingError, checkpoint, models
 from rlhfkit.config import write_run_json
 from rlhfkit.core.losses import grouped_ranking_loss, pairwise_loss
 from rlhfkit.data import chat, formats, io
+from rlhfkit.data.collate import pad_left, pad_right
 from rlhfkit.evaluate import calibration
 from rlhfkit.tracking import Tracker
 from rlhfkit.training import TrainConfig, adamw, global_batch_rows, make_schedule, skip_nonfinite, split_validation
@@ -216,20 +217,8 @@ class RewardBatch:
         return int(self.attention_mask.sum()) + shared
 
 
-def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids, mask
-
-
 def collate_preferences(items: list[EncodedPreference], pad_id: int, share_prefix: bool = False) -> RewardBatch:
     """One batch; with `share_prefix`, each prompt's common start is split off to run once (`score_rewards`)."""
-    from rlhfkit.rollout.hf import pad_left
-
     seqs, groups, offset = [], [], 0
     for item in items:
         seqs += item.input_ids

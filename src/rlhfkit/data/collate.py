@@ -72,6 +72,28 @@ def pack(examples: list[TokenizedExample], max_length: int) -> list[PackedRow]:
     return rows
 
 
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids right-padded with pad_id to the longest, and the mask (1 on real tokens)."""
+    return _padded(seqs, pad_id, left=False)
+
+
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids left-padded with pad_id to the longest, and the mask (1 on real tokens): prompts for sampling
+    and shared prefixes, whose last tokens must line up."""
+    return _padded(seqs, pad_id, left=True)
+
+
+def _padded(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 def collate(rows: list[TokenizedExample | PackedRow], pad_id: int) -> LMBatch:
     """Right-pad rows to the longest one."""
     T = max(len(r.input_ids) for r in rows)

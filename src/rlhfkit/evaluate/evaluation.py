@@ -93,7 +93,7 @@ def response_logps(model, samples: Samples, batch_size: int, precision: str) -> 
     Each row is its prompt and response side by side without padding between or before them, right-padded to
     its batch's longest, the rows batched in order of length: `Samples` pads every prompt to the longest prompt
     and every response to the longest response of all (a base model's rambling one), most rows to much less."""
-    from rlhfkit.algos.reward import pad_right
+    from rlhfkit.data.collate import pad_right
     from rlhfkit.rollout.hf import autocast
 
     net = models.SelectedLogits(model, short_math_attention=False).eval()  # forward only: flash is faster

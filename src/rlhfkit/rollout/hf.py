@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from rlhfkit import models
 from rlhfkit.core.lm import real_columns
 from rlhfkit.data import chat
+from rlhfkit.data.collate import pad_left
 from rlhfkit.data.formats import Messages
 from rlhfkit.rollout import Samples, SamplingParams, row_rng
 
@@ -109,17 +110,6 @@ def gumbel_noise(rngs: list[np.random.Generator], width: int) -> torch.Tensor:
     """(B, width) standard Gumbel noise, row b from its own stream, drawn on the CPU (the same on every device)."""
     u = torch.from_numpy(np.stack([rng.random(width, dtype=np.float32) for rng in rngs]))
     return -torch.log(-torch.log(u))  # u = 0 gives −inf: never chosen
-
-
-def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids left-padded with pad_id to the longest, and the mask (1 on real tokens)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 class HFEngine:
