@@ -4,6 +4,8 @@ Both sample one response of at most --max-new-tokens tokens to each of --prompts
 (chat template, SmolLM2's tokenizer), batch --batch-size, temperature --temperature, bf16 on the CPU (autocast
 around `generate`, as a user of transformers would write it; the engine uses its own bf16 path). Tokens/s counts
 generated tokens up to and including the stop token, over the wall time of the whole call (prefill included).
+The engine is timed with each of --backends: "llama" (`LlamaBatch`, the default for Llama models) and "hf"
+(transformers' forward, `HFBatch`).
 
     python benchmarks/generate_bench.py --model smollm2-135m --prompts 128 --batch-size 64 --max-new-tokens 48
 """
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--backends", default="llama,hf", help="HFEngine backends to time, comma-separated")
     args = ap.parse_args()
     tok = models.load_tokenizer(args.model)
     model = models.load_causal_lm(args.model, tokenizer=tok).eval()
@@ -55,16 +58,16 @@ def main() -> None:
     torch.manual_seed(0)
     plain_tokens, plain_s = plain_generate(model, tok, prompts, args.batch_size, args.max_new_tokens,
                                            args.temperature)
-    engine = HFEngine(model, tok, args.batch_size, "bf16")
-    start = time.perf_counter()
-    s = engine.generate(prompts, SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens))
-    engine_s = time.perf_counter() - start
-    engine_tokens = int(s.response_lengths.sum())
     result = {"model": args.model, "prompts": args.prompts, "batch_size": args.batch_size,
               "max_new_tokens": args.max_new_tokens,
-              "generate": {"tokens": plain_tokens, "seconds": plain_s, "tokens_per_s": plain_tokens / plain_s},
-              "hfengine": {"tokens": engine_tokens, "seconds": engine_s, "tokens_per_s": engine_tokens / engine_s}}
-    result["speedup"] = result["hfengine"]["tokens_per_s"] / result["generate"]["tokens_per_s"]
+              "generate": {"tokens": plain_tokens, "seconds": plain_s, "tokens_per_s": plain_tokens / plain_s}}
+    for backend in args.backends.split(","):
+        engine = HFEngine(model, tok, args.batch_size, "bf16", backend=backend)
+        start = time.perf_counter()
+        s = engine.generate(prompts, SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens))
+        seconds, tokens = time.perf_counter() - start, int(s.response_lengths.sum())
+        result[f"hfengine-{backend}"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                                         "speedup": tokens / seconds / result["generate"]["tokens_per_s"]}
     print(json.dumps(result, indent=2))
 
 

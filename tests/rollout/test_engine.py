@@ -31,8 +31,15 @@ def policy(tok):
     return models.load_causal_lm("tiny-llama", tokenizer=tok)
 
 
-def sample(policy, tok, batch_size: int = 8, **params):
-    return HFEngine(policy, tok, batch_size).generate(PROMPTS, SamplingParams(**{"max_new_tokens": 8, **params}))
+@pytest.fixture(params=["hf", "llama"])
+def backend(request):
+    """Each sampling test runs on both running batches: transformers' forward (`HFBatch`) and `LlamaBatch`."""
+    return request.param
+
+
+def sample(policy, tok, batch_size: int = 8, backend: str = "auto", **params):
+    return HFEngine(policy, tok, batch_size, backend=backend).generate(
+        PROMPTS, SamplingParams(**{"max_new_tokens": 8, **params}))
 
 
 def same(a, b) -> bool:
@@ -43,17 +50,17 @@ def same(a, b) -> bool:
 # --- seeding ------------------------------------------------------------------------------------------------
 
 
-def test_same_seed_same_samples_and_another_seed_other_samples(policy, tok):
-    a = sample(policy, tok, n=2, seed=1)
-    assert same(a, sample(policy, tok, n=2, seed=1))
-    b = sample(policy, tok, n=2, seed=2)
+def test_same_seed_same_samples_and_another_seed_other_samples(policy, tok, backend):
+    a = sample(policy, tok, backend=backend, n=2, seed=1)
+    assert same(a, sample(policy, tok, backend=backend, n=2, seed=1))
+    b = sample(policy, tok, backend=backend, n=2, seed=2)
     assert all(x != y for x, y in zip(a.texts, b.texts))
     assert a.texts[0] != a.texts[1]  # the n samples of one prompt differ too
 
 
-def test_rows_are_prompt_major_and_sample_j_does_not_depend_on_n(policy, tok):
-    one = sample(policy, tok, n=1, seed=7)
-    three = sample(policy, tok, n=3, seed=7)
+def test_rows_are_prompt_major_and_sample_j_does_not_depend_on_n(policy, tok, backend):
+    one = sample(policy, tok, backend=backend, n=1, seed=7)
+    three = sample(policy, tok, backend=backend, n=3, seed=7)
     assert three.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert three.sample_index.tolist() == [0, 1, 2] * 3 and three.n == 3
     first = three.sample_index == 0
@@ -63,30 +70,35 @@ def test_rows_are_prompt_major_and_sample_j_does_not_depend_on_n(policy, tok):
 
 @pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=1.0, n=2),
                                     dict(temperature=0.7, top_p=0.9)])
-def test_batched_equals_one_row_at_a_time(policy, tok, params):
-    batched = sample(policy, tok, batch_size=8, seed=3, **params)
-    assert same(batched, sample(policy, tok, batch_size=1, seed=3, **params))
+def test_batched_equals_one_row_at_a_time(policy, tok, backend, params):
+    batched = sample(policy, tok, backend=backend, batch_size=8, seed=3, **params)
+    assert same(batched, sample(policy, tok, backend=backend, batch_size=1, seed=3, **params))
 
 
 @pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=1.0, n=3),
                                     dict(temperature=0.7, top_p=0.9, n=2)])
-def test_rows_joining_a_running_batch_sample_what_they_sample_alone(policy, tok, params, monkeypatch):
-    # continuous batching: as rows stop, the next ones are prefilled and join the running batch, their KV cache
-    # left-padded to its length (and the batch's cropped as rows leave); no row's tokens may change. A random
-    # model stopping on a fifth of the vocabulary gives rows of many lengths, so rows leave at different steps
-    from rlhfkit.rollout import hf
+def test_rows_joining_a_running_batch_sample_what_they_sample_alone(policy, tok, backend, params, monkeypatch):
+    # continuous batching: as rows stop, the next ones are prefilled and join the running batch (HFBatch: their
+    # KV cache left-padded to its length, the batch's cropped as rows leave; LlamaBatch: free slots, rows moved
+    # down as others leave); no row's tokens may change. A random model stopping on a fifth of the vocabulary
+    # gives rows of many lengths, so rows leave at different steps
+    from rlhfkit.rollout import hf, llama
 
-    joins = []
-    real = hf.join_caches
-    monkeypatch.setattr(hf, "join_caches", lambda *a: joins.append(len(a[1])) or real(*a))
+    cls = {"hf": hf.HFBatch, "llama": llama.LlamaBatch}[backend]
+    joins = []  # rows already running when others joined
+    real = cls.join
+    monkeypatch.setattr(cls, "join", lambda self, prompts: (len(self) and joins.append(len(self))) or real(
+        self, prompts))
     p = SamplingParams(**{"max_new_tokens": 12, "seed": 5, **params})
     stops = range(3, len(tok), 5)
     prompts = [[{"role": "user", "content": f"Question {k}:" + " and then" * k}] for k in range(10)]
-    alone = HFEngine(policy, tok, 1, stop_ids=stops).generate(prompts, p)
+    alone = HFEngine(policy, tok, 1, stop_ids=stops, backend=backend).generate(prompts, p)
     assert len(set(alone.response_lengths.tolist())) > 2 and not joins
     for batch_size in (2, 3, 5):
-        assert same(HFEngine(policy, tok, batch_size, stop_ids=stops).generate(prompts, p), alone)
+        assert same(HFEngine(policy, tok, batch_size, stop_ids=stops, backend=backend).generate(prompts, p), alone)
     assert len(joins) > 5 and any(n > 1 for n in joins)  # rows joined batches that were still running
+    if backend == "llama":  # and the same tokens as transformers' forward
+        assert same(HFEngine(policy, tok, 3, stop_ids=stops, backend="hf").generate(prompts, p), alone)
 
 
 # --- padding and the KV cache -----------------------------------------------------------------------------
@@ -106,10 +118,10 @@ def test_prompts_are_left_padded_template_renderings(policy, tok):
     assert ids.shape == mask.shape == (3, s.prompt_ids.shape[1] + s.response_ids.shape[1])
 
 
-def test_greedy_equals_argmax_of_uncached_unpadded_forward_passes(policy, tok):
+def test_greedy_equals_argmax_of_uncached_unpadded_forward_passes(policy, tok, backend):
     """The KV cache, the positions of left-padded rows and the attention mask change nothing: each greedy token
     is the argmax of a plain forward pass over that prompt alone plus the tokens so far."""
-    s = sample(policy, tok, temperature=0.0, max_new_tokens=6)
+    s = sample(policy, tok, backend=backend, temperature=0.0, max_new_tokens=6)
     engine = HFEngine(policy, tok)
     for row, prompt in enumerate(PROMPTS):
         ids = engine.encode_prompt(prompt)
@@ -173,8 +185,8 @@ def test_stops_at_end_of_turn_or_eos_and_flags_rows_cut_at_max_new_tokens(tok):
     assert s.texts == ["Hello world", "Hello world! world!", ""]  # the stop token is not part of the text
 
 
-def test_max_new_tokens_caps_every_row_of_a_real_model(policy, tok):
-    s = sample(policy, tok, n=2, max_new_tokens=5, seed=0)
+def test_max_new_tokens_caps_every_row_of_a_real_model(policy, tok, backend):
+    s = sample(policy, tok, backend=backend, n=2, max_new_tokens=5, seed=0)
     stops = torch.tensor(sorted(chat.end_of_turn_ids(tok)))
     assert s.response_ids.shape[1] <= 5 and (s.response_lengths <= 5).all()
     for k in range(len(s.texts)):

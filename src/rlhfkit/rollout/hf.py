@@ -35,7 +35,7 @@ from rlhfkit.core.lm import real_columns
 from rlhfkit.data import chat
 from rlhfkit.data.collate import pad_left
 from rlhfkit.data.formats import Messages
-from rlhfkit.rollout import Samples, SamplingParams, row_rng
+from rlhfkit.rollout import Samples, SamplingParams, llama, row_rng
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -117,13 +117,17 @@ class HFEngine:
 
     batch_size: rows (sequences) per forward pass. precision: "no", "bf16" or "fp16" autocast, as returned by
     `models.mixed_precision`. stop_ids: tokens that end a response; default `chat.end_of_turn_ids(tokenizer)`
-    (EOS, the template's end-of-turn token, `<|endoftext|>` where the vocabulary has them).
+    (EOS, the template's end-of-turn token, `<|endoftext|>` where the vocabulary has them). backend: "auto"
+    (`llama.LlamaBatch` where the model is a Llama, else `HFBatch`), "hf" or "llama".
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 16, precision: str = "no",
-                 stop_ids: Iterable[int] | None = None, progress: bool = False):
+                 stop_ids: Iterable[int] | None = None, progress: bool = False, backend: str = "auto"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        if backend not in ("auto", "hf", "llama"):
+            raise ValueError(f"backend must be auto, hf or llama, got {backend!r}")
+        self.backend = backend
         self.model = model
         self.tok = tokenizer
         self.batch_size = batch_size
@@ -148,10 +152,9 @@ class HFEngine:
         bar = tqdm(total=len(rows), disable=not self.progress, desc="generate", unit="seq", dynamic_ncols=True)
         was_training = self.model.training
         self.model.eval()
-        model = self._sampling_model()
         try:
             # 4. continuous batching: prefill + decode
-            out, done = self._decode(model, [encoded[rows[r][0]] for r in order],
+            out, done = self._decode([encoded[rows[r][0]] for r in order],
                                      [row_rng(params.seed, *rows[r]) for r in order], params, bar)
         finally:
             self.model.train(was_training)
@@ -163,94 +166,69 @@ class HFEngine:
         # 5. prompt-major tensors and text
         return self._assemble(encoded, rows, responses, finished, params.n)
 
-    def _sampling_model(self):
-        """The model to sample from: a bf16 copy under bf16 on the CPU (see the module docstring), else itself."""
+    def _running_batch(self, prompts: list[list[int]], params: SamplingParams):
+        """The running batch to decode with: `llama.LlamaBatch` on a copy of a Llama model's weights (in bf16
+        under bf16 or fp16 autocast), else `HFBatch` on the model (a bf16 copy under bf16 on the CPU: see the
+        module docstring). `backend` "hf" forces the latter."""
         device = next(self.model.parameters()).device
-        if self.precision != "bf16" or device.type != "cpu":
-            return self.model
-        return copy.deepcopy(self.model).to(torch.bfloat16).eval()
+        if self.backend != "hf" and llama.unsupported(self.model) is None:
+            dtype = AUTOCAST_DTYPES.get(self.precision, next(self.model.parameters()).dtype)
+            return llama.LlamaBatch(llama.LlamaWeights(self.model, dtype), prompts, self.batch_size,
+                                    params.max_new_tokens)
+        if self.backend == "llama":
+            raise ValueError(f"backend 'llama' cannot run this model: {llama.unsupported(self.model)}")
+        model = self.model
+        if self.precision == "bf16" and device.type == "cpu":
+            model = copy.deepcopy(self.model).to(torch.bfloat16).eval()
+        return HFBatch(model, self.pad_id, self.precision)
 
     @torch.no_grad()
-    def _prefill(self, model, prompts: list[list[int]]):
-        """KV cache, next-token logits (N, V), mask (N, P) and last positions (N, 1) of N prompts; rows of the same
-        prompt (n > 1) share one prefill: each distinct prompt runs once and its cache is copied."""
-        device = next(model.parameters()).device
-        distinct: dict[tuple[int, ...], int] = {}
-        row_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts],
-                              device=device)  # (N,)
-        ids, mask = pad_left([list(p) for p in distinct], self.pad_id)  # (U, P)
-        ids, mask = ids.to(device), mask.to(device)
-        # positions count real tokens only, so a row's left padding does not shift its positions
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, P)
-        with autocast(device, self.precision), models.native_gqa(device):  # decode steps have their own GQA path
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        if len(distinct) < len(prompts):
-            cache.batch_select_indices(row_of)
-        return cache, out.logits[:, -1].float()[row_of], mask[row_of], positions[row_of, -1:]
-
-    @torch.no_grad()
-    def _decode(self, model, prompts: list[list[int]], rngs: list[np.random.Generator], params: SamplingParams,
+    def _decode(self, prompts: list[list[int]], rngs: list[np.random.Generator], params: SamplingParams,
                 bar) -> tuple[list[list[int]], list[bool]]:
         """Sampled tokens of each row (up to and including its stop token) and whether it stopped.
 
         Continuous batching: up to batch_size rows decode together, one token per step (Gumbel-max with each row's
         own noise). Rows that have stopped leave the batch and its KV cache once they are an eighth of it, and
-        the next rows join in their place: their prompts are prefilled and their caches, left-padded to a common
-        length, appended to the running one. So the batch stays full until the rows run out, instead of
-        draining to the few longest answers of each batch. Columns that are padding in every remaining row are
-        dropped from the cache as rows leave. A row's tokens depend only on its own prompt and random stream.
+        the next rows join in their place (their prompts prefilled). So the batch stays full until the rows run
+        out, instead of draining to the few longest answers of each batch. A row's tokens depend only on its own
+        prompt and random stream.
         """
-        device = next(model.parameters()).device
-        stop_ids, k_max = self.stop_ids.to(device), params.max_new_tokens
+        batch = self._running_batch(prompts, params)
+        stop_ids, k_max = self.stop_ids, params.max_new_tokens
         tokens = torch.full((len(prompts), k_max), self.pad_id, dtype=torch.long)  # (N, K)
         lengths = torch.zeros(len(prompts), dtype=torch.long)  # (N,) tokens sampled so far
         stopped = torch.zeros(len(prompts), dtype=torch.bool)  # (N,)
         active = torch.zeros(0, dtype=torch.long)  # (A,) rows in the batch, in batch order
-        done = torch.zeros(0, dtype=torch.bool, device=device)  # (A,) row has finished but not left yet
-        cache = logits = mask = positions = None  # cache; (A, V); (A, L); (A, 1) position of the last token fed
+        done = torch.zeros(0, dtype=torch.bool)  # (A,) row has finished but not left yet
+        logits = None  # (A, V) next-token logits of the rows in the batch
         joined = 0  # rows [0, joined) have joined
-        with autocast(device, self.precision):
-            while joined < len(prompts) or len(active):
-                free = self.batch_size - len(active)
-                if joined < len(prompts) and (not len(active) or (
-                        mergeable(cache) and free >= min(max(1, self.batch_size // 8), len(prompts) - joined))):
-                    new = torch.arange(joined, min(len(prompts), joined + free))
-                    joined = int(new[-1]) + 1
-                    c, lg, m, pos = self._prefill(model, [prompts[r] for r in new.tolist()])
-                    if len(active):
-                        cache, mask = join_caches(cache, mask, c, m)
-                        logits, positions = torch.cat([logits, lg]), torch.cat([positions, pos])
-                    else:
-                        cache, logits, mask, positions = c, lg, m, pos
-                    active = torch.cat([active, new])
-                    done = torch.cat([done, torch.zeros(len(new), dtype=torch.bool, device=device)])
-                token = sample_tokens_topk(logits.cpu(), [rngs[r] for r in active.tolist()], params.temperature,
-                                           params.top_p).to(device)  # (A,)
-                token = torch.where(done, self.pad_id, token)
-                live = (~done).cpu()
-                rows = active[live]
-                tokens[rows, lengths[rows]] = token.cpu()[live]
-                lengths[rows] += 1
-                hit = torch.isin(token, stop_ids)
-                stopped[active[hit.cpu() & live]] = True
-                done = done | hit | (lengths[active] >= k_max).to(device)
-                if int(done.sum()) * 8 >= len(done):  # an eighth has finished: they leave the batch and the cache
-                    bar.update(int(done.sum()))
-                    keep = (~done).nonzero().squeeze(1)
-                    if not len(keep):
-                        active, done, cache = active[:0], done[:0], None
-                        continue
-                    cache.batch_select_indices(keep)
-                    active, token, mask, positions, done = (active[keep.cpu()], token[keep], mask[keep],
-                                                            positions[keep], done[keep])
-                    if mergeable(cache):  # drop the columns that are now padding in every row
-                        first = real_columns(mask).start
-                        cache, mask = crop_left(cache, first), mask[:, first:]
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                positions = positions + 1
-                logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                               past_key_values=cache, use_cache=True).logits[:, -1].float()  # (A, V)
+        while joined < len(prompts) or len(active):
+            free = self.batch_size - len(active)
+            if joined < len(prompts) and (not len(active) or (
+                    batch.can_join() and free >= min(max(1, self.batch_size // 8), len(prompts) - joined))):
+                new = torch.arange(joined, min(len(prompts), joined + free))
+                joined = int(new[-1]) + 1
+                lg = batch.join([prompts[r] for r in new.tolist()]).cpu()
+                logits = lg if logits is None or not len(active) else torch.cat([logits, lg])
+                active = torch.cat([active, new])
+                done = torch.cat([done, torch.zeros(len(new), dtype=torch.bool)])
+            token = sample_tokens_topk(logits, [rngs[r] for r in active.tolist()], params.temperature,
+                                       params.top_p)  # (A,)
+            token = torch.where(done, self.pad_id, token)
+            rows = active[~done]
+            tokens[rows, lengths[rows]] = token[~done]
+            lengths[rows] += 1
+            hit = torch.isin(token, stop_ids)
+            stopped[active[hit & ~done]] = True
+            done = done | hit | (lengths[active] >= k_max)
+            if int(done.sum()) * 8 >= len(done):  # an eighth has finished: they leave the batch and the cache
+                bar.update(int(done.sum()))
+                keep = (~done).nonzero().squeeze(1)
+                batch.keep(keep)
+                active, token, done = active[keep], token[keep], done[keep]
+                if not len(active):
+                    continue
+            logits = batch.step(token).cpu()
         return [tokens[r, :int(lengths[r])].tolist() for r in range(len(prompts))], stopped.tolist()
 
     def _assemble(self, encoded: list[list[int]], rows: list[tuple[int, int]], responses: list[list[int]],
@@ -268,6 +246,72 @@ class HFEngine:
                        response_mask=response_mask, finished=torch.tensor(finished), texts=texts,
                        prompt_index=torch.tensor([i for i, _ in rows]),
                        sample_index=torch.tensor([j for _, j in rows]), n=n, pad_id=self.pad_id)
+
+
+class HFBatch:
+    """`HFEngine`'s running batch on a transformers causal LM: its DynamicCache, attention mask (A, L) and the
+    position (A, 1) of each row's last token. Rows joining are left-padded to the batch's length; rows leaving
+    are dropped from the cache, and so are the columns that are then padding in every row. Any model that takes
+    `past_key_values` runs here; where its cache is not a plain DynamicCache (`mergeable`), rows join only an
+    empty batch. Same interface as `llama.LlamaBatch`."""
+
+    def __init__(self, model, pad_id: int, precision: str):
+        self.model, self.pad_id, self.precision = model, pad_id, precision
+        self.device = next(model.parameters()).device
+        self.cache = self.mask = self.positions = None
+
+    def __len__(self) -> int:
+        return 0 if self.cache is None else len(self.mask)
+
+    def can_join(self) -> bool:
+        return self.cache is None or mergeable(self.cache)
+
+    @torch.no_grad()
+    def join(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Prefill N prompts into the batch -> (N, V) fp32 logits of each one's next token. Rows of the same prompt
+        (n > 1) share one prefill: each distinct prompt runs once and its cache is copied."""
+        distinct: dict[tuple[int, ...], int] = {}
+        row_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts],
+                              device=self.device)  # (N,)
+        ids, mask = pad_left([list(p) for p in distinct], self.pad_id)  # (U, P)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        # positions count real tokens only, so a row's left padding does not shift its positions
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, P)
+        with autocast(self.device, self.precision), models.native_gqa(self.device):  # decode has its own GQA
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1)
+        cache = out.past_key_values
+        if len(distinct) < len(prompts):
+            cache.batch_select_indices(row_of)
+        mask, positions = mask[row_of], positions[row_of, -1:]
+        if self.cache is None:
+            self.cache, self.mask, self.positions = cache, mask, positions
+        else:
+            self.cache, self.mask = join_caches(self.cache, self.mask, cache, mask)
+            self.positions = torch.cat([self.positions, positions])
+        return out.logits[:, -1].float()[row_of]
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed each row's new token (A,) -> (A, V) fp32 logits of the token after it."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.positions = self.positions + 1
+        with autocast(self.device, self.precision):
+            return self.model(input_ids=token[:, None].to(self.device), attention_mask=self.mask,
+                              position_ids=self.positions, past_key_values=self.cache,
+                              use_cache=True).logits[:, -1].float()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only rows `rows` (A',) stay, in that order."""
+        if not len(rows):
+            self.cache = self.mask = self.positions = None
+            return
+        rows = rows.to(self.device)
+        self.cache.batch_select_indices(rows)
+        self.mask, self.positions = self.mask[rows], self.positions[rows]
+        if mergeable(self.cache):  # drop the columns that are now padding in every row
+            first = real_columns(self.mask).start
+            self.cache, self.mask = crop_left(self.cache, first), self.mask[:, first:]
 
 
 # --- KV caches of rows that joined at different times ----------------------------------------------------------
