@@ -101,6 +101,16 @@ def test_rows_joining_a_running_batch_sample_what_they_sample_alone(policy, tok,
         assert same(HFEngine(policy, tok, 3, stop_ids=stops, backend="hf").generate(prompts, p), alone)
 
 
+def test_rows_that_stay_keep_their_place_and_the_rest_fill_the_holes():
+    from rlhfkit.rollout.hf import fill_holes
+
+    # rows 1 and 4 of 7 left: 0, 2, 3 stay in place, 5 and 6 move into positions 1 and 4
+    assert fill_holes(torch.tensor([0, 2, 3, 5, 6])).tolist() == [0, 5, 2, 3, 6]
+    assert fill_holes(torch.tensor([0, 1, 2])).tolist() == [0, 1, 2]
+    assert fill_holes(torch.tensor([3, 4])).tolist() == [3, 4]
+    assert fill_holes(torch.tensor([], dtype=torch.long)).tolist() == []
+
+
 # --- padding and the KV cache -----------------------------------------------------------------------------
 
 

@@ -87,6 +87,8 @@ def test_other_architectures_use_transformers_forward(tok):
     model = models.load_causal_lm("tiny-llama", tokenizer=tok)
     biased = type(model)(models.tiny_llama_config(len(tok), attention_bias=True)).eval()
     assert llama.unsupported(model) is None and "biases" in llama.unsupported(biased)
+    dynamic = models.tiny_llama_config(len(tok), rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert "RoPE type 'dynamic'" in llama.unsupported(type(model)(dynamic))
     params = SamplingParams(max_new_tokens=4, seed=0)
     with pytest.raises(ValueError, match="backend 'llama' cannot run"):
         HFEngine(biased, tok, backend="llama").generate(PROMPTS, params)

@@ -6,13 +6,16 @@ One `generate` call, top to bottom:
   3. order rows by prompt length (less padding; per-row streams keep the grouping out of the result)
   4. continuous batching: up to batch_size rows decode together, one token per step (Gumbel-max with the row's
      own noise, after temperature and top-p); rows that have stopped (or reached max_new_tokens) leave the batch
-     and its KV cache, and the next rows join in their place (their prompts prefilled, once per distinct prompt,
-     and their caches appended left-padded), so the batch stays full until the rows run out
+     and its KV cache, and the next rows join in their place (their prompts prefilled, once per distinct prompt),
+     so the batch stays full until the rows run out
   5. put the rows back in prompt-major order as one `Samples`
 
-Speed on the CPU: with bf16 autocast every forward pass casts every fp32 weight to bf16 again, which for one
-decoded token costs about as much as the matmuls; so under bf16 on the CPU the engine samples from a bf16 copy
-of the model made once per `generate` call (weights change between PPO iterations, not within a call).
+The running batch of step 4 (prefill, one decode step, rows leaving) has two implementations behind one interface:
+`llama.LlamaBatch`, the decoder's maths on a copy of a Llama model's weights and a KV cache allocated once (1.3-1.5x
+faster here; see rollout/llama.py), and `HFBatch` below, transformers' forward with its DynamicCache, for every
+other model. Speed on the CPU: with bf16 autocast every forward pass casts every fp32 weight to bf16 again, which
+for one decoded token costs about as much as the matmuls; so under bf16 both sample from bf16 weights copied once
+per `generate` call (weights change between PPO iterations, not within a call).
 
 Sampling is done here, not by `model.generate`: transformers' samplers draw from one RNG for the whole batch, so a
 row's sample would depend on its batch neighbours. Top-p keeps the smallest set of most likely tokens whose
@@ -223,7 +226,7 @@ class HFEngine:
             done = done | hit | (lengths[active] >= k_max)
             if int(done.sum()) * 8 >= len(done):  # an eighth has finished: they leave the batch and the cache
                 bar.update(int(done.sum()))
-                keep = (~done).nonzero().squeeze(1)
+                keep = fill_holes((~done).nonzero().squeeze(1))
                 batch.keep(keep)
                 active, token, done = active[keep], token[keep], done[keep]
                 if not len(active):
@@ -246,6 +249,19 @@ class HFEngine:
                        response_mask=response_mask, finished=torch.tensor(finished), texts=texts,
                        prompt_index=torch.tensor([i for i, _ in rows]),
                        sample_index=torch.tensor([j for _, j in rows]), n=n, pad_id=self.pad_id)
+
+
+def fill_holes(rows: torch.Tensor) -> torch.Tensor:
+    """The batch order after only `rows` (K,) stay, sorted: out[i] is the row that goes to position i. Rows already
+    among the first K positions stay where they are and the others fill the holes, so a cache that moves rows
+    (`LlamaBatch`) moves as few as it can. Rows are independent, so their order in the batch changes nothing."""
+    out = torch.empty_like(rows)
+    stay = rows[rows < len(rows)]
+    out[stay] = stay
+    holes = torch.ones(len(rows), dtype=torch.bool)
+    holes[stay] = False
+    out[holes] = rows[rows >= len(rows)]
+    return out
 
 
 class HFBatch:

@@ -39,6 +39,9 @@ def unsupported(model) -> str | None:
         return "only SiLU MLPs without biases"
     if getattr(config, "pretraining_tp", 1) != 1:
         return "pretraining_tp > 1"
+    rope = (getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "linear", "llama3"):
+        return f"RoPE type {rope.get('rope_type')!r} (only ones that do not depend on the sequence length)"
     return None
 
 
@@ -183,11 +186,13 @@ class LlamaBatch:
         return self._logits(x)
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Only rows `rows` (A',) stay, moved to slots 0..A'-1 in that order."""
-        if len(rows):
-            width = int(self.length[rows].max())
-            self.keys[:, :len(rows), :, :width] = self.keys[:, rows, :, :width]
-            self.values[:, :len(rows), :, :width] = self.values[:, rows, :, :width]
+        """Only rows `rows` (A',) stay, in slots 0..A'-1 in that order; only rows that change slot are copied."""
+        rows = rows.to(self.length.device)
+        to = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)  # slots that get a new row
+        if len(to):  # the sources are slots ≥ A' (`hf.fill_holes`) or any others: gathered before written
+            width = int(self.length[rows[to]].max())
+            self.keys[:, to, :, :width] = self.keys[:, rows[to], :, :width]
+            self.values[:, to, :, :width] = self.values[:, rows[to], :, :width]
         self.length = self.length[rows]
 
     def _prefill(self, ids: torch.Tensor, start: int):
