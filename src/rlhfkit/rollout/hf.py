@@ -52,7 +52,7 @@ def autocast(device: torch.device, precision: str):
 
 def tempered(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """(B, V) logits / T, with −inf outside the top-p nucleus."""
-    logits = logits.float() / temperature
+    logits = logits.float() / temperature if temperature != 1 else logits.float()  # x / 1 is x: skip a pass
     if top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
         sorted_probs = sorted_logits.softmax(-1)
