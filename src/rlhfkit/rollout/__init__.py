@@ -5,13 +5,14 @@
     samples = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, top_p=0.9, max_new_tokens=128, seed=0))
 
 `HFEngine` (rollout/hf.py) runs a Hugging Face causal LM with a KV cache (rollout/llama.py: its own forward passes
-for Llama-family models); a vLLM engine can plug in behind the same interface later. Engines return token ids (so PPO can recompute log-probabilities with a forward pass that has the
-training numerics; no engine returns log-probabilities) and decoded text.
+for Llama-family models); a vLLM engine can plug in behind the same interface later. Engines return token ids (so
+PPO can recompute log-probabilities with a forward pass that has the training numerics; no engine returns
+log-probabilities) and decoded text.
 
 Seeding (docs/algorithms/sampling.md): row (i, j), sample j of prompt i of one `generate` call, draws all of its
-randomness from its own stream seeded with (seed, i, j) (`row_rng`). A sample therefore does not depend on the batch size,
-on which rows share its batch, on how many samples are drawn per prompt, or on any global RNG: sample 0 of
-best-of-n with any n is exactly the sample that n=1 gives with the same seed.
+randomness from its own stream seeded with (seed, i, j) (`row_rng`). A sample therefore does not depend on the
+batch size, on which rows share its batch, on how many samples are drawn per prompt, or on any global RNG: sample 0
+of best-of-n with any n is exactly the sample that n=1 gives with the same seed.
 """
 
 from __future__ import annotations
