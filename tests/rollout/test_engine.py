@@ -79,16 +79,21 @@ def test_batched_equals_one_row_at_a_time(policy, tok, backend, params):
                                     dict(temperature=0.7, top_p=0.9, n=2)])
 def test_rows_joining_a_running_batch_sample_what_they_sample_alone(policy, tok, backend, params, monkeypatch):
     # continuous batching: as rows stop, the next ones are prefilled and join the running batch (HFBatch: their
-    # KV cache left-padded to its length, the batch's cropped as rows leave; LlamaBatch: free slots, rows moved
-    # down as others leave); no row's tokens may change. A random model stopping on a fifth of the vocabulary
-    # gives rows of many lengths, so rows leave at different steps
+    # KV cache left-padded to its length, the batch's cropped as rows leave; LlamaBatch: free slots, the holes
+    # filled by the rows behind as others leave); no row's tokens may change. A random model stopping on a fifth
+    # of the vocabulary gives rows of many lengths, so rows leave at different steps
     from rlhfkit.rollout import hf, llama
 
     cls = {"hf": hf.HFBatch, "llama": llama.LlamaBatch}[backend]
     joins = []  # rows already running when others joined
     real = cls.join
-    monkeypatch.setattr(cls, "join", lambda self, prompts: (len(self) and joins.append(len(self))) or real(
-        self, prompts))
+
+    def counting_join(self, prompts):
+        if len(self):
+            joins.append(len(self))
+        return real(self, prompts)
+
+    monkeypatch.setattr(cls, "join", counting_join)
     p = SamplingParams(**{"max_new_tokens": 12, "seed": 5, **params})
     stops = range(3, len(tok), 5)
     prompts = [[{"role": "user", "content": f"Question {k}:" + " and then" * k}] for k in range(10)]

@@ -170,9 +170,9 @@ class HFEngine:
         return self._assemble(encoded, rows, responses, finished, params.n)
 
     def _running_batch(self, prompts: list[list[int]], params: SamplingParams):
-        """The running batch to decode with: `llama.LlamaBatch` on a copy of a Llama model's weights (in bf16
-        under bf16 or fp16 autocast), else `HFBatch` on the model (a bf16 copy under bf16 on the CPU: see the
-        module docstring). `backend` "hf" forces the latter."""
+        """The running batch to decode with: `llama.LlamaBatch` on a copy of a Llama model's weights (in the
+        autocast dtype under bf16 or fp16, else the model's), else `HFBatch` on the model (a bf16 copy under bf16
+        on the CPU: see the module docstring). `backend` "hf" forces the latter."""
         device = next(self.model.parameters()).device
         if self.backend != "hf" and llama.unsupported(self.model) is None:
             dtype = AUTOCAST_DTYPES.get(self.precision, next(self.model.parameters()).dtype)
