@@ -51,8 +51,9 @@ def _base(model):
 
 
 class LlamaWeights:
-    """The decoder's weights in `dtype`, q/k/v and gate/up each fused into one matrix; a copy, made once per
-    `generate` call (weights change between PPO iterations, not within a call)."""
+    """The decoder's weights in `dtype`, q/k/v and gate/up each fused into one matrix, made once per `generate`
+    call (weights change between PPO iterations, not within a call). Fused or cast weights are copies; the others
+    (in the model's own dtype) share the model's storage, detached: nothing here writes to them."""
 
     def __init__(self, model, dtype: torch.dtype):
         if hasattr(model, "merge_and_unload"):  # peft: W + scale·B·A, on a copy
