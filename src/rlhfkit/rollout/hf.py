@@ -11,7 +11,7 @@ One `generate` call, top to bottom:
   5. put the rows back in prompt-major order as one `Samples`
 
 The running batch of step 4 (prefill, one decode step, rows leaving) has two implementations behind one interface:
-`llama.LlamaBatch`, the decoder's maths on a copy of a Llama model's weights and a KV cache allocated once (1.3-1.5x
+`llama.LlamaBatch`, the decoder's maths on a copy of a Llama model's weights and a KV cache allocated once (1.1-1.5x
 faster here; see rollout/llama.py), and `HFBatch` below, transformers' forward with its DynamicCache, for every
 other model. Speed on the CPU: with bf16 autocast every forward pass casts every fp32 weight to bf16 again, which
 for one decoded token costs about as much as the matmuls; so under bf16 both sample from bf16 weights copied once
