@@ -95,3 +95,11 @@ class Engine(Protocol):
 def row_rng(seed: int, prompt_index: int, sample_index: int) -> np.random.Generator:
     """The random stream of one row: numpy's SeedSequence mixes (seed, i, j) into independent streams."""
     return np.random.default_rng([seed, prompt_index, sample_index])
+
+
+def distinct_prompts(prompts: list[list[int]], device) -> tuple[list[list[int]], torch.Tensor]:
+    """The distinct token lists among `prompts` (U), in order of first appearance, and row_of (N,) on `device`:
+    prompt r is distinct[row_of[r]]. A prompt sampled n times is prefilled once and its cache copied n times."""
+    index: dict[tuple[int, ...], int] = {}
+    row_of = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompts], device=device)
+    return [list(p) for p in index], row_of

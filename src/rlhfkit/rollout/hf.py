@@ -38,7 +38,7 @@ from rlhfkit.core.lm import real_columns
 from rlhfkit.data import chat
 from rlhfkit.data.collate import pad_left
 from rlhfkit.data.formats import Messages
-from rlhfkit.rollout import Samples, SamplingParams, llama, row_rng
+from rlhfkit.rollout import Samples, SamplingParams, distinct_prompts, llama, row_rng
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -286,10 +286,8 @@ class HFBatch:
     def join(self, prompts: list[list[int]]) -> torch.Tensor:
         """Prefill N prompts into the batch -> (N, V) fp32 logits of each one's next token. Rows of the same prompt
         (n > 1) share one prefill: each distinct prompt runs once and its cache is copied."""
-        distinct: dict[tuple[int, ...], int] = {}
-        row_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts],
-                              device=self.device)  # (N,)
-        ids, mask = pad_left([list(p) for p in distinct], self.pad_id)  # (U, P)
+        distinct, row_of = distinct_prompts(prompts, self.device)  # U prompts, (N,)
+        ids, mask = pad_left(distinct, self.pad_id)  # (U, P)
         ids, mask = ids.to(self.device), mask.to(self.device)
         # positions count real tokens only, so a row's left padding does not shift its positions
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, P)

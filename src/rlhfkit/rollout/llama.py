@@ -28,6 +28,9 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.data.collate import pad_right
+from rlhfkit.rollout import distinct_prompts
+
 
 def unsupported(model) -> str | None:
     """Why `LlamaBatch` cannot run `model` (None when it can)."""
@@ -61,6 +64,7 @@ class LlamaWeights:
         config = model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.q_dim, self.kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim  # widths in fused qkv
         self.eps = config.rms_norm_eps
         self.rotary = model.model.rotary_emb
         cast = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
@@ -142,19 +146,17 @@ class LlamaBatch:
         """Prefill N prompts into the next free slots (a prompt repeated for n samples runs once) -> (N, V) logits
         of each prompt's next token, in fp32."""
         start, device = len(self.prefix), self.w.device
-        distinct: dict[tuple[int, ...], int] = {}
-        row_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
-        suffixes = [list(p[start:]) for p in distinct]
-        width = max(len(s) for s in suffixes)
-        ids = torch.tensor([s + [0] * (width - len(s)) for s in suffixes], device=device)  # (U, S) right-padded
-        last = torch.tensor([len(s) - 1 for s in suffixes], device=device)  # (U,)
+        distinct, row_of = distinct_prompts(prompts, device)  # U prompts, (N,)
+        ids, mask = pad_right([p[start:] for p in distinct], 0)  # (U, S): the suffixes, right-padded
+        ids, width = ids.to(device), ids.shape[1]
+        last = mask.sum(1).to(device) - 1  # (U,) each suffix's last token
         hidden, k, v = self._prefill(ids, start)  # (U, S, H); per layer (U, Hkv, S, D)
         slots = slice(len(self), len(self) + len(prompts))
         for layer in range(len(k)):  # padding columns are written too: beyond the row's length, never attended
             self.keys[layer, slots, :, start:start + width] = k[layer][row_of]
             self.values[layer, slots, :, start:start + width] = v[layer][row_of]
         self.length = torch.cat([self.length, start + last[row_of] + 1])
-        return self._logits(hidden[torch.arange(len(suffixes), device=device), last])[row_of]
+        return self._logits(hidden[torch.arange(len(distinct), device=device), last])[row_of]
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -170,7 +172,7 @@ class LlamaBatch:
         visible = (torch.arange(width, device=at.device) <= at[:, None])[:, None, None]  # (A, 1, 1, W)
         row = torch.arange(rows, device=at.device)
         x = w.embed[token]  # (A, H)
-        q_dim, kv_dim = w.heads * w.head_dim, w.kv_heads * w.head_dim
+        q_dim, kv_dim = w.q_dim, w.kv_dim
         for layer, p in enumerate(w.layers):
             qkv = F.linear(rms_norm(x, p["ln1"], w.eps), p["qkv"])  # (A, (Hq + 2 Hkv) D)
             q = rotate(qkv[:, :q_dim].view(rows, w.heads, w.head_dim), cos, sin)
@@ -206,11 +208,11 @@ class LlamaBatch:
         # query i sees the prefix and suffix tokens 0..i: (S, start + S)
         visible = torch.ones(width, start + width, dtype=torch.bool, device=ids.device).tril(start)
         x = w.embed[ids]  # (U, S, H)
-        q_dim, kv_dim = w.heads * w.head_dim, w.kv_heads * w.head_dim
+        q_dim, kv_dim = w.q_dim, w.kv_dim
+        heads = lambda t, n: t.view(rows, width, n, w.head_dim).transpose(1, 2)  # noqa: E731  (U, n, S, D)
         keys, values = [], []
         for layer, p in enumerate(w.layers):
             qkv = F.linear(rms_norm(x, p["ln1"], w.eps), p["qkv"])  # (U, S, (Hq + 2 Hkv) D)
-            heads = lambda t, n: t.view(rows, width, n, w.head_dim).transpose(1, 2)  # noqa: E731  (U, n, S, D)
             q = rotate(heads(qkv[..., :q_dim], w.heads), cos, sin)
             k = rotate(heads(qkv[..., q_dim:q_dim + kv_dim], w.kv_heads), cos, sin)
             v = heads(qkv[..., q_dim + kv_dim:], w.kv_heads)
