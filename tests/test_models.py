@@ -207,6 +207,27 @@ def test_native_grouped_query_attention_computes_exactly_what_repeated_keys_do(t
         torch.testing.assert_close(grads_native[n], g, rtol=0, atol=rel * float(g.abs().max()), msg=n)
 
 
+def test_inference_weights_give_the_same_bits_under_autocast(tok):
+    # a frozen model's blocks stored in bf16 skip autocast's per-call casts of its weights; autocast's cast is the
+    # same rounding, so logits must be the same bits, with a mask and at a second length (flash and math kernels)
+    lm = models.load_causal_lm("tiny-llama", seed=2, tokenizer=tok).eval()
+    stored = models.load_causal_lm("tiny-llama", seed=2, tokenizer=tok).eval()
+    models.inference_weights(stored, "bf16")
+    assert stored.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert stored.model.layers[0].input_layernorm.weight.dtype == torch.float32  # only the Linear layers
+    assert stored.get_input_embeddings().weight.dtype == torch.float32  # embeddings and tied head keep fp32
+    for length in (30, 200):
+        ids = torch.randint(5, 1000, (3, length), generator=torch.Generator().manual_seed(length))
+        mask = torch.ones_like(ids)
+        mask[2, :7] = 0
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(lm(input_ids=ids, attention_mask=mask).logits,
+                               stored(input_ids=ids, attention_mask=mask).logits)
+    untouched = models.load_causal_lm("tiny-llama", seed=2, tokenizer=tok)
+    models.inference_weights(untouched, "no")  # fp32 maths: nothing to store differently
+    assert all(p.dtype == torch.float32 for p in untouched.parameters())
+
+
 def test_compiled_layers_train_like_eager_ones_and_stay_eager_without_gradients(tok):
     # `compile_layers`: Inductor fuses the elementwise work between a block's matmuls; the loss and every gradient
     # must be those of the eager blocks up to rounding, with padding, at two lengths (one graph with dynamic

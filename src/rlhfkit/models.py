@@ -205,6 +205,28 @@ def mixed_precision(dtype: str) -> str:
     return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[dtype]
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # by `mixed_precision`'s names
+
+
+def inference_weights(model, precision: str) -> None:
+    """Store the Linear weights (and biases) of an inference-only model's transformer blocks in the autocast
+    dtype of `precision` ("bf16" or "fp16"; "no" changes nothing). For reference and reward models, never for a
+    model that is trained or saved afterwards.
+
+    Autocast keeps its cast of a weight that requires grad for the rest of its context, but casts a frozen weight
+    again at every call: a reference model converted all its fp32 weights on every forward (≈ 20% of PPO's
+    reference pass in a profile). Stored in the autocast dtype they are used as they are: the outputs are
+    bit-identical (autocast's cast is the same rounding; tested) and those weights take half the memory. The
+    embeddings keep fp32 (SmolLM2 ties them to the LM head), and with them the residual stream.
+    """
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return
+    for module in model.get_decoder().layers.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.requires_grad_(False).to(dtype)
+
+
 def freeze_layers(model, n: int) -> None:
     """Freeze the input embeddings and the first `n` transformer blocks (n=0 freezes nothing)."""
     if n <= 0:

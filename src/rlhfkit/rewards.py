@@ -77,19 +77,25 @@ class RewardModel:
     tokenizer: Any
     offset: float
     scale: float
+    precision: str = "no"  # the autocast precision its blocks' weights are stored in (`models.inference_weights`)
 
     @classmethod
-    def load(cls, path: str, device: torch.device) -> RewardModel:
+    def load(cls, path: str, device: torch.device, precision: str = "no") -> RewardModel:
+        """The model of `path` on `device`, its blocks' weights stored for scoring under `precision` (every
+        `score` call must then use that precision)."""
         from rlhfkit.algos.score import load_reward_model
 
         model, tok, offset, scale = load_reward_model(path)
-        return cls(model.to(device), tok, offset, scale)
+        models.inference_weights(model, precision)
+        return cls(model.to(device), tok, offset, scale, precision if precision in models.AUTOCAST_DTYPES else "no")
 
     def score(self, prompts: list[Messages], responses: list[str], batch_size: int, max_length: int,
               precision: str, normalize: bool = True) -> tuple[torch.Tensor, int]:
         """(N,) float64 scores, normalised unless told otherwise, and how many sequences were truncated."""
         from rlhfkit.algos.reward import encode, score_sequences
 
+        if self.precision != "no" and precision != self.precision:
+            raise ValueError(f"this reward model was loaded for {self.precision} scoring, not {precision}")
         seqs, truncated = [], 0
         for k, (prompt, response) in enumerate(zip(prompts, responses)):
             ids, full = encode(self.tokenizer, prompt + [{"role": "assistant", "content": response}], max_length,

@@ -280,12 +280,22 @@ def test_scores_with_shared_prefixes_equal_scoring_each_sequence_whole(rm_tok, t
             for p, r in zip(prompts, responses)]
     cast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
     whole = reward.score_sequences(model, seqs, rm_tok.pad_token_id, 4, cast)
+    # a reward model loaded for scoring stores its blocks in the autocast dtype (`models.inference_weights`)
+    stored = reward.build_model(base_cfg(tmp_path, seed=3), rm_tok).eval()
+    stored.load_state_dict(model.state_dict())
+    models.inference_weights(stored, precision)
+    rm_stored = RewardModel(stored, rm_tok, offset=0.0, scale=1.0, precision=precision)
     for batch_size in (2, 5, 64):  # runs split over batches, several runs per batch, one batch
         shared = score_shared_prefixes(model, seqs, prompt_runs(prompts), rm_tok.pad_token_id, batch_size, cast)
         assert torch.equal(rm.score(prompts, responses, batch_size, 256, precision, normalize=False)[0], shared)
+        assert torch.equal(rm_stored.score(prompts, responses, batch_size, 256, precision, normalize=False)[0],
+                           shared)
         tol = dict(rtol=0, atol=1e-5) if precision == "no" else dict(rtol=0.02, atol=0.05)
         torch.testing.assert_close(shared, whole, **tol)
     assert whole.std() > 0.1  # the scores differ, so equality is not trivially met
+    if precision == "bf16":
+        with pytest.raises(ValueError, match="loaded for bf16"):
+            rm_stored.score(prompts, responses, 4, 256, "no")
 
 
 def test_training_on_shared_prefixes_gives_the_whole_sequences_scores_loss_and_gradients(rm_tok, tmp_path):

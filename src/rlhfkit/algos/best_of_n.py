@@ -108,7 +108,8 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, float]:
     if not cfg.reward_model and not cfg.reward_fn:
         raise UsageError("best-of-n needs --reward-model DIR, --reward-fn module:function, or both")
     fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
-    rm = RewardModel.load(cfg.reward_model, device()) if cfg.reward_model else None
+    rm = RewardModel.load(cfg.reward_model, device(), models.mixed_precision(cfg.dtype)) if cfg.reward_model \
+        else None
 
     # 2. sample: the same path as `rlhfkit generate`, so sample 0 of each prompt is what generate --n 1 gives
     prompts, columns, samples, metrics = sample(cfg, cfg.policy)

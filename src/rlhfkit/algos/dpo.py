@@ -201,6 +201,7 @@ def precomputed_reference(cfg: DPOConfig, tok, splits: dict[str, list[PairExampl
         cached = torch.load(path, weights_only=True) if path.is_file() else None
         if cached is None or cached.get("key") != key:
             ref = models.load_causal_lm(ref_name, seed=cfg.seed, tokenizer=tok).to(accelerator.device).eval()
+            models.inference_weights(ref, models.mixed_precision(cfg.dtype))
             net = models.SelectedLogits(ref)
             cached = {"key": key}
             for name, pairs in splits.items():
@@ -231,6 +232,7 @@ def reference_fn(mode: str, cfg: DPOConfig, tok, net, splits, accelerator):
         return lookup
     if mode == "copy":
         ref = models.SelectedLogits(models.load_causal_lm(cfg.ref_model or cfg.model, seed=cfg.seed, tokenizer=tok))
+        models.inference_weights(ref.lm, models.mixed_precision(cfg.dtype))
         ref = ref.to(device).eval().requires_grad_(False)
 
         def frozen(split, pairs):

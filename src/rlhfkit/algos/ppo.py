@@ -402,7 +402,7 @@ def load_monitors(cfg: PPOConfig, device) -> dict[str, Callable]:
     monitors: dict[str, Callable] = {}
     for spec in cfg.monitor:
         if spec.startswith("rm:"):
-            rm = RewardModel.load(spec[3:], device)
+            rm = RewardModel.load(spec[3:], device, models.mixed_precision(cfg.dtype))
             name = "rm_" + Path(spec[3:]).name
 
             def score(prompts, responses, metadata, rm=rm):
@@ -460,8 +460,9 @@ def train(cfg: PPOConfig) -> dict:
         net["critic"] = ValueModel(critic)
     net.to(device).eval()  # dropout off everywhere; gradients still flow
     if ref is not None:
+        models.inference_weights(ref.lm, precision)
         ref.to(device).eval()
-    reward_model = RewardModel.load(cfg.reward_model, device) if cfg.reward_model else None
+    reward_model = RewardModel.load(cfg.reward_model, device, precision) if cfg.reward_model else None
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
     prompts, metadata = load_prompts(cfg)
     ptx_rows = load_ptx(cfg, tok)

@@ -78,6 +78,7 @@ def score(cfg: ScoreConfig) -> dict:
 
     accelerator = Accelerator(mixed_precision=models.mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
     model, tok, offset, scale = load_reward_model(cfg.reward_model)
+    models.inference_weights(model, models.mixed_precision(cfg.dtype))
     model.to(accelerator.device)
     rows = io.read_rows(cfg.data)
     by_columns = cfg.format is None and {"prompt", "response"} <= set(rows[0].data)

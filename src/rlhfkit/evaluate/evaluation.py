@@ -152,7 +152,7 @@ def judge_scores(cfg: EvalConfig, prompts, task_list, texts: list[str], precisio
     if cfg.judge.startswith("rm:"):
         from rlhfkit.rewards import RewardModel
 
-        rm = RewardModel.load(cfg.judge[3:], torch.device("cpu"))
+        rm = RewardModel.load(cfg.judge[3:], torch.device("cpu"), precision)
         return rm.score(prompts, texts, cfg.batch_size, 2048, precision)[0]
     raise UsageError(f"--judge {cfg.judge!r}: expected sim or rm:DIR (db:FILE is not built yet)")
 
@@ -199,6 +199,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     ref = None
     if cfg.reference:
         ref = models.load_causal_lm(cfg.reference, tokenizer=models.load_tokenizer(cfg.reference)).eval()
+        models.inference_weights(ref, precision)
     per_model: dict[str, dict] = {}
     scores: dict[str, torch.Tensor] = {}
     if cfg.labels and len(cfg.labels) != len(cfg.models):
@@ -218,6 +219,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         else:
             tok = models.load_tokenizer(spec)
             model = models.load_causal_lm(spec, tokenizer=tok).eval()
+            models.inference_weights(model, precision)
             samples = HFEngine(model, tok, cfg.batch_size, precision, progress=True).generate(prompts, params)
             texts = samples.texts
         # 3. judge

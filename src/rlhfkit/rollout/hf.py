@@ -40,14 +40,11 @@ from rlhfkit.data.collate import pad_left
 from rlhfkit.data.formats import Messages
 from rlhfkit.rollout import Samples, SamplingParams, distinct_prompts, llama, row_rng
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def autocast(device: torch.device, precision: str):
     """torch.autocast for `models.mixed_precision`'s "bf16" or "fp16" (on the CPU too); nothing for "no"."""
-    if precision not in AUTOCAST_DTYPES:
+    if precision not in models.AUTOCAST_DTYPES:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+    return torch.autocast(device.type, dtype=models.AUTOCAST_DTYPES[precision])
 
 
 def tempered(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -175,7 +172,7 @@ class HFEngine:
         on the CPU: see the module docstring). `backend` "hf" forces the latter."""
         device = next(self.model.parameters()).device
         if self.backend != "hf" and llama.unsupported(self.model) is None:
-            dtype = AUTOCAST_DTYPES.get(self.precision, next(self.model.parameters()).dtype)
+            dtype = models.AUTOCAST_DTYPES.get(self.precision, next(self.model.parameters()).dtype)
             return llama.LlamaBatch(llama.LlamaWeights(self.model, dtype), prompts, self.batch_size,
                                     params.max_new_tokens)
         if self.backend == "llama":
