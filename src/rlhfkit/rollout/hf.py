@@ -40,6 +40,7 @@ from rlhfkit.data.collate import pad_left
 from rlhfkit.data.formats import Messages
 from rlhfkit.rollout import Samples, SamplingParams, distinct_prompts, llama, row_rng
 
+
 def autocast(device: torch.device, precision: str):
     """torch.autocast for `models.mixed_precision`'s "bf16" or "fp16" (on the CPU too); nothing for "no"."""
     if precision not in models.AUTOCAST_DTYPES:
