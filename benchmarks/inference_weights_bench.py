@@ -1,14 +1,15 @@
 """Frozen models under bf16 autocast, A/B in one process: fp32 weights (autocast casts every weight at every call)
 against the blocks' Linear weights stored in bf16 (`models.inference_weights`). On a pipeline run's models:
 
-- score: `RewardModel.score` of the run's first 640 best-of-16 samples (40 prompts × 16), batch 256
+- score: `RewardModel.score` of the run's first N best-of-16 samples (default 640: 40 prompts × 16; 3200 is the
+  best-of-n stage's whole call), batch 256
 - logps: `evaluation.response_logps` of 200 samples of the PPO policy under the SFT model (PPO's and the
   evaluation's reference pass), batch 256
 
 The two variants alternate (A B, B A, ...) so that a slow phase of the machine hits both; prints every time, the
 medians, and whether the outputs are the same bits (they must be).
 
-    python benchmarks/inference_weights_bench.py runs/pipeline-s11 6     # RUN REPEATS
+    python benchmarks/inference_weights_bench.py runs/pipeline-s11 6 [640]     # RUN REPEATS [N]
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from rlhfkit.rollout.hf import HFEngine
 
 run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/pipeline-s11")
 repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 6
+n_score = int(sys.argv[3]) if len(sys.argv) > 3 else 640
 
-rows = [json.loads(line) for line in (run / "best_of_n" / "samples.jsonl").open()][:640]
+rows = [json.loads(line) for line in (run / "best_of_n" / "samples.jsonl").open()][:n_score]
 prompts, texts = [r["prompt"] for r in rows], [r["response"] for r in rows]
 tok = models.load_tokenizer(str(run / "sft"))
 eval_prompts = [json.loads(line)["prompt"] for line in (run / "data" / "eval_prompts.jsonl").open()][:200]
