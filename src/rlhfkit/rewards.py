@@ -85,8 +85,7 @@ class RewardModel:
         `score` call must then use that precision)."""
         from rlhfkit.algos.score import load_reward_model
 
-        model, tok, offset, scale = load_reward_model(path)
-        models.inference_weights(model, precision)
+        model, tok, offset, scale = load_reward_model(path, precision)
         return cls(model.to(device), tok, offset, scale, precision if precision in models.AUTOCAST_DTYPES else "no")
 
     def score(self, prompts: list[Messages], responses: list[str], batch_size: int, max_length: int,

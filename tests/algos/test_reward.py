@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -281,8 +282,7 @@ def test_scores_with_shared_prefixes_equal_scoring_each_sequence_whole(rm_tok, t
     cast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
     whole = reward.score_sequences(model, seqs, rm_tok.pad_token_id, 4, cast)
     # a reward model loaded for scoring stores its blocks in the autocast dtype (`models.inference_weights`)
-    stored = reward.build_model(base_cfg(tmp_path, seed=3), rm_tok).eval()
-    stored.load_state_dict(model.state_dict())
+    stored = copy.deepcopy(model)
     models.inference_weights(stored, precision)
     rm_stored = RewardModel(stored, rm_tok, offset=0.0, scale=1.0, precision=precision)
     for batch_size in (2, 5, 64):  # runs split over batches, several runs per batch, one batch

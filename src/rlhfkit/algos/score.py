@@ -41,8 +41,9 @@ class ScoreConfig:
     """fp32, or bf16 autocast (auto picks bf16 where the hardware has it)."""
 
 
-def load_reward_model(path: str):
-    """(model, tokenizer, offset, scale) of a saved reward model, with plain transformers."""
+def load_reward_model(path: str, precision: str = "no"):
+    """(model, tokenizer, offset, scale) of a saved reward model, with plain transformers; loaded to score, so its
+    blocks' weights are stored for autocast under `precision` (`models.inference_weights`)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     p = Path(path).expanduser()
@@ -59,6 +60,7 @@ def load_reward_model(path: str):
                          "(rlhfkit rm sets both to a token the chat template never writes)")
     offset = getattr(model.config, "rlhfkit_reward_offset", 0.0) or 0.0
     scale = getattr(model.config, "rlhfkit_reward_scale", 1.0) or 1.0
+    models.inference_weights(model, precision)
     return model, tok, offset, scale
 
 
@@ -77,8 +79,7 @@ def score(cfg: ScoreConfig) -> dict:
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=models.mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
-    model, tok, offset, scale = load_reward_model(cfg.reward_model)
-    models.inference_weights(model, models.mixed_precision(cfg.dtype))
+    model, tok, offset, scale = load_reward_model(cfg.reward_model, models.mixed_precision(cfg.dtype))
     model.to(accelerator.device)
     rows = io.read_rows(cfg.data)
     by_columns = cfg.format is None and {"prompt", "response"} <= set(rows[0].data)
