@@ -97,6 +97,28 @@ def test_on_policy_grpo_skips_the_old_log_prob_pass_and_makes_the_same_update(tm
     assert max(logged(tmp_path / "fast", "time/logprobs")) < 0.01
 
 
+def test_entropy_logged_without_a_graph_leaves_the_update_as_it_was(tmp_path, sft_policy, monkeypatch):
+    # entropy_coef 0: the entropy is a statistic, computed without a backward pass through its (M, V) softmax;
+    # the weights and the logged entropy must be the same bits as a run that keeps its graph (0 · gradient)
+    cfg = cfg_for(tmp_path, sft_policy, advantage="rloo", iterations=2, rollout_prompts=4, minibatch_size=8,
+                  batch_size=4)
+    ppo.train(replace(cfg, output=str(tmp_path / "fast")))
+    plain = ppo.token_logprobs
+    monkeypatch.setattr(ppo, "token_logprobs", lambda *a, **k: plain(*a, **{**k, "entropy_grad": True}))
+    ppo.train(replace(cfg, output=str(tmp_path / "plain")))
+    a, b = load_file(tmp_path / "fast" / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
+    assert any(not torch.equal(a[k], load_file(Path(sft_policy) / "model.safetensors")[k]) for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert logged(tmp_path / "fast", "ppo/entropy") == logged(tmp_path / "plain", "ppo/entropy")
+    # and the statistic really has no graph, while the log-probs keep theirs
+    rollout = ppo.Rollout(torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long),
+                          torch.arange(4)[None], torch.ones(1, 2), None, None, None, torch.zeros(1))
+    actor = models.SelectedLogits(models.load_causal_lm(sft_policy))
+    logps, entropy = plain(actor, rollout, 1.0, with_entropy=True, entropy_grad=False)
+    assert logps.requires_grad and not entropy.requires_grad
+
+
 def test_every_trainable_parameter_of_actor_and_critic_changes(tmp_path, sft_policy):
     cfg = cfg_for(tmp_path, sft_policy, advantage="gae", n_samples=1, iterations=2, save_steps=2)
     ppo.train(cfg)

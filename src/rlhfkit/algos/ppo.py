@@ -280,12 +280,17 @@ def model_inputs(batch: Rollout, share: bool) -> tuple:
     return batch.input_ids, batch.attention_mask, batch.position_ids, select, targets, None
 
 
-def token_logprobs(actor, batch: Rollout, temperature: float, with_entropy: bool = False, share: bool = False):
-    """log π(y_t | …) at temperature τ of every response token, (B, R); and the entropies (B, R) if asked."""
+def token_logprobs(actor, batch: Rollout, temperature: float, with_entropy: bool = False, share: bool = False,
+                   entropy_grad: bool = True):
+    """log π(y_t | …) at temperature τ of every response token, (B, R); and the entropies (B, R) if asked, without
+    a gradient unless `entropy_grad` (a statistic only: a backward pass through a second (M, V) softmax saved)."""
     input_ids, attention_mask, position_ids, select, targets, prefix = model_inputs(batch, share)
     logits = actor(input_ids, attention_mask, position_ids, select, None, prefix).float() / temperature  # (M, V)
     logps = to_tokens(-F.cross_entropy(logits, targets, reduction="none"), batch.response_mask)
-    return logps, (to_tokens(rl.entropy_from_logits(logits), batch.response_mask) if with_entropy else None)
+    if not with_entropy:
+        return logps, None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return logps, to_tokens(rl.entropy_from_logits(logits), batch.response_mask)
 
 
 def token_values(critic, batch: Rollout, share: bool = False) -> torch.Tensor:
@@ -339,7 +344,8 @@ def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: floa
     mask = mb.response_mask
     # checkpointed layers keep no KV cache; compiled ones run eagerly on one (`models.compile_layers`)
     share = cfg.shared_prefix and not (cfg.gradient_checkpointing or cfg.compile)
-    logps, entropy = token_logprobs(net["actor"], mb, cfg.temperature, with_entropy=True, share=share)
+    logps, entropy = token_logprobs(net["actor"], mb, cfg.temperature, with_entropy=True, share=share,
+                                    entropy_grad=cfg.entropy_coef != 0)
     old = logps.detach() if mb.logprobs is None else mb.logprobs  # None: on-policy (see `on_policy`)
     pg, ratio = rl.clipped_policy_loss(logps, old, mb.advantages, cfg.clip_eps)
     loss = (pg * mask).sum() / n_tokens - cfg.entropy_coef * (entropy * mask).sum() / n_tokens
