@@ -13,50 +13,13 @@ import os
 import platform
 import resource
 import sys
-import time
 from typing import Any
 
 import torch
 
+from rlhfkit.tracking import matmul_peak
 
-def _sync(device: torch.device) -> None:
-    # CUDA kernels are asynchronous: without a sync the timer measures launch time, not compute time
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0, device: str | torch.device = "cpu"
-                ) -> float:
-    """Achieved GFLOP/s of an n×n @ n×n torch.matmul in `dtype` (2·n³ FLOPs each), sustained over `seconds`.
-
-    Warm-up first (oneDNN/cuBLAS pick and cache their kernels, and pages get touched, on the first calls),
-    then as many matmuls as fit in `seconds`, into a preallocated output so allocation is not timed.
-    Uses torch's default thread count, like training does.
-    """
-    device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, generator=gen, device=device, dtype=torch.float32).to(dtype)
-    b = torch.randn(n, n, generator=gen, device=device, dtype=torch.float32).to(dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    warm_until = time.perf_counter() + min(0.5, seconds / 4)
-    for _ in range(2):  # at least two calls, then more until the warm-up time is spent
-        torch.matmul(a, b, out=out)
-    while time.perf_counter() < warm_until:
-        torch.matmul(a, b, out=out)
-    _sync(device)
-
-    iters = 0
-    start = time.perf_counter()
-    while True:
-        torch.matmul(a, b, out=out)
-        iters += 1
-        if iters % 4 == 0 or device.type != "cuda":  # on CUDA, sync only now and then to keep the queue full
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                break
-    return 2.0 * n**3 * iters / elapsed / 1e9
+__all__ = ["machine_info", "matmul_peak", "model_flops_per_token", "non_embedding_params", "peak_rss_mb"]
 
 
 def peak_rss_mb() -> float:

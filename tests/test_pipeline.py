@@ -49,7 +49,12 @@ def test_tiny_pipeline_runs_every_stage_and_writes_the_report(tiny_run):
     assert page.count("data:image/png;base64,") == 4 and "<script" not in page
     for png in ("reward_vs_sqrt_kl.png", "training_curves.png", "eval/elo.png", "rm/reliability.png"):
         assert (out / png).stat().st_size > 1000
-    assert json.loads((out / "run.json").read_text())["final_metrics"]["elo/ppo"] > 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["final_metrics"]["elo/ppo"] > 0
+    # the machine's speed before and after, so that the stage times can be compared between runs
+    speed = record["machine_speed"]
+    assert set(speed) == {"bf16_matmul_gflops_start", "bf16_matmul_gflops_end"} and min(speed.values()) > 0
+    assert f"{speed['bf16_matmul_gflops_end']:.0f} after the last" in md
 
 
 def test_rerun_skips_complete_stages_and_a_changed_stage_reruns_with_what_follows(tiny_run):

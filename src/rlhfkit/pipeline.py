@@ -27,8 +27,9 @@ Departures, and why:
   until that app exists.
 - Each online round's PPO starts again from the SFT model (KL to SFT), as the HH paper retrained its policies on
   the newer preference models; the rounds differ in the RM they optimise.
-- Presets: `default` fits the 20-minute budget of a 2-core CPU (so fewer prompts and iterations than a real run);
-  `tiny` runs everything on tiny-llama in about a minute, for tests.
+- Presets: `default` fits the 20-minute budget of a 2-core CPU (so fewer prompts and iterations than a real run,
+  and the RM and DPO train only their upper 15 and 20 of SmolLM2's 30 blocks); `tiny` runs everything on tiny-llama
+  in about a minute, for tests.
 """
 
 from __future__ import annotations
@@ -134,6 +135,15 @@ class PipelineConfig:
     """Sampling of the comparisons: max_new_tokens, temperature, top_p, batch_size, dtype."""
     eval: dict = field(default_factory=dict)
     """Overrides of `rlhfkit eval` options."""
+
+
+def machine_speed() -> float:
+    """GFLOP/s of a 2048² bf16 matmul over one second (`tracking.matmul_peak`), as the benchmarks measure the peak."""
+    import torch
+
+    from rlhfkit.tracking import matmul_peak
+
+    return round(matmul_peak(torch.bfloat16, seconds=1.0), 1)
 
 
 def resolve(cfg: PipelineConfig) -> PipelineConfig:
@@ -331,6 +341,9 @@ def pipeline(cfg: PipelineConfig) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, out)
+    # this machine's speed now and at the end: a shared VM's speed moves by more than a stage's optimisations,
+    # so the timings mean little without it
+    speed = {"bf16_matmul_gflops_start": machine_speed()}
     start = time.perf_counter()
     common = {"model": cfg.model, "seed": cfg.seed}
     # 1. data
@@ -418,10 +431,12 @@ def pipeline(cfg: PipelineConfig) -> dict:
     run.stage("eval", {"eval": cfg.eval, "t": cfg.temperature, "entries": entries},
               [k for k in run.keys if k != "data"], do_eval)
     # 10. report
-    paths = report.write(out, cfg, run.summaries, run.seconds)
     total = time.perf_counter() - start
+    speed["bf16_matmul_gflops_end"] = machine_speed()
+    paths = report.write(out, cfg, run.summaries, run.seconds, speed)
     final = {"pipeline/seconds": total, **{f"elo/{k}": v for k, v in run.summaries["eval"].items()}}
     write_run_json(out, cfg, "pipeline", final, {"stages": run.seconds, "summaries": run.summaries,
-                                                 "preset": cfg.preset, "config": asdict(cfg)})
+                                                 "preset": cfg.preset, "config": asdict(cfg),
+                                                 "machine_speed": speed})
     print(f"[pipeline] done in {total / 60:.1f} min: {paths['md']} and {paths['html']}")
     return final

@@ -1,9 +1,11 @@
-"""Metrics for every run: metrics.jsonl (one JSON object per logged step) and TensorBoard events."""
+"""Metrics for every run: metrics.jsonl (one JSON object per logged step) and TensorBoard events; and the speed
+of the machine at the time of a run (`matmul_peak`), without which its timings cannot be compared."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 
@@ -41,3 +43,42 @@ class Tracker:
 def read_metrics(out_dir: str | Path) -> list[dict]:
     path = Path(out_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def matmul_peak(dtype, n: int = 2048, seconds: float = 3.0, device="cpu") -> float:
+    """Achieved GFLOP/s of an n×n @ n×n torch.matmul in `dtype` (2·n³ FLOPs each), sustained over `seconds`.
+
+    Warm-up first (oneDNN/cuBLAS pick and cache their kernels, and pages get touched, on the first calls),
+    then as many matmuls as fit in `seconds`, into a preallocated output so allocation is not timed.
+    Uses torch's default thread count, like training does. dtype: a torch dtype; device: a torch device or its name.
+    """
+    import torch
+
+    device = torch.device(device)
+
+    def sync() -> None:  # CUDA kernels are asynchronous: without a sync the timer measures launch time
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    b = torch.randn(n, n, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    warm_until = time.perf_counter() + min(0.5, seconds / 4)
+    for _ in range(2):  # at least two calls, then more until the warm-up time is spent
+        torch.matmul(a, b, out=out)
+    while time.perf_counter() < warm_until:
+        torch.matmul(a, b, out=out)
+    sync()
+
+    iters = 0
+    start = time.perf_counter()
+    while True:
+        torch.matmul(a, b, out=out)
+        iters += 1
+        if iters % 4 == 0 or device.type != "cuda":  # on CUDA, sync only now and then to keep the queue full
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+    return 2.0 * n**3 * iters / elapsed / 1e9

@@ -132,7 +132,7 @@ def _run_final(d: Path) -> dict:
     return json.loads(p.read_text()).get("final_metrics", {}) if p.is_file() else {}
 
 
-def blocks(out: Path, cfg: Any, summaries: dict, seconds: dict) -> list[Block]:
+def blocks(out: Path, cfg: Any, summaries: dict, seconds: dict, speed: dict | None = None) -> list[Block]:
     ev = json.loads((out / "eval" / "eval.json").read_text())
     names = list(ev["models"])
     sft = "sft" if "sft" in names else names[0]
@@ -203,6 +203,10 @@ def blocks(out: Path, cfg: Any, summaries: dict, seconds: dict) -> list[Block]:
     # timings and examples
     b += [("h2", "Stages"), ("table", ["stage", "minutes", "summary"],
                              [[k, f"{v / 60:.2f}", _short(summaries.get(k, {}))] for k, v in seconds.items()])]
+    if speed:
+        b.append(("p", f"Machine speed (bf16 2048² matmul): {speed['bf16_matmul_gflops_start']:.0f} GFLOP/s before "
+                       f"the first stage, {speed['bf16_matmul_gflops_end']:.0f} after the last. Stage times scale "
+                       "with it; stages skipped as complete keep the times of the run that made them."))
     ex_rows = [[m, e["prompt"], e["response"], f"{e['score']:.2f}"] for m in names for e in
                ev["models"][m].get("examples", [])[:2]]
     b += [("h2", "Examples"), ("table", ["model", "prompt", "response", "gold"], ex_rows)]
@@ -258,8 +262,8 @@ def to_html(bs: list[Block]) -> str:
     return "\n".join(parts) + "</body></html>\n"
 
 
-def write(out: Path, cfg: Any, summaries: dict, seconds: dict) -> dict[str, Path]:
-    bs = blocks(out, cfg, summaries, seconds)
+def write(out: Path, cfg: Any, summaries: dict, seconds: dict, speed: dict | None = None) -> dict[str, Path]:
+    bs = blocks(out, cfg, summaries, seconds, speed)
     md, page = out / "report.md", out / "report.html"
     md.write_text(to_markdown(bs, out))
     page.write_text(to_html(bs))
