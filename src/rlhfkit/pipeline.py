@@ -341,10 +341,10 @@ def pipeline(cfg: PipelineConfig) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, out)
-    # this machine's speed now and at the end: a shared VM's speed moves by more than a stage's optimisations,
-    # so the timings mean little without it
-    speed = {"bf16_matmul_gflops_start": machine_speed()}
     start = time.perf_counter()
+    # this machine's speed now and at the end (2–3 s in all): a shared VM's speed moves by more than a stage's
+    # optimisations, so the timings mean little without it
+    speed = {"bf16_matmul_gflops_start": machine_speed()}
     common = {"model": cfg.model, "seed": cfg.seed}
     # 1. data
     run.stage("data", {**common, "suite": cfg.suite_size, "system": cfg.system_prompt,
@@ -431,9 +431,9 @@ def pipeline(cfg: PipelineConfig) -> dict:
     run.stage("eval", {"eval": cfg.eval, "t": cfg.temperature, "entries": entries},
               [k for k in run.keys if k != "data"], do_eval)
     # 10. report
-    total = time.perf_counter() - start
     speed["bf16_matmul_gflops_end"] = machine_speed()
     paths = report.write(out, cfg, run.summaries, run.seconds, speed)
+    total = time.perf_counter() - start
     final = {"pipeline/seconds": total, **{f"elo/{k}": v for k, v in run.summaries["eval"].items()}}
     write_run_json(out, cfg, "pipeline", final, {"stages": run.seconds, "summaries": run.summaries,
                                                  "preset": cfg.preset, "config": asdict(cfg),
