@@ -342,8 +342,8 @@ def pipeline(cfg: PipelineConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, out)
     start = time.perf_counter()
-    # this machine's speed now and at the end (2–3 s in all): a shared VM's speed moves by more than a stage's
-    # optimisations, so the timings mean little without it
+    # one measure of this machine's speed now and at the end (2–3 s in all): a shared VM's speed moves by more than
+    # a stage's optimisations
     speed = {"bf16_matmul_gflops_start": machine_speed()}
     common = {"model": cfg.model, "seed": cfg.seed}
     # 1. data

@@ -205,8 +205,9 @@ def blocks(out: Path, cfg: Any, summaries: dict, seconds: dict, speed: dict | No
                              [[k, f"{v / 60:.2f}", _short(summaries.get(k, {}))] for k, v in seconds.items()])]
     if speed:
         b.append(("p", f"Machine speed (bf16 2048² matmul): {speed['bf16_matmul_gflops_start']:.0f} GFLOP/s before "
-                       f"the first stage, {speed['bf16_matmul_gflops_end']:.0f} after the last. Stage times scale "
-                       "with it; stages skipped as complete keep the times of the run that made them."))
+                       f"the first stage, {speed['bf16_matmul_gflops_end']:.0f} after the last: one measure of the "
+                       "machine's speed, not all of it (memory-bound work can slow down while matmuls do not); "
+                       "stages skipped as complete keep the times of the run that made them."))
     ex_rows = [[m, e["prompt"], e["response"], f"{e['score']:.2f}"] for m in names for e in
                ev["models"][m].get("examples", [])[:2]]
     b += [("h2", "Examples"), ("table", ["model", "prompt", "response", "gold"], ex_rows)]
