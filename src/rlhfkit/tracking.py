@@ -1,5 +1,5 @@
-"""Metrics for every run: metrics.jsonl (one JSON object per logged step) and TensorBoard events; and the speed
-of the machine at the time of a run (`matmul_peak`), without which its timings cannot be compared."""
+"""Metrics for every run: metrics.jsonl (one JSON object per logged step) and TensorBoard events; and one measure
+of the machine's speed at the time of a run (`matmul_peak`), beside which its timings are read."""
 
 from __future__ import annotations
 
