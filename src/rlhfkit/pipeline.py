@@ -28,8 +28,8 @@ Departures, and why:
 - Each online round's PPO starts again from the SFT model (KL to SFT), as the HH paper retrained its policies on
   the newer preference models; the rounds differ in the RM they optimise.
 - Presets: `default` fits the 20-minute budget of a 2-core CPU (so fewer prompts and iterations than a real run,
-  and the RM and DPO train only their upper 15 and 20 of SmolLM2's 30 blocks); `tiny` runs everything on tiny-llama
-  in about a minute, for tests.
+  and the RM, PPO and DPO train only their upper 15, 15 and 20 of SmolLM2's 30 blocks); `tiny` runs everything on
+  tiny-llama in about a minute, for tests.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "warmup_ratio": 0.05},
         "rm": {"lr": 3e-5, "batch_size": 8, "epochs": 3, "max_length": 256, "val_fraction": 0.1,
                "warmup_ratio": 0.05, "freeze_layers": 15, "group_by_length": True},
-        "ppo": {"advantage": "rloo", "iterations": 12, "rollout_prompts": 16, "n_samples": 4, "max_new_tokens": 48,
-                "lr": 1e-5, "kl_coef": 0.3, "minibatch_size": 16, "batch_size": 16, "temperature": 1.0},
+        "ppo": {"advantage": "rloo", "iterations": 16, "rollout_prompts": 16, "n_samples": 4, "max_new_tokens": 48,
+                "lr": 2e-5, "kl_coef": 0.3, "minibatch_size": 16, "batch_size": 16, "temperature": 1.0,
+                "freeze_layers": 15},
         "dpo": {"lr": 1e-5, "beta": 0.1, "batch_size": 8, "max_steps": 24, "max_length": 256,
                 "group_by_length": True, "freeze_layers": 10},
         "sample": {"max_new_tokens": 48, "temperature": 1.0, "batch_size": 256},
