@@ -130,6 +130,16 @@ def test_every_trainable_parameter_of_actor_and_critic_changes(tmp_path, sft_pol
     assert critic_head.abs().sum() > 0  # zero-initialised, then trained
 
 
+def test_frozen_blocks_stay_and_every_other_weight_changes(tmp_path, sft_policy):
+    # the pipeline's preset: RLOO (no critic) with the lowest blocks and the embeddings frozen
+    ppo.train(cfg_for(tmp_path, sft_policy, advantage="rloo", iterations=2, freeze_layers=1))
+    before = load_file(Path(sft_policy) / "model.safetensors")
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    frozen = {k for k in before if k.startswith(("model.embed_tokens", "model.layers.0."))}
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert [k for k in before if k not in frozen and torch.equal(before[k], after[k])] == []
+
+
 def test_resume_two_plus_two_equals_four_bit_exact(tmp_path, sft_policy):
     straight = cfg_for(tmp_path, sft_policy, output=str(tmp_path / "straight"), advantage="gae", n_samples=1,
                        iterations=4, rollout_prompts=4, adaptive_kl=True)
