@@ -4,7 +4,7 @@
 
 Trains PPO with RUN's own PPO options (RUN/ppo/run.json) updated by PPO_OVERRIDES_JSON into OUT (OUT = RUN/ppo
 with '{}' only evaluates RUN's policy), then runs `rlhfkit eval` of RUN's SFT model and the new policy on RUN's
-RL prompts (the prompts PPO trained on, whose gold score it never saw) at the pipeline's evaluation settings, into
+RL prompts (the prompts PPO trained on, whose gold score it never saw) with RUN's evaluation settings, into
 OUT/rl_eval, and prints the gold scores, the win rate against SFT and the KL. Choosing PPO's preset on these keeps
 the 200 held-out evaluation prompts out of the choice. Session 10 ran, with RUN = runs/pipeline-s17:
     python benchmarks/ppo_variant.py runs/pipeline-s17 runs/pipeline-s17/ppo '{}'
@@ -26,10 +26,12 @@ if out != run / "ppo":
     cfg = {**json.loads((run / "ppo" / "run.json").read_text())["config"], **over, "output": str(out)}
     ppo.train(from_dict(ppo.PPOConfig, cfg, "ppo_variant"))
 seconds = time.perf_counter() - start
-ev = from_dict(EvalConfig, {"models": [str(run / "sft"), str(out)], "labels": ["sft", "ppo"],
-                            "prompts": str(run / "data" / "rl_prompts.jsonl"), "judge": "sim",
-                            "reference": str(run / "sft"), "output": str(out / "rl_eval"), "max_new_tokens": 48,
-                            "temperature": 0.7, "seed": 0, "batch_size": 256, "bootstrap": 100}, "ppo_variant.eval")
+# RUN's own evaluation settings (sampling, judge, reference), on the two models and the RL prompts; the Elo
+# bootstrap, which no printed figure uses, cut to 100
+ev = from_dict(EvalConfig, {**json.loads((run / "eval" / "run.json").read_text())["config"],
+                            "models": [str(run / "sft"), str(out)], "labels": ["sft", "ppo"],
+                            "prompts": str(run / "data" / "rl_prompts.jsonl"), "output": str(out / "rl_eval"),
+                            "bootstrap": 100}, "ppo_variant.eval")
 evaluate(ev)
 r = json.loads((out / "rl_eval" / "eval.json").read_text())
 m, w = r["models"], r["win_rates"]["ppo"]["sft"]
