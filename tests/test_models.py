@@ -33,6 +33,10 @@ def test_tiny_llama_is_deterministic_from_seed_and_fast(tok):
 
 def test_tokenizer_is_smollm2s_with_its_chat_template(tok):
     assert tok.eos_token == "<|im_end|>" and len(tok) == 49152
+    # the special tokens are the ones the GGUF file declares, whatever transformers' converter made of them
+    declared = models.gguf_special_token_ids(models._smollm2_gguf())
+    assert declared == {"bos_token": 1, "eos_token": 2, "unk_token": 0, "pad_token": 2}
+    assert {role: tok.convert_tokens_to_ids(getattr(tok, role)) for role in declared} == declared
     assert "<|im_start|>" in tok.chat_template
 
 

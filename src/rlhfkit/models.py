@@ -72,16 +72,37 @@ def _atomic_dir(final: Path, build) -> Path:
     return final
 
 
+# Bumped when the conversion changes, so caches an older conversion made are rebuilt rather than trusted.
+GGUF_CONVERSION = 2
+
+
 def _gguf_cache_name(gguf: Path) -> str:
     st = gguf.stat()
-    key = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    key = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:v{GGUF_CONVERSION}"
     return f"gguf-{gguf.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def gguf_special_token_ids(gguf: Path) -> dict[str, int]:
+    """The special-token ids the GGUF file itself declares: {"bos_token": 1, "eos_token": 2, ...}."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    ids = {}
+    for role, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        if (field := fields.get(f"tokenizer.ggml.{key}")) is not None:
+            ids[role] = int(field.parts[field.data[0]][0])
+    return ids
 
 
 def _convert_gguf_tokenizer(gguf: Path, out: Path) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The file's own ids decide: transformers 5.17 turned SmolLM2's eos (id 2, <|im_end|>) into <|im_start|> and
+    # left pad unset, so generation stopped at the wrong token (seen on a GPU machine's image; 5.23 maps it right).
+    for role, token_id in gguf_special_token_ids(gguf).items():
+        setattr(tok, role, tok.convert_ids_to_tokens(token_id))
     tok.save_pretrained(out)
 
 

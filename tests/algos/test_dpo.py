@@ -153,7 +153,9 @@ def test_response_mask_excludes_earlier_assistant_turns(tmp_path, tok):
 def test_cli_ipo_and_bad_loss(tmp_path):
     run_cli("dpo", "--model", "tiny-llama", "--output", str(tmp_path / "ipo"), "--loss", "ipo", "--max-steps", "1",
             "--dtype", "fp32", "--max-length", "128")
-    assert first(tmp_path / "ipo", "dpo/loss") == pytest.approx((1 / (2 * 0.1)) ** 2, rel=1e-6)  # h = 0 at step 1
+    # h = 0 at step 1: exactly on CPU; on a GPU the policy and reference passes may pick different kernels for
+    # their batch shapes, and h came out at -5e-5 (an H100)
+    assert first(tmp_path / "ipo", "dpo/loss") == pytest.approx((1 / (2 * 0.1)) ** 2, abs=1e-3)
     proc = run_cli("dpo", "--model", "tiny-llama", "--output", str(tmp_path / "x"), "--loss", "hinge", check=False)
     assert proc.returncode != 0 and "expected one of sigmoid, ipo" in proc.stderr and "Traceback" not in proc.stderr
 
