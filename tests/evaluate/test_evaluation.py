@@ -34,6 +34,11 @@ def test_eval_writes_win_rates_elo_scores_and_kl(tmp_path, tok):
     families = {f"score/{t.family}" for t in eval_tasks}
     assert families <= set(result["models"][a])
     assert (out / "elo.png").is_file() and "| model | Elo" in (out / "eval.md").read_text()
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert [r["family"] for r in rows] == [t.family for t in eval_tasks]
+    assert sum(r["scores"][a] for r in rows) / 12 == pytest.approx(result["models"][a]["mean_score"])
+    assert sum((r["scores"][a] > r["scores"][b]) + 0.5 * (r["scores"][a] == r["scores"][b]) for r in rows) / 12 \
+        == pytest.approx(wr[a][b]["win_rate"])
 
 
 def test_sim_judge_needs_task_prompts(tmp_path):

@@ -38,6 +38,7 @@ def test_win_rate_matrix_is_antisymmetric():
     m = winrates.win_rate_matrix(games)
     assert m["a"]["b"]["win_rate"] == pytest.approx(2.5 / 3) and m["b"]["a"]["win_rate"] == pytest.approx(0.5 / 3)
     assert m["a"]["b"]["n"] == 3 and m["c"]["a"]["win_rate"] == 0
+    assert m["a"]["b"]["ties"] == m["b"]["a"]["ties"] == 1 and m["a"]["c"]["ties"] == 0
 
 
 def test_elo_with_a_model_that_never_loses_stays_finite_and_ordered():

@@ -51,7 +51,7 @@ class EvalConfig:
     """sim (gold score of the built-in task), rm:DIR (a reward model from `rlhfkit rm`) or db:FILE (people's A/B
     comparisons from `rlhfkit label serve`: no sampling; the models are those the comparisons name)."""
     output: str = "runs/eval"
-    """Output directory: eval.json, eval.md, elo.png, run.json."""
+    """Output directory: eval.json, eval.md, responses.jsonl (every response and score), elo.png, run.json."""
     reference: str | None = None
     """Model to measure each model's KL against (usually the SFT model)."""
     limit: int = 0
@@ -202,6 +202,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         models.inference_weights(ref, precision)
     per_model: dict[str, dict] = {}
     scores: dict[str, torch.Tensor] = {}
+    responses: dict[str, list[str]] = {}
     if cfg.labels and len(cfg.labels) != len(cfg.models):
         raise UsageError(f"--labels names {len(cfg.labels)} models, --models {len(cfg.models)}")
     names = dict(zip(cfg.models, cfg.labels or cfg.models))
@@ -224,6 +225,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             texts = samples.texts
         # 3. judge
         scores[name] = judge_scores(cfg, prompts, task_list, texts, precision)
+        responses[name] = texts
         lengths = samples.response_lengths.double() if samples is not None else \
             torch.tensor([len(length_tok().encode(t, add_special_tokens=False)) for t in texts], dtype=torch.float64)
         stats = {"mean_score": float(scores[name].mean()), "mean_length": float(lengths.mean())}
@@ -258,6 +260,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     (out / "eval.md").write_text(markdown(result))
+    # every response and its score, prompt by prompt, to read what a win rate is made of
+    with open(out / "responses.jsonl", "w") as f:
+        for i, (messages, task) in enumerate(zip(prompts, task_list)):
+            f.write(json.dumps({"messages": messages, "family": task.family if task is not None else None,
+                                "responses": {m: responses[m][i] for m in per_model},
+                                "scores": {m: float(scores[m][i]) for m in per_model}}) + "\n")
     if "elo" in result:
         plot_elo(result, out / "elo.png")
     final = {f"eval/{k}/{m}": v[k] for m, v in per_model.items() for k in ("mean_score", "mean_length")}

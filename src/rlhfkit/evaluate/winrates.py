@@ -45,7 +45,8 @@ def bootstrap_interval(outcomes: Sequence[float], n_boot: int = 2000, seed: int 
 
 
 def win_rate_matrix(games: Sequence[tuple[str, str, float]]) -> dict[str, dict[str, dict[str, float]]]:
-    """matrix[a][b] = {"win_rate", "lo", "hi", "n"} of a against b over all games between them, either order."""
+    """matrix[a][b] = {"win_rate", "lo", "hi", "n", "ties"} of a against b over all games between them, either
+    order."""
     by_pair: dict[tuple[str, str], list[float]] = {}
     for a, b, outcome in games:
         by_pair.setdefault((a, b), []).append(outcome)
@@ -53,7 +54,8 @@ def win_rate_matrix(games: Sequence[tuple[str, str, float]]) -> dict[str, dict[s
     matrix: dict[str, dict[str, dict[str, float]]] = {}
     for (a, b), outs in by_pair.items():
         lo, hi = wilson_interval(sum(outs), len(outs))
-        matrix.setdefault(a, {})[b] = {"win_rate": win_rate(outs), "lo": lo, "hi": hi, "n": len(outs)}
+        matrix.setdefault(a, {})[b] = {"win_rate": win_rate(outs), "lo": lo, "hi": hi, "n": len(outs),
+                                       "ties": sum(o == 0.5 for o in outs)}
     return matrix
 
 
