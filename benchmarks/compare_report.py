@@ -32,6 +32,7 @@ class Row:
     flops_per_token: float = 0.0
     token_check: str = ""
     compiled: bool = False  # rlhfkit --compile true
+    micro_batches: int = 1  # rlhfkit: the batch in this many micro-batches, gradients accumulated (one step)
 
     @property
     def ckpt(self) -> str:
@@ -39,11 +40,15 @@ class Row:
 
     @property
     def name(self) -> str:
-        return self.trainer + (", compiled" if self.compiled else "")
+        return self.trainer + (", compiled" if self.compiled else "") + self.micro
+
+    @property
+    def micro(self) -> str:
+        return f", {self.micro_batches} micro-batches" if self.micro_batches > 1 else ""
 
     @property
     def setting(self) -> str:
-        return f"checkpointing {self.ckpt}" + (", compiled" if self.compiled else "")
+        return f"checkpointing {self.ckpt}" + (", compiled" if self.compiled else "") + self.micro
 
 
 def fmt_row(r: Row, warmup: int) -> str:
@@ -97,6 +102,10 @@ DIFFERENCES = """\
   gives them (TRL: one iteration per generation; rlhfkit: `ppo.on_policy`). MFU counts the training forward and
   backward only; generation and no-grad passes are overhead.
 - Gradient checkpointing: TRL through transformers' `gradient_checkpointing_enable`, rlhfkit through its own option.
+- Micro-batches (rlhfkit rows marked so): the same batch per optimizer step and the same loss (the pairs' or rows'
+  losses summed over micro-batches and divided by the whole batch's count), run as 4 passes of a quarter of the
+  batch with gradients accumulated: less activation memory without recomputation. TRL runs each batch in one pass
+  (its `gradient_accumulation_steps` would do the same for it, at its default of 1).
 - rlhfkit saves the final model after the last step (in the wall time, not in the step times); TRL saves nothing.
 """
 

@@ -10,7 +10,9 @@ so that its peak resident memory (the child's own ru_maxrss) is its alone, all w
 Rows per algorithm (`--variants`): TRL with gradient checkpointing on (TRL 1.16's default in every config); rlhfkit
 with it on (`gc`; skipped with a note while the CLI lacks the flag); rlhfkit with its default, off (`nogc`); rlhfkit
 with it off and its transformer blocks compiled (`compile`: `--compile true`, torch.compile / Inductor; TRL's
-`torch_compile` stays at its default, off); and with both (`gc-compile`).
+`torch_compile` stays at its default, off); with both (`gc-compile`); and with it off and each batch run as
+MICRO micro-batches whose gradients accumulate into the same optimizer step (`micro`: `--batch-size B/MICRO
+--grad-accum MICRO`, GRPO `--batch-size n/MICRO`): the activation memory of a quarter batch without recomputation.
 rlhfkit runs through its CLI (`rlhfkit sft|rm|dpo|ppo --advantage grpo`), data loading and logging included.
 
 Made equal: the model (one local Hugging Face directory; for the reward model one initial directory whose score
@@ -60,7 +62,8 @@ from compare_data import (check_tokens, prepare_models, prompt_tokens, rlhfkit_s
 from compare_report import NAMES, Row, markdown, rewrite_results  # noqa: E402
 
 ALGOS = ("sft", "rm", "dpo", "grpo")
-VARIANTS = ("trl", "gc", "gc-compile", "nogc", "compile")
+VARIANTS = ("trl", "gc", "gc-compile", "nogc", "compile", "micro")
+MICRO = 4  # micro-batches of the `micro` variant
 REWARD_FN = "benchmarks/ppo_rewards.py:length_target"
 GRPO_BETA = 0.04  # KL coefficient of both sides (TRL's default 0 would drop its reference model altogether)
 
@@ -123,14 +126,17 @@ def child_env(ctx: Context) -> dict[str, str]:
             "HF_DATASETS_CACHE": str(ctx.root / "hf-datasets"), "PYTHONPATH": str(REPO / "src")}
 
 
-def rlhfkit_argv(algo: str, ctx: Context, gc: bool, out: Path, compiled: bool = False) -> list[str]:
+def rlhfkit_argv(algo: str, ctx: Context, gc: bool, out: Path, compiled: bool = False, micro: int = 1) -> list[str]:
     p, o, S = ctx.preset, optim(algo), str(ctx.preset.steps[algo])
     n = p.grpo_prompts * p.grpo_generations
+    if p.batch % micro or n % micro:
+        raise SystemExit(f"--variants micro: batch {p.batch} and GRPO's {n} completions must divide by {micro}")
     common = ["--output", str(out), "--dtype", "bf16", "--seed", "0", "--log-steps", "1", "--lr", str(o["lr"]),
               "--schedule", "constant", "--warmup-ratio", "0", "--weight-decay", str(o["weight_decay"]),
               "--max-grad-norm", str(o["max_grad_norm"])] + (["--gradient-checkpointing", "true"] if gc else []) \
         + (["--compile", "true"] if compiled else [])
-    fixed = ["--max-steps", S, "--batch-size", str(p.batch), "--max-length", str(p.max_length), "--val-fraction", "0"]
+    fixed = ["--max-steps", S, "--batch-size", str(p.batch // micro), "--grad-accum", str(micro),
+             "--max-length", str(p.max_length), "--val-fraction", "0"]
     return {
         "sft": ["sft", "--model", str(ctx.causal), "--data", str(ctx.files["sft"]), *fixed],
         "rm": ["rm", "--model", str(ctx.rm_dir), "--data", str(ctx.files["pairs"]), *fixed, "--normalize", "false"],
@@ -141,7 +147,7 @@ def rlhfkit_argv(algo: str, ctx: Context, gc: bool, out: Path, compiled: bool = 
                  "--n-samples", str(p.grpo_generations), "--max-new-tokens", str(p.grpo_new_tokens),
                  "--temperature", "1", "--top-p", "1", "--kl-coef", str(GRPO_BETA), "--clip-eps", str(o["clip_eps"]),
                  "--whiten-advantages", "false", "--missing-eos", "none", "--minibatch-size", str(n),
-                 "--batch-size", str(n), "--sample-every", "0"],
+                 "--batch-size", str(n // micro), "--sample-every", "0"],
     }[algo] + common
 
 
@@ -173,12 +179,13 @@ def deltas(cumulative: list[float]) -> list[float]:
     return [b - a for a, b in zip([0] + cumulative, cumulative)]
 
 
-def run_rlhfkit(algo: str, ctx: Context, gc: bool, compiled: bool = False) -> Row:
-    name = f"{algo}-rlhfkit-{'gc' if gc else 'nogc'}{'-compile' if compiled else ''}"
+def run_rlhfkit(algo: str, ctx: Context, gc: bool, compiled: bool = False, micro: int = 1) -> Row:
+    name = (f"{algo}-rlhfkit-{'gc' if gc else 'nogc'}{'-compile' if compiled else ''}"
+            f"{f'-micro{micro}' if micro > 1 else ''}")
     out, result = ctx.root / "runs" / name, ctx.root / "results" / f"{name}.json"
     shutil.rmtree(out, ignore_errors=True)  # no cached reference log-probs or checkpoints from an earlier run
-    argv = rlhfkit_argv(algo, ctx, gc, out, compiled)
-    row = Row(algo, "rlhfkit", gc, "rlhfkit " + " ".join(argv), compiled=compiled)
+    argv = rlhfkit_argv(algo, ctx, gc, out, compiled, micro)
+    row = Row(algo, "rlhfkit", gc, "rlhfkit " + " ".join(argv), compiled=compiled, micro_batches=micro)
     code, log = run_child([sys.executable, str(HERE / "rlhfkit_side.py"), "--threads", str(ctx.threads),
                            "--result", str(result), "--", *argv], ctx, name)
     if code != 0:
@@ -327,7 +334,9 @@ def run_algorithm(algo: str, ctx: Context, variants: list[str]) -> tuple[list[Ro
             "gc": ("rlhfkit, checkpointing on", lambda: run_rlhfkit(algo, ctx, True)),
             "gc-compile": ("rlhfkit, checkpointing on, blocks compiled", lambda: run_rlhfkit(algo, ctx, True, True)),
             "nogc": ("rlhfkit, its default: checkpointing off", lambda: run_rlhfkit(algo, ctx, False)),
-            "compile": ("rlhfkit, checkpointing off, blocks compiled", lambda: run_rlhfkit(algo, ctx, False, True))}
+            "compile": ("rlhfkit, checkpointing off, blocks compiled", lambda: run_rlhfkit(algo, ctx, False, True)),
+            "micro": (f"rlhfkit, checkpointing off, {MICRO} micro-batches",
+                      lambda: run_rlhfkit(algo, ctx, False, micro=MICRO))}
     rows = []
     for label, run in [runs[v] for v in VARIANTS if v in variants and (gc or not v.startswith("gc"))]:
         print(f"{NAMES[algo]}: {label} ...", flush=True)
