@@ -63,13 +63,17 @@ def fmt_row(r: Row, warmup: int) -> str:
 
 
 def checks(algo: str, rows: list[Row]) -> list[str]:
-    """Speed-ups; for DPO the step-1 loss against ln 2 and the memory ratio; the token check."""
+    """Speed-ups and memory ratios; for DPO the step-1 loss against ln 2 and the memory ratio; the token check."""
     trl = next((r for r in rows if r.trainer.startswith("TRL") and not r.error), None)
     ours = [r for r in rows if r.trainer == "rlhfkit" and not r.error]
     out = []
     if trl and ours and trl.throughput:
         ratios = ", ".join(f"×{r.throughput / trl.throughput:.2f} ({r.setting})" for r in ours)
         out.append(f"{NAMES[algo]}: rlhfkit's throughput / TRL's: {ratios}.")
+    if trl and ours and algo != "dpo":  # DPO's memory line below names its reference mode and its own target
+        target = " (issue 8's target ≤ 1)" if algo != "grpo" else ""
+        ratios = ", ".join(f"{r.peak_rss_mb / trl.peak_rss_mb:.2f} ({r.setting})" for r in ours)
+        out.append(f"{NAMES[algo]}: rlhfkit's peak RSS / TRL's{target}: {ratios}.")
     if algo == "dpo":
         step1 = [f"{r.trainer} ({r.setting}) {r.losses[0] - LN2_FP32:+.1e}"
                  for r in ([trl] if trl else []) + ours if r.losses]
@@ -105,7 +109,10 @@ DIFFERENCES = """\
 - Micro-batches (rlhfkit rows marked so): the same batch per optimizer step and the same loss (the pairs' or rows'
   losses summed over micro-batches and divided by the whole batch's count), run as 4 passes of a quarter of the
   batch with gradients accumulated: less activation memory without recomputation. TRL runs each batch in one pass
-  (its `gradient_accumulation_steps` would do the same for it, at its default of 1).
+  (its `gradient_accumulation_steps` would do the same for it, at its default of 1). DPO's one-off reference pass
+  runs the pairs in file order, a micro-batch at a time, and the training step in its sampler's order, so the
+  sequences are padded differently: in bf16 the step-1 loss then differs from ln 2 by that rounding (with whole
+  batches both passes pad alike).
 - rlhfkit saves the final model after the last step (in the wall time, not in the step times); TRL saves nothing.
 """
 

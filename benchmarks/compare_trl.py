@@ -1,7 +1,7 @@
 """rlhfkit against TRL 1.16 on this machine, in one run: SFT, reward model, DPO and GRPO side by side (issue 8).
 
     python benchmarks/compare_trl.py --quick      # tiny-llama, 128 tokens, batch 4, 2 steps: checks the harness
-    python benchmarks/compare_trl.py              # smollm2-135m, ≤ 512 tokens, batch 8 (~30 min); writes RESULTS.md
+    python benchmarks/compare_trl.py              # smollm2-135m, ≤ 512 tokens, batch 8 (~50 min); writes RESULTS.md
     python benchmarks/compare_trl.py --only sft,dpo --steps dpo=4
 
 For each algorithm the same model is trained on the same data with the same settings by TRL's trainer and by
