@@ -23,8 +23,9 @@ matches its settings and inputs (and says so):
                   reward against √KL along PPO and along best-of-n, training curves
 
 Departures, and why:
-- Labels come from simulated labellers; `feedback: db:FILE` (human comparisons from the labelling app) is refused
-  until that app exists.
+- Labels come from simulated labellers; `feedback: db:FILE` is refused: a run asks for labels on demand (every
+  comparisons stage and online round), which people in the labelling app cannot give within it. Human rankings
+  go the other way: `rlhfkit label export`, then `rlhfkit rm`, `rlhfkit dpo`, and `rlhfkit eval --judge db:FILE`.
 - Each online round's PPO starts again from the SFT model (KL to SFT), as the HH paper retrained its policies on
   the newer preference models; the rounds differ in the RM they optimise.
 - Presets: `default` fits the 20-minute budget of a 2-core CPU (so fewer prompts and iterations than a real run,
@@ -95,7 +96,7 @@ class PipelineConfig:
     online_rounds: int = 0
     """Iterated online RLHF: rounds of sampling from the latest policy, labelling, retraining the RM, PPO again."""
     feedback: str = "sim"
-    """Where comparisons come from: sim (simulated labellers); db:FILE (the labelling app) is not built yet."""
+    """Where comparisons come from: sim (simulated labellers), the only source a run can ask on demand."""
     seed: int = 0
     """Seed of the task suite, the labellers and every stage."""
     model: str | None = None
@@ -158,7 +159,7 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
         raise UsageError(f"--skip {bad[0]!r}: only dpo, best_of_n and ppo can be skipped")
     if cfg.feedback != "sim":
         raise UsageError(f"--feedback {cfg.feedback!r}: only sim (simulated labellers) is built; human comparisons "
-                         "(db:FILE) need the labelling app")
+                         "(db:FILE) are collected outside a run: rlhfkit label export, then rlhfkit rm / dpo")
     values = {}
     for f in fields(cfg):
         mine, theirs = getattr(cfg, f.name), preset.get(f.name)
