@@ -39,16 +39,18 @@ class Row:
         return "on" if self.gradient_checkpointing else "off"
 
     @property
-    def name(self) -> str:
-        return self.trainer + (", compiled" if self.compiled else "") + self.micro
+    def options(self) -> str:
+        """rlhfkit's options beyond checkpointing, as the row's name and setting end: ", compiled, 4 micro-batches"."""
+        return ((", compiled" if self.compiled else "")
+                + (f", {self.micro_batches} micro-batches" if self.micro_batches > 1 else ""))
 
     @property
-    def micro(self) -> str:
-        return f", {self.micro_batches} micro-batches" if self.micro_batches > 1 else ""
+    def name(self) -> str:
+        return self.trainer + self.options
 
     @property
     def setting(self) -> str:
-        return f"checkpointing {self.ckpt}" + (", compiled" if self.compiled else "") + self.micro
+        return f"checkpointing {self.ckpt}" + self.options
 
 
 def fmt_row(r: Row, warmup: int) -> str:
