@@ -15,6 +15,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def native_bf16() -> bool:
+    """bf16 matmuls in hardware: AVX512-BF16 or AMX (`RLHFKIT_CPU_BF16=0|1` overrides), or a CUDA device."""
+    import torch
+
+    from rlhfkit import models
+
+    return models.cpu_supports_bf16() or (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+# bf16 tests run where bf16 is native; elsewhere oneDNN emulates it, rounding otherwise and at < 1 GFLOP/s
+needs_native_bf16 = pytest.mark.skipif(not native_bf16(), reason="no native bf16 on this machine (AVX512-BF16, AMX "
+                                       "or CUDA): bf16 is emulated here, rounds otherwise and crawls")
+BF16 = pytest.param("bf16", marks=needs_native_bf16)
+
+
 @pytest.fixture(scope="session")
 def tok():
     from rlhfkit import models

@@ -9,7 +9,9 @@ import time
 import pytest
 import torch
 
-from rlhfkit import ModelError, models
+from rlhfkit import ModelError, UsageError, models
+
+from tests.conftest import BF16, native_bf16, run_cli, write_jsonl
 
 
 def test_tiny_llama_is_deterministic_from_seed_and_fast(tok):
@@ -76,10 +78,34 @@ def test_default_chat_template_for_a_tokenizer_without_one(tmp_path, tok):
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_mixed_precision_resolution():
-    assert models.mixed_precision("fp32") == "no"
-    assert models.mixed_precision("bf16") == "bf16"
-    assert models.mixed_precision("auto") in ("bf16", "fp16", "no")
+def test_mixed_precision_resolution(monkeypatch):
+    # ours and transformers' spellings alike; anything else is one error naming the choices
+    for names, resolved in ((("fp32", "float32", "float"), "no"), (("bf16", "bfloat16"), "bf16"),
+                            (("fp16", "float16", "half"), "fp16")):
+        assert {models.mixed_precision(n) for n in names} == {resolved}
+    with pytest.raises(UsageError, match="--dtype 'bogus': expected auto, bf16, bfloat16, fp16"):
+        models.mixed_precision("bogus")
+    # auto: bf16 where the CPU has it natively, fp32 where it would be emulated; the override decides in both ways
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for flag, resolved in (("1", "bf16"), ("0", "no")):
+        monkeypatch.setenv(models.BF16_ENV, flag)
+        assert models.mixed_precision("auto") == resolved
+    monkeypatch.setenv(models.BF16_ENV, "yes")
+    with pytest.raises(UsageError, match="RLHFKIT_CPU_BF16='yes': use 0 or 1"):
+        models.cpu_supports_bf16()
+
+
+def test_score_takes_transformers_dtype_spelling(tmp_path):
+    rm = tmp_path / "rm"
+    run_cli("rm", "--model", "tiny-llama", "--data", "sample:rankings", "--max-steps", "1", "--batch-size", "2",
+            "--max-length", "64", "--dtype", "float32", "--output", str(rm))
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "Hi?", "response": "Hello."}])
+    run_cli("score", "--reward-model", str(rm), "--data", rows, "--dtype", "float32",
+            "--output", str(tmp_path / "scored.jsonl"))
+    assert "reward" in (tmp_path / "scored.jsonl").read_text()
+    proc = run_cli("score", "--reward-model", str(rm), "--data", rows, "--dtype", "bogus",
+                   "--output", str(tmp_path / "x.jsonl"), check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --dtype 'bogus'") and proc.stderr.count("\n") == 1
 
 
 def _saved_bytes_and_grads(model, ids, mask, precision):
@@ -103,7 +129,7 @@ def _saved_bytes_and_grads(model, ids, mask, precision):
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", BF16])
 def test_checkpointed_layers_give_the_same_loss_and_gradients_with_less_kept(tok, mode, precision):
     # eval mode matters: DPO and PPO train with dropout off, where transformers' own switch would not checkpoint
     plain = models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok)
@@ -181,7 +207,7 @@ def test_short_training_forwards_use_the_math_attention_kernel_and_compute_the_s
 
 
 @pytest.mark.parametrize("length", [40, 200])  # the math kernel (training, ≤ 128) and flash
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", BF16])
 def test_native_grouped_query_attention_computes_exactly_what_repeated_keys_do(tok, length, precision):
     # `native_gqa` lets SDPA attend 4 query heads to tiny-llama's 2 key/value heads instead of transformers'
     # repeat_kv copies: the log-probs must be the same bits, every gradient the same up to rounding (the key and
@@ -246,7 +272,7 @@ def test_compiled_layers_train_like_eager_ones_and_stay_eager_without_gradients(
     both = models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok)
     models.compile_layers(both)
     models.checkpoint_layers(both)
-    for length, precision in [(96, "fp32"), (64, "fp32"), (64, "bf16")]:
+    for length, precision in [(96, "fp32"), (64, "fp32"), *([(64, "bf16")] if native_bf16() else [])]:
         ids = torch.randint(0, 1000, (4, length), generator=torch.Generator().manual_seed(length))
         mask = torch.ones_like(ids)
         mask[1, length - 20:] = 0
@@ -263,9 +289,10 @@ def test_compiled_layers_train_like_eager_ones_and_stay_eager_without_gradients(
     assert counters["stats"]["unique_graphs"] >= 1  # the compiled blocks did run (a silent eager fallback would not)
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, plain(ids).logits, rtol=0, atol=0)
-        prefix = compiled(ids[:, :40], use_cache=True).past_key_values
-        expected = plain(ids[:, :40], use_cache=True).past_key_values
+        cache = models.cache_arg()  # transformers' name for it: `cache` from 5.24 on, `past_key_values` before
+        prefix = getattr(compiled(ids[:, :40], use_cache=True), cache)
+        expected = getattr(plain(ids[:, :40], use_cache=True), cache)
     with torch.enable_grad():  # on a KV cache (shared prefixes): eager even with gradients
-        out = compiled(ids[:, 40:], past_key_values=prefix, use_cache=True).logits
-    torch.testing.assert_close(out, plain(ids[:, 40:], past_key_values=expected, use_cache=True).logits,
+        out = compiled(ids[:, 40:], use_cache=True, **{cache: prefix}).logits
+    torch.testing.assert_close(out, plain(ids[:, 40:], use_cache=True, **{cache: expected}).logits,
                                rtol=0, atol=0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit import ModelError
+from rlhfkit import ModelError, UsageError
 
 # ChatML, the template SmolLM2 uses, minus its built-in system prompt. Models without a chat template get this
 # one (documented in docs/data.md); `<|im_end|>` is added to the tokenizer when it lacks it.
@@ -209,7 +210,18 @@ def load_causal_lm(name: str, seed: int = 0, tokenizer=None):
     return model
 
 
+BF16_ENV = "RLHFKIT_CPU_BF16"  # "0" or "1" overrides the detection, e.g. to run AVX2 kernels on an AVX-512 CPU
+
+
 def cpu_supports_bf16() -> bool:
+    """Whether this CPU does bf16 matmuls natively (AVX512-BF16 or AMX): without them a bf16 matmul runs at under
+    1 GFLOP/s against ~70 in fp32, so `--dtype auto` picks fp32. `RLHFKIT_CPU_BF16=0|1` overrides the detection
+    (with `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, an AVX-512 machine then behaves as an AVX2 one)."""
+    override = os.environ.get(BF16_ENV)
+    if override in ("0", "1"):
+        return override == "1"
+    if override is not None:
+        raise UsageError(f"{BF16_ENV}={override!r}: use 0 or 1")
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -217,13 +229,21 @@ def cpu_supports_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
+# `--dtype` spellings, ours and transformers'/torch's, to accelerate's mixed_precision names
+DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
+          "fp32": "no", "float32": "no", "float": "no"}
+
+
 def mixed_precision(dtype: str) -> str:
-    """Resolve `--dtype` (auto|bf16|fp16|fp32) to accelerate's mixed_precision (master weights stay fp32)."""
+    """Resolve `--dtype` (auto, bf16, fp16, fp32, or transformers' bfloat16, float16, float32) to accelerate's
+    mixed_precision: "bf16", "fp16" or "no" (master weights stay fp32)."""
     if dtype == "auto":
         if torch.cuda.is_available():
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_supports_bf16() else "no"
-    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[dtype]
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # by `mixed_precision`'s names
@@ -271,6 +291,21 @@ def _enabled_sdpa_kernels() -> list:
     return [k for k, on in flags.items() if on]
 
 
+# The KV-cache keyword a transformer block is called with: `cache` from transformers 5.24 on, `past_key_values`
+# before. A block given both uses `cache` and ignores the other, so a wrapper that clears one must clear both.
+LAYER_CACHE_KWARGS = ("cache", "past_key_values")
+
+
+@functools.cache
+def cache_arg() -> str:
+    """The name of a transformers model's KV-cache argument and output field: `cache` from 5.24 on,
+    `past_key_values` before (5.24 still takes the old name, with a deprecation warning)."""
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
 def checkpoint_layers(model) -> None:
     """Gradient checkpointing (Chen et al. 2016): each transformer block keeps only its input and recomputes its
     activations in the backward pass, so training memory holds one block's activations instead of all of them,
@@ -287,7 +322,7 @@ def checkpoint_layers(model) -> None:
             if torch.is_grad_enabled():  # no-grad passes (evaluation, reference, generation) keep nothing anyway
                 # no KV cache: the recomputation would append to it a second time (a sequence-classification
                 # model, the RM, makes one by default)
-                kwargs.update(past_key_values=None, use_cache=False)
+                kwargs.update({k: None for k in LAYER_CACHE_KWARGS if k in kwargs}, use_cache=False)
                 # the recomputation runs in the backward, outside the forward's `training_attention` context:
                 # give it the attention kernels (and grouped-query setting) of the forward, or it recomputes with
                 # other ones
@@ -325,7 +360,7 @@ def compile_layers(model) -> None:
         # dynamic from the start: trainers' batches change length every step, and one dynamic graph compiles once
         # where a static first guess would compile twice
         def forward(*args, _eager=layer.forward, _compiled=torch.compile(layer.forward, dynamic=True), **kwargs):
-            if not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None:
+            if not torch.is_grad_enabled() or any(kwargs.get(k) is not None for k in LAYER_CACHE_KWARGS):
                 return _eager(*args, **kwargs)
             hidden = args[0] if args else kwargs["hidden_states"]
             with sdpa_kernel(default_kernels), native_gqa(hidden.device):
@@ -433,14 +468,15 @@ def decode_on_prefixes(decoder, prefix_ids: torch.Tensor, prefix_mask: torch.Ten
     rows = select_rows(cache if cache is not None else prefix_cache(decoder, prefix_ids, prefix_mask), row_of)
     mask = torch.cat([prefix_mask[row_of], suffix_mask], dim=1)  # (R, P + S)
     positions = prefix_mask.sum(1)[row_of, None] + torch.arange(suffix_ids.shape[1], device=device)  # (R, S)
-    return decoder(input_ids=suffix_ids, attention_mask=mask, position_ids=positions, past_key_values=rows,
-                   use_cache=True).last_hidden_state
+    return decoder(input_ids=suffix_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                   **{cache_arg(): rows}).last_hidden_state
 
 
 def prefix_cache(decoder, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor):
     """The KV cache of G left-padded prefixes (G, P), for `decode_on_prefixes`."""
-    cache = decoder(input_ids=prefix_ids, attention_mask=prefix_mask,
-                    position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0), use_cache=True).past_key_values
+    out = decoder(input_ids=prefix_ids, attention_mask=prefix_mask,
+                  position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+    cache = getattr(out, cache_arg())
     if cache is None or cache.get_seq_length() != prefix_ids.shape[1]:
         # checkpointed layers (`checkpoint_layers`) keep no cache while training: the suffix would see nothing
         raise RuntimeError("decode_on_prefixes needs the KV cache, which checkpointed layers do not keep")

@@ -48,6 +48,7 @@ from typing import Any
 from rlhfkit import UsageError
 from rlhfkit.config import from_dict, write_run_json
 from rlhfkit.sim import labellers, tasks
+from rlhfkit.tracking import claim_output, release_output
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
@@ -140,13 +141,22 @@ class PipelineConfig:
     """Overrides of `rlhfkit eval` options."""
 
 
+def matmul_dtype() -> str:
+    """The dtype `--dtype auto` computes in here: bf16 where it is native, fp32 otherwise."""
+    from rlhfkit.models import mixed_precision
+
+    return "bf16" if mixed_precision("auto") == "bf16" else "fp32"
+
+
 def machine_speed() -> float:
-    """GFLOP/s of a 2048² bf16 matmul over one second (`tracking.matmul_peak`), as the benchmarks measure the peak."""
+    """GFLOP/s of a 2048² matmul over one second (`tracking.matmul_peak`) in `matmul_dtype`, as the benchmarks
+    measure the peak. Not always bf16: without native bf16 one such matmul takes ~20 s."""
     import torch
 
     from rlhfkit.tracking import matmul_peak
 
-    return round(matmul_peak(torch.bfloat16, seconds=1.0), 1)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[matmul_dtype()]
+    return round(matmul_peak(dtype, seconds=1.0), 1)
 
 
 def resolve(cfg: PipelineConfig) -> PipelineConfig:
@@ -341,13 +351,13 @@ def pipeline(cfg: PipelineConfig) -> dict:
     from rlhfkit.evaluate import report
 
     cfg = resolve(cfg)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    # a rerun continues: complete stages are skipped (`Run.stage`), so an earlier run's files are expected here
+    out = claim_output(cfg.output, resume=False, overwrite=False, keep_contents=True)
     run = Run(cfg, out)
     start = time.perf_counter()
     # one measure of this machine's speed now and at the end (2–3 s in all): a shared VM's speed moves by more than
     # a stage's optimisations
-    speed = {"bf16_matmul_gflops_start": machine_speed()}
+    speed = {"matmul_dtype": matmul_dtype(), "matmul_gflops_start": machine_speed()}
     common = {"model": cfg.model, "seed": cfg.seed}
     # 1. data
     run.stage("data", {**common, "suite": cfg.suite_size, "system": cfg.system_prompt,
@@ -434,12 +444,13 @@ def pipeline(cfg: PipelineConfig) -> dict:
     run.stage("eval", {"eval": cfg.eval, "t": cfg.temperature, "entries": entries},
               [k for k in run.keys if k != "data"], do_eval)
     # 10. report
-    speed["bf16_matmul_gflops_end"] = machine_speed()
+    speed["matmul_gflops_end"] = machine_speed()
     paths = report.write(out, cfg, run.summaries, run.seconds, speed)
     total = time.perf_counter() - start
     final = {"pipeline/seconds": total, **{f"elo/{k}": v for k, v in run.summaries["eval"].items()}}
     write_run_json(out, cfg, "pipeline", final, {"stages": run.seconds, "summaries": run.summaries,
                                                  "preset": cfg.preset, "config": asdict(cfg),
                                                  "machine_speed": speed})
+    release_output(out)
     print(f"[pipeline] done in {total / 60:.1f} min: {paths['md']} and {paths['html']}")
     return final

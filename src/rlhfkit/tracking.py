@@ -1,12 +1,70 @@
-"""Metrics for every run: metrics.jsonl (one JSON object per logged step) and TensorBoard events; and one measure
-of the machine's speed at the time of a run (`matmul_peak`), beside which its timings are read."""
+"""A run's directory: claimed by one process at a time (`claim_output`), metrics.jsonl (one JSON object per logged
+step) and TensorBoard events; and one measure of the machine's speed at the time of a run (`matmul_peak`), beside
+which its timings are read."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
+from typing import IO
+
+from rlhfkit import UsageError
+
+LOCK_NAME = ".rlhfkit.lock"
+_held: dict[Path, IO[str]] = {}  # output directories this process has claimed, with their open lock files
+
+
+def claim_output(out: str | Path, resume: bool, overwrite: bool, keep_contents: bool = False) -> Path:
+    """Make OUT this process's run directory, so that no run destroys another:
+    - a directory another live process is writing is refused, naming the holder's pid. The lock is an flock on
+      OUT/.rlhfkit.lock, which the kernel releases when its process ends however it ends (a SIGKILL leaves no
+      stale lock);
+    - a directory holding an earlier run's files is refused unless `resume` (continue it) or `overwrite` (its
+      contents are removed first); `keep_contents` skips this check, for commands that resume by themselves
+      (the pipeline's completed stages).
+    Claiming again in the same process is allowed (a run in-process after another); `release_output` ends it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out}: a file of that name exists; name a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    key = out.resolve()
+    if key not in _held:
+        lock = (out / LOCK_NAME).open("a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise UsageError(f"--output {out} is in use by {holder} (lock {out / LOCK_NAME}); wait for that run to "
+                             "end or choose another --output") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        _held[key] = lock
+    earlier = sorted(p for p in out.iterdir() if p.name != LOCK_NAME)
+    if earlier and not (resume or keep_contents):
+        if not overwrite:
+            release_output(out)
+            names = ", ".join(p.name for p in earlier[:4]) + (", …" if len(earlier) > 4 else "")
+            raise UsageError(f"--output {out} already holds a run ({names}): pass --resume to continue it or "
+                             "--overwrite to replace it")
+        for p in earlier:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return out
+
+
+def release_output(out: str | Path) -> None:
+    """End `claim_output`'s claim on OUT (the lock file stays; only its flock mattered)."""
+    lock = _held.pop(Path(out).resolve(), None)
+    if lock is not None:
+        lock.close()
 
 
 class Tracker:

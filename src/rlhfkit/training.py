@@ -69,6 +69,8 @@ class RunConfig:
     """How many checkpoints to keep."""
     resume: bool = False
     """Continue from OUTPUT/checkpoints/latest if there is one."""
+    overwrite: bool = False
+    """Replace what an earlier run left in OUTPUT (without it, or --resume, a non-empty OUTPUT is refused)."""
     skip_nonfinite: int = 0
     """Skip up to N batches whose loss or gradient is not finite (with a warning each) instead of stopping."""
 

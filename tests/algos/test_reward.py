@@ -20,7 +20,7 @@ from rlhfkit.data import chat, formats
 from rlhfkit.data.io import Row
 from rlhfkit.tracking import read_metrics
 
-from tests.conftest import polite_pairs, rewind, run_cli, train_losses, write_jsonl
+from tests.conftest import BF16, polite_pairs, rewind, run_cli, train_losses, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +242,7 @@ def test_cli_rm_error_is_one_clear_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # the default run keeps SFT's 2-process test (the same data-parallel plumbing)
 def test_two_process_data_parallel_matches_one_process(tmp_path):
     # 9 prompts, global batch 4: the third step has one prompt, so the second process gets none (weight 0)
     data = write_jsonl(tmp_path / "nine.jsonl", polite_pairs(9, seed=3))
@@ -261,7 +262,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     assert tokens == [m["train/tokens"] for m in read_metrics(tmp_path / "two") if "train/tokens" in m]
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("precision", ["no", BF16])
 def test_scores_with_shared_prefixes_equal_scoring_each_sequence_whole(rm_tok, tmp_path, precision):
     # best-of-n and PPO score n samples per prompt: the prompt is run once into a KV cache; the scores must be
     # the plain path's (transformers' pooled forward over each whole sequence)

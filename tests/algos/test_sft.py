@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from rlhfkit import TrainingError, models
 from rlhfkit.algos import sft
 
-from tests.conftest import rewind, run_cli, train_losses
+from tests.conftest import needs_native_bf16, rewind, run_cli, train_losses
 
 
 def base_cfg(tmp_path: Path, **kw) -> sft.SFTConfig:
@@ -98,6 +98,7 @@ def test_resume_two_plus_two_equals_four_bit_exact(tmp_path, group_by_length):
     assert lb[-2:] == la[2:]
 
 
+@needs_native_bf16
 def test_bf16_resume_is_bit_exact_too(tmp_path):
     cfg = base_cfg(tmp_path, output=str(tmp_path / "a"), dtype="bf16", max_steps=3)
     sft.train(cfg)

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from rlhfkit import models
 from rlhfkit.core.lm import per_row_sums, target_logps
 
+from tests.conftest import BF16
+
 
 def plain_logps(hidden, weight, targets):
     return F.log_softmax(hidden @ weight.T, dim=-1).gather(1, targets[:, None])[:, 0]
@@ -54,7 +56,7 @@ def test_per_row_sums():
     assert per_row_sums(torch.tensor([1.0, 2.0, 3.0, 4.0]), select).tolist() == [3.0, 0.0, 7.0]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", BF16])
 def test_selected_logits_with_targets_match_the_logits_path_under_autocast(tok, precision):
     # what SFT and DPO now call, against the (N, V) logits they used to make, gradients included
     lm = models.load_causal_lm("tiny-llama", seed=2, tokenizer=tok)

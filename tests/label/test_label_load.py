@@ -14,6 +14,7 @@ import time
 import uuid
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from rlhfkit.label import store
@@ -96,6 +97,7 @@ def run_all(threads, timeout=120):
         assert not t.is_alive(), "a labeller thread hung"
 
 
+@pytest.mark.slow  # the default run keeps the store's and the HTTP API's own tests
 def test_concurrent_labellers_and_sigkill(tmp_path):
     db = str(tmp_path / "load.sqlite")
     engine = store.open_engine(db)

@@ -9,6 +9,8 @@ from rlhfkit import models
 from rlhfkit.rollout import SamplingParams, llama
 from rlhfkit.rollout.hf import HFEngine
 
+from tests.conftest import needs_native_bf16
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # a shared start (the template's), then prompts of different lengths
@@ -22,7 +24,8 @@ def plain_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0, -1].float()
 
 
-@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.02)])
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5),
+                                         pytest.param(torch.bfloat16, 0.02, marks=needs_native_bf16)])
 def test_joins_steps_and_leaves_give_the_logits_of_plain_forward_passes(tok, dtype, atol):
     """Rows join an empty and then a running batch, step, one leaves, the others step on: each row's logits are
     those of transformers' forward over its prompt and tokens so far (bf16: the model cast to bf16; its logits

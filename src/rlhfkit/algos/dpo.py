@@ -46,7 +46,7 @@ from rlhfkit.core.losses import DPO_LOSSES, dpo_loss
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.chat import TokenizedExample
 from rlhfkit.data.collate import collate, pad_left
-from rlhfkit.tracking import Tracker
+from rlhfkit.tracking import Tracker, claim_output, release_output
 from rlhfkit.training import TrainConfig, adamw, global_batch_rows, make_schedule, skip_nonfinite, split_validation
 
 
@@ -303,6 +303,8 @@ def train(cfg: DPOConfig) -> dict:
     accelerator = Accelerator(mixed_precision=models.mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     out, main, world = Path(cfg.output), accelerator.is_main_process, accelerator.num_processes
+    if main:
+        claim_output(out, cfg.resume, cfg.overwrite)
     tok = models.load_tokenizer(cfg.model)
     model = models.load_causal_lm(cfg.model, seed=cfg.seed, tokenizer=tok)
     models.freeze_layers(model, cfg.freeze_layers)
@@ -430,5 +432,6 @@ def train(cfg: DPOConfig) -> dict:
                 **({f"val_{k}": v for k, v in val_report.as_dict().items()} if val_report else {})}
         write_run_json(out, cfg, "dpo", final, {"processes": world, "data": data})
     tracker.close()
+    release_output(out)
     accelerator.wait_for_everyone()
     return final

@@ -50,7 +50,7 @@ from rlhfkit.data.collate import collate
 from rlhfkit.rewards import RewardModel, call_reward_fn, load_reward_fn
 from rlhfkit.rollout import SamplingParams
 from rlhfkit.rollout.hf import HFEngine
-from rlhfkit.tracking import Tracker
+from rlhfkit.tracking import Tracker, claim_output, release_output
 from rlhfkit.training import RunConfig, adamw, global_batch_rows, make_schedule, skip_nonfinite
 
 ADVANTAGES = ("gae", "grpo", "rloo", "reinforce++")
@@ -317,6 +317,23 @@ def apply_score_rules(scores: torch.Tensor, finished: torch.Tensor, cfg: PPOConf
     return scores
 
 
+def missing_eos_notice(finished: torch.Tensor, cfg: PPOConfig, iteration: int, warned: bool) -> str | None:
+    """What to tell the user when `--missing-eos replace` replaced most of an iteration's scores (once a run:
+    `warned`) or all of them (every time: then the reward gives the iteration no learning signal). finished: (B,)."""
+    if cfg.missing_eos != "replace" or cfg.missing_eos_penalty is None:
+        return None
+    n, unfinished = len(finished), int((~finished).sum())
+    fix = (f"raise --max-new-tokens (now {cfg.max_new_tokens}) or pass --missing-eos subtract|none")
+    if unfinished == n:
+        return (f"iteration {iteration}: none of the {n} responses ended within --max-new-tokens, so the missing-EOS "
+                f"rule gave every one the score {cfg.missing_eos_penalty:g}: no learning signal from the reward in "
+                f"this iteration; {fix}")
+    if unfinished > n / 2 and not warned:
+        return (f"warning: iteration {iteration}: {unfinished} of {n} responses did not end within --max-new-tokens "
+                f"and got the missing-EOS score {cfg.missing_eos_penalty:g} instead of theirs; {fix}")
+    return None
+
+
 def compute_advantages(r: Rollout, cfg: PPOConfig, beta: float) -> Rollout:
     """Step 5: the estimator chosen by --advantage; (B, R) advantages (and returns for GAE)."""
     mask = r.response_mask
@@ -447,7 +464,7 @@ def train(cfg: PPOConfig) -> dict:
         raise UsageError("rlhfkit ppo runs on one process for now (data-parallel PPO is not wired yet)")
     device, precision = accelerator.device, models.mixed_precision(cfg.dtype)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.output)
+    out = claim_output(cfg.output, cfg.resume, cfg.overwrite)
     tok = models.load_tokenizer(cfg.policy)
     actor = models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok)
     models.freeze_layers(actor, cfg.freeze_layers)
@@ -493,6 +510,7 @@ def train(cfg: PPOConfig) -> dict:
     samples_path = out / "samples.jsonl"
     bar = tqdm(total=cfg.iterations, initial=state["step"], desc="ppo", dynamic_ncols=True)
     metrics: dict[str, float] = {}
+    eos_warned = False
 
     while state["step"] < cfg.iterations:
         it, beta, timing = state["step"], state["beta"], {}
@@ -517,6 +535,9 @@ def train(cfg: PPOConfig) -> dict:
             scores += call_reward_fn(reward_fn, cfg.reward_fn, row_prompts, samples.texts, row_meta)
         raw_scores = scores.float()
         scores = apply_score_rules(raw_scores, samples.finished, cfg).to(device)
+        if notice := missing_eos_notice(samples.finished, cfg, it + 1, eos_warned):
+            tqdm.write(notice)
+            eos_warned = True
         monitored = {f"monitor/{name}": float(fn(row_prompts, samples.texts, row_meta).mean())
                      for name, fn in monitors.items()}
         timing["time/score"] = time.perf_counter() - t0
@@ -639,4 +660,5 @@ def train(cfg: PPOConfig) -> dict:
     models.save_causal_lm(actor, tok, out, merge=cfg.lora and cfg.merge)
     write_run_json(out, cfg, "ppo", final)
     tracker.close()
+    release_output(out)
     return final

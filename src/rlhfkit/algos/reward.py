@@ -49,7 +49,7 @@ from rlhfkit.core.losses import grouped_ranking_loss, pairwise_loss
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.collate import pad_left, pad_right
 from rlhfkit.evaluate import calibration
-from rlhfkit.tracking import Tracker
+from rlhfkit.tracking import Tracker, claim_output, release_output
 from rlhfkit.training import TrainConfig, adamw, global_batch_rows, make_schedule, skip_nonfinite, split_validation
 
 
@@ -377,8 +377,8 @@ def pair_differences(model, items: list[EncodedPreference], cfg: RMConfig, pad_i
 LENGTH_BUCKETS = (64, 128, 256, 512)  # upper edges (tokens) of the mean response length of a pair
 
 
-def evaluate(diffs: torch.Tensor, lengths: torch.Tensor, cfg: RMConfig, out: Path | None) -> dict[str, float]:
-    """Accuracy (ties count half), mean margin, length-bias splits, ECE (+ reliability PNG), optional temperature."""
+def evaluate(diffs: torch.Tensor, lengths: torch.Tensor, cfg: RMConfig) -> dict[str, float]:
+    """Accuracy (ties count half), mean margin, length-bias splits, ECE, optional temperature."""
     correct = (diffs > 0).double() + 0.5 * (diffs == 0).double()
     m = {"rm/accuracy": float(correct.mean()), "rm/margin": float(diffs.mean()),
          "rm/val_loss": float(F.softplus(-diffs).mean()), "rm/pairs": len(diffs)}
@@ -394,9 +394,6 @@ def evaluate(diffs: torch.Tensor, lengths: torch.Tensor, cfg: RMConfig, out: Pat
         lo = hi
     p, outcome = calibration.oriented(diffs)
     m["rm/ece"] = calibration.ece(p, outcome, cfg.calibration_bins)
-    if out is not None:
-        calibration.plot_reliability(calibration.reliability_bins(p, outcome, cfg.calibration_bins),
-                                     out / "reliability.png")
     if cfg.fit_temperature:
         t = calibration.fit_temperature(diffs)
         m["rm/temperature"] = t
@@ -479,6 +476,8 @@ def train(cfg: RMConfig) -> dict:
     accelerator = Accelerator(mixed_precision=models.mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     out, main, world = Path(cfg.output), accelerator.is_main_process, accelerator.num_processes
+    if main:
+        claim_output(out, cfg.resume, cfg.overwrite)
     tok = models.load_tokenizer(cfg.model)
     set_reward_pad_token(tok)
     model = build_model(cfg, tok)
@@ -535,12 +534,16 @@ def train(cfg: RMConfig) -> dict:
         final.update({"rm/norm_offset": offset, "rm/norm_scale": scale, "rm/norm_samples": len(ref)})
     if val_rows:
         diffs, lengths = pair_differences(unwrapped, val_rows, cfg, tok.pad_token_id, accelerator.autocast)
-        final.update(evaluate(diffs, lengths, cfg, out if main else None))
+        final.update(evaluate(diffs, lengths, cfg))
     if main:
         tracker.log(state["step"], {k: v for k, v in final.items() if k.startswith("rm/")})
         save_model(unwrapped, tok, out, cfg, offset, scale, final.get("rm/temperature"))
         write_run_json(out, cfg, "rm", final, {"processes": world, "data": data_report})
+        if val_rows:  # drawn once the model is safe
+            bins = calibration.reliability_bins(*calibration.oriented(diffs), cfg.calibration_bins)
+            calibration.plot_reliability(bins, out / "reliability.png")
     tracker.close()
+    release_output(out)
     accelerator.wait_for_everyone()
     return final
 
@@ -612,7 +615,7 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
         if val_rows and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
             diffs, lengths = pair_differences(accelerator.unwrap_model(net), val_rows, cfg, pad_id,
                                               accelerator.autocast)
-            tracker.log(step, evaluate(diffs, lengths, cfg, None))
+            tracker.log(step, evaluate(diffs, lengths, cfg))
         if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps):
             checkpoint.save(cfg_root(cfg), step, net, optimizer, scheduler, state, accelerator, cfg.save_total_limit)
     return metrics

@@ -35,7 +35,7 @@ from rlhfkit.config import write_run_json
 from rlhfkit.core.lm import shifted_selection
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.collate import LMBatch, collate, pack
-from rlhfkit.tracking import Tracker
+from rlhfkit.tracking import Tracker, claim_output, release_output
 from rlhfkit.training import TrainConfig, adamw, global_batch_rows, make_schedule, skip_nonfinite, split_validation
 
 
@@ -115,6 +115,8 @@ def train(cfg: SFTConfig) -> dict:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
     main = accelerator.is_main_process
+    if main:
+        claim_output(out, cfg.resume, cfg.overwrite)
     tok = models.load_tokenizer(cfg.model)
     model = build_model(cfg, tok)
     model.train()
@@ -228,6 +230,7 @@ def train(cfg: SFTConfig) -> dict:
         write_run_json(out, cfg, "sft", final, {"processes": world, "data": {
             **report.as_dict(), "data/val_examples": val_report.examples}})
     tracker.close()
+    release_output(out)
     accelerator.wait_for_everyone()
     return final
 

@@ -181,9 +181,9 @@ def evaluate_db(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     (out / "eval.md").write_text(markdown(result))
-    plot_elo(result, out / "elo.png")
     final = {f"eval/elo/{m}": v for m, v in result["elo"].items()}
     write_run_json(out, cfg, "eval", final)
+    plot_elo(result, out / "elo.png")
     return final
 
 
@@ -266,10 +266,10 @@ def evaluate(cfg: EvalConfig) -> dict:
             f.write(json.dumps({"messages": messages, "family": task.family if task is not None else None,
                                 "responses": {m: responses[m][i] for m in per_model},
                                 "scores": {m: float(scores[m][i]) for m in per_model}}) + "\n")
-    if "elo" in result:
-        plot_elo(result, out / "elo.png")
     final = {f"eval/{k}/{m}": v[k] for m, v in per_model.items() for k in ("mean_score", "mean_length")}
     write_run_json(out, cfg, "eval", final)
+    if "elo" in result:  # drawn last: the results are written whatever happens to the plot
+        plot_elo(result, out / "elo.png")
     return final
 
 

@@ -266,7 +266,7 @@ class HFBatch:
     """`HFEngine`'s running batch on a transformers causal LM: its DynamicCache, attention mask (A, L) and the
     position (A, 1) of each row's last token. Rows joining are left-padded to the batch's length; rows leaving
     are dropped from the cache, and so are the columns that are then padding in every row. Any model that takes
-    `past_key_values` runs here; where its cache is not a plain DynamicCache (`mergeable`), rows join only an
+    a KV cache (`models.cache_arg`) runs here; where its cache is not a plain DynamicCache (`mergeable`), rows join only an
     empty batch. Same interface as `llama.LlamaBatch`."""
 
     def __init__(self, model, pad_id: int, precision: str):
@@ -292,7 +292,7 @@ class HFBatch:
         with autocast(self.device, self.precision), models.native_gqa(self.device):  # decode has its own GQA
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1)
-        cache = out.past_key_values
+        cache = getattr(out, models.cache_arg())
         if len(distinct) < len(prompts):
             cache.batch_select_indices(row_of)
         mask, positions = mask[row_of], positions[row_of, -1:]
@@ -310,8 +310,8 @@ class HFBatch:
         self.positions = self.positions + 1
         with autocast(self.device, self.precision):
             return self.model(input_ids=token[:, None].to(self.device), attention_mask=self.mask,
-                              position_ids=self.positions, past_key_values=self.cache,
-                              use_cache=True).logits[:, -1].float()
+                              position_ids=self.positions, use_cache=True,
+                              **{models.cache_arg(): self.cache}).logits[:, -1].float()
 
     def keep(self, rows: torch.Tensor) -> None:
         """Only rows `rows` (A',) stay, in that order."""
