@@ -1,4 +1,10 @@
-"""The figures of compare_trl.py: one Row per training run, and the markdown section of RESULTS.md built from them."""
+"""The figures of compare_trl.py: one Row per training run, and the markdown section of RESULTS.md built from them.
+
+A report (compare_trl's results JSON) is for one precision, `report["dtype"]`, "bf16" or "fp32"; its matmul peak is
+`report["peak_gflops"]` = {"dtype", "before", "after"} in that dtype. Reports from before the harness had --dtype
+are bf16 runs whose peak holds bf16_before/bf16_after and fp32_before/fp32_after; they render as they did then.
+Each dtype has its own section of RESULTS.md (`markers`), so a run in one precision leaves the other's in place.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 NAMES = {"sft": "SFT", "rm": "Reward model", "dpo": "DPO", "grpo": "GRPO"}
-MARKERS = ("<!-- trl-compare:start -->", "<!-- trl-compare:end -->")
+MARKERS = ("<!-- trl-compare:start -->", "<!-- trl-compare:end -->")  # bf16's section (the only one before --dtype)
+PRECISION = {"bf16": "bf16 autocast over fp32 weights", "fp32": "fp32 weights and compute (no autocast)"}
 LN2_FP32 = float.fromhex("0x1.62e430p-1")  # ln 2 rounded to float32, as the losses are computed
 
 
@@ -119,24 +126,46 @@ DIFFERENCES = """\
 """
 
 
+def markers(dtype: str = "bf16") -> tuple[str, str]:
+    """The start and end markers of a dtype's section of RESULTS.md; bf16 keeps the original ones."""
+    return MARKERS if dtype == "bf16" else (f"<!-- trl-compare:{dtype}:start -->", f"<!-- trl-compare:{dtype}:end -->")
+
+
+def report_dtype(report: dict) -> str:
+    """The precision of a report: its "dtype", or bf16 for reports from before --dtype."""
+    return report.get("dtype") or report["peak_gflops"].get("dtype") or "bf16"
+
+
+def peak_text(report: dict) -> str:
+    """The end of the machine line: the matmul peak of the run, in its dtype, and which one MFU used."""
+    p, peak = report["preset"], report["peak_gflops"]
+    if "bf16_before" in peak:  # a report from before --dtype: bf16, with the fp32 peak beside it
+        return (f"Matmul peak measured in this run ({p['peak_n']}² torch.matmul): bf16 {peak['bf16_before']:,.0f} / "
+                f"{peak['bf16_after']:,.0f} GFLOP/s before / after the runs, fp32 {peak['fp32_before']:,.0f} / "
+                f"{peak['fp32_after']:,.0f}; MFU uses the higher bf16 one.")
+    return (f"Matmul peak measured in this run ({p['peak_n']}² torch.matmul in {report_dtype(report)}): "
+            f"{peak['before']:,.0f} / {peak['after']:,.0f} GFLOP/s before / after the runs; MFU uses the higher one.")
+
+
 def markdown(report: dict) -> str:
-    p, m, peak = report["preset"], report["machine"], report["peak_gflops"]
+    p, m = report["preset"], report["machine"]
+    dtype, legacy = report_dtype(report), "dtype" not in report
     lrs = ", ".join(f"{NAMES[a]} {o['lr']:g}" for a, o in report["optim"].items())
     o = next(iter(report["optim"].values()))
+    heading = "## rlhfkit vs TRL, same machine, same run (issue 8)"
     lines = [
-        "## rlhfkit vs TRL, same machine, same run (issue 8)", "",
+        heading if legacy else f"{heading}: {dtype}", "",
         "```bash", report["command"], "```", "",
         f"{report['date']}: {p['model']}, every sequence ≤ {p['max_length']} tokens, batch {p['batch']} "
         f"(SFT rows; RM and DPO pairs; GRPO {p['grpo_prompts']} prompts × {p['grpo_generations']} completions of ≤ "
-        f"{p['grpo_new_tokens']} tokens), bf16 autocast over fp32 weights, fused AdamW (lr {lrs}; betas "
+        f"{p['grpo_new_tokens']} tokens), {PRECISION[dtype]}, fused AdamW (lr {lrs}; betas "
         f"{'/'.join(map(str, o['betas']))}, eps {o['eps']:g}, weight decay {o['weight_decay']:g}), constant learning "
         f"rate, clipping at {o['max_grad_norm']:g}, {report['threads']} torch threads in every run. Steps: "
         + ", ".join(f"{NAMES[a]} {n}" for a, n in p["steps"].items()) + f"; the first {p['warmup']} left out of the "
         "throughput. What runs and what is made equal: `benchmarks/compare_trl.py` (docstring).", "",
-        f"Machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['cores_usable']} usable cores; "
-        + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + f". Matmul peak measured in this run "
-        f"({p['peak_n']}² torch.matmul): bf16 {peak['bf16_before']:,.0f} / {peak['bf16_after']:,.0f} GFLOP/s before / "
-        f"after the runs, fp32 {peak['fp32_before']:,.0f} / {peak['fp32_after']:,.0f}; MFU uses the higher bf16 one.",
+        f"Machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['cores_usable']} usable cores"
+        + "".join(f", {k}={v}" for k, v in report.get("env", {}).items()) + "; "
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ". " + peak_text(report),
         "", "| algorithm | trainer | grad. ckpt | tokens per step | throughput | step s | MFU | peak RSS | set-up s "
         "| loss, steps 1–3 |", "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -154,13 +183,19 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def rewrite_results(path: Path, section: str) -> None:
-    """Replace what lies between the markers (or append the markers and the section at the end)."""
-    start, end = MARKERS
+def rewrite_results(path: Path, section: str, dtype: str = "bf16") -> None:
+    """Replace what lies between the dtype's markers; without them, put the markers and the section right after
+    another dtype's section (so the precisions sit side by side), or else at the end. The other sections stay."""
+    start, end = markers(dtype)
     text = path.read_text()
     block = f"{start}\n{section.strip()}\n{end}"
     if start in text and end in text:
         text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+        ends = [text.index(e) + len(e) for e in (markers(d)[1] for d in PRECISION if d != dtype) if e in text]
+        if ends:
+            at = max(ends)
+            text = text[:at] + "\n\n" + block + text[at:]
+        else:
+            text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)

@@ -3,6 +3,14 @@
     python benchmarks/compare_trl.py --quick      # tiny-llama, 128 tokens, batch 4, 2 steps: checks the harness
     python benchmarks/compare_trl.py              # smollm2-135m, ≤ 512 tokens, batch 8 (~50 min); writes RESULTS.md
     python benchmarks/compare_trl.py --only sft,dpo --steps dpo=4
+    python benchmarks/compare_trl.py --dtype fp32  # both trainers in fp32, whatever this CPU does
+
+Precision (`--dtype`): `auto` (the default) takes what rlhfkit's own `--dtype auto` picks on this machine
+(rlhfkit.models.mixed_precision: bf16 autocast where the CPU does bf16 matmuls natively, AVX512-BF16 or AMX; fp32
+without them, where a bf16 matmul runs at under 1 GFLOP/s against ~70 in fp32; `RLHFKIT_CPU_BF16=0|1` overrides the
+detection for both). Both trainers then run in that precision: rlhfkit with `--dtype bf16|fp32`, TRL with
+`bf16=True|False`; the matmul peak behind MFU is measured in it, and it names the output file and the section of
+RESULTS.md, so bf16 and fp32 figures sit side by side.
 
 For each algorithm the same model is trained on the same data with the same settings by TRL's trainer and by
 rlhfkit's, one run after the other, each in a fresh subprocess (benchmarks/trl_side.py, benchmarks/rlhfkit_side.py)
@@ -18,9 +26,10 @@ rlhfkit runs through its CLI (`rlhfkit sft|rm|dpo|ppo --advantage grpo`), data l
 Made equal: the model (one local Hugging Face directory; for the reward model one initial directory whose score
 head rlhfkit's seed drew once, so both start from the same weights), the data (benchmarks/compare_data.py: JSONL in
 formats both read, rendered by the model's real chat template on both sides, every sequence filled with prose to
-just under the length limit), the batch (SFT rows; RM and DPO pairs; GRPO completions), bf16 autocast over fp32
-master weights (TRL: bf16=True, use_cpu=True), torch's fused AdamW (TRL's default `adamw_torch_fused`, rlhfkit's
-training.adamw) with the same lr (rlhfkit's default per algorithm), betas, eps 1e-8 and weight decay 0, a constant learning rate without warm-up, clipping at 1.0, the number of steps.
+just under the length limit), the batch (SFT rows; RM and DPO pairs; GRPO completions), the precision (fp32
+master weights, with bf16 autocast in a bf16 run; TRL: bf16=True or False, use_cpu=True), torch's fused AdamW (TRL's
+default `adamw_torch_fused`, rlhfkit's training.adamw) with the same lr (rlhfkit's default per algorithm), betas,
+eps 1e-8 and weight decay 0, a constant learning rate without warm-up, clipping at 1.0, the number of steps.
 The SFT, RM and DPO data sets hold exactly one batch, so every step of both trainers sees the same examples in
 whatever order each trainer's sampler draws them (GRPO: one generation batch of prompts). What could not be made
 equal is listed in compare_report.DIFFERENCES, which goes into RESULTS.md with the figures.
@@ -32,11 +41,13 @@ compared with rlhfkit's tokenisation of the same file), peak RSS, set-up time an
 reference pass. Throughput counts every token of every sequence of a step (no padding) over the steps after the
 first `--warmup`; for GRPO, completions generated and trained per second, all phases included. MFU = throughput ×
 model FLOPs per token (benchmarks/common.py; the same figure for both trainers: the policy's forward and backward
-only, logits credited at trained positions) / the bf16 matmul peak measured in this run before and after the
-training runs (the higher of the two).
+only, logits credited at trained positions) / the matmul peak in the run's dtype (bf16 or fp32) measured in this
+run before and after the training runs (the higher of the two).
 
-Output: benchmarks/results/compare_trl_MODE.json (raw; with --only, the other algorithms keep their last figures)
-and, in full mode (or with --write-results), the section of benchmarks/RESULTS.md between the trl-compare markers.
+Output: benchmarks/results/compare_trl_MODE.json for bf16, compare_trl_MODE_fp32.json for fp32 (raw; `--results-json`
+puts it elsewhere; with --only, the other algorithms keep their last figures of the same mode and dtype) and, in full
+mode (or with --write-results), the dtype's section of benchmarks/RESULTS.md between its trl-compare markers
+(compare_report.markers: bf16's are the original `trl-compare:start/end`, fp32's `trl-compare:fp32:start/end`).
 """
 
 from __future__ import annotations
@@ -59,9 +70,13 @@ sys.path.insert(0, str(HERE))  # run as a script from anywhere: find the helper 
 from common import machine_info, matmul_peak, model_flops_per_token  # noqa: E402
 from compare_data import (check_tokens, prepare_models, prompt_tokens, rlhfkit_sequences,  # noqa: E402
                           training_chat_template, trained, write_data)
-from compare_report import NAMES, Row, markdown, rewrite_results  # noqa: E402
+from compare_report import NAMES, Row, markdown, markers, report_dtype, rewrite_results  # noqa: E402
 
 ALGOS = ("sft", "rm", "dpo", "grpo")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype bf16|fp32: rlhfkit's flag and the peak's dtype
+# set in the environment, these change the dtype --dtype auto picks or the kernels (ISA) the runs and the peak use;
+# the report records them (MKL, behind torch's fp32 matmul on x86, ignores the first two: MKL_ENABLE_INSTRUCTIONS)
+ISA_ENV = ("RLHFKIT_CPU_BF16", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 VARIANTS = ("trl", "gc", "gc-compile", "nogc", "compile", "micro")
 MICRO = 4  # micro-batches of the `micro` variant
 REWARD_FN = "benchmarks/ppo_rewards.py:length_target"
@@ -103,6 +118,7 @@ class Context:
     expected: dict[str, list[dict]]  # rlhfkit's tokenisation of the SFT, RM and DPO data
     template: str  # the chat template with generation markers, for TRL's SFT
     grpo_prompt_tokens: int  # all GRPO prompts, rendered with the generation prompt
+    dtype: str = "bf16"  # "bf16" (autocast over fp32 weights) or "fp32", for both trainers
 
 
 def config_class(algo: str):
@@ -131,7 +147,7 @@ def rlhfkit_argv(algo: str, ctx: Context, gc: bool, out: Path, compiled: bool = 
     n = p.grpo_prompts * p.grpo_generations
     if p.batch % micro or n % micro:
         raise SystemExit(f"--variants micro: batch {p.batch} and GRPO's {n} completions must divide by {micro}")
-    common = ["--output", str(out), "--dtype", "bf16", "--seed", "0", "--log-steps", "1", "--lr", str(o["lr"]),
+    common = ["--output", str(out), "--dtype", ctx.dtype, "--seed", "0", "--log-steps", "1", "--lr", str(o["lr"]),
               "--schedule", "constant", "--warmup-ratio", "0", "--weight-decay", str(o["weight_decay"]),
               "--max-grad-norm", str(o["max_grad_norm"])] + (["--gradient-checkpointing", "true"] if gc else []) \
         + (["--compile", "true"] if compiled else [])
@@ -156,7 +172,7 @@ def trl_spec(algo: str, ctx: Context, out: Path, result: Path) -> dict:
     n = p.grpo_prompts * p.grpo_generations
     data = {"sft": ctx.files["sft"], "grpo": ctx.files["prompts"]}.get(algo, ctx.files["pairs"])
     return {"algo": algo, "model": str(ctx.rm_dir if algo == "rm" else ctx.causal), "data": str(data),
-            "output": str(out), "result": str(result), "threads": ctx.threads, "seed": 0,
+            "output": str(out), "result": str(result), "threads": ctx.threads, "seed": 0, "dtype": ctx.dtype,
             "steps": p.steps[algo], "batch_size": n if algo == "grpo" else p.batch, "max_length": p.max_length,
             "optim": o, "beta": o["beta"], "training_chat_template": ctx.template,
             "reward_fn": str(REPO / REWARD_FN.split(":")[0]) + ":" + REWARD_FN.split(":")[1],
@@ -261,7 +277,7 @@ def has_gc_flag(algo: str) -> bool:
 
 
 def finish(row: Row, ctx: Context, peak_gflops: float, config) -> Row:
-    """Throughput over the steps after the warm-up, and MFU against the bf16 matmul peak of this run."""
+    """Throughput over the steps after the warm-up, and MFU against this run's matmul peak in its dtype."""
     if row.error or len(row.step_s) <= ctx.preset.warmup:
         return row
     w = ctx.preset.warmup
@@ -291,12 +307,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", default=None, help="steps for all algorithms (N) or some (sft=5,dpo=3)")
     p.add_argument("--warmup", type=int, default=None, help="first steps left out of throughput")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                   help="precision of both trainers and of the matmul peak: bf16 (autocast over fp32 weights) or "
+                        "fp32; auto (default): what rlhfkit's --dtype auto picks here (RLHFKIT_CPU_BF16=0|1 "
+                        "overrides its CPU detection)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads of every run")
     p.add_argument("--workdir", type=Path, default=None,
                    help="data, models, logs and per-run JSON (default /tmp/rlhfkit-compare-trl-MODE)")
+    p.add_argument("--results-json", type=Path, default=None,
+                   help="the raw figures (default benchmarks/results/compare_trl_MODE.json, MODE_fp32 for fp32)")
     p.add_argument("--results-md", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--write-results", action=argparse.BooleanOptionalAction, default=None,
-                   help="rewrite the marked section of RESULTS.md (default: in full mode only)")
+                   help="rewrite the dtype's marked section of RESULTS.md (default: in full mode only)")
     return p.parse_args(argv)
 
 
@@ -312,7 +334,25 @@ def preset_from(args: argparse.Namespace) -> Preset:
     return replace(preset, steps=steps, warmup=preset.warmup if args.warmup is None else args.warmup)
 
 
-def setup(preset: Preset, root: Path, threads: int) -> Context:
+def resolve_dtype(choice: str) -> str:
+    """--dtype to "bf16" or "fp32"; auto: rlhfkit's own choice on this machine (models.mixed_precision("auto"),
+    which follows RLHFKIT_CPU_BF16)."""
+    if choice != "auto":
+        return choice
+    from rlhfkit import models
+
+    picked = models.mixed_precision("auto")
+    if picked not in ("bf16", "no"):  # fp16: a CUDA device without bf16; the harness trains on the CPU
+        raise SystemExit(f"--dtype auto: rlhfkit picks {picked!r} here; pass --dtype bf16 or fp32")
+    return "bf16" if picked == "bf16" else "fp32"
+
+
+def results_json(mode: str, dtype: str) -> Path:
+    """The raw figures of a mode and dtype; bf16 keeps the name it had before --dtype existed."""
+    return HERE / "results" / f"compare_trl_{mode}{'' if dtype == 'bf16' else '_' + dtype}.json"
+
+
+def setup(preset: Preset, root: Path, threads: int, dtype: str = "bf16") -> Context:
     """Models, data and rlhfkit's tokenisation of the data, in the work directory."""
     from rlhfkit import models
 
@@ -323,7 +363,7 @@ def setup(preset: Preset, root: Path, threads: int) -> Context:
     files = write_data(tok, preset.max_length, preset.batch, preset.grpo_prompts, root / "data")
     expected = {a: rlhfkit_sequences(a, files, tok, rm_tok, preset.max_length) for a in ("sft", "rm", "dpo")}
     return Context(preset, root, threads, causal, rm_dir, files, expected, training_chat_template(tok),
-                   prompt_tokens(tok, files["prompts"]))
+                   prompt_tokens(tok, files["prompts"]), dtype)
 
 
 def run_algorithm(algo: str, ctx: Context, variants: list[str]) -> tuple[list[Row], str | None]:
@@ -374,31 +414,38 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := set(variants) - set(VARIANTS):
         raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {','.join(VARIANTS)}")
     preset = preset_from(args)
+    dtype = resolve_dtype(args.dtype)
     root = args.workdir or Path(f"/tmp/rlhfkit-compare-trl-{mode}")
     torch.set_num_threads(args.threads)  # the matmul peak with the threads every run gets
-    print(f"compare_trl ({mode}): {preset.model}, ≤ {preset.max_length} tokens, batch {preset.batch}, steps "
-          f"{preset.steps}, {args.threads} threads; work in {root}", flush=True)
+    print(f"compare_trl ({mode}, {dtype}{' from --dtype auto' if args.dtype == 'auto' else ''}): {preset.model}, "
+          f"≤ {preset.max_length} tokens, batch {preset.batch}, steps {preset.steps}, {args.threads} threads; "
+          f"work in {root}", flush=True)
 
-    # 1. the peak before, models and data, the runs, the peak after
-    peak = {"bf16_before": matmul_peak(torch.bfloat16, preset.peak_n, preset.peak_seconds),
-            "fp32_before": matmul_peak(torch.float32, preset.peak_n, preset.peak_seconds)}
-    ctx = setup(preset, root, args.threads)
+    # 1. the peak before, models and data, the runs, the peak after (in the runs' dtype)
+    peak = {"dtype": dtype, "before": matmul_peak(DTYPES[dtype], preset.peak_n, preset.peak_seconds)}
+    ctx = setup(preset, root, args.threads, dtype)
     results = {algo: run_algorithm(algo, ctx, variants) for algo in ALGOS if algo in only}
-    peak.update(bf16_after=matmul_peak(torch.bfloat16, preset.peak_n, preset.peak_seconds),
-                fp32_after=matmul_peak(torch.float32, preset.peak_n, preset.peak_seconds))
+    peak["after"] = matmul_peak(DTYPES[dtype], preset.peak_n, preset.peak_seconds)
 
-    # 2. figures; algorithms left out by --only keep their figures from the last run of this mode
+    # 2. figures; algorithms left out by --only keep their figures from the last run of this mode and dtype
     from transformers import AutoConfig
 
-    config, best = AutoConfig.from_pretrained(ctx.causal), max(peak["bf16_before"], peak["bf16_after"])
+    config, best = AutoConfig.from_pretrained(ctx.causal), max(peak["before"], peak["after"])
     date = datetime.date.today().isoformat()
     current = {a: {"date": date, "note": note, "rows": [asdict(finish(r, ctx, best, config)) for r in rows]}
                for a, (rows, note) in results.items()}
-    out_json = HERE / "results" / f"compare_trl_{mode}.json"
-    previous = json.loads(out_json.read_text())["algorithms"] if out_json.is_file() else {}
+    out_json = args.results_json or results_json(mode, dtype)
+    previous = {}
+    if out_json.is_file():
+        old = json.loads(out_json.read_text())
+        if report_dtype(old) == dtype:  # files from before --dtype hold bf16 figures
+            previous = old["algorithms"]
+        else:
+            print(f"{out_json} holds {report_dtype(old)} figures: only this run's algorithms go into it", flush=True)
     command = " ".join(["python benchmarks/compare_trl.py", *(sys.argv[1:] if argv is None else argv)])
-    report = {"mode": mode, "date": date, "command": command,
+    report = {"mode": mode, "dtype": dtype, "date": date, "command": command,
               "preset": asdict(preset), "threads": args.threads, "machine": machine_info(), "versions": versions(),
+              "env": {k: os.environ[k] for k in ISA_ENV if k in os.environ},
               "peak_gflops": peak, "optim": {a: optim(a) for a in ALGOS},
               "algorithms": {a: current.get(a) or previous[a] for a in ALGOS if a in current or a in previous}}
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -408,8 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     section = markdown(report)
     print("\n" + section)
     if args.write_results if args.write_results is not None else mode == "full":
-        rewrite_results(args.results_md, section)
-        print(f"\nrewrote the marked section of {args.results_md}; raw figures in {out_json}")
+        rewrite_results(args.results_md, section, dtype)
+        print(f"\nrewrote the {dtype} section of {args.results_md} (between {' and '.join(markers(dtype))}); "
+              f"raw figures in {out_json}")
     else:
         print(f"\nraw figures in {out_json} (RESULTS.md untouched: --write-results rewrites it)")
 

@@ -6,7 +6,9 @@ Run by the harness, one process per run, so that ru_maxrss (peak resident memory
 
 TRL is used as a user would use it: the trainer class with a path to a local Hugging Face directory (no hub access),
 a `datasets` JSONL file in TRL's own conversational formats, and its defaults wherever the comparison does not
-need a setting pinned (gradient checkpointing stays on, TRL 1.16's default). Two things are added from outside,
+need a setting pinned (gradient checkpointing stays on, TRL 1.16's default). The precision is the spec's "dtype":
+"bf16" gives bf16=True (autocast over the fp32 weights), "fp32" bf16=False; spec files written before the harness
+had --dtype have none and mean bf16. Two things are added from outside,
 neither of which changes what TRL computes:
 - a TrainerCallback that stamps time.perf_counter() at every step's begin and end (and keeps the logs);
 - a subclass whose compute_loss records the loss it returns, unrounded (Trainer logs round to 4 digits, too
@@ -83,12 +85,14 @@ def make_timer():
 
 def common_args(spec: dict) -> dict:
     """TrainingArguments that make the optimisation equal to rlhfkit's (see compare_trl.py's docstring)."""
-    o = spec["optim"]
+    o, dtype = spec["optim"], spec.get("dtype", "bf16")
+    if dtype not in ("bf16", "fp32"):
+        raise SystemExit(f"spec dtype {dtype!r}: expected bf16 or fp32")
     return dict(
         output_dir=spec["output"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],
         gradient_accumulation_steps=1, learning_rate=o["lr"], lr_scheduler_type="constant", warmup_steps=0,
         optim="adamw_torch_fused", adam_beta1=o["betas"][0], adam_beta2=o["betas"][1], adam_epsilon=o["eps"],
-        weight_decay=o["weight_decay"], max_grad_norm=o["max_grad_norm"], bf16=True, use_cpu=True,
+        weight_decay=o["weight_decay"], max_grad_norm=o["max_grad_norm"], bf16=dtype == "bf16", use_cpu=True,
         seed=spec["seed"], data_seed=spec["seed"], logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, model_init_kwargs={"dtype": "float32"},
     )
