@@ -153,24 +153,26 @@ def test_greedy_equals_argmax_of_uncached_unpadded_forward_passes(policy, tok, b
 class ScriptedLM(torch.nn.Module):
     """A stand-in causal LM that emits a fixed script per row, chosen by the row's prompt length: its logits put
     all the mass on the script's next token, so no sampling noise can change it. Like a real KV cache, its state
-    rides in past_key_values, which the engine hands back on the next call, and rows leave it through
-    `batch_select_indices` as they do a transformers Cache."""
+    rides in the cache argument (named as the installed transformers names it, `models.cache_arg`), which the
+    engine hands back on the next call, and rows leave it through `batch_select_indices` as they do a transformers
+    Cache."""
 
     def __init__(self, scripts: dict[int, list[int]], vocab_size: int):
         super().__init__()
         self.scripts, self.vocab_size = scripts, vocab_size
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # the engine finds the device through the parameters
 
-    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True,
-                logits_to_keep=0):
-        if past_key_values is None:
-            past_key_values = ScriptCache([self.scripts[int(n)] for n in attention_mask.sum(-1)])
-        assert len(input_ids) == len(past_key_values.scripts)
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=True, logits_to_keep=0, **cache_kwarg):
+        cache = cache_kwarg.pop(models.cache_arg(), None)
+        assert not cache_kwarg, cache_kwarg
+        if cache is None:
+            cache = ScriptCache([self.scripts[int(n)] for n in attention_mask.sum(-1)])
+        assert len(input_ids) == len(cache.scripts)
         logits = torch.full((len(input_ids), 1, self.vocab_size), -1e9)
-        for row, script in enumerate(past_key_values.scripts):
-            logits[row, 0, script[min(past_key_values.step, len(script) - 1)]] = 0.0
-        past_key_values.step += 1
-        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+        for row, script in enumerate(cache.scripts):
+            logits[row, 0, script[min(cache.step, len(script) - 1)]] = 0.0
+        cache.step += 1
+        return SimpleNamespace(logits=logits, **{models.cache_arg(): cache})
 
 
 class ScriptCache:
