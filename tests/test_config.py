@@ -46,3 +46,74 @@ def test_list_options_take_several_values_or_commas():
     cfg = parse_args(SFTConfig, ["--lora-targets", "q_proj", "v_proj", "--epochs", "2"])
     assert cfg.lora_targets == ["q_proj", "v_proj"] and cfg.epochs == 2
     assert parse_args(SFTConfig, ["--lora-targets", "q_proj,k_proj"]).lora_targets == ["q_proj", "k_proj"]
+
+
+def command_configs() -> dict[str, type]:
+    """Every command's config class, from the CLI's own table and the label commands."""
+    import importlib
+
+    from rlhfkit.cli import ALGORITHMS, PreviewConfig
+    from rlhfkit.label import commands
+
+    configs = {" ".join(key): getattr(importlib.import_module(f"rlhfkit.{module}"), name)
+               for key, (module, name, *_) in ALGORITHMS.items()}
+    return {**configs, "data preview": PreviewConfig, "label serve": commands.ServeConfig,
+            "label users add": commands.UsersAddConfig, "label export": commands.ExportConfig}
+
+
+def test_every_numeric_option_of_every_command_has_a_range():
+    import typing
+
+    from rlhfkit.config import RANGES
+
+    numeric = {int, float, int | None, float | None}
+    missing = {f"{command}: --{key}" for command, cls in command_configs().items()
+               for key, tp in typing.get_type_hints(cls).items() if tp in numeric and key not in RANGES}
+    assert not missing, f"give these a range in rlhfkit.config.RANGES: {sorted(missing)}"
+
+
+# (command, options, the one-line error): nonsense numbers that used to train, crash or do nothing
+BAD_NUMBERS = [
+    ("sft", ["--batch-size", "-3"], "--batch-size -3: must be ≥ 1"),
+    ("sft", ["--batch-size", "0"], "--batch-size 0: must be ≥ 1"),
+    ("sft", ["--grad-accum", "0"], "--grad-accum 0: must be ≥ 1"),
+    ("sft", ["--lr", "-1e-5"], "--lr -1e-05: must be ≥ 0"),
+    ("sft", ["--save-steps", "-5"], "--save-steps -5: must be ≥ 0"),
+    ("sft", ["--warmup-ratio", "-1"], "--warmup-ratio -1.0: must be in [0, 1]"),
+    ("sft", ["--val-fraction", "1.0"], "--val-fraction 1.0: must be in [0, 1)"),
+    ("sft", ["--lora-r", "0"], "--lora-r 0: must be ≥ 1"),
+    ("dpo", ["--beta", "0"], "--beta 0.0: must be > 0"),
+    ("rm", ["--lr", "nan"], "--lr nan: must be ≥ 0"),
+    ("ppo", ["--rollout-prompts", "0"], "--rollout-prompts 0: must be ≥ 1"),
+    ("ppo", ["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+    ("score", ["--batch-size", "0"], "--batch-size 0: must be ≥ 1"),
+    ("generate", ["--n", "0"], "--n 0: must be ≥ 1"),
+    ("eval", ["--temperature", "-0.5"], "--temperature -0.5: must be ≥ 0"),
+    ("label serve", ["--port", "70000"], "--port 70000: must be in [1, 65535]"),
+]
+
+
+@pytest.mark.parametrize("command, options, message", BAD_NUMBERS)
+def test_a_number_out_of_range_is_one_error_naming_the_option(command, options, message):
+    with pytest.raises(UsageError) as e:
+        parse_args(command_configs()[command], options)
+    assert str(e.value) == message
+
+
+def test_out_of_range_is_caught_in_yaml_and_pipeline_overrides_too(tmp_path):
+    from rlhfkit.config import from_dict
+    from rlhfkit.pipeline import PipelineConfig, resolve
+
+    p = tmp_path / "c.yaml"
+    p.write_text("batch_size: 0\n")
+    with pytest.raises(UsageError, match=r"^--batch-size 0: must be ≥ 1$"):
+        parse_args(SFTConfig, ["--config", str(p)])
+    with pytest.raises(UsageError, match=r"^pipeline.sft: --lr -1.0: must be ≥ 0$"):
+        from_dict(SFTConfig, {**resolve(PipelineConfig(preset="tiny")).sft, "lr": -1.0}, "pipeline.sft")
+
+
+def test_a_bad_number_exits_2_with_one_line():
+    from tests.conftest import run_cli
+
+    proc = run_cli("dpo", "--model", "tiny-llama", "--beta", "0", check=False)
+    assert proc.returncode == 2 and proc.stderr == "error: --beta 0.0: must be > 0\n"

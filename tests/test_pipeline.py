@@ -56,7 +56,7 @@ def test_tiny_pipeline_runs_every_stage_and_writes_the_report(tiny_run):
     assert f"{speed['matmul_gflops_end']:.0f} after the last" in md
 
 
-@pytest.mark.slow  # about 4 min on a 2-core AVX2 machine
+@pytest.mark.slow  # the default run keeps the tiny pipeline without online rounds
 def test_an_online_round_samples_new_comparisons_retrains_and_is_evaluated(tmp_path):
     out = tmp_path / "run"
     run_cli("pipeline", "--preset", "tiny", "--online-rounds", "1", "--output", str(out), timeout=900)

@@ -101,6 +101,57 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric option may take: from `lo` to `hi` (None: unbounded), each end inclusive unless open."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        above = self.lo is None or (x > self.lo if self.lo_open else x >= self.lo)
+        below = self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+        return above and below and x == x  # NaN is in no range
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '≥'} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+COUNT, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, lo_open=True)
+FRACTION = Range(0, 1)
+# Every numeric option of every command, by name (a name means the same thing in every command that has it), so a
+# new command inherits the checks; tests/test_config.py fails on a numeric option missing here.
+RANGES: dict[str, Range] = {
+    **dict.fromkeys(["batch_size", "grad_accum", "epochs", "iterations", "rollout_prompts", "n_samples", "n",
+                     "max_new_tokens", "max_length", "minibatch_size", "generate_batch_size", "ptx_batch_size",
+                     "rm_batch_size", "ppo_epochs", "lora_r", "lora_alpha", "calibration_bins", "norm_samples",
+                     "log_steps", "bootstrap", "kl_horizon", "tiny_hidden_size", "max_body_kb", "bon_n",
+                     "suite_size", "sft_prompts", "rm_prompts", "rl_prompts", "eval_prompts"], COUNT),
+    **dict.fromkeys(["save_steps", "eval_steps", "skip_nonfinite", "freeze_layers", "limit", "sample_every",
+                     "pmp_epochs", "online_rounds", "save_total_limit", "seed", "lr", "critic_lr", "pmp_lr",
+                     "weight_decay", "max_grad_norm", "kl_coef", "entropy_coef", "vf_coef", "ptx_coef", "temperature",
+                     "value_clip", "early_stop_kl"], NON_NEGATIVE),
+    **dict.fromkeys(["beta", "clip_eps", "kl_target", "score_clip"], POSITIVE),
+    **dict.fromkeys(["warmup_ratio", "min_lr_ratio", "gamma", "lam"], FRACTION),
+    "val_fraction": Range(0, 1, hi_open=True), "lora_dropout": Range(0, 1, hi_open=True),
+    "label_smoothing": Range(0, 0.5, hi_open=True), "top_p": Range(0, 1, lo_open=True),
+    "k": Range(2), "rank_k": Range(2), "port": Range(1, 65535),
+    "max_steps": Range(-1),  # ≤ 0: run `epochs` passes instead
+    "missing_eos_penalty": Range(),  # a score: any value
+}
+
+
+def check_range(key: str, value: Any) -> None:
+    """A UsageError naming the option when a number lies outside its `RANGES` entry."""
+    allowed = RANGES.get(key)
+    if allowed is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value not in allowed:
+        raise UsageError(f"--{key.replace('_', '-')} {value!r}: must be {allowed}")
+
+
 def _unknown(key: str, valid: list[str]) -> UsageError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
@@ -118,6 +169,10 @@ def from_dict(cls: type[C], values: dict[str, Any], source: str = "") -> C:
             err = _unknown(key, list(fields))
             raise UsageError(f"{source}: {err}" if source else str(err))
         kwargs[key] = _coerce(key, value, hints[key])
+        try:
+            check_range(key, kwargs[key])
+        except UsageError as e:
+            raise UsageError(f"{source}: {e}" if source else str(e)) from None
     return cls(**kwargs)
 
 
