@@ -28,6 +28,13 @@ def test_unknown_key_suggests_nearest(tmp_path):
         parse_args(SFTConfig, ["--config", str(p)])
 
 
+def test_a_yaml_syntax_error_names_file_and_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: 0.001\nepochs: [3\n")
+    with pytest.raises(UsageError, match=r"c\.yaml:3: not valid YAML \("):
+        parse_args(SFTConfig, ["--config", str(p)])
+
+
 def test_type_errors_name_the_key():
     with pytest.raises(UsageError, match="--epochs: expected int"):
         parse_args(SFTConfig, ["--epochs", "many"])

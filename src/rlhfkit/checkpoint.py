@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhfkit import UsageError
+from rlhfkit.tracking import LOCK_NAME
+
 
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -61,16 +64,49 @@ def save(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        (tmp / "written").write_text(str(1 + max(map(written, checkpoints(root)), default=0)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(root / "latest", final.name)
-        old = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for p in old[:-keep] if keep > 0 else []:
+        # the newest `keep` in the order they were written, not by step number: a resumed run that writes lower
+        # step numbers than an earlier one left must not delete what it has just written
+        old = sorted((p for p in checkpoints(root) if p != final), key=lambda p: (written(p), p.name))
+        for p in old[:max(0, len(old) - (keep - 1))] if keep > 0 else []:
             shutil.rmtree(p, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpoints(root: Path) -> list[Path]:
+    return [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")]
+
+
+def written(path: Path) -> int:
+    """A checkpoint's place in the order its directory's checkpoints were written (0: written before it was kept)."""
+    try:
+        return int((path / "written").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def resume_from(root: Path) -> Path | None:
+    """The checkpoint `--resume` continues from: the one `root/latest` names. None when the run directory
+    (root's parent) holds nothing yet, a fresh start; an error, rather than a silent restart from step 0 over an
+    earlier run's files, when it holds a run but no checkpoint, or `latest` names one that is gone."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if path.is_dir():
+            return path
+        raise UsageError(f"--resume: {pointer} names {path.name}, which is missing; point it at one of "
+                         f"{sorted(p.name for p in root.glob('step-*')) or 'no checkpoints'} or pass --overwrite")
+    earlier = sorted(p.name for p in root.parent.iterdir() if p.name != LOCK_NAME) if root.parent.is_dir() else []
+    if earlier:
+        raise UsageError(f"--resume: {root.parent} holds a run ({', '.join(earlier[:4])}) but no checkpoint to "
+                         "continue from (runs save them with --save-steps N); pass --overwrite to start again")
+    return None
 
 
 def latest(root: Path) -> Path | None:

@@ -211,7 +211,12 @@ def parse_args(cls: type[C], argv: list[str], prog: str = "rlhfkit") -> C:
             path = Path(val)
             if not path.is_file():
                 raise UsageError(f"config file not found: {path}")
-            loaded = yaml.safe_load(path.read_text()) or {}
+            try:
+                loaded = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+                raise UsageError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
             if not isinstance(loaded, dict):
                 raise UsageError(f"{path}: expected a mapping of keys to values")
             for k, v in loaded.items():

@@ -22,6 +22,16 @@ def test_malformed_json_names_file_and_line(tmp_path):
         io.read_rows(p)
 
 
+def test_non_utf8_bytes_name_file_line_and_column(tmp_path):
+    good = json.dumps({"prompt": "hi", "completion": "ok"}).encode() + b"\n"
+    (tmp_path / "latin1.jsonl").write_bytes(good + b'{"prompt": "caf\xe9", "completion": "ok"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 16\)"):
+        io.read_rows(tmp_path / "latin1.jsonl")
+    (tmp_path / "latin1.json").write_bytes(b'[\n{"prompt": "ok"},\n{"prompt": "\xff"}\n]')
+    with pytest.raises(DataError, match=r"latin1.json:3: not valid UTF-8 \(byte 0xff at column 13\)"):
+        io.read_rows(tmp_path / "latin1.json")
+
+
 def test_missing_column_names_line(tmp_path):
     p = write(tmp_path, "d.jsonl", ['{"prompt": "a", "completion": "b"}', '{"prompt": "a"}'])
     with pytest.raises(DataError, match=r"d\.jsonl:2: missing column\(s\) completion"):

@@ -351,7 +351,7 @@ def train(cfg: DPOConfig) -> dict:
     # 4. resume
     state = {"step": 0, "tokens": 0, "nonfinite_skipped": 0}
     ckpt_root = out / "checkpoints"
-    last = checkpoint.latest(ckpt_root) if cfg.resume else None
+    last = checkpoint.resume_from(ckpt_root) if cfg.resume else None
     if last is not None:
         state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
         if main:

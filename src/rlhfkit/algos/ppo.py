@@ -502,7 +502,7 @@ def train(cfg: PPOConfig) -> dict:
     # resume: weights, optimizer, schedule, β and the ptx position live in the checkpoint
     state = {"step": 0, "beta": cfg.kl_coef, "ptx_step": 0, "nonfinite_skipped": 0, "episodes": 0}
     ckpt_root = out / "checkpoints"
-    last = checkpoint.latest(ckpt_root) if cfg.resume else None
+    last = checkpoint.resume_from(ckpt_root) if cfg.resume else None
     if last is not None:
         state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
         print(f"resuming from {last} (iteration {state['step']})")

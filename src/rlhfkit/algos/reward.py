@@ -498,7 +498,7 @@ def train(cfg: RMConfig) -> dict:
     # 3. resume: the checkpoint's step says which phase's optimizer state it holds
     state = {"step": 0, "tokens": 0, "nonfinite_skipped": 0}
     ckpt_root = out / "checkpoints"
-    last = checkpoint.latest(ckpt_root) if cfg.resume else None
+    last = checkpoint.resume_from(ckpt_root) if cfg.resume else None
     resume_step = json.loads((last / "trainer_state.json").read_text())["step"] if last else 0
     tracker = Tracker(out, enabled=main, resume=last is not None)
     if main and last is None:

@@ -57,10 +57,22 @@ def read_rows(path: str | Path) -> list[Row]:
                     "save_to_disk directory)")
 
 
+def _utf8(raw: bytes, p: Path, first_line: int = 1) -> str:
+    """`raw` decoded as UTF-8, or a DataError naming the file, line and column of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{p}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); save the "
+                        "file as UTF-8") from None
+
+
 def _read_jsonl(p: Path) -> list[Row]:
     rows = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _utf8(raw, p, lineno)
             if not line.strip():
                 continue
             try:
@@ -77,7 +89,7 @@ def _read_jsonl(p: Path) -> list[Row]:
 
 def _read_json(p: Path) -> list[Row]:
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
+        obj = json.loads(_utf8(p.read_bytes(), p))
     except json.JSONDecodeError as e:
         raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
