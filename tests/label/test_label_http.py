@@ -106,6 +106,30 @@ def test_prompts_and_every_malformed_submission(lab):
     assert count(engine, store.prompts) == 1 and count(engine, store.submissions) == 1
 
 
+def test_what_json_allows_but_the_database_cannot_store_is_a_4xx(lab):
+    # each of these used to end in a 500: a lone surrogate, an id past SQLite's 64 bits, JSON nested deeper than
+    # the parser recurses (yet under the size limit), and a form id of digits int() refuses
+    client, people, engine = lab
+    ann = people["ann"]
+    assert ann.submit("prompts", text="a prompt").status_code == 201
+    as_json = {**ann.headers, "content-type": "application/json"}
+    surrogate = b'{"submission_id": "%s", "text": "caf\\ud800"}' % new_id().encode()
+    deep = b'{"submission_id": "%s", "text": %s}' % (new_id().encode(), b"[" * 7000 + b"]" * 7000)
+    cases = [
+        (client.post("/api/prompts", content=surrogate, headers=as_json), 400, "lone surrogate"),
+        (ann.submit("demonstrations", prompt_id=2**63, text="x"), 400, "out of range"),
+        (ann.submit("demonstrations", prompt_id=-(2**63) - 1, text="x"), 400, "out of range"),
+        (client.post("/api/prompts", content=deep, headers=as_json), 400, "nested too deeply"),
+        (client.post("/api/demonstrations", data={"submission_id": new_id(), "prompt_id": "²", "text": "x"},
+                     headers=ann.headers), 422, ""),
+    ]
+    for response, status, message in cases:
+        assert response.status_code == status, response.text
+        assert message in response.json()["error"]
+    assert ann.submit("demonstrations", prompt_id=2**63 - 1, text="x").status_code == 404  # in range, no such prompt
+    assert count(engine, store.prompts) == 1 and count(engine, store.demonstrations) == 0
+
+
 def test_demonstration_queue_hands_out_unseen_prompts(lab):
     client, people, engine = lab
     ann, bob = people["ann"], people["bob"]

@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import json
 import random
+import re
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ PAGE_OF = {"prompt": "/prompt", "demonstration": "/demonstrate", "ranking": "/ra
            "rating": "/rate"}
 INT_FIELDS = ("prompt_id", "item_id", "response_a", "response_b", "response_id", "supersedes")
 JSON_FIELDS = ("ranking", "flags")
+ASCII_DIGITS = re.compile(r"[0-9]+")
 FLAGS = ("harmful or offensive", "makes things up", "contains personal information", "unreadable")
 
 
@@ -150,6 +152,28 @@ def authenticate(request: Request) -> tuple[User, str | None]:
     raise HTTPException(401, "sign in first: a session cookie or an 'Authorization: Bearer TOKEN' header")
 
 
+INT64 = 2**63  # SQLite's integers are signed 64-bit
+
+
+def check_values(body: dict) -> None:
+    """400 for what JSON allows but the database cannot store: text with a lone surrogate (not encodable as UTF-8)
+    and integers outside SQLite's 64 bits. Walked with a stack, since a body may nest as deep as json.loads took."""
+    todo: list = [body]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, dict):
+            todo += [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            todo += value
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise HTTPException(400, "the body holds text that is not valid Unicode (a lone surrogate)") from None
+        elif isinstance(value, int) and not -INT64 <= value < INT64:
+            raise HTTPException(400, f"the number {value} is out of range (64-bit integers only)")
+
+
 async def read_body(request: Request, csrf: str | None) -> tuple[dict, bool]:
     """The posted fields and whether they came from a form; checks the CSRF token of cookie sessions."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
@@ -158,6 +182,8 @@ async def read_body(request: Request, csrf: str | None) -> tuple[dict, bool]:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
             raise HTTPException(400, "the body is not valid JSON") from None
+        except RecursionError:
+            raise HTTPException(400, "the body's JSON is nested too deeply") from None
         if not isinstance(body, dict):
             raise HTTPException(400, "the body must be a JSON object")
         sent_csrf, is_form = request.headers.get("x-csrf-token"), False
@@ -166,17 +192,22 @@ async def read_body(request: Request, csrf: str | None) -> tuple[dict, bool]:
         sent_csrf, is_form = body.pop("csrf", None) or request.headers.get("x-csrf-token"), True
         for key in INT_FIELDS:
             if key in body:
-                body[key] = None if body[key] == "" else int(body[key]) if body[key].isdigit() else body[key]
+                # ASCII digits only: str.isdigit() also admits "²", which int() refuses
+                body[key] = None if body[key] == "" else int(body[key]) if ASCII_DIGITS.fullmatch(body[key]) \
+                    else body[key]
         for key in JSON_FIELDS:
             if key in body:
                 try:
                     body[key] = json.loads(body[key])
                 except ValueError:
                     raise HTTPException(400, f"{key} is not valid JSON") from None
+                except RecursionError:
+                    raise HTTPException(400, f"{key}'s JSON is nested too deeply") from None
     else:
         raise HTTPException(415, "send application/json or a form")
     if csrf is not None and sent_csrf != csrf:
         raise HTTPException(403, "missing or wrong CSRF token; reload the page")
+    check_values(body)
     return body, is_form
 
 
