@@ -57,8 +57,16 @@ def load_reward_fn(spec: str) -> RewardFn:
 
 def call_reward_fn(fn: RewardFn, spec: str, prompts: list[Messages], responses: list[str],
                    metadata: list[dict[str, Any]]) -> torch.Tensor:
-    """(N,) float64 rewards from the function, checked: one finite number per response."""
-    values = fn(prompts, responses, metadata)
+    """(N,) float64 rewards from the function, checked: one finite number per response. An exception inside the
+    function becomes one error naming it and the first row that raises it alone."""
+    try:
+        values = fn(prompts, responses, metadata)
+    except Exception as e:  # noqa: BLE001 - the user's code: any exception is theirs to see, with where it arose
+        row = next((i for i in range(len(responses)) if _raises(fn, prompts[i:i + 1], responses[i:i + 1],
+                                                                metadata[i:i + 1])), None)
+        where = f"on row {row} (response {responses[row][:60]!r})" if row is not None else \
+            f"on a batch of {len(responses)} rows (no single row raises it)"
+        raise UsageError(f"--reward-fn {spec}: raised {type(e).__name__}: {e} {where}") from None
     values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
     if len(values) != len(responses):
         raise UsageError(f"--reward-fn {spec}: returned {len(values)} values for {len(responses)} responses")
@@ -67,6 +75,14 @@ def call_reward_fn(fn: RewardFn, spec: str, prompts: list[Messages], responses: 
     if bad:
         raise UsageError(f"--reward-fn {spec}: value {bad[0]} is {values[bad[0]]!r}, not a finite number")
     return torch.tensor(values, dtype=torch.float64)
+
+
+def _raises(fn: RewardFn, prompts: list[Messages], responses: list[str], metadata: list[dict[str, Any]]) -> bool:
+    try:
+        fn(prompts, responses, metadata)
+    except Exception:  # noqa: BLE001
+        return True
+    return False
 
 
 @dataclass

@@ -17,7 +17,7 @@ from rlhfkit.data import chat
 from rlhfkit.data.collate import collate
 from rlhfkit.tracking import read_metrics
 
-from tests.conftest import rewind
+from tests.conftest import rewind, run_cli
 
 REWARD_FN = str(Path(__file__).parent / "reward_fns.py") + ":a_fraction"
 
@@ -288,3 +288,24 @@ def test_missing_eos_notices_say_when_the_rule_leaves_little_or_no_signal():
     for other in (replace(cfg, missing_eos="subtract"), replace(cfg, missing_eos="none"),
                   replace(cfg, missing_eos_penalty=None)):
         assert ppo.missing_eos_notice(none, other, 4, warned=False) is None
+
+
+def test_a_reward_function_that_raises_is_named_with_the_row(tmp_path):
+    from rlhfkit.rewards import call_reward_fn, load_reward_fn
+
+    fns = tmp_path / "fns.py"
+    fns.write_text("def picky(prompts, responses, metadata):\n"
+                   "    return [1.0 / len(r) for r in responses]\n")
+    picky = load_reward_fn(f"{fns}:picky")
+    prompts, meta = [[{"role": "user", "content": "hi"}]] * 3, [{}] * 3
+    assert call_reward_fn(picky, "fns.py:picky", prompts, ["ab", "a", "abcd"], meta).tolist() == [0.5, 1.0, 0.25]
+    with pytest.raises(UsageError, match=r"^--reward-fn fns.py:picky: raised ZeroDivisionError: float division by zero "
+                                         r"on row 1 \(response ''\)$"):
+        call_reward_fn(picky, "fns.py:picky", prompts, ["ab", "", "abcd"], meta)
+
+
+def test_a_missing_reward_model_directory_is_one_line_before_anything_loads(tmp_path):
+    proc = run_cli("ppo", "--policy", "tiny-llama", "--reward-model", str(tmp_path / "no-rm"), "--output",
+                   str(tmp_path / "out"), check=False)
+    assert proc.returncode == 1 and proc.stderr == f"error: reward model {tmp_path / 'no-rm'}: no such directory " \
+        "(give the --output of `rlhfkit rm`)\n"

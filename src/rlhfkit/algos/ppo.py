@@ -448,6 +448,10 @@ def check(cfg: PPOConfig) -> None:
         raise UsageError(f"--advantage {cfg.advantage} compares a prompt's samples: set --n-samples ≥ 2")
     if not cfg.reward_model and not cfg.reward_fn:
         raise UsageError("give --reward-model, --reward-fn or both")
+    if cfg.reward_model:
+        from rlhfkit.algos.score import reward_model_dir
+
+        reward_model_dir(cfg.reward_model)  # before the critic is built from it, or transformers tries the hub
     if cfg.missing_eos not in ("replace", "subtract", "none"):
         raise UsageError(f"--missing-eos {cfg.missing_eos!r}: expected replace, subtract or none")
     if cfg.kl_estimator not in ("k1", "k3"):

@@ -41,16 +41,24 @@ class ScoreConfig:
     """fp32, or bf16 autocast (auto picks bf16 where the hardware has it)."""
 
 
+def reward_model_dir(path: str) -> Path:
+    """`path` as a directory `rlhfkit rm` wrote, or a ModelError saying what it is instead."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ModelError(f"reward model {p}: no such directory (give the --output of `rlhfkit rm`)")
+    if not (p / "config.json").is_file():
+        lora = (p / "adapter_config.json").is_file()
+        hint = " (a LoRA run: train with --merge and use OUTPUT/merged)" if lora else ""
+        raise ModelError(f"{p} is not a reward-model directory (no config.json){hint}")
+    return p
+
+
 def load_reward_model(path: str, precision: str = "no"):
     """(model, tokenizer, offset, scale) of a saved reward model, with plain transformers; loaded to score, so its
     blocks' weights are stored for autocast under `precision` (`models.inference_weights`)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    p = Path(path).expanduser()
-    if not (p / "config.json").is_file():
-        lora = (p / "adapter_config.json").is_file()
-        hint = " (a LoRA run: train with --merge and use OUTPUT/merged)" if lora else ""
-        raise ModelError(f"{p} is not a reward-model directory (no config.json){hint}")
+    p = reward_model_dir(path)
     model = AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32)
     if model.config.num_labels != 1:
         raise ModelError(f"{p} has {model.config.num_labels} labels; a reward model has one")
