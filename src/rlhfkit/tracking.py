@@ -68,20 +68,27 @@ def release_output(out: str | Path) -> None:
 
 
 class Tracker:
-    """Writes on the main process only; other processes get a tracker that does nothing."""
+    """Writes on the main process only; other processes get a tracker that does nothing.
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, resume: bool = False):
+    `resume_step`: the step a resumed run continues from. What the interrupted run logged after it is dropped
+    (`truncate_jsonl`; TensorBoard's `purge_step`), since the resumed run logs those steps again; None starts
+    afresh."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.writer = None
         if not enabled:
             return
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        if not resume and self.path.exists():
-            self.path.unlink()
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            truncate_jsonl(self.path, "step", resume_step)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+        self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -96,6 +103,24 @@ class Tracker:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def truncate_jsonl(path: Path, key: str, last: int) -> None:
+    """Keep the rows of a JSON-lines log whose `key` is at most `last` (a resumed run writes the later ones again);
+    a torn last line, left by a kill mid-write, goes too. Rewritten atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get(key, 0) <= last:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:

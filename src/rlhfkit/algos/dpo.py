@@ -356,7 +356,7 @@ def train(cfg: DPOConfig) -> dict:
         state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
         if main:
             print(f"resuming from {last} (step {state['step']})")
-    tracker = Tracker(out, enabled=main, resume=last is not None)
+    tracker = Tracker(out, enabled=main, resume_step=state["step"] if last else None)
     if main and last is None:
         tracker.log(0, {**report.as_dict(), "data/val_pairs": len(val_pairs)})
 

@@ -50,7 +50,7 @@ from rlhfkit.data.collate import collate
 from rlhfkit.rewards import RewardModel, call_reward_fn, load_reward_fn
 from rlhfkit.rollout import SamplingParams
 from rlhfkit.rollout.hf import HFEngine
-from rlhfkit.tracking import Tracker, claim_output, release_output
+from rlhfkit.tracking import Tracker, claim_output, release_output, truncate_jsonl
 from rlhfkit.training import RunConfig, adamw, global_batch_rows, make_schedule, skip_nonfinite
 
 ADVANTAGES = ("gae", "grpo", "rloo", "reinforce++")
@@ -510,8 +510,12 @@ def train(cfg: PPOConfig) -> dict:
     if last is not None:
         state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
         print(f"resuming from {last} (iteration {state['step']})")
-    tracker = Tracker(out, resume=last is not None)
+    tracker = Tracker(out, resume_step=state["step"] if last else None)
     samples_path = out / "samples.jsonl"
+    if last is None:
+        samples_path.unlink(missing_ok=True)
+    else:
+        truncate_jsonl(samples_path, "iteration", state["step"])
     bar = tqdm(total=cfg.iterations, initial=state["step"], desc="ppo", dynamic_ncols=True)
     metrics: dict[str, float] = {}
     eos_warned = False

@@ -500,7 +500,7 @@ def train(cfg: RMConfig) -> dict:
     ckpt_root = out / "checkpoints"
     last = checkpoint.resume_from(ckpt_root) if cfg.resume else None
     resume_step = json.loads((last / "trainer_state.json").read_text())["step"] if last else 0
-    tracker = Tracker(out, enabled=main, resume=last is not None)
+    tracker = Tracker(out, enabled=main, resume_step=resume_step if last else None)
     if main and last is None:
         tracker.log(0, data_report)
 
