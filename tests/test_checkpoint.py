@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from rlhfkit import UsageError, checkpoint
+from rlhfkit.algos.sft import SFTConfig
 
 
-def save_steps(root, steps: list[int], keep: int = 2) -> None:
+def save_steps(root, steps: list[int], keep: int = 2, config=None) -> None:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
@@ -17,7 +20,7 @@ def save_steps(root, steps: list[int], keep: int = 2) -> None:
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     for step in steps:
-        checkpoint.save(root, step, model, optimizer, scheduler, {"step": step}, accelerator, keep)
+        checkpoint.save(root, step, model, optimizer, scheduler, {"step": step}, accelerator, keep, config)
 
 
 def test_a_run_writing_lower_steps_than_an_earlier_one_keeps_its_own(tmp_path):
@@ -48,3 +51,14 @@ def test_resume_continues_starts_fresh_or_refuses(tmp_path):
     with pytest.raises(UsageError, match=r"names step-0000009, which is missing; point it at one of "
                                          r"\['step-0000003'\]"):
         checkpoint.resume_from(out / "checkpoints")
+
+
+def test_resume_refuses_other_settings_and_takes_a_longer_run(tmp_path):
+    cfg = SFTConfig(model="tiny-llama", output=str(tmp_path), lr=1e-3, max_steps=4)
+    root = tmp_path / "checkpoints"
+    save_steps(root, [2], config=cfg)
+    # how long it runs and how it logs and saves may change
+    assert checkpoint.resume_from(root, replace(cfg, resume=True, max_steps=8, save_steps=2)) is not None
+    # anything else is another run: a new --lr would be overridden by the restored schedule without a word
+    with pytest.raises(UsageError, match=r"other settings \(--batch-size 8 → 4; --lr 0.001 → 0.01\); resume with"):
+        checkpoint.resume_from(root, replace(cfg, resume=True, lr=1e-2, batch_size=4))

@@ -7,6 +7,7 @@ uninterrupted run on CPU. Shared by every trainer (SFT, RM, DPO, PPO).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -49,8 +50,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict, accelerator,
-         keep: int = 2) -> Path:
-    """Write `root/step-N` atomically and point `root/latest` at it; keep the newest `keep` checkpoints."""
+         keep: int = 2, config: Any = None) -> Path:
+    """Write `root/step-N` atomically and point `root/latest` at it; keep the newest `keep` checkpoints. `config`,
+    the run's config dataclass, is kept beside the state so that `--resume` can check it is the same run."""
     final = root / f"step-{step:07d}"
     tmp = root / f"step-{step:07d}.tmp"
     if accelerator.is_main_process:
@@ -64,6 +66,8 @@ def save(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
         (tmp / "written").write_text(str(1 + max(map(written, checkpoints(root)), default=0)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -91,14 +95,29 @@ def written(path: Path) -> int:
         return 0
 
 
-def resume_from(root: Path) -> Path | None:
+# what a resumed run may change: how long it runs and how it logs and saves; anything else would make it another run
+CHANGEABLE_ON_RESUME = {"resume", "overwrite", "max_steps", "epochs", "iterations", "save_steps", "save_total_limit",
+                        "log_steps", "eval_steps", "sample_every", "skip_nonfinite"}
+
+
+def resume_from(root: Path, config: Any = None) -> Path | None:
     """The checkpoint `--resume` continues from: the one `root/latest` names. None when the run directory
     (root's parent) holds nothing yet, a fresh start; an error, rather than a silent restart from step 0 over an
-    earlier run's files, when it holds a run but no checkpoint, or `latest` names one that is gone."""
+    earlier run's files, when it holds a run but no checkpoint, or `latest` names one that is gone; and an error
+    naming the keys when `config` differs from the checkpoint's beyond `CHANGEABLE_ON_RESUME` (a new --lr, say,
+    would be silently overridden by the restored schedule)."""
     pointer = root / "latest"
     if pointer.is_file():
         path = root / pointer.read_text().strip()
         if path.is_dir():
+            if config is not None and (path / "config.json").is_file():
+                saved = json.loads((path / "config.json").read_text())
+                now = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+                changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} → {now.get(k)!r}" for k in sorted(now | saved)
+                           if k not in CHANGEABLE_ON_RESUME and saved.get(k) != now.get(k)]
+                if changed:
+                    raise UsageError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); "
+                                     "resume with the run's own settings, or start a new run (another --output)")
             return path
         raise UsageError(f"--resume: {pointer} names {path.name}, which is missing; point it at one of "
                          f"{sorted(p.name for p in root.glob('step-*')) or 'no checkpoints'} or pass --overwrite")

@@ -283,7 +283,8 @@ def test_missing_eos_notices_say_when_the_rule_leaves_little_or_no_signal():
                                                   [False] * 4))
     assert ppo.missing_eos_notice(some, cfg, 1, warned=False) is None
     warning = ppo.missing_eos_notice(most, cfg, 2, warned=False)
-    assert warning.startswith("warning: iteration 2: 3 of 4 responses did not end") and "--max-new-tokens (now 8)" in warning
+    assert warning.startswith("warning: iteration 2: 3 of 4 responses did not end")
+    assert "--max-new-tokens (now 8)" in warning
     assert ppo.missing_eos_notice(most, cfg, 3, warned=True) is None
     for warned in (False, True):
         assert "no learning signal" in ppo.missing_eos_notice(none, cfg, 4, warned)

@@ -351,7 +351,7 @@ def train(cfg: DPOConfig) -> dict:
     # 4. resume
     state = {"step": 0, "tokens": 0, "nonfinite_skipped": 0}
     ckpt_root = out / "checkpoints"
-    last = checkpoint.resume_from(ckpt_root) if cfg.resume else None
+    last = checkpoint.resume_from(ckpt_root, cfg) if cfg.resume else None
     if last is not None:
         state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
         if main:
@@ -420,7 +420,8 @@ def train(cfg: DPOConfig) -> dict:
             metrics.update(val)
             tracker.log(step, val)
         if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps):
-            checkpoint.save(ckpt_root, step, net, optimizer, scheduler, state, accelerator, cfg.save_total_limit)
+            checkpoint.save(ckpt_root, step, net, optimizer, scheduler, state, accelerator, cfg.save_total_limit,
+                            cfg)
     bar.close()
 
     # 6. save a Hugging Face directory that plain transformers loads

@@ -506,7 +506,7 @@ def train(cfg: PPOConfig) -> dict:
     # resume: weights, optimizer, schedule, β and the ptx position live in the checkpoint
     state = {"step": 0, "beta": cfg.kl_coef, "ptx_step": 0, "nonfinite_skipped": 0, "episodes": 0}
     ckpt_root = out / "checkpoints"
-    last = checkpoint.resume_from(ckpt_root) if cfg.resume else None
+    last = checkpoint.resume_from(ckpt_root, cfg) if cfg.resume else None
     if last is not None:
         state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
         print(f"resuming from {last} (iteration {state['step']})")
@@ -659,7 +659,7 @@ def train(cfg: PPOConfig) -> dict:
         bar.set_postfix(score=f"{metrics['ppo/score']:.3f}", kl=f"{kl_mean:.3f}")
         if cfg.save_steps and (state["step"] % cfg.save_steps == 0 or state["step"] == cfg.iterations):
             checkpoint.save(ckpt_root, state["step"], net, optimizer, scheduler, state, accelerator,
-                            cfg.save_total_limit)
+                            cfg.save_total_limit, cfg)
     bar.close()
 
     # 8. the final policy as a Hugging Face directory

@@ -498,7 +498,7 @@ def train(cfg: RMConfig) -> dict:
     # 3. resume: the checkpoint's step says which phase's optimizer state it holds
     state = {"step": 0, "tokens": 0, "nonfinite_skipped": 0}
     ckpt_root = out / "checkpoints"
-    last = checkpoint.resume_from(ckpt_root) if cfg.resume else None
+    last = checkpoint.resume_from(ckpt_root, cfg) if cfg.resume else None
     resume_step = json.loads((last / "trainer_state.json").read_text())["step"] if last else 0
     tracker = Tracker(out, enabled=main, resume_step=resume_step if last else None)
     if main and last is None:
@@ -617,7 +617,8 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
                                               accelerator.autocast)
             tracker.log(step, evaluate(diffs, lengths, cfg))
         if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps):
-            checkpoint.save(cfg_root(cfg), step, net, optimizer, scheduler, state, accelerator, cfg.save_total_limit)
+            checkpoint.save(cfg_root(cfg), step, net, optimizer, scheduler, state, accelerator,
+                            cfg.save_total_limit, cfg)
     return metrics
 
 

@@ -205,8 +205,8 @@ def blocks(out: Path, cfg: Any, summaries: dict, seconds: dict, speed: dict | No
                              [[k, f"{v / 60:.2f}", _short(summaries.get(k, {}))] for k, v in seconds.items()])]
     if speed:
         b.append(("p", f"Machine speed ({speed['matmul_dtype']} 2048² matmul): {speed['matmul_gflops_start']:.0f} "
-                       f"GFLOP/s before the first stage, {speed['matmul_gflops_end']:.0f} after the last: one measure of the "
-                       "machine's speed, not all of it (memory-bound work can slow down while matmuls do not); "
+                       f"GFLOP/s before the first stage, {speed['matmul_gflops_end']:.0f} after the last: one measure "
+                       "of the machine's speed, not all of it (memory-bound work can slow down while matmuls do not); "
                        "stages skipped as complete keep the times of the run that made them."))
     ex_rows = [[m, e["prompt"], e["response"], f"{e['score']:.2f}"] for m in names for e in
                ev["models"][m].get("examples", [])[:2]]

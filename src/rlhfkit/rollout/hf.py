@@ -266,8 +266,8 @@ class HFBatch:
     """`HFEngine`'s running batch on a transformers causal LM: its DynamicCache, attention mask (A, L) and the
     position (A, 1) of each row's last token. Rows joining are left-padded to the batch's length; rows leaving
     are dropped from the cache, and so are the columns that are then padding in every row. Any model that takes
-    a KV cache (`models.cache_arg`) runs here; where its cache is not a plain DynamicCache (`mergeable`), rows join only an
-    empty batch. Same interface as `llama.LlamaBatch`."""
+    a KV cache (`models.cache_arg`) runs here; where its cache is not a plain DynamicCache (`mergeable`), rows join
+    only an empty batch. Same interface as `llama.LlamaBatch`."""
 
     def __init__(self, model, pad_id: int, precision: str):
         self.model, self.pad_id, self.precision = model, pad_id, precision
