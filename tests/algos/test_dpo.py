@@ -155,7 +155,8 @@ def test_cli_ipo_and_bad_loss(tmp_path):
             "--dtype", "fp32", "--max-length", "128")
     # h = 0 at step 1 up to fp32 rounding: the reference log-probs come from a separate pass over other batch
     # shapes, which may take other kernels or thread splits; h came out at -5e-5 on an H100, and at 4e-6 once on a
-    # 2-core CPU where nine other runs stayed within the old check (loss within 1e-6 relative). |h| ≤ 1e-4 moves the loss (1/(2β) - h)² by at most 1e-3
+    # 2-core CPU where nine other runs stayed within the old check (loss within 1e-6 relative). |h| ≤ 1e-4 moves
+    # the loss (1/(2β) - h)² by at most 1e-3
     assert first(tmp_path / "ipo", "dpo/loss") == pytest.approx((1 / (2 * 0.1)) ** 2, abs=1e-3)
     proc = run_cli("dpo", "--model", "tiny-llama", "--output", str(tmp_path / "x"), "--loss", "hinge", check=False)
     assert proc.returncode != 0 and "expected one of sigmoid, ipo" in proc.stderr and "Traceback" not in proc.stderr
