@@ -95,9 +95,10 @@ def written(path: Path) -> int:
         return 0
 
 
-# what a resumed run may change: how long it runs and how it logs and saves; anything else would make it another run
-CHANGEABLE_ON_RESUME = {"resume", "overwrite", "max_steps", "epochs", "iterations", "save_steps", "save_total_limit",
-                        "log_steps", "eval_steps", "sample_every", "skip_nonfinite"}
+# what a resumed run may change: where its directory now is, how long it runs and how it logs and saves; anything
+# else would make it another run
+CHANGEABLE_ON_RESUME = {"output", "resume", "overwrite", "max_steps", "epochs", "iterations", "save_steps",
+                        "save_total_limit", "log_steps", "eval_steps", "sample_every", "skip_nonfinite"}
 
 
 def resume_from(root: Path, config: Any = None) -> Path | None:
