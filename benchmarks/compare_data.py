@@ -141,7 +141,7 @@ def prepare_models(model: str, root: Path) -> tuple[Path, Path]:
         causal = root / "models" / "tiny-llama"
         if not causal.is_dir():
             tok = models.load_tokenizer("tiny-llama")
-            models.save_causal_lm(models.load_causal_lm("tiny-llama", seed=0, tokenizer=tok), tok, causal)
+            models.save_pretrained(models.load_causal_lm("tiny-llama", seed=0, tokenizer=tok), tok, causal)
     else:
         causal = Path(models.resolve(model).path)
     rm_dir = root / "models" / f"{model}-rm-init"

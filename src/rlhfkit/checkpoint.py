@@ -7,11 +7,14 @@ uninterrupted run on CPU. Shared by every trainer (SFT, RM, DPO, PPO).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import random
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhfkit import UsageError
+from rlhfkit import TrainingError, UsageError
 from rlhfkit.tracking import LOCK_NAME
 
 
@@ -49,10 +52,72 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_bytes(model) -> int:
+    """About what one checkpoint takes on disk: the trainable weights and AdamW's two moments of each (fp32)."""
+    return 3 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} KB"
+
+
+def _no_space(what: str, path: Path, need: int, keep: int | None = None) -> TrainingError:
+    free = shutil.disk_usage(path).free
+    whole = (f"; a run with --save-total-limit {keep} needs about {keep + 1} × that for its checkpoints "
+             "(the next one is written before the oldest goes), plus the final model") if keep else ""
+    then = ("Free some space (or lower --save-total-limit), then rerun with --resume." if keep else
+            "Free some space, then rerun with --resume: it saves the model from the last checkpoint (a run without "
+            "--save-steps has none and must run again).")
+    return TrainingError(f"disk full: {what} needs about {_mb(need)} and {path} has {_mb(free)} free{whole}. {then}")
+
+
+def _out_of_space(e: BaseException, path: Path) -> bool:
+    """Whether a write failed for want of space: errno ENOSPC/EDQUOT, or, since torch.save reports it only as
+    "unexpected pos", any error while the disk has under 1 MiB free (looked at before the partial write goes)."""
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+        return True
+    return shutil.disk_usage(path).free < 2**20
+
+
+@contextlib.contextmanager
+def writing(tmp: Path, what: str, need: int, keep: int | None = None) -> Iterator[None]:
+    """Write into the directory `tmp`, after checking its disk has `need` bytes free; if the write fails, `tmp` is
+    removed, and a full disk is one TrainingError saying how much is needed rather than a C++ message."""
+    if shutil.disk_usage(tmp.parent).free < need:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _no_space(what, tmp.parent, need, keep)
+    try:
+        yield
+    except Exception as e:  # torch.save raises RuntimeError, safetensors a bare Exception subclass
+        full = _out_of_space(e, tmp.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise _no_space(what, tmp.parent, need, keep) from None
+        raise
+
+
+def save_directory(out: Path, write: Callable[[Path], None], need: int, what: str = "the final model") -> None:
+    """Save files into `out` so that a full disk, or a kill while writing, leaves the old files as they were, never
+    a config.json without its weights: `write(tmp)` fills OUT/.saving, whose entries are then renamed into OUT
+    (renames need no space and take microseconds), config.json last, since it is what makes a directory a model."""
+    tmp = out / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+    tmp.mkdir(parents=True)
+    with writing(tmp, what, need):
+        write(tmp)
+    for p in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+        target = out / p.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(p, target)
+    tmp.rmdir()
+
+
 def save(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict, accelerator,
          keep: int = 2, config: Any = None) -> Path:
     """Write `root/step-N` atomically and point `root/latest` at it; keep the newest `keep` checkpoints. `config`,
-    the run's config dataclass, is kept beside the state so that `--resume` can check it is the same run."""
+    the run's config dataclass, is kept beside the state so that `--resume` can check it is the same run. A full
+    disk stops the run with one message (`writing`), the earlier checkpoints intact."""
     final = root / f"step-{step:07d}"
     tmp = root / f"step-{step:07d}.tmp"
     if accelerator.is_main_process:
@@ -60,15 +125,17 @@ def save(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        save_file(trainable_state(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        if config is not None:
-            (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
-        (tmp / "written").write_text(str(1 + max(map(written, checkpoints(root)), default=0)))
+    need = checkpoint_bytes(accelerator.unwrap_model(model))
+    with writing(tmp, f"a checkpoint (step {step})", need if accelerator.is_main_process else 0, keep):
+        torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            save_file(trainable_state(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+            if config is not None:
+                (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
+            (tmp / "written").write_text(str(1 + max(map(written, checkpoints(root)), default=0)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -127,6 +194,19 @@ def resume_from(root: Path, config: Any = None) -> Path | None:
         raise UsageError(f"--resume: {root.parent} holds a run ({', '.join(earlier[:4])}) but no checkpoint to "
                          "continue from (runs save them with --save-steps N); pass --overwrite to start again")
     return None
+
+
+def finished_run(out: Path, step: int, total: int, main: bool = True) -> dict | None:
+    """For a resumed run whose checkpoint is at its last step (`step` ≥ `total`) and whose model was saved (run.json
+    is written after it): its final metrics, read back, so that resuming a finished run changes nothing. None while
+    there is work left, or the model still has to be saved."""
+    record = out / "run.json"
+    if step < total or not record.is_file():
+        return None
+    if main:
+        print(f"{out}: finished at step {step} of {total}, nothing to do (to train on, raise --max-steps, --epochs "
+              "or --iterations)")
+    return json.loads(record.read_text()).get("final_metrics", {})
 
 
 def latest(root: Path) -> Path | None:

@@ -116,6 +116,15 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _close_progress_bars() -> None:
+    """Close the bars an error left open, so that `error: …` starts a line of its own, not a bar's line."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -126,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 fn(argv[len(key):])
             except RlhfkitError as e:
+                _close_progress_bars()
                 print(f"error: {e}", file=sys.stderr)
                 return e.exit_code
             except BrokenPipeError:  # output piped into `head`

@@ -499,15 +499,28 @@ def apply_lora(model, r: int, alpha: int, dropout: float, targets: list[str]):
     return get_peft_model(model, config)
 
 
-def save_causal_lm(model, tok, out: Path, merge: bool = False) -> None:
-    """A Hugging Face directory plain transformers loads (a LoRA model saves its adapter); with `merge`, also
-    the adapter merged into the base under OUT/merged."""
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    if merge:
-        merged = model.merge_and_unload()
-        merged.save_pretrained(out / "merged")
-        tok.save_pretrained(out / "merged")
+def saved_bytes(model, merge: bool = False) -> int:
+    """About what `save_pretrained` writes: every weight, or a peft model's adapter only; with `merge`, the merged
+    model besides."""
+    adapter = hasattr(model, "peft_config")
+    size = lambda keep: sum(p.numel() * p.element_size() for p in model.parameters() if keep(p))  # noqa: E731
+    return size(lambda p: p.requires_grad or not adapter) + (size(lambda p: True) if merge else 0)
+
+
+def save_pretrained(model, tok, out: Path, merge: bool = False) -> None:
+    """OUT as a Hugging Face directory plain transformers loads (a peft model saves its adapter); with `merge`, also
+    the adapter merged into the base under OUT/merged. Saved whole or not at all (`checkpoint.save_directory`)."""
+    from rlhfkit import checkpoint
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if merge:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(tmp / "merged")
+            tok.save_pretrained(tmp / "merged")
+
+    checkpoint.save_directory(out, write, saved_bytes(model, merge))
 
 
 class SelectedLogits(torch.nn.Module):

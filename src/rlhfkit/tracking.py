@@ -28,9 +28,7 @@ def claim_output(out: str | Path, resume: bool, overwrite: bool, keep_contents: 
       contents are removed first); `keep_contents` skips this check, for commands that resume by themselves
       (the pipeline's completed stages).
     Claiming again in the same process is allowed (a run in-process after another); `release_output` ends it."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output {out}: a file of that name exists; name a directory")
+    out = check_output(out, directory=True)
     out.mkdir(parents=True, exist_ok=True)
     key = out.resolve()
     if key not in _held:
@@ -58,6 +56,19 @@ def claim_output(out: str | Path, resume: bool, overwrite: bool, keep_contents: 
         for p in earlier:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     return out
+
+
+def check_output(path: str | Path, option: str = "--output", directory: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written: a directory where a file goes (or a file where a
+    directory goes), or a file where one of its parent directories must be."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise UsageError(f"{option} {path}: a {'file' if directory else 'directory'} of that name exists; name a "
+                         f"{'directory' if directory else 'file'}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"{option} {path}: {parent} is a file, not a directory")
+    return path
 
 
 def release_output(out: str | Path) -> None:

@@ -179,3 +179,21 @@ def skip_nonfinite(loss: float, grad_norm: float, state: dict, cfg: RunConfig, c
         tqdm.write(f"warning: skipped step {step}: non-finite loss/gradient "
                    f"({state['nonfinite_skipped']}/{cfg.skip_nonfinite})")
     return True
+
+
+STALLED_STEPS = 3  # optimizer steps in a row with a gradient of exactly 0 before a run is called stalled
+
+
+def check_stalled(loss: float, grad_norm: float, state: dict, cfg: RunConfig) -> None:
+    """Stop a run whose gradient has been exactly 0 for STALLED_STEPS steps in a row (counted in `state`, so it
+    survives a resume). SFT, RM and DPO losses always have a gradient; none at all means the model is saturated,
+    typically by a learning rate far too high (an LM at loss ≈ ln V then outputs a uniform distribution), and
+    would otherwise end "successfully" with an untrained model. PPO does not use it: a batch whose rewards are all
+    equal legitimately gives no policy gradient."""
+    state["zero_grad_steps"] = state.get("zero_grad_steps", 0) + 1 if grad_norm == 0 else 0
+    if state["zero_grad_steps"] >= STALLED_STEPS:
+        step = state["step"] + 1
+        raise TrainingError(
+            f"the gradient has been exactly 0 for {STALLED_STEPS} steps in a row (steps {step - STALLED_STEPS + 1}–"
+            f"{step}, loss {loss:.4g}): the model has stopped learning, typically saturated by too high a "
+            f"learning rate (--lr {cfg.lr:g}). Lower --lr and run again.")

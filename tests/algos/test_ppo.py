@@ -17,7 +17,7 @@ from rlhfkit.data import chat
 from rlhfkit.data.collate import collate
 from rlhfkit.tracking import read_metrics
 
-from tests.conftest import rewind, run_cli
+from tests.conftest import rewind, run_cli, write_jsonl
 
 REWARD_FN = str(Path(__file__).parent / "reward_fns.py") + ":a_fraction"
 
@@ -312,3 +312,14 @@ def test_a_missing_reward_model_directory_is_one_line_before_anything_loads(tmp_
                    str(tmp_path / "out"), check=False)
     assert proc.returncode == 1 and proc.stderr == f"error: reward model {tmp_path / 'no-rm'}: no such directory " \
         "(give the --output of `rlhfkit rm`)\n"
+
+
+def test_prompts_longer_than_max_length_are_skipped_and_counted(tmp_path, tok, capsys):
+    from rlhfkit.algos.ppo import PPOConfig, load_prompts
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi.", "id": 0}, {"prompt": "word " * 200, "id": 1},
+                                               {"prompt": "Bye.", "id": 2}])
+    prompts, metadata = load_prompts(PPOConfig(prompts=path, max_length=100), tok)
+    assert [m["id"] for m in metadata] == [0, 2] and [p[-1]["content"] for p in prompts] == ["Hi.", "Bye."]
+    assert f"data: 1 of 3 prompts skipped, longer than --max-length 100 tokens (the first: {path}:2)" in \
+        capsys.readouterr().out

@@ -16,7 +16,7 @@ def tiny_models(tmp_path_factory):
 
     other = tmp_path_factory.mktemp("models") / "tiny-other"
     tok = models.load_tokenizer("tiny-llama")
-    models.save_causal_lm(models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok), tok, other)
+    models.save_pretrained(models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok), tok, other)
     return Models(["tiny-llama", str(other)], batch_size=4)
 
 

@@ -44,6 +44,7 @@ from rlhfkit.core.losses import best_of_n_kl
 from rlhfkit.data import formats
 from rlhfkit.rewards import RewardFn, RewardModel, call_reward_fn, load_reward_fn
 from rlhfkit.rollout import Samples
+from rlhfkit.tracking import check_output
 
 
 @dataclass
@@ -104,9 +105,13 @@ def assistant(text: str) -> formats.Messages:
 
 
 def best_of_n(cfg: BestOfNConfig) -> dict[str, float]:
-    # 1. scorers first: a wrong path or function name fails before any sampling
+    # 1. outputs and scorers first: a wrong path or function name fails before any sampling
     if not cfg.reward_model and not cfg.reward_fn:
         raise UsageError("best-of-n needs --reward-model DIR, --reward-fn module:function, or both")
+    check_output(cfg.output)
+    check_output(pairs_path(cfg), "--pairs-output")
+    if cfg.samples_output:
+        check_output(cfg.samples_output, "--samples-output")
     fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
     rm = RewardModel.load(cfg.reward_model, device(), models.mixed_precision(cfg.dtype)) if cfg.reward_model \
         else None

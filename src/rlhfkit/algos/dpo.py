@@ -47,7 +47,8 @@ from rlhfkit.data import chat, formats, io
 from rlhfkit.data.chat import TokenizedExample
 from rlhfkit.data.collate import collate, pad_left
 from rlhfkit.tracking import Tracker, claim_output, release_output
-from rlhfkit.training import TrainConfig, adamw, global_batch_rows, make_schedule, skip_nonfinite, split_validation
+from rlhfkit.training import (TrainConfig, adamw, check_stalled, global_batch_rows, make_schedule, skip_nonfinite,
+                              split_validation)
 
 
 @dataclass
@@ -354,6 +355,9 @@ def train(cfg: DPOConfig) -> dict:
     last = checkpoint.resume_from(ckpt_root, cfg) if cfg.resume else None
     if last is not None:
         state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
+        if (done := checkpoint.finished_run(out, state["step"], total_steps, main)) is not None:
+            release_output(out)
+            return done
         if main:
             print(f"resuming from {last} (step {state['step']})")
     tracker = Tracker(out, enabled=main, resume_step=state["step"] if last else None)
@@ -395,6 +399,7 @@ def train(cfg: DPOConfig) -> dict:
             scheduler.step()
             bar.update(1)
             continue
+        check_stalled(loss, grad_norm, state, cfg)
         # 5.4 update
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -428,7 +433,7 @@ def train(cfg: DPOConfig) -> dict:
     final = {**metrics, "train/steps": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"],
              "dpo/ref_mode": mode}
     if main:
-        models.save_causal_lm(accelerator.unwrap_model(net).lm, tok, out, merge=cfg.lora and cfg.merge)
+        models.save_pretrained(accelerator.unwrap_model(net).lm, tok, out, merge=cfg.lora and cfg.merge)
         data = {**report.as_dict(), "data/val_pairs": len(val_pairs),
                 **({f"val_{k}": v for k, v in val_report.as_dict().items()} if val_report else {})}
         write_run_json(out, cfg, "dpo", final, {"processes": world, "data": data})

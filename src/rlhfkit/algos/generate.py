@@ -36,6 +36,7 @@ from rlhfkit.config import write_run_json
 from rlhfkit.data import formats, io
 from rlhfkit.rollout import Samples, SamplingParams
 from rlhfkit.rollout.hf import HFEngine
+from rlhfkit.tracking import check_output
 
 
 @dataclass
@@ -156,6 +157,7 @@ def write_run_record(output: str | Path, cfg: Any, command: str, final: dict, ex
 
 
 def generate(cfg: GenerateConfig) -> dict[str, float]:
+    check_output(cfg.output)
     prompts, _, samples, metrics = sample(cfg, cfg.model)
     # 4. one row per sample, and the run record
     write_jsonl(cfg.output, sample_rows(prompts, samples, generation_settings(cfg, cfg.model)))

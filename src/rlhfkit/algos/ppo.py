@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from rlhfkit import UsageError, checkpoint, models
+from rlhfkit import DataError, UsageError, checkpoint, models
 from rlhfkit.config import write_run_json
 from rlhfkit.core import rl
 from rlhfkit.core.lm import real_columns, shifted_selection, summed_nll
@@ -144,7 +144,8 @@ class PPOConfig(RunConfig):
     ptx_batch_size: int = 8
     """Rows of ptx data per optimizer step."""
     max_length: int = 512
-    """Longest prompt in tokens (longer prompts keep their start); also the ptx truncation length."""
+    """Longest prompt in tokens after the chat template (longer prompts are skipped and counted); also the ptx
+    truncation length."""
     rm_batch_size: int = 16
     """Sequences per reward-model forward."""
     sample_every: int = 5
@@ -405,10 +406,23 @@ def ptx_loss(net, rows, pad_id: int, device) -> torch.Tensor:
 # --- training -----------------------------------------------------------------------------------------------
 
 
-def load_prompts(cfg: PPOConfig) -> tuple[list[formats.Messages], list[dict]]:
+def load_prompts(cfg: PPOConfig, tok) -> tuple[list[formats.Messages], list[dict]]:
+    """The prompts and each row's data (for --reward-fn). Prompts longer than --max-length tokens after the chat
+    template are skipped and counted, as veRL's `filter_overlong_prompts` does: cutting a chat prompt would cut
+    away the question or the assistant's header."""
     rows = io.read_rows(cfg.prompts)
     fmt = formats.detect_format(rows)
-    return [formats.to_prompt(r, fmt).messages for r in rows], [r.data for r in rows]
+    prompts = [formats.to_prompt(r, fmt) for r in rows]
+    fits = [len(chat.encode_prompt(tok, p.messages)) <= cfg.max_length for p in prompts]
+    kept = [i for i, ok in enumerate(fits) if ok]
+    if len(kept) < len(rows):
+        first = prompts[fits.index(False)].where
+        if not kept:
+            raise DataError(f"{cfg.prompts}: every prompt is longer than --max-length {cfg.max_length} tokens "
+                            f"(the first: {first}); raise --max-length")
+        print(f"data: {len(rows) - len(kept)} of {len(rows)} prompts skipped, longer than --max-length "
+              f"{cfg.max_length} tokens (the first: {first})")
+    return [prompts[i].messages for i in kept], [rows[i].data for i in kept]
 
 
 def load_ptx(cfg: PPOConfig, tok):
@@ -470,6 +484,7 @@ def train(cfg: PPOConfig) -> dict:
     torch.manual_seed(cfg.seed)
     out = claim_output(cfg.output, cfg.resume, cfg.overwrite)
     tok = models.load_tokenizer(cfg.policy)
+    prompts, metadata = load_prompts(cfg, tok)
     actor = models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok)
     models.freeze_layers(actor, cfg.freeze_layers)
     if cfg.compile:
@@ -491,9 +506,9 @@ def train(cfg: PPOConfig) -> dict:
         ref.to(device).eval()
     reward_model = RewardModel.load(cfg.reward_model, device, precision) if cfg.reward_model else None
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
-    prompts, metadata = load_prompts(cfg)
     ptx_rows = load_ptx(cfg, tok)
     engine = HFEngine(actor, tok, batch_size=cfg.generate_batch_size, precision=precision)
+    engine.check_fits([chat.encode_prompt(tok, p) for p in prompts], cfg.max_new_tokens)
     monitors = load_monitors(cfg, device)
 
     groups = [{"params": [p for p in net["actor"].parameters() if p.requires_grad], "lr": cfg.lr}]
@@ -509,6 +524,9 @@ def train(cfg: PPOConfig) -> dict:
     last = checkpoint.resume_from(ckpt_root, cfg) if cfg.resume else None
     if last is not None:
         state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
+        if (done := checkpoint.finished_run(out, state["step"], cfg.iterations)) is not None:
+            release_output(out)
+            return done
         print(f"resuming from {last} (iteration {state['step']})")
     tracker = Tracker(out, resume_step=state["step"] if last else None)
     samples_path = out / "samples.jsonl"
@@ -665,7 +683,7 @@ def train(cfg: PPOConfig) -> dict:
     # 8. the final policy as a Hugging Face directory
     final = {**metrics, "train/iterations": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"],
              "ppo/critic_init": critic_init}
-    models.save_causal_lm(actor, tok, out, merge=cfg.lora and cfg.merge)
+    models.save_pretrained(actor, tok, out, merge=cfg.lora and cfg.merge)
     write_run_json(out, cfg, "ppo", final)
     tracker.close()
     release_output(out)

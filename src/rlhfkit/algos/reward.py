@@ -50,7 +50,8 @@ from rlhfkit.data import chat, formats, io
 from rlhfkit.data.collate import pad_left, pad_right
 from rlhfkit.evaluate import calibration
 from rlhfkit.tracking import Tracker, claim_output, release_output
-from rlhfkit.training import TrainConfig, adamw, global_batch_rows, make_schedule, skip_nonfinite, split_validation
+from rlhfkit.training import (TrainConfig, adamw, check_stalled, global_batch_rows, make_schedule, skip_nonfinite,
+                              split_validation)
 
 
 @dataclass
@@ -175,7 +176,7 @@ def encode_preferences(tok, prefs: list[formats.Preference], max_length: int
         if not pairs:
             report.skipped_no_pairs += 1
             continue
-        prompt_len = len(chat.encode(tok, chat.render(tok, pref.prompt, add_generation_prompt=True)))
+        prompt_len = len(chat.encode_prompt(tok, pref.prompt))
         ids, lengths = [], []
         for response in pref.responses:
             seq, full = encode(tok, pref.prompt + response, max_length, pref.where)
@@ -500,6 +501,9 @@ def train(cfg: RMConfig) -> dict:
     ckpt_root = out / "checkpoints"
     last = checkpoint.resume_from(ckpt_root, cfg) if cfg.resume else None
     resume_step = json.loads((last / "trainer_state.json").read_text())["step"] if last else 0
+    if last is not None and (done := checkpoint.finished_run(out, resume_step, total_steps, main)) is not None:
+        release_output(out)
+        return done
     tracker = Tracker(out, enabled=main, resume_step=resume_step if last else None)
     if main and last is None:
         tracker.log(0, data_report)
@@ -592,6 +596,7 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
             scheduler.step()
             bar.update(1)
             continue
+        check_stalled(loss, grad_norm, state, cfg)
         # 5.4 update
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -631,9 +636,4 @@ def save_model(model, tok, out: Path, cfg: RMConfig, offset: float, scale: float
     base = model.get_base_model() if cfg.lora else model
     base.config.update({"rlhfkit_reward_offset": offset, "rlhfkit_reward_scale": scale,
                         "rlhfkit_reward_temperature": temperature})
-    model.save_pretrained(out)  # with --lora: the adapter and the score head
-    tok.save_pretrained(out)
-    if cfg.lora and cfg.merge:
-        merged = model.merge_and_unload()
-        merged.save_pretrained(out / "merged")
-        tok.save_pretrained(out / "merged")
+    models.save_pretrained(model, tok, out, merge=cfg.lora and cfg.merge)  # with --lora: the adapter and the head

@@ -17,6 +17,7 @@ import torch
 from rlhfkit import DataError, ModelError, models
 from rlhfkit.algos.reward import encode, score_sequences
 from rlhfkit.data import formats, io
+from rlhfkit.tracking import check_output
 
 
 @dataclass
@@ -86,6 +87,7 @@ def to_messages(row: io.Row, fmt: str) -> formats.Messages:
 def score(cfg: ScoreConfig) -> dict:
     from accelerate import Accelerator
 
+    check_output(cfg.output)
     accelerator = Accelerator(mixed_precision=models.mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
     model, tok, offset, scale = load_reward_model(cfg.reward_model, models.mixed_precision(cfg.dtype))
     model.to(accelerator.device)

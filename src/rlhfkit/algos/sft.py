@@ -36,7 +36,8 @@ from rlhfkit.core.lm import shifted_selection
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.collate import LMBatch, collate, pack
 from rlhfkit.tracking import Tracker, claim_output, release_output
-from rlhfkit.training import TrainConfig, adamw, global_batch_rows, make_schedule, skip_nonfinite, split_validation
+from rlhfkit.training import (TrainConfig, adamw, check_stalled, global_batch_rows, make_schedule, skip_nonfinite,
+                              split_validation)
 
 
 @dataclass
@@ -130,13 +131,12 @@ def train(cfg: SFTConfig) -> dict:
     train_rows, report = chat.tokenize_conversations(tok, train_convs, cfg.max_length)
     val_rows, val_report = chat.tokenize_conversations(tok, val_convs, cfg.max_length)
     if not train_rows:
-        raise TrainingError(f"no trainable examples in {cfg.data} ({report.skipped_no_loss} skipped: prompt "
-                            f"longer than max_length {cfg.max_length})")
+        raise TrainingError(f"no trainable examples in {cfg.data} ({report.skipped()}; --max-length is "
+                            f"{cfg.max_length})")
     if cfg.packing:
         train_rows = pack(train_rows, cfg.max_length)
-    if main and (report.truncated or report.skipped_no_loss):
-        print(f"data: {report.truncated} examples truncated to {cfg.max_length} tokens, "
-              f"{report.skipped_no_loss} skipped (no response token left)")
+    if main and (report.truncated or report.skipped_no_loss or report.skipped_empty):
+        print(f"data: {report.truncated} examples truncated to {cfg.max_length} tokens, {report.skipped()}")
 
     world = accelerator.num_processes
     global_batch = cfg.batch_size * cfg.grad_accum * world
@@ -155,6 +155,9 @@ def train(cfg: SFTConfig) -> dict:
     last = checkpoint.resume_from(ckpt_root, cfg) if cfg.resume else None
     if last is not None:
         state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
+        if (done := checkpoint.finished_run(out, state["step"], total_steps, main)) is not None:
+            release_output(out)
+            return done
         if main:
             print(f"resuming from {last} (step {state['step']})")
     tracker = Tracker(out, enabled=main, resume_step=state["step"] if last else None)
@@ -197,6 +200,7 @@ def train(cfg: SFTConfig) -> dict:
             scheduler.step()
             bar.update(1)
             continue
+        check_stalled(loss, grad_norm, state, cfg)
         # 5.4 update
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -227,7 +231,7 @@ def train(cfg: SFTConfig) -> dict:
     # 6. save a Hugging Face directory that plain transformers loads
     final = {**metrics, "train/steps": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"]}
     if main:
-        models.save_causal_lm(accelerator.unwrap_model(net).lm, tok, out, merge=cfg.lora and cfg.merge)
+        models.save_pretrained(accelerator.unwrap_model(net).lm, tok, out, merge=cfg.lora and cfg.merge)
         write_run_json(out, cfg, "sft", final, {"processes": world, "data": {
             **report.as_dict(), "data/val_examples": val_report.examples}})
     tracker.close()

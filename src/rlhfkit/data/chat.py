@@ -50,6 +50,11 @@ def encode(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def encode_prompt(tok, messages: Messages) -> list[int]:
+    """A prompt's tokens as generation sees them: rendered with the generation prompt (the assistant's header)."""
+    return encode(tok, render(tok, messages, add_generation_prompt=True))
+
+
 def _check_prefix(tok, prefix: str, full: str, where: str, turn: int) -> None:
     if not full.startswith(prefix):
         at = next((i for i, (a, b) in enumerate(zip(prefix, full)) if a != b), min(len(prefix), len(full)))
@@ -131,16 +136,25 @@ class TokenizeReport:
     examples: int = 0
     truncated: int = 0
     skipped_no_loss: int = 0  # prompt alone filled max_length: nothing left to train on
+    skipped_empty: int = 0  # every assistant turn empty: it would only teach to stop at once
 
     def as_dict(self) -> dict[str, int]:
         return {"data/examples": self.examples, "data/truncated": self.truncated,
-                "data/skipped_no_loss": self.skipped_no_loss}
+                "data/skipped_no_loss": self.skipped_no_loss, "data/skipped_empty": self.skipped_empty}
+
+    def skipped(self) -> str:
+        """What was left out, for the data line a trainer prints."""
+        return (f"{self.skipped_no_loss} skipped (no response token left), {self.skipped_empty} skipped (empty "
+                "response)")
 
 
 def tokenize_conversations(tok, conversations, max_length: int) -> tuple[list[TokenizedExample], TokenizeReport]:
     report = TokenizeReport()
     out = []
     for conv in conversations:
+        if not any(m["content"].strip() for m in conv.messages if m["role"] == "assistant"):
+            report.skipped_empty += 1
+            continue
         ex = tokenize_conversation(tok, conv.messages, conv.where, max_length)
         report.truncated += ex.truncated
         if not any(ex.loss_mask):

@@ -9,6 +9,7 @@ model's chat template the same way:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -155,8 +156,9 @@ def checked_ranking_pairs(ranking: Any, k: int, where: str) -> list[tuple[int, i
 def to_preference(row: Row, fmt: str) -> Preference:
     d, where = row.data, row.where
     margin = d.get("margin")
-    if margin is not None and not isinstance(margin, (int, float)):
-        raise DataError(f"{where}: margin must be a number")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                               or not math.isfinite(margin)):
+        raise DataError(f"{where}: margin must be a finite number, got {margin!r}")
     if fmt == "hh":
         prompt, chosen, rejected = _split_hh_pair(row)
         return Preference(prompt, [chosen, rejected], [(0, 1)], margin, where)
@@ -222,4 +224,6 @@ def to_prompt(row: Row, fmt: str) -> Prompt:
         msgs = _messages(d["prompt"], where, "prompt")
     if not msgs or msgs[-1]["role"] != "user":
         raise DataError(f"{where}: a prompt must end with a user turn")
+    if not any(m["content"].strip() for m in msgs):
+        raise DataError(f"{where}: the prompt is empty")
     return Prompt(msgs, where)

@@ -34,6 +34,7 @@ from rlhfkit.evaluate import winrates
 from rlhfkit.rollout import Samples, SamplingParams
 from rlhfkit.rollout.hf import HFEngine
 from rlhfkit.sim import tasks
+from rlhfkit.tracking import check_output
 
 
 @dataclass
@@ -188,6 +189,7 @@ def evaluate_db(cfg: EvalConfig) -> dict:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
+    check_output(cfg.output, directory=True)
     if cfg.judge.startswith("db:"):
         return evaluate_db(cfg)
     if len(cfg.models) < 1:

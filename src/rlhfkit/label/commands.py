@@ -9,6 +9,7 @@ from typing import Literal
 
 from rlhfkit import RlhfkitError, UsageError
 from rlhfkit.config import parse_args
+from rlhfkit.tracking import check_output
 
 
 @dataclass
@@ -106,7 +107,11 @@ def export(cfg: ExportConfig) -> None:
     _, _, exporter = _web()
     if not 0 <= cfg.val_fraction < 1:
         raise UsageError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
-    print(json.dumps(exporter.export(cfg.db, cfg.kind, cfg.output, cfg.split_by, cfg.val_fraction, cfg.seed)))
+    check_output(cfg.output, directory=True)
+    try:
+        print(json.dumps(exporter.export(cfg.db, cfg.kind, cfg.output, cfg.split_by, cfg.val_fraction, cfg.seed)))
+    except exporter.store.StoreError as e:
+        raise RlhfkitError(str(e)) from None
 
 
 def repeated_as_list(argv: list[str], key: str) -> list[str]:

@@ -88,7 +88,7 @@ def split_groups(sizes: dict[str, int], val_fraction: float, seed: int) -> set[s
 def export(db: str, kind: str, output: str | Path, split_by: str = "labeller", val_fraction: float = 0.2,
            seed: int = 0) -> dict:
     """Write OUTPUT/train.jsonl, OUTPUT/validation.jsonl and OUTPUT/export.json (counts, who is on which side)."""
-    engine = store.open_engine(db)
+    engine = store.open_engine(db, create=False)
     try:
         with engine.connect() as conn:
             names = dict(conn.execute(sa.select(users.c.id, users.c.name)).all())

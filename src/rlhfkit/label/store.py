@@ -188,15 +188,23 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def open_engine(db: str) -> sa.Engine:
-    """Connect (creating an SQLite file if needed) and bring the schema up to date."""
+def open_engine(db: str, create: bool = True) -> sa.Engine:
+    """Connect (creating an SQLite file if needed and `create`) and bring the schema up to date. A database that
+    cannot be opened, or an SQLite file that is missing when not `create`, is a StoreError naming --db."""
     url = db_url(db)
     if url.startswith("sqlite"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not create and not path.is_file():
+            raise NotFound(f"--db {db}: no such database (it is made by `rlhfkit label serve` or `label users add`)")
         engine = sa.create_engine(url, connect_args={"check_same_thread": False}, poolclass=sa.pool.QueuePool)
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = sa.create_engine(url)
-    migrate(engine)
+    try:
+        migrate(engine)
+    except sa.exc.OperationalError as e:
+        engine.dispose()
+        raise StoreError(f"--db {db}: cannot open the database ({e.orig})") from None
     return engine
 
 
@@ -524,7 +532,7 @@ def comparison_agreement(rows) -> dict:
 def comparison_games(db_url: str) -> list[tuple[str, str, float]]:
     """One (model_a, model_b, outcome) per A/B comparison (latest versions) between responses of two different
     models: outcome 1 if a's response won, 0 if b's, 0.5 for a tie; the games `elo_ratings` takes."""
-    engine = open_engine(db_url)
+    engine = open_engine(db_url, create=False)
     ra, rb = responses.alias("ra"), responses.alias("rb")
     h = heads(comparisons).subquery()
     query = (sa.select(ra.c.model, rb.c.model, h.c.choice)

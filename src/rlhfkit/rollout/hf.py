@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit import models
+from rlhfkit import UsageError, models
 from rlhfkit.core.lm import real_columns
 from rlhfkit.data import chat
 from rlhfkit.data.collate import pad_left
@@ -138,14 +138,28 @@ class HFEngine:
         self.progress = progress
 
     def encode_prompt(self, messages: Messages) -> list[int]:
-        return chat.encode(self.tok, chat.render(self.tok, messages, add_generation_prompt=True))
+        return chat.encode_prompt(self.tok, messages)
+
+    def check_fits(self, encoded: list[list[int]], max_new_tokens: int) -> None:
+        """One UsageError, before any work, when a prompt and its longest response would run past the model's
+        positions (`max_position_embeddings`), where a rotary model's output silently degrades."""
+        positions = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if not positions or not encoded:
+            return
+        i = max(range(len(encoded)), key=lambda i: len(encoded[i]))
+        if len(encoded[i]) + max_new_tokens > positions:
+            raise UsageError(f"prompt {i + 1} of {len(encoded)} is {len(encoded[i])} tokens long after the chat "
+                             f"template; with --max-new-tokens {max_new_tokens} it needs "
+                             f"{len(encoded[i]) + max_new_tokens} positions and the model has {positions}: shorten "
+                             "the prompt or lower --max-new-tokens")
 
     def generate(self, prompts: list[Messages], params: SamplingParams) -> Samples:
         """n samples per prompt; row i·n + j is sample j of prompt i (see `Samples`)."""
         if not prompts:
             raise ValueError("generate needs at least one prompt")
-        # 1. prompts as the template renders them for generation
+        # 1. prompts as the template renders them for generation, each with room for its response
         encoded = [self.encode_prompt(m) for m in prompts]
+        self.check_fits(encoded, params.max_new_tokens)
         # 2. rows (i, j), each with its own random stream
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
         # 3. rows join the batch in order of prompt length (less padding), a prompt's n rows together
