@@ -294,7 +294,7 @@ def test_missing_eos_notices_say_when_the_rule_leaves_little_or_no_signal():
 
 
 def test_a_reward_function_that_raises_is_named_with_the_row(tmp_path):
-    from rlhfkit.rewards import call_reward_fn, load_reward_fn
+    from rlhfkit.reward_fn import call_reward_fn, load_reward_fn
 
     fns = tmp_path / "fns.py"
     fns.write_text("def picky(prompts, responses, metadata):\n"

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhfkit import DataError, models
+from rlhfkit import reward_model
 from rlhfkit.algos import reward
 from rlhfkit.data import chat, formats
 from rlhfkit.data.io import Row
@@ -26,7 +27,7 @@ from tests.conftest import BF16, polite_pairs, rewind, run_cli, train_losses, wr
 @pytest.fixture(scope="module")
 def rm_tok():
     tok = models.load_tokenizer("tiny-llama")
-    reward.set_reward_pad_token(tok)
+    reward_model.set_reward_pad_token(tok)
     return tok
 
 
@@ -44,7 +45,7 @@ def test_pad_token_is_never_written_by_the_template(rm_tok):
     """SmolLM2 pads with <|im_end|> (= eos); the RM pads with <|endoftext|>, which no rendering contains."""
     assert rm_tok.pad_token == "<|endoftext|>" and rm_tok.pad_token_id == 0 != rm_tok.eos_token_id
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    ids, full_length = reward.encode(rm_tok, msgs, 512, "x")
+    ids, full_length = reward_model.encode(rm_tok, msgs, 512, "x")
     assert rm_tok.pad_token_id not in ids and full_length == len(ids)
     assert ids == chat.encode(rm_tok, rm_tok.apply_chat_template(msgs, tokenize=False))  # pooled: the last one
 
@@ -266,7 +267,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
 def test_scores_with_shared_prefixes_equal_scoring_each_sequence_whole(rm_tok, tmp_path, precision):
     # best-of-n and PPO score n samples per prompt: the prompt is run once into a KV cache; the scores must be
     # the plain path's (transformers' pooled forward over each whole sequence)
-    from rlhfkit.rewards import RewardModel, prompt_runs, score_shared_prefixes
+    from rlhfkit.reward_model import RewardModel, prompt_runs, score_shared_prefixes
 
     model = reward.build_model(base_cfg(tmp_path, seed=3), rm_tok).eval()
     torch.nn.init.normal_(model.score.weight, std=1.0)  # a non-trivial head
@@ -278,10 +279,10 @@ def test_scores_with_shared_prefixes_equal_scoring_each_sequence_whole(rm_tok, t
     responses = ["apple, pear, plum", "kiwi", "Banana bread is not a fruit but here goes nothing at all.", "Hello",
                  "Blue.", "Orange and pink, then grey.", "Blue", "Dark", "x", "fig fig fig"]
     assert [len(r) for r in prompt_runs(prompts)] == [3, 1, 4, 2]
-    seqs = [reward.encode(rm_tok, p + [{"role": "assistant", "content": r}], 256, "t")[0]
+    seqs = [reward_model.encode(rm_tok, p + [{"role": "assistant", "content": r}], 256, "t")[0]
             for p, r in zip(prompts, responses)]
     cast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
-    whole = reward.score_sequences(model, seqs, rm_tok.pad_token_id, 4, cast)
+    whole = reward_model.score_sequences(model, seqs, rm_tok.pad_token_id, 4, cast)
     # a reward model loaded for scoring stores its blocks in the autocast dtype (`models.inference_weights`)
     stored = copy.deepcopy(model)
     models.inference_weights(stored, precision)

@@ -42,7 +42,8 @@ from rlhfkit.algos.generate import (SamplingConfig, device, generation_settings,
                                     write_jsonl, write_run_record)
 from rlhfkit.core.losses import best_of_n_kl
 from rlhfkit.data import formats
-from rlhfkit.rewards import RewardFn, RewardModel, call_reward_fn, load_reward_fn
+from rlhfkit.reward_fn import RewardFn, call_reward_fn, load_reward_fn
+from rlhfkit.reward_model import RewardModel
 from rlhfkit.rollout import Samples
 from rlhfkit.tracking import check_output
 

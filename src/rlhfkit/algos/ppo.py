@@ -47,7 +47,8 @@ from rlhfkit.core.lm import real_columns, shifted_selection, summed_nll
 from rlhfkit.core.losses import gae, kl_estimate, kl_penalized_rewards, masked_mean, masked_whiten
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.collate import collate
-from rlhfkit.rewards import RewardModel, call_reward_fn, load_reward_fn
+from rlhfkit.reward_fn import call_reward_fn, load_reward_fn
+from rlhfkit.reward_model import RewardModel, reward_model_dir
 from rlhfkit.rollout import SamplingParams
 from rlhfkit.rollout.hf import HFEngine
 from rlhfkit.tracking import Tracker, claim_output, release_output, truncate_jsonl
@@ -463,8 +464,6 @@ def check(cfg: PPOConfig) -> None:
     if not cfg.reward_model and not cfg.reward_fn:
         raise UsageError("give --reward-model, --reward-fn or both")
     if cfg.reward_model:
-        from rlhfkit.algos.score import reward_model_dir
-
         reward_model_dir(cfg.reward_model)  # before the critic is built from it, or transformers tries the hub
     if cfg.missing_eos not in ("replace", "subtract", "none"):
         raise UsageError(f"--missing-eos {cfg.missing_eos!r}: expected replace, subtract or none")

@@ -43,12 +43,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from rlhfkit import DataError, ModelError, TrainingError, checkpoint, models
+from rlhfkit import ModelError, TrainingError, checkpoint, models
 from rlhfkit.config import write_run_json
 from rlhfkit.core.losses import grouped_ranking_loss, pairwise_loss
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.collate import pad_left, pad_right
 from rlhfkit.evaluate import calibration
+from rlhfkit.reward_model import (can_share_prefix, encode, score_batch, score_on_prefixes, score_sequences,
+                                  set_reward_pad_token)
 from rlhfkit.tracking import Tracker, claim_output, release_output
 from rlhfkit.training import (TrainConfig, adamw, check_stalled, global_batch_rows, make_schedule, skip_nonfinite,
                               split_validation)
@@ -155,16 +157,6 @@ def load_preferences(path: str, fmt: str | None) -> list[formats.Preference]:
     return [formats.to_preference(r, fmt) for r in rows]
 
 
-def encode(tok, messages: formats.Messages, max_length: int, where: str) -> tuple[list[int], int]:
-    """Tokens of the template's rendering of `messages` cut to `max_length` (the score is read at the last one),
-    and the length before the cut."""
-    ids = chat.encode(tok, chat.render(tok, messages))
-    full = len(ids)
-    ids = ids[:max_length]
-    if ids[-1] == tok.pad_token_id:
-        raise DataError(f"{where}: the text ends in the RM's pad token {tok.pad_token!r}, which pools wrongly")
-    return ids, full
-
 
 def encode_preferences(tok, prefs: list[formats.Preference], max_length: int
                        ) -> tuple[list[EncodedPreference], DataReport]:
@@ -237,28 +229,6 @@ def collate_preferences(items: list[EncodedPreference], pad_id: int, share_prefi
 
 # --- model ------------------------------------------------------------------------------------------------
 
-PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<unk>")
-
-
-def set_reward_pad_token(tok) -> bool:
-    """Give the tokenizer a right-side pad token that the chat template never writes; True if one was added.
-
-    SmolLM2 pads with `<|im_end|>`, its end-of-turn token, which every rendered response contains; transformers
-    pools at the rightmost token that is not the pad token, so the pad token must never be a real token.
-    """
-    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-             {"role": "assistant", "content": "a"}]
-    written = set(chat.encode(tok, chat.render(tok, probe))) | {tok.eos_token_id}
-    vocab = tok.get_vocab()
-    usable = [name for name in (tok.pad_token, *PAD_CANDIDATES) if name in vocab and vocab[name] not in written]
-    added = not usable
-    if added:
-        tok.add_special_tokens({"pad_token": "<|pad|>"})
-    else:
-        tok.pad_token = usable[0]
-    tok.padding_side = "right"
-    return added
-
 
 def build_model(cfg: RMConfig, tok):
     """A sequence-classification model (num_labels=1) on the backbone; new weights are seeded by `cfg.seed`."""
@@ -294,29 +264,6 @@ def build_model(cfg: RMConfig, tok):
     return model
 
 
-def score_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(N, T) -> scores (N,) fp32, pooled by transformers itself at the rightmost non-pad token."""
-    device = next(model.parameters()).device
-    return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[:, 0].float()
-
-
-def score_on_prefixes(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, row_of: torch.Tensor,
-                      suffix_ids: torch.Tensor, suffix_mask: torch.Tensor, cache=None) -> torch.Tensor:
-    """`score_batch` of the sequences prefix[row_of[i]] + suffix[i], running each prefix once (tested equal).
-
-    `models.decode_on_prefixes` runs the G prefixes ((G, P), left-padded) once and the right-padded suffixes
-    ((R, S)) on their KV cache; the score is read at each row's last real token, where transformers pools.
-    Under the caller's autocast: the model's own forward (and so an accelerate autocast wrapper on it) is not
-    called. `cache`: the prefixes' `models.prefix_cache`, when several batches of suffixes share them.
-    Returns (R,) fp32.
-    """
-    device = next(model.parameters()).device
-    row_of, suffix_mask = row_of.to(device), suffix_mask.to(device)
-    hidden = models.decode_on_prefixes(model.base_model, prefix_ids.to(device), prefix_mask.to(device), row_of,
-                                       suffix_ids.to(device), suffix_mask, cache)  # (R, S, H)
-    last = hidden[torch.arange(len(row_of), device=device), suffix_mask.sum(1) - 1]  # (R, H)
-    return model.score(last)[:, 0].float()
-
 
 def score_rewards(model, batch: RewardBatch) -> torch.Tensor:
     """Scores (N,) fp32 of a batch's responses, whole or on their shared prefixes."""
@@ -332,13 +279,6 @@ def use_shared_prefix(cfg: RMConfig, model) -> bool:
     """Whether this run scores on shared prefixes (checkpointed layers drop the KV cache it needs)."""
     return cfg.shared_prefix and not cfg.gradient_checkpointing and can_share_prefix(model)
 
-
-def can_share_prefix(model) -> bool:
-    """A plain transformers sequence-classification model (not DDP- or peft-wrapped): `score_on_prefixes` can
-    drive it."""
-    from transformers import PreTrainedModel
-
-    return isinstance(model, PreTrainedModel) and hasattr(model, "score") and model.base_model is not model
 
 
 def preference_loss_sum(scores: torch.Tensor, batch: RewardBatch) -> torch.Tensor:
@@ -413,20 +353,6 @@ def reference_messages(cfg: RMConfig, train_prefs: list[formats.Preference]) -> 
     keep = torch.randperm(len(convs), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.norm_samples]
     return [convs[i] for i in sorted(keep.tolist())]
 
-
-@torch.no_grad()
-def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int, autocast, progress: bool = False
-                    ) -> torch.Tensor:
-    """Scores [len(seqs)] in input order; batches are formed from length-sorted sequences to pad little."""
-    model.eval()
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = torch.zeros(len(seqs), dtype=torch.float64)
-    device = next(model.parameters()).device
-    for i in tqdm(range(0, len(order), batch_size), disable=not progress, desc="score", dynamic_ncols=True):
-        idx = order[i:i + batch_size]
-        with autocast(), models.native_gqa(device):
-            out[idx] = score_batch(model, *pad_right([seqs[j] for j in idx], pad_id)).double().cpu()
-    return out
 
 
 # --- training ---------------------------------------------------------------------------------------------

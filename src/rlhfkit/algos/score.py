@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit import DataError, ModelError, models
-from rlhfkit.algos.reward import encode, score_sequences
+from rlhfkit import DataError, models
 from rlhfkit.data import formats, io
+from rlhfkit.reward_model import encode, load_reward_model, score_sequences
 from rlhfkit.tracking import check_output
 
 
@@ -41,36 +41,6 @@ class ScoreConfig:
     dtype: str = "fp32"
     """fp32, or bf16 autocast (auto picks bf16 where the hardware has it)."""
 
-
-def reward_model_dir(path: str) -> Path:
-    """`path` as a directory `rlhfkit rm` wrote, or a ModelError saying what it is instead."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise ModelError(f"reward model {p}: no such directory (give the --output of `rlhfkit rm`)")
-    if not (p / "config.json").is_file():
-        lora = (p / "adapter_config.json").is_file()
-        hint = " (a LoRA run: train with --merge and use OUTPUT/merged)" if lora else ""
-        raise ModelError(f"{p} is not a reward-model directory (no config.json){hint}")
-    return p
-
-
-def load_reward_model(path: str, precision: str = "no"):
-    """(model, tokenizer, offset, scale) of a saved reward model, with plain transformers; loaded to score, so its
-    blocks' weights are stored for autocast under `precision` (`models.inference_weights`)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    p = reward_model_dir(path)
-    model = AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32)
-    if model.config.num_labels != 1:
-        raise ModelError(f"{p} has {model.config.num_labels} labels; a reward model has one")
-    tok = AutoTokenizer.from_pretrained(p)
-    if tok.pad_token_id is None or tok.pad_token_id != model.config.pad_token_id:
-        raise ModelError(f"{p}: the tokenizer's pad token must be set and equal config.pad_token_id "
-                         "(rlhfkit rm sets both to a token the chat template never writes)")
-    offset = getattr(model.config, "rlhfkit_reward_offset", 0.0) or 0.0
-    scale = getattr(model.config, "rlhfkit_reward_scale", 1.0) or 1.0
-    models.inference_weights(model, precision)
-    return model, tok, offset, scale
 
 
 def to_messages(row: io.Row, fmt: str) -> formats.Messages:

@@ -151,7 +151,7 @@ def judge_scores(cfg: EvalConfig, prompts, task_list, texts: list[str], precisio
                              "family and params)")
         return torch.tensor([tasks.gold_score(t, r) for t, r in zip(task_list, texts)], dtype=torch.float64)
     if cfg.judge.startswith("rm:"):
-        from rlhfkit.rewards import RewardModel
+        from rlhfkit.reward_model import RewardModel
 
         rm = RewardModel.load(cfg.judge[3:], torch.device("cpu"), precision)
         return rm.score(prompts, texts, cfg.batch_size, 2048, precision)[0]
