@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import textwrap
 import types
 import typing
@@ -290,3 +291,17 @@ def write_run_json(out_dir: str | os.PathLike, cfg: Any, command: str, final_met
     tmp.write_text(json.dumps(record, indent=2, default=str))
     os.replace(tmp, path)
     return path
+
+
+def run_record_path(output: str | Path) -> Path:
+    """samples.jsonl -> samples.run.json, beside the output file."""
+    return Path(output).with_suffix(".run.json")
+
+
+def write_run_record(output: str | Path, cfg: Any, command: str, final: dict, extra: dict | None = None) -> Path:
+    """`config.write_run_json`'s record, written beside OUTPUT as OUTPUT.run.json (never over another run.json)."""
+    target = run_record_path(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        os.replace(write_run_json(tmp, cfg, command, final, extra), target)
+    return target

@@ -242,7 +242,7 @@ def reset_accelerate() -> None:
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
-    from rlhfkit.algos.generate import write_jsonl
+    from rlhfkit.data.io import write_jsonl
 
     write_jsonl(path, rows)
 

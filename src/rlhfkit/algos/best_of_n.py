@@ -38,10 +38,10 @@ from typing import Any
 import torch
 
 from rlhfkit import UsageError, models
-from rlhfkit.algos.generate import (SamplingConfig, device, generation_settings, run_record_path, sample, sample_rows,
-                                    write_jsonl, write_run_record)
+from rlhfkit.algos.generate import SamplingConfig, device, generation_settings, sample, sample_rows
+from rlhfkit.config import run_record_path, write_run_record
 from rlhfkit.core.losses import best_of_n_kl
-from rlhfkit.data import formats
+from rlhfkit.data import formats, io
 from rlhfkit.reward_fn import RewardFn, call_reward_fn, load_reward_fn
 from rlhfkit.reward_model import RewardModel
 from rlhfkit.rollout import Samples
@@ -145,10 +145,10 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, float]:
             pair_rows.append({"prompt": prompt.messages, "chosen": assistant(texts[i][b]),
                               "rejected": assistant(texts[i][w]), "chosen_score": float(scores[i, b]),
                               "rejected_score": float(scores[i, w]), "prompt_index": i})
-    write_jsonl(cfg.output, sft_rows)
-    write_jsonl(pairs_path(cfg), pair_rows)
+    io.write_jsonl(cfg.output, sft_rows)
+    io.write_jsonl(pairs_path(cfg), pair_rows)
     if cfg.samples_output:
-        write_jsonl(cfg.samples_output, scored_rows(prompts, samples, generation_settings(cfg, cfg.policy), parts))
+        io.write_jsonl(cfg.samples_output, scored_rows(prompts, samples, generation_settings(cfg, cfg.policy), parts))
 
     # 6. report
     kl = best_of_n_kl(cfg.n)

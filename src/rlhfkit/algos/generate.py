@@ -20,19 +20,15 @@ Outputs and departures from the other commands (docs/algorithms/sampling.md):
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhfkit import models
-from rlhfkit.config import write_run_json
+from rlhfkit.config import write_run_record
 from rlhfkit.data import formats, io
 from rlhfkit.rollout import Samples, SamplingParams
 from rlhfkit.rollout.hf import HFEngine
@@ -128,38 +124,12 @@ def sample_rows(prompts: list[formats.Prompt], samples: Samples, settings: dict[
                "prompt_index": i, "sample_index": j, "response_tokens": lengths[k], "generation": settings}
 
 
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
-    """Write rows as JSON Lines (via a temporary file, so a killed run leaves no half file); returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    count = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    os.replace(tmp, path)
-    return count
-
-
-def run_record_path(output: str | Path) -> Path:
-    """samples.jsonl -> samples.run.json, beside the output file."""
-    return Path(output).with_suffix(".run.json")
-
-
-def write_run_record(output: str | Path, cfg: Any, command: str, final: dict, extra: dict | None = None) -> Path:
-    """`config.write_run_json`'s record, written beside OUTPUT as OUTPUT.run.json (never over another run.json)."""
-    target = run_record_path(output)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        os.replace(write_run_json(tmp, cfg, command, final, extra), target)
-    return target
 
 
 def generate(cfg: GenerateConfig) -> dict[str, float]:
     check_output(cfg.output)
     prompts, _, samples, metrics = sample(cfg, cfg.model)
     # 4. one row per sample, and the run record
-    write_jsonl(cfg.output, sample_rows(prompts, samples, generation_settings(cfg, cfg.model)))
+    io.write_jsonl(cfg.output, sample_rows(prompts, samples, generation_settings(cfg, cfg.model)))
     write_run_record(cfg.output, cfg, "generate", metrics)
     return metrics

@@ -8,9 +8,7 @@ transformers returns.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -74,11 +72,7 @@ def score(cfg: ScoreConfig) -> dict:
         truncated += full > len(ids)
     raw = score_sequences(model, seqs, tok.pad_token_id, cfg.batch_size, accelerator.autocast, progress=True)
     rewards = (raw - offset) * scale if cfg.normalize else raw
-    out = Path(cfg.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as f:
-        for row, r in zip(rows, rewards.tolist()):
-            f.write(json.dumps({**row.data, "reward": r}, default=str) + "\n")
+    io.write_jsonl(cfg.output, ({**row.data, "reward": r} for row, r in zip(rows, rewards.tolist())))
     if truncated:
         print(f"data: {truncated} rows truncated to {cfg.max_length} tokens")
     return {"score/rows": len(rows), "score/truncated": truncated, "score/mean_reward": float(rewards.mean())}

@@ -2,12 +2,14 @@
 
 Every row keeps where it came from (`file:line` for text formats, `file:row N` otherwise), so that a malformed
 row is reported where a person can find it. JSON Lines are parsed here, line by line, for exact line numbers;
-the other formats go through `datasets`.
+the other formats go through `datasets`. Outputs are written as JSON Lines (`write_jsonl`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,3 +129,17 @@ def _read_datasets_dir(p: Path) -> list[Row]:
             raise DataError(f"{p}: a DatasetDict without a 'train' split (has {', '.join(ds)})")
         ds = ds["train"]
     return _table_rows(ds, p)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    """Write rows as JSON Lines (via a temporary file, so a killed run leaves no half file); returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            count += 1
+    os.replace(tmp, path)
+    return count
