@@ -77,3 +77,14 @@ def test_parquet_csv_and_save_to_disk(tmp_path):
 def test_unknown_columns():
     with pytest.raises(DataError, match="cannot tell the data format"):
         formats.detect_format([io.Row({"foo": 1}, "x:1")])
+
+
+def test_every_command_reads_the_built_in_task_as_sim_split():
+    from rlhfkit.sim import tasks
+
+    rows = io.read_rows("sim:rl")
+    assert len(rows) == len(tasks.split("rl")) and rows[0].where == "sim:rl:1"
+    assert tasks.from_row(rows[0].data) == tasks.split("rl")[0]  # family and params ride along for the gold reward
+    assert formats.to_prompt(rows[0], formats.detect_format(rows)).messages[-1]["role"] == "user"
+    with pytest.raises(DataError, match=r"no built-in task split 'bogus'; available: sft, rm, rl, eval"):
+        io.read_rows("sim:bogus")

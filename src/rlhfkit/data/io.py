@@ -44,7 +44,16 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def read_rows(path: str | Path) -> list[Row]:
-    """All rows of a data file, each a dict, in file order."""
+    """All rows of a data file, each a dict, in file order; `sample:NAME` is a bundled sample file and
+    `sim:SPLIT` the prompts of a split of the built-in task (rlhfkit/sim/tasks.py), so every command that reads
+    data takes both."""
+    if str(path).startswith("sim:"):
+        from rlhfkit.sim import tasks
+
+        name = str(path).split(":", 1)[1]
+        if name not in tasks.SPLITS:
+            raise DataError(f"no built-in task split {name!r}; available: {', '.join(tasks.SPLITS)}")
+        return [Row(tasks.to_row(t), f"{path}:{i + 1}") for i, t in enumerate(tasks.split(name))]
     p = resolve_path(path)
     if p.is_dir():
         return _read_datasets_dir(p)

@@ -72,17 +72,10 @@ class EvalConfig:
 
 
 def load_prompts(cfg: EvalConfig) -> tuple[list[formats.Messages], list[tasks.Task | None]]:
-    if cfg.prompts.startswith("sim:"):
-        suite = tasks.split(cfg.prompts.split(":", 1)[1])
-        rows = [tasks.to_row(t) for t in suite]
-        where = [cfg.prompts] * len(rows)
-    else:
-        raw = io.read_rows(cfg.prompts)
-        rows, where = [r.data for r in raw], [r.where for r in raw]
-    rows, where = (rows[:cfg.limit], where[:cfg.limit]) if cfg.limit else (rows, where)
-    fmt = formats.detect_format([io.Row(r, w) for r, w in zip(rows, where)])
-    prompts = [formats.to_prompt(io.Row(r, w), fmt).messages for r, w in zip(rows, where)]
-    return prompts, [tasks.from_row(r) for r in rows]
+    rows = io.read_rows(cfg.prompts)
+    rows = rows[:cfg.limit] if cfg.limit else rows
+    fmt = formats.detect_format(rows)
+    return [formats.to_prompt(r, fmt).messages for r in rows], [tasks.from_row(r.data) for r in rows]
 
 
 LOGPS_BATCH_TOKENS = 8192  # padded tokens per forward of `response_logps`: bigger batches gain nothing here
