@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from rlhfkit import UsageError
 from rlhfkit.algos.sft import SFTConfig
 from rlhfkit.config import field_docs, parse_args
+from tests.conftest import REPO
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -18,8 +21,11 @@ def test_yaml_then_overrides(tmp_path):
 
 
 def test_unknown_key_suggests_nearest(tmp_path):
-    with pytest.raises(UsageError, match=r"unknown config key 'lerning_rate'|did you mean"):
-        parse_args(SFTConfig, ["--lerning-rate", "1"])
+    with pytest.raises(UsageError, match=r"^unknown config key 'lerning_rate'; did you mean --lr\?$"):
+        parse_args(SFTConfig, ["--lerning-rate", "1"])  # transformers' name, misspelt
+    with pytest.raises(UsageError, match=r"^unknown config key 'per_device_train_batch_size'; did you mean "
+                                         r"--batch-size\?$"):
+        parse_args(SFTConfig, ["--per-device-train-batch-size", "4"])
     with pytest.raises(UsageError, match=r"did you mean --batch-size\?"):
         parse_args(SFTConfig, ["--batch-sise", "2"])
     p = tmp_path / "c.yaml"
@@ -44,8 +50,6 @@ def test_type_errors_name_the_key():
 
 def test_every_field_is_documented():
     docs = field_docs(SFTConfig)
-    import dataclasses
-
     assert {f.name for f in dataclasses.fields(SFTConfig)} == set(docs)
 
 
@@ -99,3 +103,12 @@ def test_a_bad_number_exits_2_with_one_line():
 
     proc = run_cli("dpo", "--model", "tiny-llama", "--beta", "0", check=False)
     assert proc.returncode == 2 and proc.stderr == "error: --beta 0.0: must be > 0\n"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_in_configs_loads_for_the_command_its_first_line_names(path):
+    first = path.read_text().splitlines()[0]
+    command = first.removeprefix("# rlhfkit ").split(" --config")[0]
+    assert first.startswith("# rlhfkit ") and command in command_configs(), first
+    cfg = parse_args(command_configs()[command], ["--config", str(path)])
+    assert dataclasses.asdict(cfg)  # every key known and well typed; ranges checked

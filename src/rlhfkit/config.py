@@ -153,8 +153,18 @@ def check_range(key: str, value: Any) -> None:
         raise UsageError(f"--{key.replace('_', '-')} {value!r}: must be {allowed}")
 
 
+# transformers' TrainingArguments names (and TRL's) that people type out of habit -> ours
+HF_NAMES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "num_train_epochs": "epochs",
+            "gradient_accumulation_steps": "grad_accum", "output_dir": "output", "logging_steps": "log_steps",
+            "lr_scheduler_type": "schedule", "model_name_or_path": "model", "max_seq_length": "max_length",
+            "resume_from_checkpoint": "resume", "torch_dtype": "dtype"}
+
+
 def _unknown(key: str, valid: list[str]) -> UsageError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    """The error for an unknown key, suggesting the valid key it is closest to, or whose transformers name it
+    is closest to (`--learning-rate` -> `--lr`)."""
+    names = {**{k: k for k in valid}, **{hf: ours for hf, ours in HF_NAMES.items() if ours in valid}}
+    close = [names[c] for c in difflib.get_close_matches(key, list(names), n=1, cutoff=0.5)]
     hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
     return UsageError(f"unknown config key {key!r}{hint}")
 

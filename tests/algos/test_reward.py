@@ -109,7 +109,7 @@ def test_learns_a_rule_to_90_percent_held_out_accuracy(tmp_path):
     final = reward.train(base_cfg(tmp_path, data=data, val_fraction=0.2, batch_size=8, lr=3e-3, max_steps=12,
                                   schedule="constant"))
     assert final["rm/accuracy"] >= 0.9, final
-    assert final["rm/pairs"] == 40 and 0 <= final["rm/ece"] <= 1
+    assert final["rm/pairs"] == 40  # ECE by hand: tests/evaluate/test_calibration.py
     assert (tmp_path / "out" / "reliability.png").is_file()
     losses = train_losses(tmp_path / "out")
     assert losses[-1] < 0.5 * losses[0]

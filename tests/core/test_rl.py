@@ -53,7 +53,8 @@ def test_gae_equals_a_plain_reverse_loop():
 
 def test_approx_kl_and_explained_variance():
     mask = torch.ones(1, 2)
-    assert rl.approx_kl(torch.tensor([[0.2, -0.2]]), torch.zeros(1, 2), mask).item() == pytest.approx(0.5 * 0.04)
+    kl = rl.approx_kl(torch.tensor([[0.2, -0.5]]), torch.tensor([[0.0, -0.2]]))
+    torch.testing.assert_close(kl, torch.tensor([[0.5 * 0.04, 0.5 * 0.09]]))  # 0.5·(0.2)², 0.5·(−0.3)²
     returns = torch.tensor([[1.0, 3.0]])  # Var(R) = 1
     assert rl.explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
     # V = R − (0.5, −0.5): Var(R − V) = 0.25 -> 1 − 0.25 = 0.75

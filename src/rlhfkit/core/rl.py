@@ -30,9 +30,10 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip
     return 0.5 * torch.maximum(unclipped_sq, clipped_sq), clipped_sq > unclipped_sq
 
 
-def approx_kl(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """0.5·mean((log π − log π_old)²) over response tokens: how far one update moved the policy."""
-    return 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
+def approx_kl(logprobs: Tensor, old_logprobs: Tensor) -> Tensor:
+    """Per token 0.5·(log π − log π_old)², whose mean over response tokens says how far one update moved the
+    policy (Schulman's k2 estimator); (B, R)."""
+    return 0.5 * (logprobs - old_logprobs) ** 2
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

@@ -1,17 +1,14 @@
-"""Win rates with honest intervals, the win-rate matrix of several models, and Monte-Carlo KL to a reference.
+"""Win rates with honest intervals and the win-rate matrix of several models.
 
 Conventions (ALGORITHMS.md, Evaluation): a tie counts half a win; intervals are Wilson score intervals on the
-half-counted win fraction, or percentile bootstrap over comparisons. Elo lives in core/losses.py (`elo_ratings`,
+half-counted win fraction. Elo lives in core/losses.py (`elo_ratings`,
 Bradley–Terry maximum likelihood, mean 1000).
 """
 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
-
-from torch import Tensor
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -34,15 +31,6 @@ def wilson_interval(wins: float, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def bootstrap_interval(outcomes: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
-                       ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the win rate, resampling comparisons."""
-    rng = random.Random(seed)
-    n = len(outcomes)
-    stats = sorted(sum(outcomes[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
-    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
-    return stats[int(lo * (n_boot - 1))], stats[int(math.ceil(hi * (n_boot - 1)))]
-
 
 def win_rate_matrix(games: Sequence[tuple[str, str, float]]) -> dict[str, dict[str, dict[str, float]]]:
     """matrix[a][b] = {"win_rate", "lo", "hi", "n", "ties"} of a against b over all games between them, either
@@ -59,7 +47,3 @@ def win_rate_matrix(games: Sequence[tuple[str, str, float]]) -> dict[str, dict[s
     return matrix
 
 
-def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """Monte-Carlo KL(π ‖ π_ref) per sequence from the model's own samples: Σ_t (log π − log π_ref) over response
-    tokens; (B, T) -> (B,). Its mean over samples is an unbiased estimate of the sequence-level KL."""
-    return ((logprobs - ref_logprobs) * mask).sum(-1)
