@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> tuple[Result, float]:
         t0 = time.perf_counter()
         batch = pairs[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         res = dpo.pair_losses(net, batch, "train", reference, cfg, tok.pad_token_id, accelerator.device)
-        accelerator.backward(res["loss"].mean())
-        losses.append(res["loss"].mean().item())  # waits for the step's compute
+        accelerator.backward(res.loss.mean())
+        losses.append(res.loss.mean().item())  # waits for the step's compute
         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()

@@ -119,6 +119,7 @@ def test_a_full_disk_at_the_final_save_leaves_no_model_without_weights(tmp_path)
     proc = on_small_disk(tmp_path, 20, " ".join([sys.executable, *SFT, "--max-steps", "1", "--output", "$DISK/run"]))
     assert proc.returncode == 1
     assert re.search(r"\nerror: disk full: the final model needs about 24 MB and \S+/run has 20 MB free\. Free some "
-                     r"space, then rerun with --resume: it saves the model from the last checkpoint", proc.stderr), proc.stderr[-500:]
+                     r"space, then rerun with --resume: it saves the model from the last checkpoint", proc.stderr), \
+        proc.stderr[-500:]
     left = sorted(p.name for p in (tmp_path / "after" / "run").iterdir())
     assert left == [".rlhfkit.lock", "metrics.jsonl", "tensorboard"]  # no config.json alone, no .saving

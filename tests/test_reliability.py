@@ -156,7 +156,7 @@ def test_the_table_covers_every_command():
 # - checkpoints pruned by what this run wrote, a dangling `latest`, --resume over a changed config, a run directory
 #   resumed from a new place: tests/test_checkpoint.py
 # - a full disk while writing a checkpoint or the final model: tests/test_checkpoint.py
-# - --resume leaves no duplicate steps in metrics.jsonl or samples.jsonl: tests/test_training.py, tests/algos/test_ppo.py
+# - --resume leaves no duplicate steps in metrics.jsonl or samples.jsonl: tests/algos/test_sft.py, test_ppo.py
 # - the label server's 4xx for surrogates, 64-bit overflow, deep JSON and odd digits: tests/label/test_label_http.py
 # - an exception inside --reward-fn names the function and the row: tests/algos/test_best_of_n.py
 # - a directory another live process holds, --overwrite: tests/test_tracking.py

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -197,3 +198,26 @@ def check_stalled(loss: float, grad_norm: float, state: dict, cfg: RunConfig) ->
             f"the gradient has been exactly 0 for {STALLED_STEPS} steps in a row (steps {step - STALLED_STEPS + 1}–"
             f"{step}, loss {loss:.4g}): the model has stopped learning, typically saturated by too high a "
             f"learning rate (--lr {cfg.lr:g}). Lower --lr and run again.")
+
+
+S = TypeVar("S", bound=NamedTuple)
+
+
+def zero_sums(cls: type[S], device) -> S:
+    """A NamedTuple of statistics sums (scalar tensors), all 0."""
+    return cls._make(torch.zeros((), device=device) for _ in cls._fields)
+
+
+def add_sums(a: S, b: S, keep: bool = True) -> S:
+    """a + b field by field; `keep` False adds nothing (a process's weight-0 stand-in micro-batch)."""
+    return type(a)._make(x + y * keep for x, y in zip(a, b))
+
+
+def reduce_sums(sums: S, accelerator) -> S:
+    """The sums over every process, in one all-reduce of their (K,) vector."""
+    return type(sums)._make(accelerator.reduce(torch.stack([v.float() for v in sums]), "sum").unbind())
+
+
+def means(sums: NamedTuple, n: float, prefix: str) -> dict[str, float]:
+    """{prefix/field: sum / n} for logging."""
+    return {f"{prefix}/{k}": (v / max(n, 1)).item() for k, v in sums._asdict().items()}

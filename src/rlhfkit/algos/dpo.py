@@ -35,6 +35,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -47,8 +48,8 @@ from rlhfkit.data import chat, formats, io
 from rlhfkit.data.chat import TokenizedExample
 from rlhfkit.data.collate import collate, pad_left
 from rlhfkit.tracking import Tracker, claim_output, release_output
-from rlhfkit.training import (TrainConfig, adamw, check_stalled, global_batch_rows, make_schedule, skip_nonfinite,
-                              split_validation)
+from rlhfkit.training import (TrainConfig, add_sums, adamw, check_stalled, global_batch_rows, make_schedule, means,
+                              reduce_sums, skip_nonfinite, split_validation, zero_sums)
 
 
 @dataclass
@@ -257,26 +258,43 @@ def reference_fn(mode: str, cfg: DPOConfig, tok, net, splits, accelerator):
 # --- loss and evaluation ------------------------------------------------------------------------------------
 
 
-def pair_losses(net, pairs, split, reference, cfg: DPOConfig, pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Per-pair DPO losses, implicit rewards and log-probs of one micro-batch; every tensor (B,)."""
+class PairLosses(NamedTuple):
+    """Per-pair results of one micro-batch; every tensor (B,). `loss` keeps its graph, the log-probs do not."""
+
+    loss: torch.Tensor
+    chosen_reward: torch.Tensor
+    rejected_reward: torch.Tensor
+    logps_chosen: torch.Tensor
+    logps_rejected: torch.Tensor
+
+
+class PairSums(NamedTuple):
+    """What a DPO step or evaluation logs, summed over its pairs (scalar tensors); `training.means` divides them
+    by the pair count."""
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    margin: torch.Tensor
+    chosen_reward: torch.Tensor
+    rejected_reward: torch.Tensor
+    logps_chosen: torch.Tensor
+    logps_rejected: torch.Tensor
+
+    @classmethod
+    def of(cls, r: PairLosses) -> PairSums:
+        c, j = r.chosen_reward, r.rejected_reward
+        return cls(r.loss.detach().sum(), (c > j).float().sum(), (c - j).sum(), c.sum(), j.sum(),
+                   r.logps_chosen.sum(), r.logps_rejected.sum())
+
+
+def pair_losses(net, pairs, split, reference, cfg: DPOConfig, pad_id: int, device) -> PairLosses:
+    """Per-pair DPO losses, implicit rewards and log-probs of one micro-batch."""
     share = cfg.shared_prefix and not ((cfg.gradient_checkpointing or cfg.compile) and torch.is_grad_enabled())
     chosen, rejected = concatenated_logps(net, pairs, pad_id, device, share)
     ref_chosen, ref_rejected = reference(split, pairs)
     losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
                                                         loss_type=cfg.loss, label_smoothing=cfg.label_smoothing)
-    return {"loss": losses, "chosen_reward": chosen_rewards, "rejected_reward": rejected_rewards,
-            "logps_chosen": chosen.detach(), "logps_rejected": rejected.detach()}
-
-
-def summarise(sums: torch.Tensor, n: float, prefix: str) -> dict[str, float]:
-    """sums: (5,) summed loss, accuracy, margin, chosen reward, rejected reward over n pairs."""
-    names = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward")
-    return {f"{prefix}/{k}": (v / max(n, 1)).item() for k, v in zip(names, sums)}
-
-
-def pair_sums(out: dict[str, torch.Tensor]) -> torch.Tensor:
-    c, r = out["chosen_reward"], out["rejected_reward"]
-    return torch.stack([out["loss"].detach().sum(), (c > r).float().sum(), (c - r).sum(), c.sum(), r.sum()])
+    return PairLosses(losses, chosen_rewards, rejected_rewards, chosen.detach(), rejected.detach())
 
 
 @torch.no_grad()
@@ -284,12 +302,13 @@ def evaluate(net, pairs, reference, cfg: DPOConfig, pad_id: int, accelerator) ->
     """Held-out loss, preference accuracy and margin over all processes (on the unwrapped module)."""
     model = accelerator.unwrap_model(net)
     mine = pairs[accelerator.process_index::accelerator.num_processes]
-    sums = torch.zeros(5, device=accelerator.device)
+    sums = zero_sums(PairSums, accelerator.device)
     for i in range(0, len(mine), cfg.batch_size):
         with accelerator.autocast():
-            sums += pair_sums(pair_losses(model, mine[i:i + cfg.batch_size], "val", reference, cfg, pad_id,
-                                          accelerator.device))
-    return summarise(accelerator.reduce(sums, "sum"), len(pairs), "val")
+            sums = add_sums(sums, PairSums.of(pair_losses(model, mine[i:i + cfg.batch_size], "val", reference, cfg,
+                                                          pad_id, accelerator.device)))
+    val = means(reduce_sums(sums, accelerator), len(pairs), "val")
+    return {k: v for k, v in val.items() if not k.startswith("val/logps_")}
 
 
 # --- training -----------------------------------------------------------------------------------------------
@@ -378,17 +397,14 @@ def train(cfg: DPOConfig) -> dict:
         mine = mine or rows[:1]
         micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
         # 5.2 loss = mean over the pairs of the global batch (× world: DDP averages gradients)
-        sums = torch.zeros(5, device=accelerator.device)
-        logps = torch.zeros(2, device=accelerator.device)
+        sums = zero_sums(PairSums, accelerator.device)
         for j, mb in enumerate(micro):
             sync = accelerator.no_sync(net) if j < len(micro) - 1 else contextlib.nullcontext()
             with sync:
                 res = pair_losses(net, mb, "train", reference, cfg, tok.pad_token_id, accelerator.device)
-                accelerator.backward(res["loss"].sum() * weight)
-            sums += pair_sums(res) * (weight > 0)
-            logps += torch.stack([res["logps_chosen"].sum(), res["logps_rejected"].sum()]) * (weight > 0)
-        sums, logps = accelerator.reduce(sums, "sum"), accelerator.reduce(logps, "sum")
-        step_metrics = summarise(sums, len(rows), "dpo")
+                accelerator.backward(res.loss.sum() * weight)
+            sums = add_sums(sums, PairSums.of(res), keep=weight > 0)
+        step_metrics = means(reduce_sums(sums, accelerator), len(rows), "dpo")
         loss = step_metrics["dpo/loss"]
         # 5.3 guard against non-finite loss or gradient
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
@@ -414,8 +430,7 @@ def train(cfg: DPOConfig) -> dict:
         # 5.5 log, evaluate, checkpoint
         if step % cfg.log_steps == 0 or step == total_steps:
             now = time.perf_counter()
-            metrics = {"train/loss": loss, **step_metrics, "dpo/logps_chosen": (logps[0] / len(rows)).item(),
-                       "dpo/logps_rejected": (logps[1] / len(rows)).item(), "train/lr": lr,
+            metrics = {"train/loss": loss, **step_metrics, "train/lr": lr,
                        "train/grad_norm": grad_norm, "train/epoch": step / steps_per_epoch,
                        "train/tokens": state["tokens"], "perf/tokens_per_s": tokens_since / (now - t_last)}
             tracker.log(step, metrics)

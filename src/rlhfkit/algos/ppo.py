@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +216,7 @@ class Rollout:
     values: (B, R) critic values, or None without a critic
     scores: (B,) the reward after the missing-EOS rule and clipping
     advantages: (B, R); returns: (B, R) critic targets, or None without a critic
+    on_policy: the update's own forward gives the old log-probs (see `on_policy`); `logprobs` is then None
     """
 
     input_ids: torch.Tensor
@@ -227,9 +229,10 @@ class Rollout:
     scores: torch.Tensor
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    on_policy: bool = False
 
     def rows(self, idx: torch.Tensor) -> Rollout:
-        take = lambda t: None if t is None else t[idx]  # noqa: E731
+        take = lambda t: t[idx] if isinstance(t, torch.Tensor) else t  # noqa: E731
         return Rollout(**{k: take(v) for k, v in vars(self).items()})
 
 
@@ -358,20 +361,41 @@ def compute_advantages(r: Rollout, cfg: PPOConfig, beta: float) -> Rollout:
 # --- the PPO update -----------------------------------------------------------------------------------------
 
 
-def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: float) -> tuple[torch.Tensor, dict]:
-    """Step 6 for one micro-batch: the loss scaled by the minibatch's token count, and summed statistics."""
+class UpdateStats(NamedTuple):
+    """An update's statistics, summed over its response tokens (`ratio_dev_max`: the maximum); None where the run
+    has no such term (no critic, no ptx data). Logged divided by the tokens seen."""
+
+    policy_loss: torch.Tensor
+    entropy: torch.Tensor
+    clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+    ratio: torch.Tensor
+    ratio_dev_max: torch.Tensor
+    value_loss: torch.Tensor | None = None
+    value_clipfrac: torch.Tensor | None = None
+    ptx_loss: torch.Tensor | None = None
+
+    def merge(self, other: UpdateStats) -> UpdateStats:
+        both = lambda k, a, b: a if b is None else b if a is None else (  # noqa: E731
+            torch.maximum(a, b) if k.endswith("_max") else a + b)
+        return UpdateStats(*(both(k, a, b) for k, a, b in zip(self._fields, self, other)))
+
+
+def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, UpdateStats]:
+    """Step 6 for one micro-batch: the loss scaled by the minibatch's token count, the actor's log-probs of the
+    sampled tokens (B, R) without their graph, and the summed statistics."""
     mask = mb.response_mask
     # checkpointed layers keep no KV cache; compiled ones run eagerly on one (`models.compile_layers`)
     share = cfg.shared_prefix and not (cfg.gradient_checkpointing or cfg.compile)
     logps, entropy = token_logprobs(net["actor"], mb, cfg.temperature, with_entropy=True, share=share,
                                     entropy_grad=cfg.entropy_coef != 0)
-    old = logps.detach() if mb.logprobs is None else mb.logprobs  # None: on-policy (see `on_policy`)
+    old = logps.detach() if mb.on_policy else mb.logprobs
     pg, ratio = rl.clipped_policy_loss(logps, old, mb.advantages, cfg.clip_eps)
     loss = (pg * mask).sum() / n_tokens - cfg.entropy_coef * (entropy * mask).sum() / n_tokens
-    stats = {"policy_loss": (pg * mask).sum(), "entropy": (entropy * mask).sum(),
-             "clipfrac": (((ratio - 1).abs() > cfg.clip_eps).float() * mask).sum(),
-             "approx_kl": (0.5 * (logps - old) ** 2 * mask).sum(), "ratio": (ratio * mask).sum(),
-             "ratio_dev_max": ((ratio - 1).abs() * mask).max(), "logps": logps}
+    outside = ((ratio - 1).abs() > cfg.clip_eps).float()
+    stats = UpdateStats((pg * mask).sum(), (entropy * mask).sum(), (outside * mask).sum(),
+                        (rl.approx_kl(logps, old) * mask).sum(), (ratio * mask).sum(), ((ratio - 1).abs() * mask).max())
     if cfg.advantage == "grpo":
         kl = kl_estimate(logps, mb.ref_logprobs, "k3")
         loss = loss + beta * (kl * mask).sum() / n_tokens
@@ -379,8 +403,8 @@ def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: floa
         values = token_values(net["critic"], mb, share)
         vl, clipped = rl.clipped_value_loss(values, mb.values, mb.returns, cfg.value_clip)
         loss = loss + cfg.vf_coef * (vl * mask).sum() / n_tokens
-        stats.update(value_loss=(vl * mask).sum(), value_clipfrac=(clipped.float() * mask).sum())
-    return loss, {k: v.detach() for k, v in stats.items()}
+        stats = stats._replace(value_loss=(vl * mask).sum(), value_clipfrac=(clipped.float() * mask).sum())
+    return loss, logps.detach(), UpdateStats(*(None if v is None else v.detach() for v in stats))
 
 
 def on_policy(cfg: PPOConfig, rows: int) -> bool:
@@ -388,12 +412,6 @@ def on_policy(cfg: PPOConfig, rows: int) -> bool:
     log-probs (the ratio is 1 and its gradient the policy gradient), so the separate old-log-prob pass is skipped,
     as TRL does. RLOO, REINFORCE++ and GAE need them before the update, for the KL in the reward."""
     return cfg.advantage == "grpo" and cfg.ppo_epochs == 1 and cfg.minibatch_size >= rows
-
-
-def merge_stats(into: dict, new: dict) -> None:
-    """Sums add up; `*_max` statistics take the maximum."""
-    for k, v in new.items():
-        into[k] = v if k not in into else (torch.maximum(into[k], v) if k.endswith("_max") else into[k] + v)
 
 
 def ptx_loss(net, rows, pad_id: int, device) -> torch.Tensor:
@@ -569,12 +587,14 @@ def train(cfg: PPOConfig) -> dict:
         # 4. old log-probs, reference log-probs and values, with the training forward's numerics
         input_ids, attention_mask = samples.sequences()
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        rollout = Rollout(input_ids.to(device), attention_mask.to(device), position_ids.to(device),
-                          samples.response_mask.float().to(device), None, None, None, scores)
+        rollout = Rollout(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                          position_ids=position_ids.to(device), response_mask=samples.response_mask.float().to(device),
+                          logprobs=None, ref_logprobs=None, values=None, scores=scores,
+                          on_policy=on_policy(cfg, len(scores)))
         t0 = time.perf_counter()
         share = cfg.shared_prefix  # no gradients here, so checkpointed layers keep their cache
         with accelerator.autocast():
-            logprobs = None if on_policy(cfg, len(scores)) else \
+            logprobs = None if rollout.on_policy else \
                 in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature, share=share)[0], rollout,
                           cfg.batch_size)
             t1 = time.perf_counter()
@@ -593,10 +613,10 @@ def train(cfg: PPOConfig) -> dict:
         # 5. rewards and advantages
         rollout = compute_advantages(rollout, cfg, beta)
         mask = rollout.response_mask
-        policy_logprobs = torch.zeros_like(mask) if rollout.logprobs is None else rollout.logprobs  # (B, R)
+        policy_logprobs = torch.zeros_like(mask) if rollout.on_policy else rollout.logprobs  # (B, R)
         # 6. PPO epochs over minibatches
         t0 = time.perf_counter()
-        sums: dict[str, torch.Tensor] = {}
+        sums: UpdateStats | None = None
         tokens_seen, train_tokens, updates, stopped_early = 0.0, 0.0, 0, False
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
         for _ in range(cfg.ppo_epochs):
@@ -607,27 +627,26 @@ def train(cfg: PPOConfig) -> dict:
                 mb_idx = perm[m:m + cfg.minibatch_size]
                 n_tokens = float(mask[mb_idx].sum().clamp(min=1))
                 train_tokens += float(rollout.attention_mask[mb_idx].sum())  # prompt + response, forward + backward
-                mb_stats: dict[str, torch.Tensor] = {}
+                mb_stats: UpdateStats | None = None
                 for u in range(0, len(mb_idx), cfg.batch_size):
                     with accelerator.autocast():
-                        loss, st = minibatch_loss(net, rollout.rows(mb_idx[u:u + cfg.batch_size]), cfg, beta,
-                                                  n_tokens)
+                        loss, logps, st = minibatch_loss(net, rollout.rows(mb_idx[u:u + cfg.batch_size]), cfg, beta,
+                                                         n_tokens)
                     accelerator.backward(loss)
-                    if rollout.logprobs is None:  # on-policy: the update's own forward is the sampling policy's
-                        policy_logprobs[mb_idx[u:u + cfg.batch_size]] = st["logps"].float()
-                    del st["logps"]
-                    merge_stats(mb_stats, st)
+                    if rollout.on_policy:  # the update's own forward is the sampling policy's
+                        policy_logprobs[mb_idx[u:u + cfg.batch_size]] = logps.float()
+                    mb_stats = st if mb_stats is None else mb_stats.merge(st)
                 if ptx_rows:
                     rows = [ptx_rows[i] for i in global_batch_rows(state["ptx_step"], len(ptx_rows),
                                                                    cfg.ptx_batch_size, cfg.seed)]
                     with accelerator.autocast():
                         ptx = ptx_loss(net, rows, tok.pad_token_id, device)
                     accelerator.backward(cfg.ptx_coef * ptx)
-                    mb_stats["ptx_loss"] = ptx.detach() * n_tokens
+                    mb_stats = mb_stats._replace(ptx_loss=ptx.detach() * n_tokens)
                     state["ptx_step"] += 1
                 clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-                loss_value = float(mb_stats["policy_loss"] / n_tokens)
+                loss_value = float(mb_stats.policy_loss / n_tokens)
                 if skip_nonfinite(loss_value, grad_norm, state, cfg, ckpt_root, f"iteration {it + 1}", True):
                     optimizer.zero_grad(set_to_none=True)
                     continue
@@ -635,8 +654,8 @@ def train(cfg: PPOConfig) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 updates += 1
                 tokens_seen += n_tokens
-                merge_stats(sums, mb_stats)
-                if cfg.early_stop_kl is not None and float(mb_stats["approx_kl"] / n_tokens) > cfg.early_stop_kl:
+                sums = mb_stats if sums is None else sums.merge(mb_stats)
+                if cfg.early_stop_kl is not None and float(mb_stats.approx_kl / n_tokens) > cfg.early_stop_kl:
                     stopped_early = True
                     break
             if stopped_early:
@@ -655,7 +674,8 @@ def train(cfg: PPOConfig) -> dict:
         metrics = {
             "ppo/score": float(raw_scores.mean()), "ppo/score_after_rules": float(scores.mean()), **monitored,
             "ppo/kl": kl_mean, "ppo/sqrt_kl": math.sqrt(max(kl_mean, 0.0)), "ppo/beta": beta,
-            **{f"ppo/{k}": float(v if k.endswith("_max") else v / max(tokens_seen, 1)) for k, v in sums.items()},
+            **{f"ppo/{k}": float(v if k.endswith("_max") else v / max(tokens_seen, 1))
+               for k, v in (sums._asdict().items() if sums else []) if v is not None},
             "ppo/updates": updates, "ppo/early_stopped": int(stopped_early), "train/lr": lr,
             "rollout/length": n_gen / len(scores), "rollout/eos_rate": float(samples.finished.float().mean()),
             "perf/generate_tokens_per_s": n_gen / max(timing["time/generate"], 1e-9),

@@ -38,6 +38,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,8 @@ from rlhfkit.evaluate import calibration
 from rlhfkit.reward_model import (can_share_prefix, encode, score_batch, score_on_prefixes, score_sequences,
                                   set_reward_pad_token)
 from rlhfkit.tracking import Tracker, claim_output, release_output
-from rlhfkit.training import (TrainConfig, adamw, check_stalled, global_batch_rows, make_schedule, skip_nonfinite,
-                              split_validation)
+from rlhfkit.training import (TrainConfig, add_sums, adamw, check_stalled, global_batch_rows, make_schedule,
+                              reduce_sums, skip_nonfinite, split_validation, zero_sums)
 
 
 @dataclass
@@ -358,6 +359,15 @@ def reference_messages(cfg: RMConfig, train_prefs: list[formats.Preference]) -> 
 # --- training ---------------------------------------------------------------------------------------------
 
 
+class StepSums(NamedTuple):
+    """One step's sums over its prompts and processes (scalar tensors)."""
+
+    loss: torch.Tensor  # Σ per-prompt losses
+    correct: torch.Tensor  # comparisons the RM orders right
+    pairs: torch.Tensor  # comparisons
+    tokens: torch.Tensor  # tokens scored
+
+
 @dataclass(frozen=True)
 class Phase:
     """A stretch of training with its own data, peak learning rate, optimizer and schedule (PMP, then main)."""
@@ -498,7 +508,7 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
         mine = mine or rows[:1]
         micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
         # 5.2 score each response once; Σ per-prompt losses / prompts in the global batch (× world: DDP averages)
-        sums = torch.zeros(4, device=accelerator.device)  # loss sum, correct pairs, pairs, tokens
+        sums = zero_sums(StepSums, accelerator.device)
         for j, mb in enumerate(micro):
             batch = collate_preferences(mb, pad_id, share)
             sync = accelerator.no_sync(net) if j < len(micro) - 1 else contextlib.nullcontext()
@@ -508,11 +518,12 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
                 loss_sum = preference_loss_sum(scores, batch)
                 accelerator.backward(loss_sum * weight)
             diffs = torch.stack([scores[w] - scores[l] for g in batch.groups for w, l in g]).detach()
-            counts = torch.tensor([float(len(diffs)), float(batch.num_tokens)], device=sums.device)
-            sums += torch.cat([loss_sum.detach().reshape(1), (diffs > 0).sum().float().reshape(1), counts]) * (weight > 0)
-        sums = accelerator.reduce(sums, "sum")
-        step_tokens = int(sums[3].item())
-        loss = sums[0].item() / len(rows)
+            new = StepSums(loss_sum.detach(), (diffs > 0).sum().float(), torch.tensor(float(len(diffs))),
+                           torch.tensor(float(batch.num_tokens)))
+            sums = add_sums(sums, StepSums._make(v.to(accelerator.device) for v in new), keep=weight > 0)
+        sums = reduce_sums(sums, accelerator)
+        step_tokens = int(sums.tokens.item())
+        loss = sums.loss.item() / len(rows)
         # 5.3 guard against non-finite loss or gradient
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = float(accelerator.clip_grad_norm_(params, clip))
@@ -537,7 +548,7 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
         # 5.5 log, evaluate, checkpoint
         if step % cfg.log_steps == 0 or step == phase.end:
             now = time.perf_counter()
-            metrics = {"train/loss": loss, "train/accuracy": (sums[1] / sums[2]).item(), "train/lr": lr,
+            metrics = {"train/loss": loss, "train/accuracy": (sums.correct / sums.pairs).item(), "train/lr": lr,
                        "train/grad_norm": grad_norm, "train/phase": p,
                        "train/epoch": (step - phase.start) / math.ceil(len(phase.rows) / global_batch),
                        "train/tokens": state["tokens"], "perf/tokens_per_s": tokens_since / (now - t_last)}
