@@ -221,3 +221,49 @@ def reduce_sums(sums: S, accelerator) -> S:
 def means(sums: NamedTuple, n: float, prefix: str) -> dict[str, float]:
     """{prefix/field: sum / n} for logging."""
     return {f"{prefix}/{k}": (v / max(n, 1)).item() for k, v in sums._asdict().items()}
+
+
+def accelerator_for(dtype: str):
+    """The run's accelerate `Accelerator`: the autocast precision `--dtype` resolves to, on CUDA where there is
+    one (several processes when launched with accelerate or torchrun)."""
+    from accelerate import Accelerator
+
+    from rlhfkit import models
+
+    return Accelerator(mixed_precision=models.mixed_precision(dtype), cpu=not torch.cuda.is_available())
+
+
+def micro_batches(rows: list, accelerator, batch_size: int) -> tuple[list[list], bool]:
+    """This process's share of a step's global batch (every world-th row), cut into micro-batches of batch_size,
+    and whether it got any rows: a short last batch may leave a process none, and it then runs one row with
+    weight 0, or DDP would wait forever for its gradients."""
+    mine = rows[accelerator.process_index::accelerator.num_processes]
+    has_rows = bool(mine)
+    mine = mine or rows[:1]
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)], has_rows
+
+
+class Update(NamedTuple):
+    lr: float  # the learning rate the step used
+    grad_norm: float  # the global gradient norm before clipping
+
+
+def update(loss: float, params, optimizer, scheduler, state: dict, cfg: RunConfig, accelerator, bar,
+           ckpt_root: Path, where: str) -> Update | None:
+    """Steps 3–4 of the SFT, RM and DPO loops, which must stay alike: clip the gradient; stop, or skip the step,
+    on a non-finite loss or gradient (`skip_nonfinite`: a skipped step still advances the step count and the
+    schedule; returns None); stop a stalled run (`check_stalled`); else the optimizer and scheduler step.
+    `state["step"]` and the progress bar advance either way."""
+    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+    grad_norm = float(accelerator.clip_grad_norm_(params, clip))
+    skipped = skip_nonfinite(loss, grad_norm, state, cfg, ckpt_root, where, accelerator.is_main_process)
+    if not skipped:
+        check_stalled(loss, grad_norm, state, cfg)
+    lr = scheduler.get_last_lr()[0]
+    if not skipped:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state["step"] += 1
+    bar.update(1)
+    return None if skipped else Update(lr, grad_norm)

@@ -48,8 +48,8 @@ from rlhfkit.data import chat, formats, io
 from rlhfkit.data.chat import TokenizedExample
 from rlhfkit.data.collate import collate, pad_left
 from rlhfkit.tracking import Tracker, claim_output, release_output
-from rlhfkit.training import (TrainConfig, add_sums, adamw, check_stalled, global_batch_rows, make_schedule, means,
-                              reduce_sums, skip_nonfinite, split_validation, zero_sums)
+from rlhfkit.training import (TrainConfig, accelerator_for, adamw, add_sums, global_batch_rows, make_schedule, means,
+                              micro_batches, reduce_sums, split_validation, update, zero_sums)
 
 
 @dataclass
@@ -315,12 +315,10 @@ def evaluate(net, pairs, reference, cfg: DPOConfig, pad_id: int, accelerator) ->
 
 
 def train(cfg: DPOConfig) -> dict:
-    from accelerate import Accelerator
-
     if cfg.loss not in DPO_LOSSES:
         raise TrainingError(f"--loss {cfg.loss!r}: expected one of {', '.join(DPO_LOSSES)}")
     # 1. setup: processes, precision, seed, policy (dropout off: eval mode while training)
-    accelerator = Accelerator(mixed_precision=models.mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
+    accelerator = accelerator_for(cfg.dtype)
     torch.manual_seed(cfg.seed)
     out, main, world = Path(cfg.output), accelerator.is_main_process, accelerator.num_processes
     if main:
@@ -392,10 +390,8 @@ def train(cfg: DPOConfig) -> dict:
         # 5.1 this step's pairs; this process takes every world-th pair, in grad_accum micro-batches
         rows = [pairs[i] for i in global_batch_rows(step, len(pairs), global_batch, cfg.seed, lengths)]
         step_tokens = sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in rows)
-        mine = rows[accelerator.process_index::world]
-        weight = world / len(rows) if mine else 0.0  # a process left without pairs runs one with weight 0
-        mine = mine or rows[:1]
-        micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        micro, has_rows = micro_batches(rows, accelerator, cfg.batch_size)
+        weight = world / len(rows) if has_rows else 0.0
         # 5.2 loss = mean over the pairs of the global batch (× world: DDP averages gradients)
         sums = zero_sums(PairSums, accelerator.device)
         for j, mb in enumerate(micro):
@@ -406,26 +402,14 @@ def train(cfg: DPOConfig) -> dict:
             sums = add_sums(sums, PairSums.of(res), keep=weight > 0)
         step_metrics = means(reduce_sums(sums, accelerator), len(rows), "dpo")
         loss = step_metrics["dpo/loss"]
-        # 5.3 guard against non-finite loss or gradient
-        clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = float(accelerator.clip_grad_norm_(params, clip))
-        if skip_nonfinite(loss, grad_norm, state, cfg, ckpt_root, rows[0].where, main):
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            scheduler.step()
-            bar.update(1)
+        # 5.3–5.4 clip, guard against non-finite values and stalls, update
+        done = update(loss, params, optimizer, scheduler, state, cfg, accelerator, bar, ckpt_root, rows[0].where)
+        if done is None:
             continue
-        check_stalled(loss, grad_norm, state, cfg)
-        # 5.4 update
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
+        lr, grad_norm = done
         state["tokens"] += step_tokens
         tokens_since += step_tokens
         step = state["step"]
-        bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{step_metrics['dpo/accuracy']:.2f}")
         # 5.5 log, evaluate, checkpoint
         if step % cfg.log_steps == 0 or step == total_steps:

@@ -53,7 +53,7 @@ from rlhfkit.reward_model import RewardModel, reward_model_dir
 from rlhfkit.rollout import SamplingParams
 from rlhfkit.rollout.hf import HFEngine
 from rlhfkit.tracking import Tracker, claim_output, release_output, truncate_jsonl
-from rlhfkit.training import RunConfig, adamw, global_batch_rows, make_schedule, skip_nonfinite
+from rlhfkit.training import RunConfig, accelerator_for, adamw, global_batch_rows, make_schedule, skip_nonfinite
 
 ADVANTAGES = ("gae", "grpo", "rloo", "reinforce++")
 
@@ -490,11 +490,9 @@ def check(cfg: PPOConfig) -> None:
 
 
 def train(cfg: PPOConfig) -> dict:
-    from accelerate import Accelerator
-
     check(cfg)
     # 1. setup: one process, precision, the four roles (actor, reference, critic, reward)
-    accelerator = Accelerator(mixed_precision=models.mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
+    accelerator = accelerator_for(cfg.dtype)
     if accelerator.num_processes > 1:
         raise UsageError("rlhfkit ppo runs on one process for now (data-parallel PPO is not wired yet)")
     device, precision = accelerator.device, models.mixed_precision(cfg.dtype)

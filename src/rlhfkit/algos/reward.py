@@ -53,8 +53,8 @@ from rlhfkit.evaluate import calibration
 from rlhfkit.reward_model import (can_share_prefix, encode, score_batch, score_on_prefixes, score_sequences,
                                   set_reward_pad_token)
 from rlhfkit.tracking import Tracker, claim_output, release_output
-from rlhfkit.training import (TrainConfig, add_sums, adamw, check_stalled, global_batch_rows, make_schedule,
-                              reduce_sums, skip_nonfinite, split_validation, zero_sums)
+from rlhfkit.training import (TrainConfig, accelerator_for, adamw, add_sums, global_batch_rows, make_schedule,
+                              micro_batches, reduce_sums, split_validation, update, zero_sums)
 
 
 @dataclass
@@ -407,10 +407,8 @@ def load_data(cfg: RMConfig, tok, main: bool):
 
 
 def train(cfg: RMConfig) -> dict:
-    from accelerate import Accelerator
-
     # 1. setup: processes, precision, seed, tokenizer with a pad token the template never writes, model
-    accelerator = Accelerator(mixed_precision=models.mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
+    accelerator = accelerator_for(cfg.dtype)
     torch.manual_seed(cfg.seed)
     out, main, world = Path(cfg.output), accelerator.is_main_process, accelerator.num_processes
     if main:
@@ -491,7 +489,7 @@ def train(cfg: RMConfig) -> dict:
 def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerator, tracker, bar, val_rows,
               pad_id, total_steps) -> dict:
     """Steps 5.1–5.5 for every remaining step of one phase; returns the last logged metrics."""
-    world, main = accelerator.num_processes, accelerator.is_main_process
+    world = accelerator.num_processes
     global_batch = cfg.batch_size * cfg.grad_accum * world
     metrics, t_last, tokens_since = {}, time.perf_counter(), 0
     share = use_shared_prefix(cfg, net) and not cfg.compile  # compiled blocks run eagerly on a KV cache
@@ -502,11 +500,8 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
         # 5.1 this step's prompts; this process takes every world-th prompt, in grad_accum micro-batches
         rows = [phase.rows[i] for i in global_batch_rows(step - phase.start, len(phase.rows), global_batch,
                                                          cfg.seed + 1000 * p, lengths)]
-        mine = rows[accelerator.process_index::world]
-        # a short last batch may leave a process without prompts; it runs one with weight 0 so DDP does not hang
-        weight = world / len(rows) if mine else 0.0
-        mine = mine or rows[:1]
-        micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        micro, has_rows = micro_batches(rows, accelerator, cfg.batch_size)
+        weight = world / len(rows) if has_rows else 0.0
         # 5.2 score each response once; Σ per-prompt losses / prompts in the global batch (× world: DDP averages)
         sums = zero_sums(StepSums, accelerator.device)
         for j, mb in enumerate(micro):
@@ -524,26 +519,14 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
         sums = reduce_sums(sums, accelerator)
         step_tokens = int(sums.tokens.item())
         loss = sums.loss.item() / len(rows)
-        # 5.3 guard against non-finite loss or gradient
-        clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = float(accelerator.clip_grad_norm_(params, clip))
-        if skip_nonfinite(loss, grad_norm, state, cfg, cfg_root(cfg), rows[0].where, main):
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            scheduler.step()
-            bar.update(1)
+        # 5.3–5.4 clip, guard against non-finite values and stalls, update
+        done = update(loss, params, optimizer, scheduler, state, cfg, accelerator, bar, cfg_root(cfg), rows[0].where)
+        if done is None:
             continue
-        check_stalled(loss, grad_norm, state, cfg)
-        # 5.4 update
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
+        lr, grad_norm = done
         state["tokens"] += step_tokens
         tokens_since += step_tokens
         step = state["step"]
-        bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", phase=phase.name)
         # 5.5 log, evaluate, checkpoint
         if step % cfg.log_steps == 0 or step == phase.end:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from rlhfkit import DataError, models
 from rlhfkit.data import formats, io
 from rlhfkit.reward_model import encode, load_reward_model, score_sequences
 from rlhfkit.tracking import check_output
+from rlhfkit.training import accelerator_for
 
 
 @dataclass
@@ -53,10 +53,8 @@ def to_messages(row: io.Row, fmt: str) -> formats.Messages:
 
 
 def score(cfg: ScoreConfig) -> dict:
-    from accelerate import Accelerator
-
     check_output(cfg.output)
-    accelerator = Accelerator(mixed_precision=models.mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
+    accelerator = accelerator_for(cfg.dtype)
     model, tok, offset, scale = load_reward_model(cfg.reward_model, models.mixed_precision(cfg.dtype))
     model.to(accelerator.device)
     rows = io.read_rows(cfg.data)

@@ -36,8 +36,8 @@ from rlhfkit.core.lm import shifted_selection
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.collate import LMBatch, collate, pack
 from rlhfkit.tracking import Tracker, claim_output, release_output
-from rlhfkit.training import (TrainConfig, adamw, check_stalled, global_batch_rows, make_schedule, skip_nonfinite,
-                              split_validation)
+from rlhfkit.training import (TrainConfig, accelerator_for, adamw, global_batch_rows, make_schedule, micro_batches,
+                              split_validation, update)
 
 
 @dataclass
@@ -109,10 +109,8 @@ def build_model(cfg: SFTConfig, tok):
 
 
 def train(cfg: SFTConfig) -> dict:
-    from accelerate import Accelerator
-
     # 1. setup: processes, precision, seed, model
-    accelerator = Accelerator(mixed_precision=models.mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
+    accelerator = accelerator_for(cfg.dtype)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
     main = accelerator.is_main_process
@@ -176,12 +174,8 @@ def train(cfg: SFTConfig) -> dict:
         rows = [train_rows[i] for i in global_batch_rows(step, len(train_rows), global_batch, cfg.seed, lengths)]
         n_loss_tokens = max(sum(sum(r.loss_mask[1:]) for r in rows), 1)
         step_tokens = sum(len(r.input_ids) for r in rows)
-        mine = rows[accelerator.process_index::world]
-        # a short last batch may leave a process without rows; it still runs one row with weight 0, or DDP
-        # would wait forever for its gradients
-        weight = world / n_loss_tokens if mine else 0.0
-        mine = mine or rows[:1]
-        micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        micro, has_rows = micro_batches(rows, accelerator, cfg.batch_size)
+        weight = world / n_loss_tokens if has_rows else 0.0
         # 5.2 forward/backward; DDP averages gradients over processes, hence world / tokens of the global batch
         loss_sum = torch.zeros((), device=accelerator.device)
         for j, mb in enumerate(micro):
@@ -191,26 +185,14 @@ def train(cfg: SFTConfig) -> dict:
                 accelerator.backward(nll * weight)
             loss_sum += nll.detach() * (weight > 0)
         loss = accelerator.reduce(loss_sum, "sum").item() / n_loss_tokens
-        # 5.3 guard against non-finite loss or gradient
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        grad_norm = float(grad_norm)
-        if skip_nonfinite(loss, grad_norm, state, cfg, ckpt_root, rows[0].where, main):
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            scheduler.step()
-            bar.update(1)
+        # 5.3–5.4 clip, guard against non-finite values and stalls, update
+        done = update(loss, params, optimizer, scheduler, state, cfg, accelerator, bar, ckpt_root, rows[0].where)
+        if done is None:
             continue
-        check_stalled(loss, grad_norm, state, cfg)
-        # 5.4 update
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
+        lr, grad_norm = done
         state["tokens"] += step_tokens
         tokens_since += step_tokens
         step = state["step"]
-        bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         # 5.5 log, evaluate, checkpoint
         if step % cfg.log_steps == 0 or step == total_steps:
