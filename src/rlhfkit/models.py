@@ -492,10 +492,11 @@ def select_rows(cache, rows: torch.Tensor):
     return out
 
 
-def apply_lora(model, r: int, alpha: int, dropout: float, targets: list[str]):
+def apply_lora(model, r: int, alpha: int, dropout: float, targets: list[str], task_type: str = "CAUSAL_LM"):
+    """A peft LoRA adapter on `targets`; task_type "SEQ_CLS" also trains (and saves) a reward model's score head."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type)
     return get_peft_model(model, config)
 
 

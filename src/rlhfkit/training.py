@@ -267,3 +267,19 @@ def update(loss: float, params, optimizer, scheduler, state: dict, cfg: RunConfi
     state["step"] += 1
     bar.update(1)
     return None if skipped else Update(lr, grad_norm)
+
+
+def for_training(model, cfg: RunConfig, task_type: str = "CAUSAL_LM"):
+    """The model as every trainer trains it: the embeddings and the first --freeze-layers blocks frozen, blocks
+    compiled (--compile) and/or recomputed in the backward pass (--gradient-checkpointing), then, with --lora, a
+    LoRA adapter of the peft `task_type` around it."""
+    from rlhfkit import models
+
+    models.freeze_layers(model, cfg.freeze_layers)
+    if cfg.compile:
+        models.compile_layers(model)
+    if cfg.gradient_checkpointing:
+        models.checkpoint_layers(model)
+    if cfg.lora:
+        model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type)
+    return model

@@ -48,8 +48,8 @@ from rlhfkit.data import chat, formats, io
 from rlhfkit.data.chat import TokenizedExample
 from rlhfkit.data.collate import collate, pad_left
 from rlhfkit.tracking import Tracker, claim_output, release_output
-from rlhfkit.training import (TrainConfig, accelerator_for, adamw, add_sums, global_batch_rows, make_schedule, means,
-                              micro_batches, reduce_sums, split_validation, update, zero_sums)
+from rlhfkit.training import (TrainConfig, accelerator_for, adamw, add_sums, for_training, global_batch_rows,
+                              make_schedule, means, micro_batches, reduce_sums, split_validation, update, zero_sums)
 
 
 @dataclass
@@ -324,14 +324,7 @@ def train(cfg: DPOConfig) -> dict:
     if main:
         claim_output(out, cfg.resume, cfg.overwrite)
     tok = models.load_tokenizer(cfg.model)
-    model = models.load_causal_lm(cfg.model, seed=cfg.seed, tokenizer=tok)
-    models.freeze_layers(model, cfg.freeze_layers)
-    if cfg.compile:
-        models.compile_layers(model)
-    if cfg.gradient_checkpointing:
-        models.checkpoint_layers(model)
-    if cfg.lora:
-        model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    model = for_training(models.load_causal_lm(cfg.model, seed=cfg.seed, tokenizer=tok), cfg)
     model.eval()
 
     # 2. data: every comparison as (chosen, rejected) with response-only masks; hold out pairs

@@ -53,7 +53,8 @@ from rlhfkit.reward_model import RewardModel, reward_model_dir
 from rlhfkit.rollout import SamplingParams
 from rlhfkit.rollout.hf import HFEngine
 from rlhfkit.tracking import Tracker, claim_output, release_output, truncate_jsonl
-from rlhfkit.training import RunConfig, accelerator_for, adamw, global_batch_rows, make_schedule, skip_nonfinite
+from rlhfkit.training import (RunConfig, accelerator_for, adamw, for_training, global_batch_rows, make_schedule,
+                              skip_nonfinite)
 
 ADVANTAGES = ("gae", "grpo", "rloo", "reinforce++")
 
@@ -500,14 +501,7 @@ def train(cfg: PPOConfig) -> dict:
     out = claim_output(cfg.output, cfg.resume, cfg.overwrite)
     tok = models.load_tokenizer(cfg.policy)
     prompts, metadata = load_prompts(cfg, tok)
-    actor = models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok)
-    models.freeze_layers(actor, cfg.freeze_layers)
-    if cfg.compile:
-        models.compile_layers(actor)
-    if cfg.gradient_checkpointing:
-        models.checkpoint_layers(actor)
-    if cfg.lora:
-        actor = models.apply_lora(actor, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    actor = for_training(models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok), cfg)
     net = torch.nn.ModuleDict({"actor": models.SelectedLogits(actor)})
     ref = None if cfg.lora else models.SelectedLogits(
         models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok)).requires_grad_(False)

@@ -53,8 +53,8 @@ from rlhfkit.evaluate import calibration
 from rlhfkit.reward_model import (can_share_prefix, encode, score_batch, score_on_prefixes, score_sequences,
                                   set_reward_pad_token)
 from rlhfkit.tracking import Tracker, claim_output, release_output
-from rlhfkit.training import (TrainConfig, accelerator_for, adamw, add_sums, global_batch_rows, make_schedule,
-                              micro_batches, reduce_sums, split_validation, update, zero_sums)
+from rlhfkit.training import (TrainConfig, accelerator_for, adamw, add_sums, for_training, global_batch_rows,
+                              make_schedule, micro_batches, reduce_sums, split_validation, update, zero_sums)
 
 
 @dataclass
@@ -252,17 +252,7 @@ def build_model(cfg: RMConfig, tok):
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id
-    models.freeze_layers(model, cfg.freeze_layers)
-    if cfg.compile:
-        models.compile_layers(model)
-    if cfg.gradient_checkpointing:
-        models.checkpoint_layers(model)
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, task_type="SEQ_CLS",
-                                                 lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets))
-    return model
+    return for_training(model, cfg, "SEQ_CLS")
 
 
 

@@ -36,8 +36,8 @@ from rlhfkit.core.lm import shifted_selection
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.collate import LMBatch, collate, pack
 from rlhfkit.tracking import Tracker, claim_output, release_output
-from rlhfkit.training import (TrainConfig, accelerator_for, adamw, global_batch_rows, make_schedule, micro_batches,
-                              split_validation, update)
+from rlhfkit.training import (TrainConfig, accelerator_for, adamw, for_training, global_batch_rows, make_schedule,
+                              micro_batches, split_validation, update)
 
 
 @dataclass
@@ -97,15 +97,7 @@ def evaluate(model, rows, cfg: SFTConfig, pad_id: int, accelerator) -> float:
 
 
 def build_model(cfg: SFTConfig, tok):
-    model = models.load_causal_lm(cfg.model, seed=cfg.seed, tokenizer=tok)
-    models.freeze_layers(model, cfg.freeze_layers)
-    if cfg.compile:
-        models.compile_layers(model)
-    if cfg.gradient_checkpointing:
-        models.checkpoint_layers(model)
-    if cfg.lora:
-        model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    return model
+    return for_training(models.load_causal_lm(cfg.model, seed=cfg.seed, tokenizer=tok), cfg)
 
 
 def train(cfg: SFTConfig) -> dict:
