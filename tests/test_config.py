@@ -112,3 +112,27 @@ def test_every_preset_in_configs_loads_for_the_command_its_first_line_names(path
     assert first.startswith("# rlhfkit ") and command in command_configs(), first
     cfg = parse_args(command_configs()[command], ["--config", str(path)])
     assert dataclasses.asdict(cfg)  # every key known and well typed; ranges checked
+
+
+def test_an_inherited_field_is_declared_again_only_to_change_its_default():
+    # re-declared to re-document, a field would silently keep its old default when the base's changes: such
+    # fields are re-told in RETOLD instead
+    same = []
+    for command, cls in command_configs().items():
+        base = next((b for b in cls.__mro__[1:] if dataclasses.is_dataclass(b)), None)
+        if base is None:
+            continue
+        inherited = {f.name: f for f in dataclasses.fields(base)}
+        mine = {f.name: f for f in dataclasses.fields(cls)}
+        default = lambda f: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # noqa: E731
+        same += [f"{command}: --{name}" for name in cls.__dict__.get("__annotations__", {})
+                 if name in inherited and default(mine[name]) == default(inherited[name])]
+    assert not same, f"tell these in RETOLD instead of declaring them again: {same}"
+
+
+def test_retold_fields_keep_their_own_help():
+    from rlhfkit.algos.reward import RMConfig
+
+    docs = field_docs(RMConfig)
+    assert docs["batch_size"] == "Prompts per micro-batch on each process (each with all of its K responses)."
+    assert RMConfig().batch_size == SFTConfig().batch_size  # the base's default, not a copy of it

@@ -31,11 +31,15 @@ C = TypeVar("C")
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Map each field of a dataclass to the docstring written under it (attribute docstrings)."""
+    """Map each field of a dataclass to the docstring written under it (attribute docstrings). A subclass tells an
+    inherited field's meaning for its command in a `RETOLD` dict (field -> docstring) rather than declaring the
+    field again, which would silently keep the old default when the base's changes; it declares a field again
+    only to give it another default."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
+        docs.update({k: " ".join(v.split()) for k, v in klass.__dict__.get("RETOLD", {}).items()})
         try:
             tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         except (OSError, TypeError):

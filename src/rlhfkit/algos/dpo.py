@@ -35,7 +35,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -55,6 +55,8 @@ from rlhfkit.training import (TrainConfig, accelerator_for, adamw, add_sums, for
 @dataclass
 class DPOConfig(TrainConfig):
     """rlhfkit dpo: direct preference optimisation (sigmoid, IPO, conservative DPO) on comparisons."""
+
+    RETOLD: ClassVar[dict[str, str]] = {"epochs": "Passes over the pairs."}
 
     model: str = "smollm2-135m"
     """Policy to train, usually the SFT model: an alias, a Hugging Face directory, a .gguf file or a hub id."""
@@ -77,8 +79,6 @@ class DPOConfig(TrainConfig):
     """Peak learning rate (AdamW)."""
     batch_size: int = 4
     """Pairs per micro-batch on each process (2× as many sequences in the concatenated forward)."""
-    epochs: int = 1
-    """Passes over the pairs."""
     shared_prefix: bool = True
     """Run the prompt a pair's chosen and rejected responses share once, and both responses on its KV cache,
     instead of two whole sequences: the same log-probs up to float rounding (tested), on fewer tokens. Not while

@@ -38,7 +38,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,18 +61,29 @@ from rlhfkit.training import (TrainConfig, accelerator_for, adamw, add_sums, for
 class RMConfig(TrainConfig):
     """rlhfkit rm: a reward model from comparisons (pairs, K-way rankings, HH transcripts)."""
 
+    RETOLD: ClassVar[dict[str, str]] = {
+        "format": "Data format; detected from the columns when not given (pairs, rankings, hh).",
+        "val_data": "Held-out comparisons; when not given, a seeded `val_fraction` of the prompts is held out.",
+        "val_fraction": "Fraction of the prompts held out for evaluation when `val_data` is not given (0 disables).",
+        "max_length": "Longest prompt + response in tokens; longer ones keep their start and lose their end "
+                      "(counted).",
+        "epochs": "Passes over the data (InstructGPT: one; more overfits).",
+        "max_steps": "Optimizer steps of the main phase; overrides `epochs` when > 0.",
+        "batch_size": "Prompts per micro-batch on each process (each with all of its K responses).",
+        "grad_accum": "Micro-batches per optimizer step; global batch = batch_size × grad_accum × processes prompts.",
+        "warmup_ratio": "Fraction of each phase's steps spent warming up linearly from 0.",
+        "lora": "Train a LoRA adapter (and the score head) instead of all weights.",
+        "merge": "With --lora, also save the merged model under OUTPUT/merged (what `rlhfkit score` loads).",
+        "seed": "Seed for data order, the validation split and the initialisation of new weights (the score head).",
+        "eval_steps": "Evaluate on the held-out comparisons every N steps (0: only at the end).",
+    }
+
     model: str = "smollm2-135m"
     """Backbone: alias (smollm2-135m, tiny-llama), Hugging Face directory (e.g. the SFT output), .gguf or hub id."""
     data: str = "sample:rankings"
     """Comparisons (pairs, rankings or hh; .jsonl/.json/.parquet/.csv/save_to_disk dir, or sample:NAME)."""
     output: str = "runs/rm"
     """Output directory: reward model, checkpoints, metrics.jsonl, TensorBoard events, reliability.png, run.json."""
-    format: str | None = None
-    """Data format; detected from the columns when not given (pairs, rankings, hh)."""
-    val_data: str | None = None
-    """Held-out comparisons; when not given, a seeded `val_fraction` of the prompts is held out."""
-    val_fraction: float = 0.05
-    """Fraction of the prompts held out for evaluation when `val_data` is not given (0 disables)."""
     pmp_data: str | None = None
     """Preference-model pre-training (HH §4): a large, weaker comparison set trained on first."""
     pmp_lr: float = 1e-5
@@ -91,30 +102,10 @@ class RMConfig(TrainConfig):
     """Fit a temperature on the held-out comparisons and report the ECE after it (recorded, not applied)."""
     calibration_bins: int = 10
     """Equal-width bins on [0.5, 1] for the ECE and the reliability diagram."""
-    max_length: int = 512
-    """Longest prompt + response in tokens; longer ones keep their start and lose their end (counted)."""
-    epochs: int = 1
-    """Passes over the data (InstructGPT: one; more overfits)."""
-    max_steps: int = -1
-    """Optimizer steps of the main phase; overrides `epochs` when > 0."""
-    batch_size: int = 8
-    """Prompts per micro-batch on each process (each with all of its K responses)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step; global batch = batch_size × grad_accum × processes prompts."""
     lr: float = 1e-5
     """Peak learning rate (AdamW) of the main phase."""
-    warmup_ratio: float = 0.03
-    """Fraction of each phase's steps spent warming up linearly from 0."""
-    lora: bool = False
-    """Train a LoRA adapter (and the score head) instead of all weights."""
-    merge: bool = False
-    """With --lora, also save the merged model under OUTPUT/merged (what `rlhfkit score` loads)."""
     tiny_hidden_size: int = 64
     """Hidden size of the random tiny-llama backbone (tests; ignored for real models)."""
-    seed: int = 0
-    """Seed for data order, the validation split and the initialisation of new weights (the score head)."""
-    eval_steps: int = 0
-    """Evaluate on the held-out comparisons every N steps (0: only at the end)."""
     shared_prefix: bool = True
     """Run the common start of a prompt's K responses (the prompt) once per step and the responses on its KV
     cache, instead of K whole sequences; the same scores and gradients up to float rounding (tested). Used on

@@ -26,6 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -44,14 +45,14 @@ from rlhfkit.training import (TrainConfig, accelerator_for, adamw, for_training,
 class SFTConfig(TrainConfig):
     """rlhfkit sft: supervised fine-tuning on demonstrations (loss on assistant tokens only)."""
 
+    RETOLD: ClassVar[dict[str, str]] = {"epochs": "Passes over the data (InstructGPT trained its SFT model for 16)."}
+
     model: str = "smollm2-135m"
     """Model to fine-tune: an alias (smollm2-135m, tiny-llama), a Hugging Face directory, a .gguf file or a hub id."""
     data: str = "sample:conversations"
     """Training data (.jsonl/.json/.parquet/.csv/save_to_disk dir, or sample:NAME for bundled samples)."""
     output: str = "runs/sft"
     """Output directory: final model, checkpoints, metrics.jsonl, TensorBoard events, run.json."""
-    epochs: int = 1
-    """Passes over the data (InstructGPT trained its SFT model for 16)."""
     packing: bool = False
     """Pack whole examples into rows of max_length (no cross-example attention)."""
 
