@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -122,4 +123,6 @@ def test_a_full_disk_at_the_final_save_leaves_no_model_without_weights(tmp_path)
                      r"space, then rerun with --resume: it saves the model from the last checkpoint", proc.stderr), \
         proc.stderr[-500:]
     left = sorted(p.name for p in (tmp_path / "after" / "run").iterdir())
-    assert left == [".rlhfkit.lock", "metrics.jsonl", "tensorboard"]  # no config.json alone, no .saving
+    assert left == [".rlhfkit.lock", "metrics.jsonl", "run.json", "tensorboard"]  # no config.json alone, no .saving
+    record = json.loads((tmp_path / "after" / "run" / "run.json").read_text())
+    assert record["status"] == "running" and record["config"]["max_steps"] == 1  # what the unfinished run was

@@ -140,7 +140,7 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"r: finished at step 2 of 2, nothing to do \(to train on, raise --max-steps", out), out
     assert json.loads(out.splitlines()[-1]) == json.loads(record)["final_metrics"]
-    assert "train/loss" in json.loads(record)["final_metrics"]
+    assert "train/loss" in json.loads(record)["final_metrics"] and json.loads(record)["status"] == "finished"
     assert (tmp_path / "r" / "run.json").read_text() == record
     assert (tmp_path / "r" / "model.safetensors").stat().st_mtime_ns == weights
 

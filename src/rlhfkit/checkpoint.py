@@ -198,10 +198,10 @@ def resume_from(root: Path, config: Any = None) -> Path | None:
 
 def finished_run(out: Path, step: int, total: int, main: bool = True) -> dict | None:
     """For a resumed run whose checkpoint is at its last step (`step` ≥ `total`) and whose model was saved (run.json
-    is written after it): its final metrics, read back, so that resuming a finished run changes nothing. None while
-    there is work left, or the model still has to be saved."""
+    says "finished" once it is): its final metrics, read back, so that resuming a finished run changes nothing. None
+    while there is work left, or the model still has to be saved."""
     record = out / "run.json"
-    if step < total or not record.is_file():
+    if step < total or not record.is_file() or json.loads(record.read_text()).get("status") == "running":
         return None
     if main:
         print(f"{out}: finished at step {step} of {total}, nothing to do (to train on, raise --max-steps, --epochs "

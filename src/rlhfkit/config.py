@@ -288,11 +288,14 @@ def versions() -> dict[str, str]:
 
 
 def write_run_json(out_dir: str | os.PathLike, cfg: Any, command: str, final_metrics: dict | None = None,
-                   extra: dict | None = None) -> Path:
-    """run.json: the resolved config, versions, seed, git revision, argv and final metrics."""
+                   extra: dict | None = None, status: str = "finished") -> Path:
+    """run.json: the resolved config, versions, seed, git revision, argv, final metrics and status. Trainers write
+    it as "running" when their loop starts, so that a killed run still records what it was, and as "finished"
+    after saving the model."""
     path = Path(out_dir) / "run.json"
     record = {
         "command": command,
+        "status": status,
         "argv": sys.argv,
         "config": dataclasses.asdict(cfg),
         "seed": getattr(cfg, "seed", None),

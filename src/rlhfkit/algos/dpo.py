@@ -370,6 +370,8 @@ def train(cfg: DPOConfig) -> dict:
             return done
         if main:
             print(f"resuming from {last} (step {state['step']})")
+    if main:
+        write_run_json(out, cfg, "dpo", status="running")
     tracker = Tracker(out, enabled=main, resume_step=state["step"] if last else None)
     if main and last is None:
         tracker.log(0, {**report.as_dict(), "data/val_pairs": len(val_pairs)})

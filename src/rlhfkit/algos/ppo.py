@@ -537,6 +537,7 @@ def train(cfg: PPOConfig) -> dict:
             release_output(out)
             return done
         print(f"resuming from {last} (iteration {state['step']})")
+    write_run_json(out, cfg, "ppo", status="running")
     tracker = Tracker(out, resume_step=state["step"] if last else None)
     samples_path = out / "samples.jsonl"
     if last is None:

@@ -419,6 +419,8 @@ def train(cfg: RMConfig) -> dict:
     if last is not None and (done := checkpoint.finished_run(out, resume_step, total_steps, main)) is not None:
         release_output(out)
         return done
+    if main:
+        write_run_json(out, cfg, "rm", status="running")
     tracker = Tracker(out, enabled=main, resume_step=resume_step if last else None)
     if main and last is None:
         tracker.log(0, data_report)

@@ -151,6 +151,8 @@ def train(cfg: SFTConfig) -> dict:
             return done
         if main:
             print(f"resuming from {last} (step {state['step']})")
+    if main:
+        write_run_json(out, cfg, "sft", status="running")
     tracker = Tracker(out, enabled=main, resume_step=state["step"] if last else None)
     if main and last is None:
         tracker.log(0, {**report.as_dict(), "data/val_examples": val_report.examples})
