@@ -49,7 +49,8 @@ def lab(tmp_path, tiny_models, generation):
     """The app over a fresh database, with labellers ann and bob and admin ada: (client, people, engine)."""
     from starlette.testclient import TestClient
 
-    from rlhfkit.label import server, store
+    from rlhfkit.feedback import store
+    from rlhfkit.label import server
 
     db = str(tmp_path / "label.sqlite")
     app = server.create_app(db, tiny_models, generation, max_body_bytes=16 * 1024)

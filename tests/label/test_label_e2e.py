@@ -51,7 +51,7 @@ def test_cli_users_add_and_errors(tmp_path):
     proc = run_cli("label", "users", "add", "--db", db, "--name", "ann", "--admin")
     token = proc.stdout.strip()
     assert len(token) >= 30 and "token" in proc.stderr
-    from rlhfkit.label import store
+    from rlhfkit.feedback import store
 
     engine = store.open_engine(db)
     user = store.user_by_token(engine, token)

@@ -10,7 +10,7 @@ import uuid
 
 import sqlalchemy as sa
 
-from rlhfkit.label import store
+from rlhfkit.feedback import store
 from tests.label.conftest import count
 
 XSS = "<script>alert(1)</script>"

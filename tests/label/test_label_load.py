@@ -17,7 +17,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from rlhfkit.label import store
+from rlhfkit.feedback import store
 
 PEOPLE, EACH = 20, 50
 

@@ -9,7 +9,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from rlhfkit.label import export, store
+from rlhfkit.feedback import export, store
 from tests.label.conftest import count
 
 

@@ -153,7 +153,7 @@ def judge_scores(cfg: EvalConfig, prompts, task_list, texts: list[str], precisio
 
 def evaluate_db(cfg: EvalConfig) -> dict:
     """Win rates and Elo from people's A/B comparisons in a labelling-app database."""
-    from rlhfkit.label.store import comparison_games
+    from rlhfkit.feedback.store import comparison_games
 
     db = cfg.judge[3:]
     if "://" not in db and not Path(db).is_file():

@@ -71,7 +71,8 @@ class ExportConfig:
 
 def _web():
     try:
-        from rlhfkit.label import export, server, store
+        from rlhfkit.feedback import export, store
+        from rlhfkit.label import server
     except ImportError as e:
         raise UsageError(f"the labelling app needs the web extra ({e.name} is missing): "
                          "pip install 'rlhfkit[web]'") from None

@@ -29,8 +29,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from rlhfkit.label import pages, store
-from rlhfkit.label.store import User
+from rlhfkit.feedback import store
+from rlhfkit.feedback.store import User
+from rlhfkit.label import pages
 
 COOKIE = "rlhfkit_session"
 FEEDBACK = {"prompts": "prompt", "demonstrations": "demonstration", "rankings": "ranking",

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from rlhfkit.label import store
-from rlhfkit.label.store import comparisons, demonstrations, prompts, rankings, responses, users
+from rlhfkit.feedback import store
+from rlhfkit.feedback.store import comparisons, demonstrations, prompts, rankings, responses, users
 
 
 def _prompt(context: list[dict]):
