@@ -105,6 +105,15 @@ def test_a_bad_number_exits_2_with_one_line():
     assert proc.returncode == 2 and proc.stderr == "error: --beta 0.0: must be > 0\n"
 
 
+@pytest.mark.parametrize("name", ["default", "tiny"])
+def test_every_pipeline_preset_loads_and_its_stage_options_are_valid(name):
+    from rlhfkit.pipeline import PRESETS, PipelineConfig, resolve
+
+    assert sorted(p.name for p in PRESETS.glob("*.yaml")) == ["pipeline_default.yaml", "pipeline_tiny.yaml"]
+    cfg = resolve(PipelineConfig(preset=name))  # every stage dict through its command's strict config
+    assert cfg.model and cfg.sft and cfg.rm and cfg.ppo
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_in_configs_loads_for_the_command_its_first_line_names(path):
     first = path.read_text().splitlines()[0]

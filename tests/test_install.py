@@ -65,6 +65,11 @@ def test_plain_install_runs_sft_rm_dpo_and_eval(tmp_path):
     # plain: no dev extra, no web stack
     probe = "import importlib.util as u; print([m for m in ('trl', 'pytest', 'starlette') if u.find_spec(m)])"
     assert subprocess.run([py, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    # the package's data files came along: bundled samples and the pipeline's presets
+    probe = "from rlhfkit import pipeline; from rlhfkit.data import io; print(pipeline.preset('tiny')['model'], " \
+            "len(io.read_rows('sample:pairs')) > 0)"
+    assert subprocess.run([py, "-c", probe], capture_output=True, text=True, check=True).stdout.split() == \
+        ["tiny-llama", "True"]
 
     env = {**os.environ, "NO_COLOR": "1", "RLHFKIT_CACHE": str(tmp_path / "cache")}
 

@@ -28,7 +28,7 @@ Departures, and why:
   go the other way: `rlhfkit label export`, then `rlhfkit rm`, `rlhfkit dpo`, and `rlhfkit eval --judge db:FILE`.
 - Each online round's PPO starts again from the SFT model (KL to SFT), as the HH paper retrained its policies on
   the newer preference models; the rounds differ in the RM they optimise.
-- Presets: `default` fits the 20-minute budget of a 2-core CPU (so fewer prompts and iterations than a real run,
+- Presets (rlhfkit/presets/pipeline_NAME.yaml): `default` fits the 20-minute budget of a 2-core CPU (so fewer prompts and iterations than a real run,
   and the RM, PPO and DPO train only their upper 15, 15 and 20 of SmolLM2's 30 blocks); `tiny` runs everything on
   tiny-llama in about a minute, for tests.
 """
@@ -45,44 +45,22 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rlhfkit import UsageError
 from rlhfkit.config import from_dict, write_run_json
 from rlhfkit.sim import labellers, tasks
 from rlhfkit.tracking import claim_output, release_output
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": {
-        "model": "smollm2-135m", "suite_size": 2000, "sft_prompts": 400, "rm_prompts": 512, "rl_prompts": 0,
-        "eval_prompts": 200, "k": 4, "bon_n": 16, "robustness": False, "ptx": False, "temperature": 0.7,
-        "system_prompt": "You are a helpful assistant.",
-        "sft": {"lr": 5e-5, "batch_size": 4, "epochs": 2, "max_length": 256, "packing": True, "val_fraction": 0.05,
-                "warmup_ratio": 0.05},
-        # 87 steps: 1.5 passes over 460 rankings, the optimizer steps that 3 passes over 230 took (session 11)
-        "rm": {"lr": 3e-5, "batch_size": 8, "max_steps": 87, "max_length": 256, "val_fraction": 0.1,
-               "warmup_ratio": 0.05, "freeze_layers": 15, "group_by_length": True},
-        "ppo": {"advantage": "rloo", "iterations": 16, "rollout_prompts": 16, "n_samples": 4, "max_new_tokens": 48,
-                "lr": 2e-5, "kl_coef": 0.3, "minibatch_size": 16, "batch_size": 16, "temperature": 1.0,
-                "freeze_layers": 15},
-        "dpo": {"lr": 1e-5, "beta": 0.1, "batch_size": 8, "max_steps": 24, "max_length": 256,
-                "group_by_length": True, "freeze_layers": 10},
-        "sample": {"max_new_tokens": 48, "temperature": 1.0, "batch_size": 256},
-        "eval": {"max_new_tokens": 48, "batch_size": 256},
-    },
-    "tiny": {
-        "model": "tiny-llama", "suite_size": 300, "sft_prompts": 48, "rm_prompts": 24, "rl_prompts": 16,
-        "eval_prompts": 16, "k": 3, "bon_n": 4, "robustness": True, "ptx": True, "temperature": 1.0,
-        "system_prompt": "You are a helpful assistant.",
-        "sft": {"lr": 1e-2, "batch_size": 8, "max_steps": 12, "max_length": 128, "dtype": "fp32",
-                "val_fraction": 0.0, "schedule": "constant", "warmup_ratio": 0.0},
-        "rm": {"lr": 1e-3, "batch_size": 4, "max_steps": 6, "max_length": 128, "dtype": "fp32",
-               "val_fraction": 0.2},
-        "ppo": {"advantage": "rloo", "iterations": 3, "rollout_prompts": 4, "n_samples": 2, "max_new_tokens": 8,
-                "lr": 1e-3, "dtype": "fp32", "minibatch_size": 8, "ptx_batch_size": 4},
-        "dpo": {"lr": 1e-3, "batch_size": 4, "max_steps": 4, "max_length": 128, "dtype": "fp32"},
-        "sample": {"max_new_tokens": 8, "temperature": 1.0, "dtype": "fp32"},
-        "eval": {"max_new_tokens": 8, "dtype": "fp32", "bootstrap": 100},
-    },
-}
+PRESETS = Path(__file__).parent / "presets"  # pipeline_NAME.yaml, shipped with the package
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The values of `--preset NAME` (rlhfkit/presets/pipeline_NAME.yaml)."""
+    names = sorted(p.stem.removeprefix("pipeline_") for p in PRESETS.glob("pipeline_*.yaml"))
+    if name not in names:
+        raise UsageError(f"--preset {name!r}: expected one of {', '.join(names)}")
+    return yaml.safe_load((PRESETS / f"pipeline_{name}.yaml").read_text())
 
 
 @dataclass
@@ -161,9 +139,7 @@ def machine_speed() -> float:
 
 def resolve(cfg: PipelineConfig) -> PipelineConfig:
     """The preset's values under the user's: unset top-level options from the preset, stage dicts merged."""
-    if cfg.preset not in PRESETS:
-        raise UsageError(f"--preset {cfg.preset!r}: expected one of {', '.join(PRESETS)}")
-    preset = PRESETS[cfg.preset]
+    defaults = preset(cfg.preset)
     bad = [s for s in cfg.skip if s not in ("dpo", "best_of_n", "ppo")]
     if bad:
         raise UsageError(f"--skip {bad[0]!r}: only dpo, best_of_n and ppo can be skipped")
@@ -172,7 +148,7 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
                          "(db:FILE) are collected outside a run: rlhfkit label export, then rlhfkit rm / dpo")
     values = {}
     for f in fields(cfg):
-        mine, theirs = getattr(cfg, f.name), preset.get(f.name)
+        mine, theirs = getattr(cfg, f.name), defaults.get(f.name)
         if isinstance(theirs, dict):
             values[f.name] = {**theirs, **mine}
         elif mine is None:
