@@ -234,6 +234,11 @@ DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
           "fp32": "no", "float32": "no", "float": "no"}
 
 
+def device() -> torch.device:
+    """Where a single-process command (generate, best-of-n, eval, score) runs its models: the GPU if there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def mixed_precision(dtype: str) -> str:
     """Resolve `--dtype` (auto, bf16, fp16, fp32, or transformers' bfloat16, float16, float32) to accelerate's
     mixed_precision: "bf16", "fp16" or "no" (master weights stay fp32)."""

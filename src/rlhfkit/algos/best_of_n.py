@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from rlhfkit import UsageError, models
-from rlhfkit.algos.generate import SamplingConfig, device, generation_settings, sample, sample_rows
+from rlhfkit.algos.generate import SamplingConfig, generation_settings, sample, sample_rows
 from rlhfkit.config import run_record_path, write_run_record
 from rlhfkit.core.losses import best_of_n_kl
 from rlhfkit.data import formats, io
@@ -114,7 +114,7 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, float]:
     if cfg.samples_output:
         check_output(cfg.samples_output, "--samples-output")
     fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
-    rm = RewardModel.load(cfg.reward_model, device(), models.mixed_precision(cfg.dtype)) if cfg.reward_model \
+    rm = RewardModel.load(cfg.reward_model, models.device(), models.mixed_precision(cfg.dtype)) if cfg.reward_model \
         else None
 
     # 2. sample: the same path as `rlhfkit generate`, so sample 0 of each prompt is what generate --n 1 gives

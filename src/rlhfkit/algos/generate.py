@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
 from rlhfkit import models
 from rlhfkit.config import write_run_record
@@ -84,10 +83,6 @@ def load_prompts(path: str, fmt: str | None) -> tuple[list[formats.Prompt], list
     return [formats.to_prompt(r, fmt) for r in rows], [r.data for r in rows]
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def sample(cfg: SamplingConfig, model_name: str) -> tuple[list[formats.Prompt], list[dict[str, Any]], Samples,
                                                           dict[str, float]]:
     """Steps 1–3: prompts, prompt-row columns, n samples per prompt, and rollout metrics."""
@@ -96,7 +91,7 @@ def sample(cfg: SamplingConfig, model_name: str) -> tuple[list[formats.Prompt], 
     params = sampling_params(cfg)
     # 2. model and tokenizer
     tok = models.load_tokenizer(model_name)
-    model = models.load_causal_lm(model_name, seed=0, tokenizer=tok).to(device())
+    model = models.load_causal_lm(model_name, seed=0, tokenizer=tok).to(models.device())
     # 3. sample
     engine = HFEngine(model, tok, cfg.batch_size, models.mixed_precision(cfg.dtype), progress=True)
     start = time.perf_counter()

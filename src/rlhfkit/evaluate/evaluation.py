@@ -146,7 +146,7 @@ def judge_scores(cfg: EvalConfig, prompts, task_list, texts: list[str], precisio
     if cfg.judge.startswith("rm:"):
         from rlhfkit.reward_model import RewardModel
 
-        rm = RewardModel.load(cfg.judge[3:], torch.device("cpu"), precision)
+        rm = RewardModel.load(cfg.judge[3:], models.device(), precision)
         return rm.score(prompts, texts, cfg.batch_size, 2048, precision)[0]
     raise UsageError(f"--judge {cfg.judge!r}: expected sim or rm:DIR (db:FILE is not built yet)")
 
@@ -193,7 +193,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     params = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     ref = None
     if cfg.reference:
-        ref = models.load_causal_lm(cfg.reference, tokenizer=models.load_tokenizer(cfg.reference)).eval()
+        ref = models.load_causal_lm(cfg.reference, tokenizer=models.load_tokenizer(cfg.reference)).to(models.device())
+        ref.eval()
         models.inference_weights(ref, precision)
     per_model: dict[str, dict] = {}
     scores: dict[str, torch.Tensor] = {}
@@ -214,7 +215,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             texts = file_responses(spec.split(":", 1)[1], prompts)
         else:
             tok = models.load_tokenizer(spec)
-            model = models.load_causal_lm(spec, tokenizer=tok).eval()
+            model = models.load_causal_lm(spec, tokenizer=tok).to(models.device()).eval()
             models.inference_weights(model, precision)
             samples = HFEngine(model, tok, cfg.batch_size, precision, progress=True).generate(prompts, params)
             texts = samples.texts
