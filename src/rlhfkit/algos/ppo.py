@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ from rlhfkit.data import chat, formats, io
 from rlhfkit.data.collate import collate
 from rlhfkit.reward_fn import call_reward_fn, load_reward_fn
 from rlhfkit.reward_model import RewardModel, reward_model_dir
-from rlhfkit.rollout import SamplingParams
+from rlhfkit.rollout import Samples, SamplingParams
 from rlhfkit.rollout.hf import HFEngine
 from rlhfkit.tracking import Tracker, claim_output, release_output, truncate_jsonl
 from rlhfkit.training import (RunConfig, accelerator_for, adamw, for_training, global_batch_rows, make_schedule,
@@ -490,17 +490,23 @@ def check(cfg: PPOConfig) -> None:
         raise UsageError(f"--kl-estimator {cfg.kl_estimator!r}: expected k1 or k3")
 
 
-def train(cfg: PPOConfig) -> dict:
-    check(cfg)
-    # 1. setup: one process, precision, the four roles (actor, reference, critic, reward)
-    accelerator = accelerator_for(cfg.dtype)
-    if accelerator.num_processes > 1:
-        raise UsageError("rlhfkit ppo runs on one process for now (data-parallel PPO is not wired yet)")
-    device, precision = accelerator.device, models.mixed_precision(cfg.dtype)
-    torch.manual_seed(cfg.seed)
-    out = claim_output(cfg.output, cfg.resume, cfg.overwrite)
-    tok = models.load_tokenizer(cfg.policy)
-    prompts, metadata = load_prompts(cfg, tok)
+@dataclass
+class Roles:
+    """PPO's models, built once (step 1). `net` holds what trains: "actor" (`models.SelectedLogits` around the
+    policy) and, for GAE, "critic" (`ValueModel`). `ref` is the frozen reference; None with --lora, where the
+    reference is the actor with its adapter disabled. The engine samples with the actor's own weights."""
+
+    net: torch.nn.ModuleDict
+    actor: Any  # the policy's causal LM (a peft model with --lora)
+    ref: models.SelectedLogits | None
+    reward_model: RewardModel | None
+    reward_fn: Callable | None
+    monitors: dict[str, Callable]
+    engine: HFEngine
+    critic_init: str | None  # where the critic's weights came from (GAE)
+
+
+def build_roles(cfg: PPOConfig, tok, prompts: list[formats.Messages], device, precision: str) -> Roles:
     actor = for_training(models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok), cfg)
     net = torch.nn.ModuleDict({"actor": models.SelectedLogits(actor)})
     ref = None if cfg.lora else models.SelectedLogits(
@@ -515,10 +521,145 @@ def train(cfg: PPOConfig) -> dict:
         ref.to(device).eval()
     reward_model = RewardModel.load(cfg.reward_model, device, precision) if cfg.reward_model else None
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
-    ptx_rows = load_ptx(cfg, tok)
     engine = HFEngine(actor, tok, batch_size=cfg.generate_batch_size, precision=precision)
     engine.check_fits([chat.encode_prompt(tok, p) for p in prompts], cfg.max_new_tokens)
-    monitors = load_monitors(cfg, device)
+    return Roles(net, actor, ref, reward_model, reward_fn, load_monitors(cfg, device), engine, critic_init)
+
+
+class Scores(NamedTuple):
+    raw: torch.Tensor  # (B,) float32: the reward model's and the function's scores summed, as logged
+    shaped: torch.Tensor  # (B,) after the missing-EOS rule and clipping, on the device: what PPO optimises
+    monitored: dict[str, float]  # "monitor/NAME": the mean of each --monitor
+
+
+def score(cfg: PPOConfig, roles: Roles, row_prompts: list[formats.Messages], row_meta: list[dict],
+          samples: Samples, precision: str, device) -> Scores:
+    """Step 3 (row_prompts and row_meta: each sample's prompt and prompt row)."""
+    scores = torch.zeros(len(samples.texts), dtype=torch.float64)
+    if roles.reward_model is not None:
+        scores += roles.reward_model.score(row_prompts, samples.texts, cfg.rm_batch_size,
+                                           cfg.max_length + cfg.max_new_tokens, precision)[0]
+    if roles.reward_fn is not None:
+        scores += call_reward_fn(roles.reward_fn, cfg.reward_fn, row_prompts, samples.texts, row_meta)
+    raw = scores.float()
+    monitored = {f"monitor/{name}": float(fn(row_prompts, samples.texts, row_meta).mean())
+                 for name, fn in roles.monitors.items()}
+    return Scores(raw, apply_score_rules(raw, samples.finished, cfg).to(device), monitored)
+
+
+def experience(cfg: PPOConfig, roles: Roles, samples: Samples, scores: torch.Tensor, beta: float, accelerator,
+               timing: dict[str, float]) -> Rollout:
+    """Steps 4–5: the old log-probs (unless on-policy), the reference's log-probs and the values of the samples,
+    computed with the training forward's numerics, then rewards and advantages. Adds the phases' times to
+    `timing`."""
+    device, net = accelerator.device, roles.net
+    input_ids, attention_mask = samples.sequences()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    rollout = Rollout(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                      position_ids=position_ids.to(device), response_mask=samples.response_mask.float().to(device),
+                      logprobs=None, ref_logprobs=None, values=None, scores=scores,
+                      on_policy=on_policy(cfg, len(scores)))
+    t0 = time.perf_counter()
+    share = cfg.shared_prefix  # no gradients here, so checkpointed layers keep their cache
+    with accelerator.autocast():
+        logprobs = None if rollout.on_policy else \
+            in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature, share=share)[0], rollout,
+                      cfg.batch_size)
+        t1 = time.perf_counter()
+        if roles.ref is not None:
+            ref_logprobs = in_chunks(lambda b: token_logprobs(roles.ref, b, cfg.temperature, share=share)[0],
+                                     rollout, cfg.batch_size)
+        else:
+            with roles.actor.disable_adapter():
+                ref_logprobs = in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature,
+                                                                  share=share)[0], rollout, cfg.batch_size)
+        t2 = time.perf_counter()
+        values = in_chunks(lambda b: token_values(net["critic"], b, share), rollout, cfg.batch_size) \
+            if "critic" in net else None
+    timing.update({"time/logprobs": t1 - t0, "time/reference": t2 - t1, "time/values": time.perf_counter() - t2})
+    rollout = replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values)
+    return compute_advantages(rollout, cfg, beta)
+
+
+class Updated(NamedTuple):
+    """What step 6 did."""
+
+    sums: UpdateStats | None  # summed over the updates applied (None: every one was skipped)
+    tokens_seen: float  # response tokens of the updates applied
+    train_tokens: float  # prompt and response tokens run forward and backward
+    updates: int
+    stopped_early: bool  # --early-stop-kl ended the epochs
+    policy_logprobs: torch.Tensor  # (B, R) the sampling policy's log-probs (on-policy: the update's own forward)
+
+
+def update_policy(cfg: PPOConfig, net, rollout: Rollout, beta: float, it: int, optimizer, params, state: dict,
+                  ptx_rows: list, pad_id: int, accelerator, ckpt_root: Path) -> Updated:
+    """Step 6: PPO epochs over minibatches of whole prompt groups, each minibatch one optimizer step over its
+    micro-batches (and, with PPO-ptx, a batch of pre-training rows)."""
+    mask = rollout.response_mask
+    n_rows = len(rollout.scores)
+    policy_logprobs = torch.zeros_like(mask) if rollout.on_policy else rollout.logprobs  # (B, R)
+    sums: UpdateStats | None = None
+    tokens_seen, train_tokens, updates, stopped_early = 0.0, 0.0, 0, False
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
+    for _ in range(cfg.ppo_epochs):
+        # whole prompt groups per minibatch (TRL's GRPO sampler does the same), so a prompt runs once in it
+        groups = torch.randperm(n_rows // cfg.n_samples, generator=gen)
+        perm = (groups[:, None] * cfg.n_samples + torch.arange(cfg.n_samples)).flatten()
+        for m in range(0, len(perm), cfg.minibatch_size):
+            mb_idx = perm[m:m + cfg.minibatch_size]
+            n_tokens = float(mask[mb_idx].sum().clamp(min=1))
+            train_tokens += float(rollout.attention_mask[mb_idx].sum())  # prompt + response, forward + backward
+            mb_stats: UpdateStats | None = None
+            for u in range(0, len(mb_idx), cfg.batch_size):
+                with accelerator.autocast():
+                    loss, logps, st = minibatch_loss(net, rollout.rows(mb_idx[u:u + cfg.batch_size]), cfg, beta,
+                                                     n_tokens)
+                accelerator.backward(loss)
+                if rollout.on_policy:  # the update's own forward is the sampling policy's
+                    policy_logprobs[mb_idx[u:u + cfg.batch_size]] = logps.float()
+                mb_stats = st if mb_stats is None else mb_stats.merge(st)
+            if ptx_rows:
+                rows = [ptx_rows[i] for i in global_batch_rows(state["ptx_step"], len(ptx_rows),
+                                                               cfg.ptx_batch_size, cfg.seed)]
+                with accelerator.autocast():
+                    ptx = ptx_loss(net, rows, pad_id, accelerator.device)
+                accelerator.backward(cfg.ptx_coef * ptx)
+                mb_stats = mb_stats._replace(ptx_loss=ptx.detach() * n_tokens)
+                state["ptx_step"] += 1
+            clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            loss_value = float(mb_stats.policy_loss / n_tokens)
+            if skip_nonfinite(loss_value, grad_norm, state, cfg, ckpt_root, f"iteration {it + 1}", True):
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            updates += 1
+            tokens_seen += n_tokens
+            sums = mb_stats if sums is None else sums.merge(mb_stats)
+            if cfg.early_stop_kl is not None and float(mb_stats.approx_kl / n_tokens) > cfg.early_stop_kl:
+                stopped_early = True
+                break
+        if stopped_early:
+            break
+    return Updated(sums, tokens_seen, train_tokens, updates, stopped_early, policy_logprobs)
+
+
+def train(cfg: PPOConfig) -> dict:
+    check(cfg)
+    # 1. setup: one process, precision, the roles (actor, reference, critic, reward)
+    accelerator = accelerator_for(cfg.dtype)
+    if accelerator.num_processes > 1:
+        raise UsageError("rlhfkit ppo runs on one process for now (data-parallel PPO is not wired yet)")
+    device, precision = accelerator.device, models.mixed_precision(cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    out = claim_output(cfg.output, cfg.resume, cfg.overwrite)
+    tok = models.load_tokenizer(cfg.policy)
+    prompts, metadata = load_prompts(cfg, tok)
+    roles = build_roles(cfg, tok, prompts, device, precision)
+    net = roles.net
+    ptx_rows = load_ptx(cfg, tok)
 
     groups = [{"params": [p for p in net["actor"].parameters() if p.requires_grad], "lr": cfg.lr}]
     if "critic" in net:
@@ -557,102 +698,24 @@ def train(cfg: PPOConfig) -> dict:
         t0 = time.perf_counter()
         params_s = SamplingParams(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + it)
-        samples = engine.generate(batch_prompts, params_s)
+        samples = roles.engine.generate(batch_prompts, params_s)
         timing["time/generate"] = time.perf_counter() - t0
         # 3. score
         t0 = time.perf_counter()
         row_prompts = [batch_prompts[i] for i in samples.prompt_index.tolist()]
-        scores = torch.zeros(len(samples.texts), dtype=torch.float64)
-        if reward_model is not None:
-            scores += reward_model.score(row_prompts, samples.texts, cfg.rm_batch_size,
-                                         cfg.max_length + cfg.max_new_tokens, precision)[0]
         row_meta = [metadata[idx[i]] for i in samples.prompt_index.tolist()]
-        if reward_fn is not None:
-            scores += call_reward_fn(reward_fn, cfg.reward_fn, row_prompts, samples.texts, row_meta)
-        raw_scores = scores.float()
-        scores = apply_score_rules(raw_scores, samples.finished, cfg).to(device)
+        raw_scores, scores, monitored = score(cfg, roles, row_prompts, row_meta, samples, precision, device)
         if notice := missing_eos_notice(samples.finished, cfg, it + 1, eos_warned):
             tqdm.write(notice)
             eos_warned = True
-        monitored = {f"monitor/{name}": float(fn(row_prompts, samples.texts, row_meta).mean())
-                     for name, fn in monitors.items()}
         timing["time/score"] = time.perf_counter() - t0
-        # 4. old log-probs, reference log-probs and values, with the training forward's numerics
-        input_ids, attention_mask = samples.sequences()
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        rollout = Rollout(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                          position_ids=position_ids.to(device), response_mask=samples.response_mask.float().to(device),
-                          logprobs=None, ref_logprobs=None, values=None, scores=scores,
-                          on_policy=on_policy(cfg, len(scores)))
-        t0 = time.perf_counter()
-        share = cfg.shared_prefix  # no gradients here, so checkpointed layers keep their cache
-        with accelerator.autocast():
-            logprobs = None if rollout.on_policy else \
-                in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature, share=share)[0], rollout,
-                          cfg.batch_size)
-            t1 = time.perf_counter()
-            if ref is not None:
-                ref_logprobs = in_chunks(lambda b: token_logprobs(ref, b, cfg.temperature, share=share)[0], rollout,
-                                         cfg.batch_size)
-            else:
-                with actor.disable_adapter():
-                    ref_logprobs = in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature,
-                                                                      share=share)[0], rollout, cfg.batch_size)
-            t2 = time.perf_counter()
-            values = in_chunks(lambda b: token_values(net["critic"], b, share), rollout, cfg.batch_size) \
-                if "critic" in net else None
-        timing.update({"time/logprobs": t1 - t0, "time/reference": t2 - t1, "time/values": time.perf_counter() - t2})
-        rollout = replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values)
-        # 5. rewards and advantages
-        rollout = compute_advantages(rollout, cfg, beta)
+        # 4.–5. old and reference log-probs, values, rewards and advantages
+        rollout = experience(cfg, roles, samples, scores, beta, accelerator, timing)
         mask = rollout.response_mask
-        policy_logprobs = torch.zeros_like(mask) if rollout.on_policy else rollout.logprobs  # (B, R)
         # 6. PPO epochs over minibatches
         t0 = time.perf_counter()
-        sums: UpdateStats | None = None
-        tokens_seen, train_tokens, updates, stopped_early = 0.0, 0.0, 0, False
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
-        for _ in range(cfg.ppo_epochs):
-            # whole prompt groups per minibatch (TRL's GRPO sampler does the same), so a prompt runs once in it
-            groups = torch.randperm(len(scores) // cfg.n_samples, generator=gen)
-            perm = (groups[:, None] * cfg.n_samples + torch.arange(cfg.n_samples)).flatten()
-            for m in range(0, len(perm), cfg.minibatch_size):
-                mb_idx = perm[m:m + cfg.minibatch_size]
-                n_tokens = float(mask[mb_idx].sum().clamp(min=1))
-                train_tokens += float(rollout.attention_mask[mb_idx].sum())  # prompt + response, forward + backward
-                mb_stats: UpdateStats | None = None
-                for u in range(0, len(mb_idx), cfg.batch_size):
-                    with accelerator.autocast():
-                        loss, logps, st = minibatch_loss(net, rollout.rows(mb_idx[u:u + cfg.batch_size]), cfg, beta,
-                                                         n_tokens)
-                    accelerator.backward(loss)
-                    if rollout.on_policy:  # the update's own forward is the sampling policy's
-                        policy_logprobs[mb_idx[u:u + cfg.batch_size]] = logps.float()
-                    mb_stats = st if mb_stats is None else mb_stats.merge(st)
-                if ptx_rows:
-                    rows = [ptx_rows[i] for i in global_batch_rows(state["ptx_step"], len(ptx_rows),
-                                                                   cfg.ptx_batch_size, cfg.seed)]
-                    with accelerator.autocast():
-                        ptx = ptx_loss(net, rows, tok.pad_token_id, device)
-                    accelerator.backward(cfg.ptx_coef * ptx)
-                    mb_stats = mb_stats._replace(ptx_loss=ptx.detach() * n_tokens)
-                    state["ptx_step"] += 1
-                clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-                loss_value = float(mb_stats.policy_loss / n_tokens)
-                if skip_nonfinite(loss_value, grad_norm, state, cfg, ckpt_root, f"iteration {it + 1}", True):
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                updates += 1
-                tokens_seen += n_tokens
-                sums = mb_stats if sums is None else sums.merge(mb_stats)
-                if cfg.early_stop_kl is not None and float(mb_stats.approx_kl / n_tokens) > cfg.early_stop_kl:
-                    stopped_early = True
-                    break
-            if stopped_early:
-                break
+        sums, tokens_seen, train_tokens, updates, stopped_early, policy_logprobs = update_policy(
+            cfg, net, rollout, beta, it, optimizer, params, state, ptx_rows, tok.pad_token_id, accelerator, ckpt_root)
         timing["time/train"] = time.perf_counter() - t0
         kl_seq = ((policy_logprobs - rollout.ref_logprobs) * mask).sum(1)  # (B,) k1 per sequence
         lr = scheduler.get_last_lr()[0]
@@ -694,8 +757,8 @@ def train(cfg: PPOConfig) -> dict:
 
     # 8. the final policy as a Hugging Face directory
     final = {**metrics, "train/iterations": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"],
-             "ppo/critic_init": critic_init}
-    models.save_pretrained(actor, tok, out, merge=cfg.lora and cfg.merge)
+             "ppo/critic_init": roles.critic_init}
+    models.save_pretrained(roles.actor, tok, out, merge=cfg.lora and cfg.merge)
     write_run_json(out, cfg, "ppo", final)
     tracker.close()
     release_output(out)
