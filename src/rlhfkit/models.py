@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -445,12 +446,47 @@ def shared_prefix_length(seqs: list[list[int]]) -> int:
     return n
 
 
+class Prefix(NamedTuple):
+    """Shared prefixes that rows run on instead of repeating them: row r is prefix row_of[r] followed by its own
+    tokens (the batch's input_ids are then the suffixes). G prefixes, B rows.
+
+    ids:    (G, P) long, LEFT-padded
+    mask:   (G, P) long, 1 on real tokens
+    row_of: (B,) long, the prefix of each row
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    row_of: torch.Tensor
+
+    def to(self, device) -> Prefix:
+        return Prefix(self.ids.to(device), self.mask.to(device), self.row_of.to(device))
+
+
+class Inputs(NamedTuple):
+    """One forward's inputs for `SelectedLogits` (or a critic): B rows of T tokens, M of them selected.
+
+    input_ids, attention_mask: (B, T) long; with a prefix, the rows' suffixes
+    position_ids:              (B, T) long, or None (from the mask; unused with a prefix)
+    select:                    (B, T) bool, the positions whose logits are read
+    targets:                   (M,) long or None, the tokens the selected logits are scored against
+    prefix:                    a `Prefix` the rows run on, or None
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor | None
+    select: torch.Tensor
+    targets: torch.Tensor | None
+    prefix: Prefix | None
+
+
 def decode(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
-           prefix: tuple | None = None, short_math_attention: bool = True) -> torch.Tensor:
-    """Last hidden states (B, T, H) of a trainer's forward: whole rows, or with `prefix` (prefix_ids (G, P)
-    left-padded, prefix_mask, row_of (B,)) the rows' suffixes on shared prefixes (`decode_on_prefixes`;
-    position_ids unused), under `training_attention` unless `short_math_attention` is off (then `native_gqa` only)."""
-    key_len = input_ids.shape[1] + (0 if prefix is None else prefix[0].shape[1])
+           prefix: Prefix | None = None, short_math_attention: bool = True) -> torch.Tensor:
+    """Last hidden states (B, T, H) of a trainer's forward: whole rows, or with `prefix` the rows' suffixes on
+    shared prefixes (`decode_on_prefixes`; position_ids unused), under `training_attention` unless
+    `short_math_attention` is off (then `native_gqa` only)."""
+    key_len = input_ids.shape[1] + (0 if prefix is None else prefix.ids.shape[1])
     kernel = training_attention(key_len, input_ids.device) if short_math_attention else native_gqa(input_ids.device)
     with kernel:
         if prefix is None:
@@ -543,11 +579,11 @@ class SelectedLogits(torch.nn.Module):
         # passes match their training forwards); evaluation, forward only, turns it off: there flash is faster
         self.short_math_attention = short_math_attention
 
-    def forward(self, input_ids, attention_mask, position_ids, select, targets=None, prefix=None):
+    def forward(self, input_ids, attention_mask, position_ids, select, targets=None, prefix: Prefix | None = None):
         """Logits (N, V) at the selected positions; with targets (N,), only their log-probs (N,) fp32, the head
-        computed in chunks so that no (N, V) tensor is kept (`core.lm.target_logps`). With `prefix`
-        (prefix_ids (G, P) left-padded, prefix_mask, row_of (B,)), input_ids are the rows' suffixes after a
-        shared prefix that runs once (`decode_on_prefixes`; position_ids unused) and select indexes them."""
+        computed in chunks so that no (N, V) tensor is kept (`core.lm.target_logps`). With a `Prefix`, input_ids
+        are the rows' suffixes after a shared prefix that runs once (`decode_on_prefixes`; position_ids unused)
+        and select indexes them."""
         from rlhfkit.core.lm import target_logps, token_logits
 
         hidden = decode(self.lm.get_decoder(), input_ids, attention_mask, position_ids, prefix,

@@ -150,7 +150,7 @@ def concatenated_logps(net, pairs: list[PairExample], pad_id: int, device, share
     if min(cuts) > 0:
         prefix_ids, prefix_mask = pad_left([p.chosen.input_ids[:n] for p, n in zip(pairs, cuts)], pad_id)  # (B, P)
         row_of = torch.arange(len(pairs)).repeat(2)  # (2B,) chosen rows, then rejected rows
-        prefix = (prefix_ids.to(device), prefix_mask.to(device), row_of.to(device))
+        prefix = models.Prefix(prefix_ids, prefix_mask, row_of).to(device)
         seqs = [replace(e, input_ids=e.input_ids[n:], loss_mask=e.loss_mask[n:]) for e, n in zip(seqs, cuts * 2)]
     else:
         prefix = None

@@ -262,8 +262,8 @@ def trimmed(batch: Rollout) -> Rollout:
                    position_ids=batch.position_ids[:, cols], response_mask=batch.response_mask[:, :width])
 
 
-def model_inputs(batch: Rollout, share: bool) -> tuple:
-    """(input_ids, attention_mask, position_ids, select, targets, prefix) for the actor, reference or critic.
+def model_inputs(batch: Rollout, share: bool) -> models.Inputs:
+    """The inputs of the actor's, the reference's or the critic's forward over a batch of the rollout.
 
     With `share`, rows with the same prompt (the n samples of one prompt) run it once: the prompt up to its last
     token becomes a shared prefix (`models.decode_on_prefixes`) and each row keeps that last token, whose logit
@@ -281,9 +281,9 @@ def model_inputs(batch: Rollout, share: bool) -> tuple:
         start = real_columns(prefix_mask).start  # columns of left padding in every distinct prompt
         prefix_ids, prefix_mask = prefix_ids[:, start:], prefix_mask[:, start:]
         if len(distinct) < len(key) and bool(prefix_mask.any(1).all()):
-            return (batch.input_ids[:, cut:], batch.attention_mask[:, cut:], None, select[:, cut:], targets,
-                    (prefix_ids, prefix_mask, row_of))
-    return batch.input_ids, batch.attention_mask, batch.position_ids, select, targets, None
+            return models.Inputs(batch.input_ids[:, cut:], batch.attention_mask[:, cut:], None, select[:, cut:],
+                                 targets, models.Prefix(prefix_ids, prefix_mask, row_of))
+    return models.Inputs(batch.input_ids, batch.attention_mask, batch.position_ids, select, targets, None)
 
 
 def token_logprobs(actor, batch: Rollout, temperature: float, with_entropy: bool = False, share: bool = False,
