@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhfkit import TrainingError, checkpoint
+from rlhfkit.tracking import Tracker, release_output
 
 
 @dataclass
@@ -283,3 +284,34 @@ def for_training(model, cfg: RunConfig, task_type: str = "CAUSAL_LM"):
     if cfg.lora:
         model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type)
     return model
+
+
+class Start(NamedTuple):
+    """How a trainer's loop starts (`start_run`)."""
+
+    state: dict  # the trainer state: from the checkpoint, or the fresh one given
+    resumed_from: Path | None  # the checkpoint, or None for a fresh start
+    tracker: Tracker | None  # metrics.jsonl and TensorBoard, from the step the run continues at
+    finished: dict | None  # a resumed run that had finished: its final metrics, and nothing left to do
+
+
+def start_run(out: Path, cfg: RunConfig, command: str, fresh: dict, net, optimizer, scheduler, accelerator,
+              total: int) -> Start:
+    """Step 4 of SFT, DPO and PPO: with --resume, continue from OUT/checkpoints/latest (`checkpoint.resume_from`
+    refuses another run's settings), or say that a finished run has nothing left to do; record the run as running
+    (run.json) and open its metrics from the step it continues at (what an interrupted run logged later goes)."""
+    from rlhfkit.config import write_run_json
+
+    main = accelerator.is_main_process
+    last = checkpoint.resume_from(out / "checkpoints", cfg) if cfg.resume else None
+    state = fresh
+    if last is not None:
+        state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
+        if (done := checkpoint.finished_run(out, state["step"], total, main)) is not None:
+            release_output(out)
+            return Start(state, last, None, done)
+        if main:
+            print(f"resuming from {last} (step {state['step']})")
+    if main:
+        write_run_json(out, cfg, command, status="running")
+    return Start(state, last, Tracker(out, enabled=main, resume_step=state["step"] if last else None), None)

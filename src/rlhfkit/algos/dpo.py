@@ -47,9 +47,10 @@ from rlhfkit.core.losses import DPO_LOSSES, dpo_loss
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.chat import TokenizedExample
 from rlhfkit.data.collate import collate, pad_left
-from rlhfkit.tracking import Tracker, claim_output, release_output
+from rlhfkit.tracking import claim_output, release_output
 from rlhfkit.training import (TrainConfig, accelerator_for, adamw, add_sums, for_training, global_batch_rows,
-                              make_schedule, means, micro_batches, reduce_sums, split_validation, update, zero_sums)
+                              make_schedule, means, micro_batches, reduce_sums, split_validation, start_run, update,
+                              zero_sums)
 
 
 @dataclass
@@ -360,20 +361,13 @@ def train(cfg: DPOConfig) -> dict:
                              accelerator)
 
     # 4. resume
-    state = {"step": 0, "tokens": 0, "nonfinite_skipped": 0}
     ckpt_root = out / "checkpoints"
-    last = checkpoint.resume_from(ckpt_root, cfg) if cfg.resume else None
-    if last is not None:
-        state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
-        if (done := checkpoint.finished_run(out, state["step"], total_steps, main)) is not None:
-            release_output(out)
-            return done
-        if main:
-            print(f"resuming from {last} (step {state['step']})")
-    if main:
-        write_run_json(out, cfg, "dpo", status="running")
-    tracker = Tracker(out, enabled=main, resume_step=state["step"] if last else None)
-    if main and last is None:
+    start = start_run(out, cfg, "dpo", {"step": 0, "tokens": 0, "nonfinite_skipped": 0}, net, optimizer, scheduler,
+                      accelerator, total_steps)
+    if start.finished is not None:
+        return start.finished
+    state, tracker = start.state, start.tracker
+    if main and start.resumed_from is None:
         tracker.log(0, {**report.as_dict(), "data/val_pairs": len(val_pairs)})
 
     # 5. the loop

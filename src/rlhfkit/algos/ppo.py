@@ -52,9 +52,9 @@ from rlhfkit.reward_fn import call_reward_fn, load_reward_fn
 from rlhfkit.reward_model import RewardModel, reward_model_dir
 from rlhfkit.rollout import Samples, SamplingParams
 from rlhfkit.rollout.hf import HFEngine
-from rlhfkit.tracking import Tracker, claim_output, release_output, truncate_jsonl
+from rlhfkit.tracking import claim_output, release_output, truncate_jsonl
 from rlhfkit.training import (RunConfig, accelerator_for, adamw, for_training, global_batch_rows, make_schedule,
-                              skip_nonfinite)
+                              skip_nonfinite, start_run)
 
 ADVANTAGES = ("gae", "grpo", "rloo", "reinforce++")
 
@@ -669,19 +669,14 @@ def train(cfg: PPOConfig) -> dict:
     scheduler = make_schedule(optimizer, cfg, cfg.iterations)
 
     # resume: weights, optimizer, schedule, β and the ptx position live in the checkpoint
-    state = {"step": 0, "beta": cfg.kl_coef, "ptx_step": 0, "nonfinite_skipped": 0, "episodes": 0}
     ckpt_root = out / "checkpoints"
-    last = checkpoint.resume_from(ckpt_root, cfg) if cfg.resume else None
-    if last is not None:
-        state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
-        if (done := checkpoint.finished_run(out, state["step"], cfg.iterations)) is not None:
-            release_output(out)
-            return done
-        print(f"resuming from {last} (iteration {state['step']})")
-    write_run_json(out, cfg, "ppo", status="running")
-    tracker = Tracker(out, resume_step=state["step"] if last else None)
+    start = start_run(out, cfg, "ppo", {"step": 0, "beta": cfg.kl_coef, "ptx_step": 0, "nonfinite_skipped": 0,
+                                        "episodes": 0}, net, optimizer, scheduler, accelerator, cfg.iterations)
+    if start.finished is not None:
+        return start.finished
+    state, tracker = start.state, start.tracker
     samples_path = out / "samples.jsonl"
-    if last is None:
+    if start.resumed_from is None:
         samples_path.unlink(missing_ok=True)
     else:
         truncate_jsonl(samples_path, "iteration", state["step"])
