@@ -296,10 +296,11 @@ class Start(NamedTuple):
 
 
 def start_run(out: Path, cfg: RunConfig, command: str, fresh: dict, net, optimizer, scheduler, accelerator,
-              total: int) -> Start:
+              total: int, data_report: dict | None = None) -> Start:
     """Step 4 of SFT, DPO and PPO: with --resume, continue from OUT/checkpoints/latest (`checkpoint.resume_from`
     refuses another run's settings), or say that a finished run has nothing left to do; record the run as running
-    (run.json) and open its metrics from the step it continues at (what an interrupted run logged later goes)."""
+    (run.json) and open its metrics from the step it continues at (what an interrupted run logged later goes); a
+    fresh run logs `data_report` at step 0."""
     from rlhfkit.config import write_run_json
 
     main = accelerator.is_main_process
@@ -314,4 +315,7 @@ def start_run(out: Path, cfg: RunConfig, command: str, fresh: dict, net, optimiz
             print(f"resuming from {last} (step {state['step']})")
     if main:
         write_run_json(out, cfg, command, status="running")
-    return Start(state, last, Tracker(out, enabled=main, resume_step=state["step"] if last else None), None)
+    tracker = Tracker(out, enabled=main, resume_step=state["step"] if last else None)
+    if last is None and data_report:
+        tracker.log(0, data_report)
+    return Start(state, last, tracker, None)

@@ -363,12 +363,10 @@ def train(cfg: DPOConfig) -> dict:
     # 4. resume
     ckpt_root = out / "checkpoints"
     start = start_run(out, cfg, "dpo", {"step": 0, "tokens": 0, "nonfinite_skipped": 0}, net, optimizer, scheduler,
-                      accelerator, total_steps)
+                      accelerator, total_steps, {**report.as_dict(), "data/val_pairs": len(val_pairs)})
     if start.finished is not None:
         return start.finished
     state, tracker = start.state, start.tracker
-    if main and start.resumed_from is None:
-        tracker.log(0, {**report.as_dict(), "data/val_pairs": len(val_pairs)})
 
     # 5. the loop
     bar = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="dpo", dynamic_ncols=True)

@@ -143,12 +143,10 @@ def train(cfg: SFTConfig) -> dict:
     # 4. resume
     ckpt_root = out / "checkpoints"
     start = start_run(out, cfg, "sft", {"step": 0, "tokens": 0, "nonfinite_skipped": 0}, net, optimizer, scheduler,
-                      accelerator, total_steps)
+                      accelerator, total_steps, {**report.as_dict(), "data/val_examples": val_report.examples})
     if start.finished is not None:
         return start.finished
     state, tracker = start.state, start.tracker
-    if main and start.resumed_from is None:
-        tracker.log(0, {**report.as_dict(), "data/val_examples": val_report.examples})
 
     # 5. the loop
     bar = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="sft", dynamic_ncols=True)
