@@ -6,13 +6,14 @@ Preferences" (IPO: (h − 1/(2β))²); Mitchell 2023, "A note on DPO with noisy 
 label smoothing ε). h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)] on sequence
 log-probs summed over response tokens (`rlhfkit.losses.dpo_loss`).
 
-One iteration, top to bottom:
-  1. take this step's global batch of pairs (a seeded permutation per epoch)
-  2. this process's micro-batches: chosen and rejected in one concatenated forward, summed response log-probs,
-     reference log-probs (cached, or a frozen copy, or the LoRA base with the adapter off), loss, backward
-  3. stop (or skip, with --skip-nonfinite) on a non-finite loss or gradient
-  4. clip, optimizer and scheduler step
-  5. log, evaluate, checkpoint
+Each optimizer step of `train`'s loop, top to bottom (the code's step comments number them 5.1–5.5, after
+the set-up steps 1–4):
+  5.1. take this step's global batch of pairs (a seeded permutation per epoch)
+  5.2. this process's micro-batches: chosen and rejected in one concatenated forward, summed response log-probs,
+       reference log-probs (cached, or a frozen copy, or the LoRA base with the adapter off), loss, backward
+  5.3. stop (or skip, with --skip-nonfinite) on a non-finite loss or gradient
+  5.4. clip, optimizer and scheduler step
+  5.5. log, evaluate, checkpoint
 
 The reference, three ways (`--ref-mode`):
 - `precomputed` (default without LoRA): reference log-probs of every pair computed once before training and

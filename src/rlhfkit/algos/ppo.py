@@ -6,9 +6,12 @@ Papers: Ouyang et al. 2022 (InstructGPT) Eq. 2: objective = E[r(x, y) − β log
 `--advantage`: GRPO (Shao et al. 2024), RLOO (Ahmadian et al. 2024), REINFORCE++ (Hu 2025). Maths: core/rl.py
 and core/losses.py; every detail with its line: docs/algorithms/ppo.md.
 
-One iteration, top to bottom:
-  1. this iteration's prompts (a seeded permutation per pass over the prompt set)
-  2. generate n responses per prompt with the actor (rollout engine; no log-probs taken from sampling)
+`train`, top to bottom (the code's step comments and docs/algorithms/ppo.md use these numbers):
+  1. set-up: the roles (actor, reference, critic, reward model and/or function, monitors, rollout engine), the
+     optimizer, resume
+  then each iteration:
+  2. 2.1 this iteration's prompts (a seeded permutation per pass over the prompt set); 2.2 generate n responses
+     per prompt with the actor (rollout engine; no log-probs taken from sampling)
   3. score: reward model and/or reward function; a response that never ended gets the missing-EOS penalty
   4. forward passes with the training numerics: old log-probs (actor), reference log-probs, values (critic)
   5. rewards and advantages: per-token −β·KL plus the score on the last token, then GAE / GRPO / RLOO / REINFORCE++
@@ -16,6 +19,7 @@ One iteration, top to bottom:
      + the PPO-ptx pre-training loss), clipping, optimizer step; optional early stop on approximate KL
   7. adaptive β, logs (per phase timings, --monitor scores such as a held-out RM or the gold score), sample
      table, checkpoint
+  8. after the last iteration: the final policy as a Hugging Face directory
 
 Departures, and why:
 - Dropout is off in every model (all run in eval mode; ALGORITHMS.md).
@@ -648,7 +652,7 @@ def update_policy(cfg: PPOConfig, net, rollout: Rollout, beta: float, it: int, o
 
 def train(cfg: PPOConfig) -> dict:
     check(cfg)
-    # 1. setup: one process, precision, the roles (actor, reference, critic, reward)
+    # 1. set-up: one process, precision, the roles (actor, reference, critic, reward)
     accelerator = accelerator_for(cfg.dtype)
     if accelerator.num_processes > 1:
         raise UsageError("rlhfkit ppo runs on one process for now (data-parallel PPO is not wired yet)")

@@ -9,13 +9,14 @@ large, weaker comparison set before fine-tuning on the human comparisons, and ca
 σ(r_A − r_B) against the observed frequency (rlhfkit/evaluate/calibration.py). Normalisation before RL as in
 InstructGPT and Ziegler et al. 2019.
 
-One iteration, top to bottom (the same skeleton as sft.py):
-  1. take this step's global batch of prompts (a seeded permutation per epoch of the current phase)
-  2. this process's micro-batches: score every response once, sum of per-prompt losses / prompts in the global
-     batch, backward
-  3. stop (or skip, with --skip-nonfinite) on a non-finite loss or gradient
-  4. clip, optimizer and scheduler step
-  5. log, evaluate, checkpoint
+Each optimizer step, top to bottom (the same skeleton as sft.py; the code's step comments number them
+5.1–5.5, after the set-up steps 1–4):
+  5.1. take this step's global batch of prompts (a seeded permutation per epoch of the current phase)
+  5.2. this process's micro-batches: score every response once, sum of per-prompt losses / prompts in the global
+       batch, backward
+  5.3. stop (or skip, with --skip-nonfinite) on a non-finite loss or gradient
+  5.4. clip, optimizer and scheduler step
+  5.5. log, evaluate, checkpoint
 After the last step: normalise (offset, optional scale), evaluate with calibration, save.
 
 Departures, and why (details in docs/algorithms/reward.md):

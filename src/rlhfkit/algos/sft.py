@@ -5,12 +5,13 @@ Paper: Ouyang et al. 2022, "Training language models to follow instructions with
 learning rate, 16 epochs (they overfit validation loss after one epoch, yet more epochs kept improving RM
 score and human preference, so pick the checkpoint downstream, not by validation loss).
 
-One iteration, top to bottom:
-  1. take this step's global batch (a seeded permutation per epoch: the data position is just the step)
-  2. this process's micro-batches: forward, token-summed NLL / tokens in the whole global batch, backward
-  3. stop (or skip, with --skip-nonfinite) on a non-finite loss or gradient
-  4. clip, optimizer and scheduler step
-  5. log, evaluate, checkpoint
+Each optimizer step of `train`'s loop, top to bottom (the code's step comments number them 5.1–5.5, after
+the set-up steps 1–4):
+  5.1. take this step's global batch (a seeded permutation per epoch: the data position is just the step)
+  5.2. this process's micro-batches: forward, token-summed NLL / tokens in the whole global batch, backward
+  5.3. stop (or skip, with --skip-nonfinite) on a non-finite loss or gradient
+  5.4. clip, optimizer and scheduler step
+  5.5. log, evaluate, checkpoint
 
 Departures from the paper, and why:
 - Loss is the mean over all trained tokens of the global batch (every token weighs the same whatever the
