@@ -72,7 +72,7 @@ def write_data(tok, max_length: int, batch: int, grpo_prompts: int, out: Path, s
 def rlhfkit_sequences(algo: str, files: dict[str, Path], tok, rm_tok, max_length: int) -> list[dict]:
     """What rlhfkit trains on, through its own tokenisation code: ids and loss masks (RM: ids only, in file order,
     chosen before rejected)."""
-    from rlhfkit.algos import reward
+    from rlhfkit import reward_model
     from rlhfkit.data import chat
 
     rows = [json.loads(line) for line in files["sft" if algo == "sft" else "pairs"].read_text().splitlines()]
@@ -83,7 +83,7 @@ def rlhfkit_sequences(algo: str, files: dict[str, Path], tok, rm_tok, max_length
     for r in rows:
         for side in ("chosen", "rejected"):
             if algo == "rm":
-                out.append({"ids": reward.encode(rm_tok, r["prompt"] + r[side], max_length, "")[0]})
+                out.append({"ids": reward_model.encode(rm_tok, r["prompt"] + r[side], max_length, "")[0]})
             else:
                 e = chat.tokenize_response(tok, r["prompt"], r[side], "", max_length)
                 out.append({"ids": e.input_ids, "mask": e.loss_mask})
@@ -134,7 +134,7 @@ def prepare_models(model: str, root: Path) -> tuple[Path, Path]:
 
     The reward model's new score head is drawn once, by rlhfkit's build (seed 0), and saved: both trainers then
     start from the very same weights (TRL would otherwise draw its own head from its own RNG state)."""
-    from rlhfkit import models
+    from rlhfkit import models, reward_model
     from rlhfkit.algos import reward
 
     if model == "tiny-llama":  # saved once, so that TRL can load it like any directory
@@ -147,7 +147,7 @@ def prepare_models(model: str, root: Path) -> tuple[Path, Path]:
     rm_dir = root / "models" / f"{model}-rm-init"
     if not rm_dir.is_dir():
         tok = models.load_tokenizer(str(causal))
-        reward.set_reward_pad_token(tok)
+        reward_model.set_reward_pad_token(tok)
         rm = reward.build_model(reward.RMConfig(model=str(causal), seed=0), tok)
         rm.save_pretrained(rm_dir)
         tok.save_pretrained(rm_dir)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from
 from common import machine_info, matmul_peak, model_flops_per_token, peak_rss_mb  # noqa: E402
 from sft_bench import HEADER, Result, ensure_cached, synthetic_rows, table_row  # noqa: E402
 
-from rlhfkit import models  # noqa: E402
+from rlhfkit import models, reward_model  # noqa: E402
 from rlhfkit.algos import reward  # noqa: E402
 from rlhfkit.training import adamw, make_schedule  # noqa: E402
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> Result:
     cfg = reward.RMConfig(model=args.model, max_length=args.seq_len, batch_size=args.batch_size,
                           max_steps=steps, dtype=args.dtype, seed=args.seed)
     tok = models.load_tokenizer(cfg.model)
-    reward.set_reward_pad_token(tok)
+    reward_model.set_reward_pad_token(tok)
     model = reward.build_model(cfg, tok)
     model.train()
     net = accelerator.prepare(model)
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> Result:
     for step, items in enumerate(batches):
         t0 = time.perf_counter()
         batch = reward.collate_preferences(items, tok.pad_token_id)
-        scores = reward.score_batch(net, batch.input_ids, batch.attention_mask)  # (2B,)
+        scores = reward_model.score_batch(net, batch.input_ids, batch.attention_mask)  # (2B,)
         loss_sum = reward.preference_loss_sum(scores, batch)
         accelerator.backward(loss_sum / len(items))
         loss = loss_sum.item() / len(items)  # waits for the step's compute, so the timer is honest
