@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhfkit import TrainingError, checkpoint
-from rlhfkit.tracking import Tracker, release_output
+from rlhfkit.tracking import Tracker, claim_output, release_output
 
 
 @dataclass
@@ -232,6 +232,17 @@ def accelerator_for(dtype: str):
     from rlhfkit import models
 
     return Accelerator(mixed_precision=models.mixed_precision(dtype), cpu=not torch.cuda.is_available())
+
+
+def begin(cfg: RunConfig):
+    """Step 1 of every trainer: its accelerator (`accelerator_for`), the global seed, and OUTPUT claimed by the main
+    process (`tracking.claim_output`). Returns (accelerator, OUTPUT as a Path)."""
+    accelerator = accelerator_for(cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output)
+    if accelerator.is_main_process:
+        claim_output(out, cfg.resume, cfg.overwrite)
+    return accelerator, out
 
 
 def micro_batches(rows: list, accelerator, batch_size: int) -> tuple[list[list], bool]:

@@ -48,10 +48,9 @@ from rlhfkit.core.losses import DPO_LOSSES, dpo_loss
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.chat import TokenizedExample
 from rlhfkit.data.collate import collate, pad_left
-from rlhfkit.tracking import claim_output, release_output
-from rlhfkit.training import (TrainConfig, accelerator_for, adamw, add_sums, for_training, global_batch_rows,
-                              make_schedule, means, micro_batches, reduce_sums, split_validation, start_run, update,
-                              zero_sums)
+from rlhfkit.tracking import release_output
+from rlhfkit.training import (TrainConfig, adamw, add_sums, begin, for_training, global_batch_rows, make_schedule,
+                              means, micro_batches, reduce_sums, split_validation, start_run, update, zero_sums)
 
 
 @dataclass
@@ -320,11 +319,8 @@ def train(cfg: DPOConfig) -> dict:
     if cfg.loss not in DPO_LOSSES:
         raise TrainingError(f"--loss {cfg.loss!r}: expected one of {', '.join(DPO_LOSSES)}")
     # 1. setup: processes, precision, seed, policy (dropout off: eval mode while training)
-    accelerator = accelerator_for(cfg.dtype)
-    torch.manual_seed(cfg.seed)
-    out, main, world = Path(cfg.output), accelerator.is_main_process, accelerator.num_processes
-    if main:
-        claim_output(out, cfg.resume, cfg.overwrite)
+    accelerator, out = begin(cfg)
+    main, world = accelerator.is_main_process, accelerator.num_processes
     tok = models.load_tokenizer(cfg.model)
     model = for_training(models.load_causal_lm(cfg.model, seed=cfg.seed, tokenizer=tok), cfg)
     model.eval()

@@ -56,9 +56,9 @@ from rlhfkit.reward_fn import call_reward_fn, load_reward_fn
 from rlhfkit.reward_model import RewardModel, reward_model_dir
 from rlhfkit.rollout import Samples, SamplingParams
 from rlhfkit.rollout.hf import HFEngine
-from rlhfkit.tracking import claim_output, release_output, truncate_jsonl
-from rlhfkit.training import (RunConfig, accelerator_for, adamw, for_training, global_batch_rows, make_schedule,
-                              skip_nonfinite, start_run)
+from rlhfkit.tracking import release_output, truncate_jsonl
+from rlhfkit.training import (RunConfig, adamw, begin, for_training, global_batch_rows, make_schedule, skip_nonfinite,
+                              start_run)
 
 ADVANTAGES = ("gae", "grpo", "rloo", "reinforce++")
 
@@ -653,12 +653,10 @@ def update_policy(cfg: PPOConfig, net, rollout: Rollout, beta: float, it: int, o
 def train(cfg: PPOConfig) -> dict:
     check(cfg)
     # 1. set-up: one process, precision, the roles (actor, reference, critic, reward)
-    accelerator = accelerator_for(cfg.dtype)
+    accelerator, out = begin(cfg)
     if accelerator.num_processes > 1:
         raise UsageError("rlhfkit ppo runs on one process for now (data-parallel PPO is not wired yet)")
     device, precision = accelerator.device, models.mixed_precision(cfg.dtype)
-    torch.manual_seed(cfg.seed)
-    out = claim_output(cfg.output, cfg.resume, cfg.overwrite)
     tok = models.load_tokenizer(cfg.policy)
     prompts, metadata = load_prompts(cfg, tok)
     roles = build_roles(cfg, tok, prompts, device, precision)

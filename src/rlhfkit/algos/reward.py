@@ -53,9 +53,9 @@ from rlhfkit.data.collate import pad_left, pad_right
 from rlhfkit.evaluate import calibration
 from rlhfkit.reward_model import (can_share_prefix, encode, score_batch, score_on_prefixes, score_sequences,
                                   set_reward_pad_token)
-from rlhfkit.tracking import Tracker, claim_output, release_output
-from rlhfkit.training import (TrainConfig, accelerator_for, adamw, add_sums, for_training, global_batch_rows,
-                              make_schedule, micro_batches, reduce_sums, split_validation, update, zero_sums)
+from rlhfkit.tracking import Tracker, release_output
+from rlhfkit.training import (TrainConfig, adamw, add_sums, begin, for_training, global_batch_rows, make_schedule,
+                              micro_batches, reduce_sums, split_validation, update, zero_sums)
 
 
 @dataclass
@@ -390,11 +390,8 @@ def load_data(cfg: RMConfig, tok, main: bool):
 
 def train(cfg: RMConfig) -> dict:
     # 1. setup: processes, precision, seed, tokenizer with a pad token the template never writes, model
-    accelerator = accelerator_for(cfg.dtype)
-    torch.manual_seed(cfg.seed)
-    out, main, world = Path(cfg.output), accelerator.is_main_process, accelerator.num_processes
-    if main:
-        claim_output(out, cfg.resume, cfg.overwrite)
+    accelerator, out = begin(cfg)
+    main, world = accelerator.is_main_process, accelerator.num_processes
     tok = models.load_tokenizer(cfg.model)
     set_reward_pad_token(tok)
     model = build_model(cfg, tok)

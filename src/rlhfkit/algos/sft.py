@@ -26,7 +26,6 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -37,9 +36,9 @@ from rlhfkit.config import write_run_json
 from rlhfkit.core.lm import shifted_selection
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.collate import LMBatch, collate, pack
-from rlhfkit.tracking import claim_output, release_output
-from rlhfkit.training import (TrainConfig, accelerator_for, adamw, for_training, global_batch_rows, make_schedule,
-                              micro_batches, split_validation, start_run, update)
+from rlhfkit.tracking import release_output
+from rlhfkit.training import (TrainConfig, adamw, begin, for_training, global_batch_rows, make_schedule, micro_batches,
+                              split_validation, start_run, update)
 
 
 @dataclass
@@ -104,12 +103,8 @@ def build_model(cfg: SFTConfig, tok):
 
 def train(cfg: SFTConfig) -> dict:
     # 1. setup: processes, precision, seed, model
-    accelerator = accelerator_for(cfg.dtype)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.output)
+    accelerator, out = begin(cfg)
     main = accelerator.is_main_process
-    if main:
-        claim_output(out, cfg.resume, cfg.overwrite)
     tok = models.load_tokenizer(cfg.model)
     model = build_model(cfg, tok)
     model.train()
