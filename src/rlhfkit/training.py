@@ -245,6 +245,19 @@ def begin(cfg: RunConfig):
     return accelerator, out
 
 
+class Plan(NamedTuple):
+    global_batch: int  # rows per optimizer step over all processes: batch_size × grad_accum × processes
+    steps_per_epoch: int
+    total_steps: int  # --max-steps when > 0, else --epochs passes
+
+
+def plan_steps(cfg: TrainConfig, n_rows: int, processes: int) -> Plan:
+    """How many optimizer steps a run over `n_rows` makes, and of how many rows each."""
+    global_batch = cfg.batch_size * cfg.grad_accum * processes
+    per_epoch = math.ceil(n_rows / global_batch)
+    return Plan(global_batch, per_epoch, cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch)
+
+
 def micro_batches(rows: list, accelerator, batch_size: int) -> tuple[list[list], bool]:
     """This process's share of a step's global batch (every world-th row), cut into micro-batches of batch_size,
     and whether it got any rows: a short last batch may leave a process none, and it then runs one row with

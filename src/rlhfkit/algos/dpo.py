@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,7 +49,8 @@ from rlhfkit.data.chat import TokenizedExample
 from rlhfkit.data.collate import collate, pad_left
 from rlhfkit.tracking import release_output
 from rlhfkit.training import (TrainConfig, adamw, add_sums, begin, for_training, global_batch_rows, make_schedule,
-                              means, micro_batches, reduce_sums, split_validation, start_run, update, zero_sums)
+                              means, micro_batches, plan_steps, reduce_sums, split_validation, start_run, update,
+                              zero_sums)
 
 
 @dataclass
@@ -135,6 +135,25 @@ def reindex(pairs: list[PairExample]) -> list[PairExample]:
     return [PairExample(p.chosen, p.rejected, i, p.where) for i, p in enumerate(pairs)]
 
 
+def load_data(cfg: DPOConfig, tok, main: bool) -> tuple[list[PairExample], list[PairExample], PairReport,
+                                                         PairReport | None]:
+    """Step 2: training and held-out pairs, and what loading did to them (printed on the main process when it
+    dropped or cut anything); the held-out report is None when they were split off the training data."""
+    pairs, report = load_pairs(cfg.data, cfg.format, tok, cfg.max_length)
+    if cfg.val_data:
+        val_pairs, val_report = load_pairs(cfg.val_data, None, tok, cfg.max_length)
+    else:
+        pairs, val_pairs = split_validation(pairs, cfg.val_fraction, cfg.seed)
+        val_report = None
+    pairs, val_pairs = reindex(pairs), reindex(val_pairs)
+    if not pairs:
+        raise TrainingError(f"no usable pairs in {cfg.data} ({report.as_dict()})")
+    if main and (report.identical_pairs or report.truncated or report.skipped_no_response):
+        print(f"data: {report.identical_pairs} identical pairs skipped, {report.truncated} sequences truncated "
+              f"to {cfg.max_length} tokens, {report.skipped_no_response} pairs skipped (response cut away)")
+    return pairs, val_pairs, report, val_report
+
+
 # --- log-probs ----------------------------------------------------------------------------------------------
 
 
@@ -161,6 +180,7 @@ def concatenated_logps(net, pairs: list[PairExample], pad_id: int, device, share
                       targets.to(device), prefix)  # (N,)
     logps = per_row_sums(token_logps, select.to(device))  # (2B,)
     return logps[:len(pairs)], logps[len(pairs):]
+
 
 
 def shared_cut(pair: PairExample) -> int:
@@ -326,21 +346,8 @@ def train(cfg: DPOConfig) -> dict:
     model.eval()
 
     # 2. data: every comparison as (chosen, rejected) with response-only masks; hold out pairs
-    pairs, report = load_pairs(cfg.data, cfg.format, tok, cfg.max_length)
-    if cfg.val_data:
-        val_pairs, val_report = load_pairs(cfg.val_data, None, tok, cfg.max_length)
-    else:
-        pairs, val_pairs = split_validation(pairs, cfg.val_fraction, cfg.seed)
-        val_report = None
-    pairs, val_pairs = reindex(pairs), reindex(val_pairs)
-    if not pairs:
-        raise TrainingError(f"no usable pairs in {cfg.data} ({report.as_dict()})")
-    if main and (report.identical_pairs or report.truncated or report.skipped_no_response):
-        print(f"data: {report.identical_pairs} identical pairs skipped, {report.truncated} sequences truncated "
-              f"to {cfg.max_length} tokens, {report.skipped_no_response} pairs skipped (response cut away)")
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    steps_per_epoch = math.ceil(len(pairs) / global_batch)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    pairs, val_pairs, report, val_report = load_data(cfg, tok, main)
+    global_batch, steps_per_epoch, total_steps = plan_steps(cfg, len(pairs), world)
 
     # 3. optimizer, schedule, reference
     params = [p for p in model.parameters() if p.requires_grad]

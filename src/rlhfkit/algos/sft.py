@@ -23,7 +23,6 @@ Departures from the paper, and why:
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -38,7 +37,7 @@ from rlhfkit.data import chat, formats, io
 from rlhfkit.data.collate import LMBatch, collate, pack
 from rlhfkit.tracking import release_output
 from rlhfkit.training import (TrainConfig, adamw, begin, for_training, global_batch_rows, make_schedule, micro_batches,
-                              split_validation, start_run, update)
+                              plan_steps, split_validation, start_run, update)
 
 
 @dataclass
@@ -64,6 +63,26 @@ def load_conversations(path: str, fmt: str | None) -> list[formats.Conversation]
     rows = io.read_rows(path)
     fmt = formats.detect_format(rows, fmt)
     return [formats.to_conversation(r, fmt) for r in rows]
+
+
+def load_data(cfg: SFTConfig, tok, main: bool) -> tuple[list, list, chat.TokenizeReport, chat.TokenizeReport]:
+    """Step 2: training and validation rows (`chat.TokenizedExample`, packed with --packing) and what tokenising did
+    to each set (printed on the main process when it dropped or cut anything)."""
+    convs = load_conversations(cfg.data, cfg.format)
+    if cfg.val_data:
+        train_convs, val_convs = convs, load_conversations(cfg.val_data, None)
+    else:
+        train_convs, val_convs = split_validation(convs, cfg.val_fraction, cfg.seed)
+    train_rows, report = chat.tokenize_conversations(tok, train_convs, cfg.max_length)
+    val_rows, val_report = chat.tokenize_conversations(tok, val_convs, cfg.max_length)
+    if not train_rows:
+        raise TrainingError(f"no trainable examples in {cfg.data} ({report.skipped()}; --max-length is "
+                            f"{cfg.max_length})")
+    if cfg.packing:
+        train_rows = pack(train_rows, cfg.max_length)
+    if main and (report.truncated or report.skipped_no_loss or report.skipped_empty):
+        print(f"data: {report.truncated} examples truncated to {cfg.max_length} tokens, {report.skipped()}")
+    return train_rows, val_rows, report, val_report
 
 
 # --- one forward ------------------------------------------------------------------------------------------
@@ -110,25 +129,9 @@ def train(cfg: SFTConfig) -> dict:
     model.train()
 
     # 2. data: render, mask, truncate (counted), hold out validation, optionally pack
-    convs = load_conversations(cfg.data, cfg.format)
-    if cfg.val_data:
-        train_convs, val_convs = convs, load_conversations(cfg.val_data, None)
-    else:
-        train_convs, val_convs = split_validation(convs, cfg.val_fraction, cfg.seed)
-    train_rows, report = chat.tokenize_conversations(tok, train_convs, cfg.max_length)
-    val_rows, val_report = chat.tokenize_conversations(tok, val_convs, cfg.max_length)
-    if not train_rows:
-        raise TrainingError(f"no trainable examples in {cfg.data} ({report.skipped()}; --max-length is "
-                            f"{cfg.max_length})")
-    if cfg.packing:
-        train_rows = pack(train_rows, cfg.max_length)
-    if main and (report.truncated or report.skipped_no_loss or report.skipped_empty):
-        print(f"data: {report.truncated} examples truncated to {cfg.max_length} tokens, {report.skipped()}")
-
+    train_rows, val_rows, report, val_report = load_data(cfg, tok, main)
     world = accelerator.num_processes
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    steps_per_epoch = math.ceil(len(train_rows) / global_batch)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    global_batch, steps_per_epoch, total_steps = plan_steps(cfg, len(train_rows), world)
 
     # 3. optimizer and schedule (the scheduler is stepped by hand, once per optimizer step)
     params = [p for p in model.parameters() if p.requires_grad]
