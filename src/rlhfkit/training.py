@@ -1,6 +1,7 @@
-"""What every trainer shares (SFT, RM, and DPO and PPO to come): the common config fields, the data order,
-the learning-rate schedule and the non-finite guard. Maths and small pieces only; each algorithm file keeps
-its own loop, top to bottom.
+"""What the trainers (SFT, RM, DPO, PPO) share: the common config fields, step 1 (`begin`, `for_training`), the
+data order and step plan, the learning-rate schedule, the start of the loop (`start_run`), the update with its
+non-finite and stalled-gradient guards (`update`), and typed statistics sums. Small pieces only, no base class:
+each algorithm file keeps its own loop, top to bottom.
 """
 
 from __future__ import annotations
