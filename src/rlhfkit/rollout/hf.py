@@ -20,7 +20,7 @@ per `generate` call (weights change between PPO iterations, not within a call).
 Sampling is done here, not by `model.generate`: transformers' samplers draw from one RNG for the whole batch, so a
 row's sample would depend on its batch neighbours. Top-p keeps the smallest set of most likely tokens whose
 probability reaches p (Holtzman et al. 2019), as transformers' TopPLogitsWarper does. No log-probabilities are
-returned: PPO recomputes them with its training forward pass (issue 4), so its first ratio is exactly 1.
+returned: PPO recomputes them with its training forward pass, so its first ratio is exactly 1.
 """
 
 from __future__ import annotations
