@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rlhfkit import ModelError, UsageError, models
+from rlhfkit.fast import attention, layers
 
 from tests.conftest import BF16, native_bf16, run_cli, write_jsonl
 
@@ -128,7 +129,7 @@ def test_checkpointed_layers_give_the_same_loss_and_gradients_with_less_kept(tok
     # eval mode matters: DPO and PPO train with dropout off, where transformers' own switch would not checkpoint
     plain = models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok)
     ckpt = models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok)
-    models.checkpoint_layers(ckpt)
+    layers.checkpoint_layers(ckpt)
     plain.train(mode == "train"), ckpt.train(mode == "train")
     ids = torch.randint(0, 1000, (4, 128), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -151,7 +152,7 @@ def test_checkpointed_reward_model_trains_like_the_plain_one(tok, tmp_path):
 
     cfg = reward.RMConfig(model="tiny-llama", output=str(tmp_path), dtype="fp32")
     plain, ckpt = reward.build_model(cfg, tok), reward.build_model(cfg, tok)
-    models.checkpoint_layers(ckpt)
+    layers.checkpoint_layers(ckpt)
     ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, 24:] = 0  # padding makes transformers build a mask, which the doubled cache no longer matched
@@ -173,12 +174,12 @@ def test_short_training_forwards_use_the_math_attention_kernel_and_compute_the_s
     from rlhfkit.core.lm import shifted_selection
 
     cpu = torch.device("cpu")
-    with models.training_attention(128, cpu):
-        assert models._enabled_sdpa_kernels() == [SDPBackend.MATH]
-    with models.training_attention(129, cpu):
-        assert SDPBackend.FLASH_ATTENTION in models._enabled_sdpa_kernels()
-    with torch.no_grad(), models.training_attention(64, cpu):
-        assert models._enabled_sdpa_kernels() == [SDPBackend.MATH]
+    with attention.training_attention(128, cpu):
+        assert attention._enabled_sdpa_kernels() == [SDPBackend.MATH]
+    with attention.training_attention(129, cpu):
+        assert SDPBackend.FLASH_ATTENTION in attention._enabled_sdpa_kernels()
+    with torch.no_grad(), attention.training_attention(64, cpu):
+        assert attention._enabled_sdpa_kernels() == [SDPBackend.MATH]
     net = models.SelectedLogits(models.load_causal_lm("tiny-llama", seed=3, tokenizer=tok))
     ids = torch.randint(5, 1000, (3, 40))
     mask = torch.ones_like(ids)
@@ -212,13 +213,13 @@ def test_native_grouped_query_attention_computes_exactly_what_repeated_keys_do(t
     ids = torch.randint(5, 1000, (3, length), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, length - 9:] = 0
-    with models.training_attention(length, cpu):
-        assert os.environ[models.GQA_ENV] == "1"
-    assert models.GQA_ENV not in os.environ  # restored
+    with attention.training_attention(length, cpu):
+        assert os.environ[attention.GQA_ENV] == "1"
+    assert attention.GQA_ENV not in os.environ  # restored
     results = []
     for gqa in ("0", "1"):  # transformers' repeat_kv, then SDPA's own GQA, each with training_attention's kernel
         lm.zero_grad()
-        with models.training_attention(length, cpu), models._environ(models.GQA_ENV, gqa), \
+        with attention.training_attention(length, cpu), attention._environ(attention.GQA_ENV, gqa), \
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             logps = lm(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)[:, :-1] \
                 .gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T - 1)
@@ -262,10 +263,10 @@ def test_compiled_layers_train_like_eager_ones_and_stay_eager_without_gradients(
     torch._dynamo.reset()  # count this test's graphs only
     plain = models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok)
     compiled = models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok)
-    models.compile_layers(compiled)
+    layers.compile_layers(compiled)
     both = models.load_causal_lm("tiny-llama", seed=1, tokenizer=tok)
-    models.compile_layers(both)
-    models.checkpoint_layers(both)
+    layers.compile_layers(both)
+    layers.checkpoint_layers(both)
     for length, precision in [(96, "fp32"), (64, "fp32"), *([(64, "bf16")] if native_bf16() else [])]:
         ids = torch.randint(0, 1000, (4, length), generator=torch.Generator().manual_seed(length))
         mask = torch.ones_like(ids)
@@ -283,7 +284,7 @@ def test_compiled_layers_train_like_eager_ones_and_stay_eager_without_gradients(
     assert counters["stats"]["unique_graphs"] >= 1  # the compiled blocks did run (a silent eager fallback would not)
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, plain(ids).logits, rtol=0, atol=0)
-        cache = models.cache_arg()  # transformers' name for it: `cache` from 5.24 on, `past_key_values` before
+        cache = layers.cache_arg()  # transformers' name for it: `cache` from 5.24 on, `past_key_values` before
         prefix = getattr(compiled(ids[:, :40], use_cache=True), cache)
         expected = getattr(plain(ids[:, :40], use_cache=True), cache)
     with torch.enable_grad():  # on a KV cache (shared prefixes): eager even with gradients

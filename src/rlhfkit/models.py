@@ -9,14 +9,13 @@ Aliases:
 - `tiny-llama`: a 2-layer, hidden-64 random Llama with SmolLM2's real tokenizer and chat template,
   deterministic from a seed, for tests.
 
-No code path here touches the network unless the user names a hub id.
+No code path here touches the network unless the user names a hub id. Also here: precision (`mixed_precision`,
+`inference_weights`), freezing, LoRA, saving, and `SelectedLogits`, the forward every trainer runs (its speed
+tricks live in rlhfkit/fast/).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import functools
 import hashlib
 import importlib.util
 import os
@@ -24,11 +23,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
 from rlhfkit import ModelError, UsageError
+from rlhfkit.fast.prefixes import Prefix, decode
 
 # ChatML, the template SmolLM2 uses, minus its built-in system prompt. Models without a chat template get this
 # one (documented in docs/data.md); `<|im_end|>` is added to the tokenizer when it lacks it.
@@ -286,251 +285,7 @@ def freeze_layers(model, n: int) -> None:
         layer.requires_grad_(False)
 
 
-def _enabled_sdpa_kernels() -> list:
-    """The SDPA kernels enabled now (`torch.nn.attention.sdpa_kernel` sets these flags, CPU included)."""
-    from torch.nn.attention import SDPBackend
 
-    flags = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
-             SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
-             SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled(),
-             SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled()}
-    return [k for k, on in flags.items() if on]
-
-
-# The KV-cache keyword a transformer block is called with: `cache` from transformers 5.24 on, `past_key_values`
-# before. A block given both uses `cache` and ignores the other, so a wrapper that clears one must clear both.
-LAYER_CACHE_KWARGS = ("cache", "past_key_values")
-
-
-@functools.cache
-def cache_arg() -> str:
-    """The name of a transformers model's KV-cache argument and output field: `cache` from 5.24 on,
-    `past_key_values` before (5.24 still takes the old name, with a deprecation warning)."""
-    import transformers
-    from packaging.version import Version
-
-    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
-
-
-def checkpoint_layers(model) -> None:
-    """Gradient checkpointing (Chen et al. 2016): each transformer block keeps only its input and recomputes its
-    activations in the backward pass, so training memory holds one block's activations instead of all of them,
-    for about one more forward pass of compute. TRL turns this on by default.
-
-    Done here rather than by transformers' `gradient_checkpointing_enable`, which checkpoints only in train mode:
-    DPO and PPO train in eval mode (dropout off). Non-reentrant checkpointing restores the autocast state and
-    needs no input that requires grad, so frozen embeddings and LoRA work. Call before `apply_lora`.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    for layer in model.get_decoder().layers:
-        def forward(*args, _forward=layer.forward, **kwargs):
-            if torch.is_grad_enabled():  # no-grad passes (evaluation, reference, generation) keep nothing anyway
-                # no KV cache: the recomputation would append to it a second time (a sequence-classification
-                # model, the RM, makes one by default)
-                kwargs.update({k: None for k in LAYER_CACHE_KWARGS if k in kwargs}, use_cache=False)
-                # the recomputation runs in the backward, outside the forward's `training_attention` context:
-                # give it the attention kernels (and grouped-query setting) of the forward, or it recomputes with
-                # other ones
-                kernels, gqa = _enabled_sdpa_kernels(), os.environ.get(GQA_ENV)
-                return checkpoint(_forward, *args, use_reentrant=False, **kwargs,
-                                  context_fn=lambda: (contextlib.nullcontext(), _recompute_attention(kernels, gqa)))
-            return _forward(*args, **kwargs)
-
-        layer.forward = forward
-
-
-def compile_layers(model) -> None:
-    """torch.compile (Inductor) of each transformer block, for the passes that train (gradients on).
-
-    A block's matmuls run as they do eagerly; what Inductor changes is the rest (RMSNorm, rotary embeddings,
-    SiLU·up, residual adds, autocast's casts), which eagerly is a dozen memory-bound passes per block, and its
-    backward partitioner recomputes such cheap elementwise results instead of keeping them. SmolLM2, 8 × 512
-    tokens, bf16, this CPU: a training step 1.0–1.35× faster from run to run and peak RSS 8.9 → 5.1 GB
-    (benchmarks/RESULTS.md).
-    Costs ~40–60 s of compilation in a fresh process (Inductor's on-disk cache makes later ones a few seconds),
-    once per precision and train/eval mode: the graph is compiled for any batch shape.
-
-    Eager, as before, where compiling would not pay or would not hold: without gradients (evaluation, reference
-    and old log-probs, sampling: one-token decode steps) and with a KV cache (`decode_on_prefixes`: the cache's
-    per-layer index would compile each block separately). The compiled graph fixes its attention kernel when it
-    is traced (the global SDPA flags are not guarded), so it is traced under torch's default choice with native
-    grouped-query attention whatever `training_attention` asks: the same maths, not the same bits, as the
-    eager path (tested equal to rounding).
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    default_kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
-                       SDPBackend.CUDNN_ATTENTION]
-    for layer in model.get_decoder().layers:
-        # dynamic from the start: trainers' batches change length every step, and one dynamic graph compiles once
-        # where a static first guess would compile twice
-        def forward(*args, _eager=layer.forward, _compiled=torch.compile(layer.forward, dynamic=True), **kwargs):
-            if not torch.is_grad_enabled() or any(kwargs.get(k) is not None for k in LAYER_CACHE_KWARGS):
-                return _eager(*args, **kwargs)
-            hidden = args[0] if args else kwargs["hidden_states"]
-            with sdpa_kernel(default_kernels), native_gqa(hidden.device):
-                return _compiled(*args, **kwargs)
-
-        layer.forward = forward
-
-
-@contextlib.contextmanager
-def _recompute_attention(kernels: list, gqa: str | None):
-    from torch.nn.attention import sdpa_kernel
-
-    with sdpa_kernel(kernels), _environ(GQA_ENV, gqa):
-        yield
-
-
-MATH_ATTENTION_MAX_LEN = 128  # measured: benchmarks/RESULTS.md, "attention backend"
-
-
-@contextlib.contextmanager
-def training_attention(key_len: int, device: torch.device):
-    """The SDPA kernel for a trainer's forwards: on the CPU at key length ≤ 128, the math kernel (its backward
-    is plain matmuls, ~1.5–2× faster there than the CPU flash kernel's backward, which dominates an RM step on
-    short sequences); otherwise whatever torch picks (flash: less memory and faster at 512). The choice depends
-    on the length only, never on whether gradients are on, so a trainer's no-grad passes (reference and old
-    log-probs) compute exactly what its training forward computes: DPO's h and PPO's first ratio stay exact.
-    Evaluation, forward only, does not use it (`SelectedLogits(short_math_attention=False)`): the math forward
-    alone is ~1.4× slower than flash there (benchmarks/RESULTS.md).
-    Both kernels compute softmax(QKᵀ/√d)V: the same numbers up to rounding (tested). Always with `native_gqa`."""
-    with native_gqa(device):
-        if device.type != "cpu" or key_len > MATH_ATTENTION_MAX_LEN:
-            yield
-            return
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-
-
-GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa attention at every call
-
-
-def native_gqa(device: torch.device):
-    """Grouped-query attention (SmolLM2: 9 query heads on 3 key/value heads) by SDPA itself (`enable_gqa`), not by
-    transformers' `repeat_kv`, which copies every key and value 3 times per layer (a profile of RM scoring: 15% of
-    its time in those copies). On the CPU, where transformers does it only when told (`GQA_ENV`): with a mask
-    it would send CUDA to the math kernel. The forward gives the same bits (fp32 and bf16), the gradients the
-    same up to rounding (the key/value heads' gradients are summed over their query heads in another order;
-    tested); 20% faster RM scoring, 5% faster training steps (benchmarks/RESULTS.md). Not around sampling's
-    one-token decode steps, which transformers already runs on the key/value heads (`pack_gqa`, faster there)."""
-    return _environ(GQA_ENV, "1") if device.type == "cpu" else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _environ(name: str, value: str | None):
-    """os.environ[name] = value (None: unset) inside the block, restored after."""
-    old = os.environ.get(name)
-    try:
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
-def shared_prefix_length(seqs: list[list[int]]) -> int:
-    """Length of the longest common start of `seqs`, less at least one token so every sequence keeps a suffix."""
-    n = min(len(s) for s in seqs) - 1
-    for k, tokens in enumerate(zip(*seqs)):
-        if k == n or any(t != tokens[0] for t in tokens):
-            return k
-    return n
-
-
-class Prefix(NamedTuple):
-    """Shared prefixes that rows run on instead of repeating them: row r is prefix row_of[r] followed by its own
-    tokens (the batch's input_ids are then the suffixes). G prefixes, B rows.
-
-    ids:    (G, P) long, LEFT-padded
-    mask:   (G, P) long, 1 on real tokens
-    row_of: (B,) long, the prefix of each row
-    """
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    row_of: torch.Tensor
-
-    def to(self, device) -> Prefix:
-        return Prefix(self.ids.to(device), self.mask.to(device), self.row_of.to(device))
-
-
-class Inputs(NamedTuple):
-    """One forward's inputs for `SelectedLogits` (or a critic): B rows of T tokens, M of them selected.
-
-    input_ids, attention_mask: (B, T) long; with a prefix, the rows' suffixes
-    position_ids:              (B, T) long, or None (from the mask; unused with a prefix)
-    select:                    (B, T) bool, the positions whose logits are read
-    targets:                   (M,) long or None, the tokens the selected logits are scored against
-    prefix:                    a `Prefix` the rows run on, or None
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor | None
-    select: torch.Tensor
-    targets: torch.Tensor | None
-    prefix: Prefix | None
-
-
-def decode(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
-           prefix: Prefix | None = None, short_math_attention: bool = True) -> torch.Tensor:
-    """Last hidden states (B, T, H) of a trainer's forward: whole rows, or with `prefix` the rows' suffixes on
-    shared prefixes (`decode_on_prefixes`; position_ids unused), under `training_attention` unless
-    `short_math_attention` is off (then `native_gqa` only)."""
-    key_len = input_ids.shape[1] + (0 if prefix is None else prefix.ids.shape[1])
-    kernel = training_attention(key_len, input_ids.device) if short_math_attention else native_gqa(input_ids.device)
-    with kernel:
-        if prefix is None:
-            return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False).last_hidden_state
-        return decode_on_prefixes(decoder, *prefix, input_ids, attention_mask)
-
-
-def decode_on_prefixes(decoder, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, row_of: torch.Tensor,
-                       suffix_ids: torch.Tensor, suffix_mask: torch.Tensor, cache=None) -> torch.Tensor:
-    """Last hidden states (R, S, H) of the suffixes of the sequences prefix[row_of[r]] + suffix[r], each prefix run
-    once: G prefixes (G, P), LEFT-padded, run into a KV cache, the cache is copied to the R rows that share them,
-    and the right-padded suffixes (R, S) run on top of it. What a forward over the R whole sequences gives at
-    their suffix positions, up to float rounding (tested in the RM and DPO tests); gradients flow through the
-    copied cache into the prefix's forward. Positions count real tokens only, so padding shifts nothing.
-    `cache`: the prefixes' `prefix_cache`, already run (and left as it is), when several batches of suffixes
-    share them.
-    """
-    device = prefix_ids.device
-    rows = select_rows(cache if cache is not None else prefix_cache(decoder, prefix_ids, prefix_mask), row_of)
-    mask = torch.cat([prefix_mask[row_of], suffix_mask], dim=1)  # (R, P + S)
-    positions = prefix_mask.sum(1)[row_of, None] + torch.arange(suffix_ids.shape[1], device=device)  # (R, S)
-    return decoder(input_ids=suffix_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                   **{cache_arg(): rows}).last_hidden_state
-
-
-def prefix_cache(decoder, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor):
-    """The KV cache of G left-padded prefixes (G, P), for `decode_on_prefixes`."""
-    out = decoder(input_ids=prefix_ids, attention_mask=prefix_mask,
-                  position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
-    cache = getattr(out, cache_arg())
-    if cache is None or cache.get_seq_length() != prefix_ids.shape[1]:
-        # checkpointed layers (`checkpoint_layers`) keep no cache while training: the suffix would see nothing
-        raise RuntimeError("decode_on_prefixes needs the KV cache, which checkpointed layers do not keep")
-    return cache
-
-
-def select_rows(cache, rows: torch.Tensor):
-    """A cache of `cache`'s batch rows `rows` (R,), repeats allowed; `cache` itself is left as it is (transformers'
-    layers rebind their tensors when selecting, so shallow copies of them suffice)."""
-    out = copy.copy(cache)
-    out.layers = [copy.copy(layer) for layer in cache.layers]
-    out.batch_select_indices(rows)
-    return out
 
 
 def apply_lora(model, r: int, alpha: int, dropout: float, targets: list[str], task_type: str = "CAUSAL_LM"):

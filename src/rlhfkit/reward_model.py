@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhfkit import DataError, ModelError, models
+from rlhfkit.fast import attention, prefixes
 from rlhfkit.data import chat
 from rlhfkit.data.collate import pad_left, pad_right
 from rlhfkit.data.formats import Messages
@@ -108,15 +109,15 @@ def score_on_prefixes(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor
                       suffix_ids: torch.Tensor, suffix_mask: torch.Tensor, cache=None) -> torch.Tensor:
     """`score_batch` of the sequences prefix[row_of[i]] + suffix[i], running each prefix once (tested equal).
 
-    `models.decode_on_prefixes` runs the G prefixes ((G, P), left-padded) once and the right-padded suffixes
+    `prefixes.decode_on_prefixes` runs the G prefixes ((G, P), left-padded) once and the right-padded suffixes
     ((R, S)) on their KV cache; the score is read at each row's last real token, where transformers pools.
     Under the caller's autocast: the model's own forward (and so an accelerate autocast wrapper on it) is not
-    called. `cache`: the prefixes' `models.prefix_cache`, when several batches of suffixes share them.
+    called. `cache`: the prefixes' `prefixes.prefix_cache`, when several batches of suffixes share them.
     Returns (R,) fp32.
     """
     device = next(model.parameters()).device
     row_of, suffix_mask = row_of.to(device), suffix_mask.to(device)
-    hidden = models.decode_on_prefixes(model.base_model, prefix_ids.to(device), prefix_mask.to(device), row_of,
+    hidden = prefixes.decode_on_prefixes(model.base_model, prefix_ids.to(device), prefix_mask.to(device), row_of,
                                        suffix_ids.to(device), suffix_mask, cache)  # (R, S, H)
     last = hidden[torch.arange(len(row_of), device=device), suffix_mask.sum(1) - 1]  # (R, H)
     return model.score(last)[:, 0].float()
@@ -132,7 +133,7 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int, 
     device = next(model.parameters()).device
     for i in tqdm(range(0, len(order), batch_size), disable=not progress, desc="score", dynamic_ncols=True):
         idx = order[i:i + batch_size]
-        with autocast(), models.native_gqa(device):
+        with autocast(), attention.native_gqa(device):
             out[idx] = score_batch(model, *pad_right([seqs[j] for j in idx], pad_id)).double().cpu()
     return out
 
@@ -216,7 +217,7 @@ def score_shared_prefixes(model, seqs: list[list[int]], runs: list[range], pad_i
     out = torch.zeros(len(seqs), dtype=torch.float64)
     shared = []  # (run, prefix length)
     for run in runs:
-        n = models.shared_prefix_length([seqs[i] for i in run])
+        n = prefixes.shared_prefix_length([seqs[i] for i in run])
         if n == 0:  # nothing shared (equal prompts render to equal tokens, so not expected): one row per run
             shared += [(range(i, i + 1), len(seqs[i]) - 1) for i in run]
         else:
@@ -230,15 +231,15 @@ def score_shared_prefixes(model, seqs: list[list[int]], runs: list[range], pad_i
         # one forward for the group's prefixes (left-padded) into a KV cache ...
         prefix_ids, prefix_mask = pad_left([seqs[r[0]][:n] for r, n in group], pad_id)  # (G, P)
         prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
-        with autocast(), models.native_gqa(device):
-            cache = models.prefix_cache(model.base_model, prefix_ids, prefix_mask)
+        with autocast(), attention.native_gqa(device):
+            cache = prefixes.prefix_cache(model.base_model, prefix_ids, prefix_mask)
         # ... then its rows' suffixes (right-padded), shortest first, batch_size rows per forward on the cache
         rows = sorted(((i, g, n) for g, (r, n) in enumerate(group) for i in r), key=lambda x: len(seqs[x[0]]) - x[2])
         for b in range(0, len(rows), batch_size):
             chunk = rows[b:b + batch_size]
             suffix_ids, suffix_mask = pad_right([seqs[i][n:] for i, _, n in chunk], pad_id)  # (R, S)
             row_of = torch.tensor([g for _, g, _ in chunk])  # (R,) prefix of each row
-            with autocast(), models.native_gqa(device):
+            with autocast(), attention.native_gqa(device):
                 scores = score_on_prefixes(model, prefix_ids, prefix_mask, row_of, suffix_ids, suffix_mask, cache)
             out[[i for i, _, _ in chunk]] = scores.double().cpu()
         if item is not None:

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhfkit import TrainingError, checkpoint
+from rlhfkit.fast import layers
 from rlhfkit.tracking import Tracker, claim_output, release_output
 
 
@@ -303,9 +304,9 @@ def for_training(model, cfg: RunConfig, task_type: str = "CAUSAL_LM"):
 
     models.freeze_layers(model, cfg.freeze_layers)
     if cfg.compile:
-        models.compile_layers(model)
+        layers.compile_layers(model)
     if cfg.gradient_checkpointing:
-        models.checkpoint_layers(model)
+        layers.checkpoint_layers(model)
     if cfg.lora:
         model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type)
     return model

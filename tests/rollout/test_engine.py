@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rlhfkit import UsageError, models
+from rlhfkit.fast import layers
 from rlhfkit.data import chat
 from rlhfkit.rollout import SamplingParams
 import numpy as np
@@ -153,7 +154,7 @@ def test_greedy_equals_argmax_of_uncached_unpadded_forward_passes(policy, tok, b
 class ScriptedLM(torch.nn.Module):
     """A stand-in causal LM that emits a fixed script per row, chosen by the row's prompt length: its logits put
     all the mass on the script's next token, so no sampling noise can change it. Like a real KV cache, its state
-    rides in the cache argument (named as the installed transformers names it, `models.cache_arg`), which the
+    rides in the cache argument (named as the installed transformers names it, `layers.cache_arg`), which the
     engine hands back on the next call, and rows leave it through `batch_select_indices` as they do a transformers
     Cache."""
 
@@ -163,7 +164,7 @@ class ScriptedLM(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # the engine finds the device through the parameters
 
     def forward(self, input_ids, attention_mask, position_ids, use_cache=True, logits_to_keep=0, **cache_kwarg):
-        cache = cache_kwarg.pop(models.cache_arg(), None)
+        cache = cache_kwarg.pop(layers.cache_arg(), None)
         assert not cache_kwarg, cache_kwarg
         if cache is None:
             cache = ScriptCache([self.scripts[int(n)] for n in attention_mask.sum(-1)])
@@ -172,7 +173,7 @@ class ScriptedLM(torch.nn.Module):
         for row, script in enumerate(cache.scripts):
             logits[row, 0, script[min(cache.step, len(script) - 1)]] = 0.0
         cache.step += 1
-        return SimpleNamespace(logits=logits, **{models.cache_arg(): cache})
+        return SimpleNamespace(logits=logits, **{layers.cache_arg(): cache})
 
 
 class ScriptCache:

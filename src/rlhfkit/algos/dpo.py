@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhfkit import TrainingError, checkpoint, models
+from rlhfkit.fast import prefixes
 from rlhfkit.config import write_run_json
 from rlhfkit.core.lm import per_row_sums, shifted_selection
 from rlhfkit.core.losses import DPO_LOSSES, dpo_loss
@@ -163,14 +164,14 @@ def concatenated_logps(net, pairs: list[PairExample], pad_id: int, device, share
 
     With `share_prefix`, the tokens a pair's two sequences start with (the prompt, up to the position whose logit
     predicts the first trained token) run once, and the two continuations on their KV cache
-    (`models.decode_on_prefixes`): the same log-probs up to float rounding (tested), on fewer tokens.
+    (`prefixes.decode_on_prefixes`): the same log-probs up to float rounding (tested), on fewer tokens.
     """
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     cuts = [shared_cut(p) for p in pairs] if share_prefix else [0]
     if min(cuts) > 0:
         prefix_ids, prefix_mask = pad_left([p.chosen.input_ids[:n] for p, n in zip(pairs, cuts)], pad_id)  # (B, P)
         row_of = torch.arange(len(pairs)).repeat(2)  # (2B,) chosen rows, then rejected rows
-        prefix = models.Prefix(prefix_ids, prefix_mask, row_of).to(device)
+        prefix = prefixes.Prefix(prefix_ids, prefix_mask, row_of).to(device)
         seqs = [replace(e, input_ids=e.input_ids[n:], loss_mask=e.loss_mask[n:]) for e, n in zip(seqs, cuts * 2)]
     else:
         prefix = None
@@ -187,7 +188,7 @@ def shared_cut(pair: PairExample) -> int:
     """Tokens the pair's sequences share before the first position whose logit is trained (0: none)."""
     c, r = pair.chosen, pair.rejected
     first = min(c.loss_mask.index(1), r.loss_mask.index(1)) - 1  # logit of position p predicts token p + 1
-    return min(models.shared_prefix_length([c.input_ids, r.input_ids]), first)
+    return min(prefixes.shared_prefix_length([c.input_ids, r.input_ids]), first)
 
 
 @torch.no_grad()

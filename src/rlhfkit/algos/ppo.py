@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rlhfkit import DataError, UsageError, checkpoint, models
+from rlhfkit.fast import prefixes
 from rlhfkit.config import write_run_json
 from rlhfkit.core import rl
 from rlhfkit.core.lm import real_columns, shifted_selection, summed_nll
@@ -178,7 +179,7 @@ class ValueModel(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, select, prefix=None):
         """With `prefix`, input_ids are suffixes after shared prefixes (as in `models.SelectedLogits`)."""
-        hidden = models.decode(self.model.base_model, input_ids, attention_mask, position_ids, prefix)  # (B, T, H)
+        hidden = prefixes.decode(self.model.base_model, input_ids, attention_mask, position_ids, prefix)  # (B, T, H)
         return self.model.score(hidden[select]).squeeze(-1).float()  # (M,)
 
 
@@ -266,11 +267,11 @@ def trimmed(batch: Rollout) -> Rollout:
                    position_ids=batch.position_ids[:, cols], response_mask=batch.response_mask[:, :width])
 
 
-def model_inputs(batch: Rollout, share: bool) -> models.Inputs:
+def model_inputs(batch: Rollout, share: bool) -> prefixes.Inputs:
     """The inputs of the actor's, the reference's or the critic's forward over a batch of the rollout.
 
     With `share`, rows with the same prompt (the n samples of one prompt) run it once: the prompt up to its last
-    token becomes a shared prefix (`models.decode_on_prefixes`) and each row keeps that last token, whose logit
+    token becomes a shared prefix (`prefixes.decode_on_prefixes`) and each row keeps that last token, whose logit
     samples the first response token, and its response as the suffix. The same numbers up to float rounding
     (tested); prefix is None when every row runs whole. The inputs are the rows' `trimmed` ones; select and
     targets index those.
@@ -285,9 +286,9 @@ def model_inputs(batch: Rollout, share: bool) -> models.Inputs:
         start = real_columns(prefix_mask).start  # columns of left padding in every distinct prompt
         prefix_ids, prefix_mask = prefix_ids[:, start:], prefix_mask[:, start:]
         if len(distinct) < len(key) and bool(prefix_mask.any(1).all()):
-            return models.Inputs(batch.input_ids[:, cut:], batch.attention_mask[:, cut:], None, select[:, cut:],
-                                 targets, models.Prefix(prefix_ids, prefix_mask, row_of))
-    return models.Inputs(batch.input_ids, batch.attention_mask, batch.position_ids, select, targets, None)
+            return prefixes.Inputs(batch.input_ids[:, cut:], batch.attention_mask[:, cut:], None, select[:, cut:],
+                                 targets, prefixes.Prefix(prefix_ids, prefix_mask, row_of))
+    return prefixes.Inputs(batch.input_ids, batch.attention_mask, batch.position_ids, select, targets, None)
 
 
 def token_logprobs(actor, batch: Rollout, temperature: float, with_entropy: bool = False, share: bool = False,
@@ -391,7 +392,7 @@ def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: floa
     """Step 6 for one micro-batch: the loss scaled by the minibatch's token count, the actor's log-probs of the
     sampled tokens (B, R) without their graph, and the summed statistics."""
     mask = mb.response_mask
-    # checkpointed layers keep no KV cache; compiled ones run eagerly on one (`models.compile_layers`)
+    # checkpointed layers keep no KV cache; compiled ones run eagerly on one (`fast.layers.compile_layers`)
     share = cfg.shared_prefix and not (cfg.gradient_checkpointing or cfg.compile)
     logps, entropy = token_logprobs(net["actor"], mb, cfg.temperature, with_entropy=True, share=share,
                                     entropy_grad=cfg.entropy_coef != 0)

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rlhfkit import ModelError, TrainingError, checkpoint, models
+from rlhfkit.fast import attention, prefixes
 from rlhfkit.config import write_run_json
 from rlhfkit.core.losses import grouped_ranking_loss, pairwise_loss
 from rlhfkit.data import chat, formats, io
@@ -211,7 +212,7 @@ def collate_preferences(items: list[EncodedPreference], pad_id: int, share_prefi
         groups.append([(offset + w, offset + l) for w, l in item.pairs])
         offset += len(item.input_ids)
     margins = [item.margin for item in items]
-    cuts = [models.shared_prefix_length(item.input_ids) for item in items] if share_prefix else []
+    cuts = [prefixes.shared_prefix_length(item.input_ids) for item in items] if share_prefix else []
     if not share_prefix or min(cuts) == 0:
         return RewardBatch(*pad_right(seqs, pad_id), groups, margins)
     prefix_ids, prefix_mask = pad_left([item.input_ids[0][:n] for item, n in zip(items, cuts)], pad_id)
@@ -251,7 +252,7 @@ def build_model(cfg: RMConfig, tok):
 def score_rewards(model, batch: RewardBatch) -> torch.Tensor:
     """Scores (N,) fp32 of a batch's responses, whole or on their shared prefixes."""
     key_len = batch.input_ids.shape[1] + (0 if batch.prefix_ids is None else batch.prefix_ids.shape[1])
-    with models.training_attention(key_len, next(model.parameters()).device):
+    with attention.training_attention(key_len, next(model.parameters()).device):
         if batch.prefix_ids is None:
             return score_batch(model, batch.input_ids, batch.attention_mask)
         return score_on_prefixes(model, batch.prefix_ids, batch.prefix_mask, batch.row_of, batch.input_ids,

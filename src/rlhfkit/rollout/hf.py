@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhfkit import UsageError, models
+from rlhfkit.fast import attention, layers
 from rlhfkit.core.lm import real_columns
 from rlhfkit.data import chat
 from rlhfkit.data.collate import pad_left
@@ -280,7 +281,7 @@ class HFBatch:
     """`HFEngine`'s running batch on a transformers causal LM: its DynamicCache, attention mask (A, L) and the
     position (A, 1) of each row's last token. Rows joining are left-padded to the batch's length; rows leaving
     are dropped from the cache, and so are the columns that are then padding in every row. Any model that takes
-    a KV cache (`models.cache_arg`) runs here; where its cache is not a plain DynamicCache (`mergeable`), rows join
+    a KV cache (`layers.cache_arg`) runs here; where its cache is not a plain DynamicCache (`mergeable`), rows join
     only an empty batch. Same interface as `llama.LlamaBatch`."""
 
     def __init__(self, model, pad_id: int, precision: str):
@@ -303,10 +304,10 @@ class HFBatch:
         ids, mask = ids.to(self.device), mask.to(self.device)
         # positions count real tokens only, so a row's left padding does not shift its positions
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, P)
-        with autocast(self.device, self.precision), models.native_gqa(self.device):  # decode has its own GQA
+        with autocast(self.device, self.precision), attention.native_gqa(self.device):  # decode has its own GQA
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1)
-        cache = getattr(out, models.cache_arg())
+        cache = getattr(out, layers.cache_arg())
         if len(distinct) < len(prompts):
             cache.batch_select_indices(row_of)
         mask, positions = mask[row_of], positions[row_of, -1:]
@@ -325,7 +326,7 @@ class HFBatch:
         with autocast(self.device, self.precision):
             return self.model(input_ids=token[:, None].to(self.device), attention_mask=self.mask,
                               position_ids=self.positions, use_cache=True,
-                              **{models.cache_arg(): self.cache}).logits[:, -1].float()
+                              **{layers.cache_arg(): self.cache}).logits[:, -1].float()
 
     def keep(self, rows: torch.Tensor) -> None:
         """Only rows `rows` (A',) stay, in that order."""

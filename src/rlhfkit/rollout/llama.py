@@ -118,7 +118,7 @@ class LlamaBatch:
     """
 
     def __init__(self, weights: LlamaWeights, prompts: list[list[int]], slots: int, max_new_tokens: int):
-        from rlhfkit.models import shared_prefix_length
+        from rlhfkit.fast.prefixes import shared_prefix_length
 
         self.w = weights
         self.prefix = prompts[0][:shared_prefix_length(prompts)]  # every prompt keeps ≥ 1 token of its own
