@@ -2,7 +2,8 @@
 
 A report (compare_trl's results JSON) is for one precision, `report["dtype"]`, "bf16" or "fp32"; its matmul peak is
 `report["peak_gflops"]` = {"dtype", "before", "after"} in that dtype. Reports from before the harness had --dtype
-are bf16 runs whose peak holds bf16_before/bf16_after and fp32_before/fp32_after; they render as they did then.
+are bf16 runs whose peak holds bf16_before/bf16_after and fp32_before/fp32_after; their machine line shows both
+peaks, as it did then.
 Each dtype has its own section of RESULTS.md (`markers`), so a run in one precision leaves the other's in place.
 """
 
@@ -80,7 +81,7 @@ def checks(algo: str, rows: list[Row]) -> list[str]:
         ratios = ", ".join(f"×{r.throughput / trl.throughput:.2f} ({r.setting})" for r in ours)
         out.append(f"{NAMES[algo]}: rlhfkit's throughput / TRL's: {ratios}.")
     if trl and ours and algo != "dpo":  # DPO's memory line below names its reference mode and its own target
-        target = " (issue 8's target ≤ 1)" if algo != "grpo" else ""
+        target = " (target ≤ 1)" if algo != "grpo" else ""
         ratios = ", ".join(f"{r.peak_rss_mb / trl.peak_rss_mb:.2f} ({r.setting})" for r in ours)
         out.append(f"{NAMES[algo]}: rlhfkit's peak RSS / TRL's{target}: {ratios}.")
     if algo == "dpo":
@@ -89,7 +90,7 @@ def checks(algo: str, rows: list[Row]) -> list[str]:
         out.append("DPO step-1 loss − ln 2 (policy = reference; ln 2 in fp32): " + ", ".join(step1) + ".")
         if trl:
             out += [f"DPO peak RSS, rlhfkit with precomputed reference log-probs ({r.setting}) / TRL with "
-                    f"a frozen copy: {r.peak_rss_mb / trl.peak_rss_mb:.2f} (issue 8's target ≤ 0.6); rlhfkit's "
+                    f"a frozen copy: {r.peak_rss_mb / trl.peak_rss_mb:.2f} (target ≤ 0.6); rlhfkit's "
                     f"one-off reference pass took {r.reference_s or 0:.1f} s, not in its step times." for r in ours]
     if trl and trl.token_check:
         out.append(f"{NAMES[algo]} data: {trl.token_check}.")
@@ -149,12 +150,12 @@ def peak_text(report: dict) -> str:
 
 def markdown(report: dict) -> str:
     p, m = report["preset"], report["machine"]
-    dtype, legacy = report_dtype(report), "dtype" not in report
+    dtype = report_dtype(report)
     lrs = ", ".join(f"{NAMES[a]} {o['lr']:g}" for a, o in report["optim"].items())
     o = next(iter(report["optim"].values()))
-    heading = "## rlhfkit vs TRL, same machine, same run (issue 8)"
+    heading = "## rlhfkit vs TRL, same machine, same run"
     lines = [
-        heading if legacy else f"{heading}: {dtype}", "",
+        f"{heading}: {dtype}", "",
         "```bash", report["command"], "```", "",
         f"{report['date']}: {p['model']}, every sequence ≤ {p['max_length']} tokens, batch {p['batch']} "
         f"(SFT rows; RM and DPO pairs; GRPO {p['grpo_prompts']} prompts × {p['grpo_generations']} completions of ≤ "

@@ -1,4 +1,4 @@
-"""rlhfkit against TRL 1.16 on this machine, in one run: SFT, reward model, DPO and GRPO side by side (issue 8).
+"""rlhfkit against TRL 1.16 on this machine, in one run: SFT, reward model, DPO and GRPO side by side.
 
     python benchmarks/compare_trl.py --quick      # tiny-llama, 128 tokens, batch 4, 2 steps: checks the harness
     python benchmarks/compare_trl.py              # smollm2-135m, ≤ 512 tokens, batch 8 (~50 min); writes RESULTS.md
@@ -99,7 +99,7 @@ class Preset:
 
 PRESETS = {
     "quick": Preset("tiny-llama", 128, 4, dict(sft=2, rm=2, dpo=2, grpo=2), 1, 2, 4, 16, 1024, 1.0),
-    # ≈ 30 min here: TRL's SFT step ≈ 43 s, its DPO step ≈ 100 s (issue 8's ≈ 95 and ≈ 81 tokens/s)
+    # ≈ 30 min here: TRL's SFT step ≈ 43 s, its DPO step ≈ 100 s (≈ 95 and ≈ 81 tokens/s)
     "full": Preset("smollm2-135m", 512, 8, dict(sft=5, rm=4, dpo=3, grpo=3), 1, 4, 4, 48, 2048, 3.0),
 }
 

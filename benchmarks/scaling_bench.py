@@ -1,4 +1,4 @@
-"""How SFT step time and memory grow with sequence length, batch size and model size (issue 8).
+"""How SFT step time and memory grow with sequence length, batch size and model size.
 
 Each point is one `benchmarks/sft_bench.py` process (rlhfkit's SFT step, bf16 autocast over fp32 weights, loss on
 the second half of each row), so its peak RSS is its own. Models: tiny-llama (2 layers, hidden 64), a mid-size
@@ -13,6 +13,7 @@ Writes a markdown table to stdout and, with --results-md, between the scaling ma
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import subprocess
 import sys
@@ -68,6 +69,7 @@ def main() -> None:
         rows.append({"model": model, "params": r["params_total"], "seq": seq, "batch": batch,
                      "tokens_per_s": r["tokens_per_s"], "step_s": r["step_s_mean"], "mfu": r["mfu"],
                      "peak_rss_mb": r["peak_rss_mb"], "peak_gflops_bf16": r["peak_gflops_bf16"]})
+        m = r["machine"]  # sft_bench's common.machine_info(); the same for every point
     lines = ["| model | parameters | seq | batch | tokens/s | step s | MFU (bf16 peak of its run) | peak RSS |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['seq']} | {r['batch']} | {r['tokens_per_s']:.0f} | "
@@ -79,8 +81,10 @@ def main() -> None:
     if args.results_md:
         text = args.results_md.read_text()
         start, end = "<!-- scaling:start -->", "<!-- scaling:end -->"
-        body = (f"{start}\n## Scaling of the SFT step (issue 8)\n\n```bash\npython benchmarks/scaling_bench.py "
+        body = (f"{start}\n## Scaling of the SFT step\n\n```bash\npython benchmarks/scaling_bench.py "
                 f"--json benchmarks/results/scaling.json --results-md benchmarks/RESULTS.md\n```\n\n"
+                f"{datetime.date.today().isoformat()}; machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), "
+                f"{m['cores_usable']} usable cores, torch {m['torch']}. "
                 f"bf16 autocast, {args.warmup} warm-up and {args.steps} timed steps per point, one process each.\n\n"
                 f"{table}\n{end}")
         if start in text:

@@ -59,8 +59,8 @@ class RunConfig:
     about a third more compute (TRL's default)."""
     compile: bool = False
     """torch.compile each transformer block for the training passes (needs a C++ compiler on the CPU): less
-    activation memory and steps up to ~1.3× faster after ~40 s of compiling; a trained prompt is then not split
-    off as a shared prefix (benchmarks/RESULTS.md)."""
+    activation memory and steps 1.02–1.34× faster after about 40 s of compiling; a trained prompt is then not split
+    off as a shared prefix (benchmarks/RESULTS.md, "Compiled transformer blocks")."""
     dtype: str = "auto"
     """Compute precision: auto (bf16 autocast where the hardware has it), bf16, fp16 or fp32. Weights stay fp32."""
     seed: int = 0

@@ -27,18 +27,19 @@ def _recompute_attention(kernels: list, gqa: str | None):
         yield
 
 
-MATH_ATTENTION_MAX_LEN = 128  # measured: benchmarks/RESULTS.md, "attention backend"
+MATH_ATTENTION_MAX_LEN = 128  # benchmarks/RESULTS.md, "Shared prompt prefixes and the attention kernel ..."
 
 
 @contextlib.contextmanager
 def training_attention(key_len: int, device: torch.device):
     """The SDPA kernel for a trainer's forwards: on the CPU at key length ≤ 128, the math kernel (its backward
-    is plain matmuls, ~1.5–2× faster there than the CPU flash kernel's backward, which dominates an RM step on
-    short sequences); otherwise whatever torch picks (flash: less memory and faster at 512). The choice depends
+    is plain matmuls, faster there than the CPU flash kernel's backward, which dominates an RM step on short
+    sequences); otherwise whatever torch picks (flash: less memory and faster at 512). The choice depends
     on the length only, never on whether gradients are on, so a trainer's no-grad passes (reference and old
     log-probs) compute exactly what its training forward computes: DPO's h and PPO's first ratio stay exact.
     Evaluation, forward only, does not use it (`SelectedLogits(short_math_attention=False)`): the math forward
-    alone is ~1.4× slower than flash there (benchmarks/RESULTS.md).
+    alone is ~1.4× slower than flash there (benchmarks/RESULTS.md, "Shared prompt prefixes and the attention
+    kernel for short sequences").
     Both kernels compute softmax(QKᵀ/√d)V: the same numbers up to rounding (tested). Always with `native_gqa`."""
     with native_gqa(device):
         if device.type != "cpu" or key_len > MATH_ATTENTION_MAX_LEN:
@@ -59,7 +60,8 @@ def native_gqa(device: torch.device):
     its time in those copies). On the CPU, where transformers does it only when told (`GQA_ENV`): with a mask
     it would send CUDA to the math kernel. The forward gives the same bits (fp32 and bf16), the gradients the
     same up to rounding (the key/value heads' gradients are summed over their query heads in another order;
-    tested); 20% faster RM scoring, 5% faster training steps (benchmarks/RESULTS.md). Not around sampling's
+    tested); 20% faster RM scoring, 5% faster training steps (benchmarks/RESULTS.md, "Grouped-query attention inside
+    SDPA"). Not around sampling's
     one-token decode steps, which transformers already runs on the key/value heads (`pack_gqa`, faster there)."""
     return _environ(GQA_ENV, "1") if device.type == "cpu" else contextlib.nullcontext()
 

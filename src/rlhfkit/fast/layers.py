@@ -60,9 +60,9 @@ def compile_layers(model) -> None:
     A block's matmuls run as they do eagerly; what Inductor changes is the rest (RMSNorm, rotary embeddings,
     SiLU·up, residual adds, autocast's casts), which eagerly is a dozen memory-bound passes per block, and its
     backward partitioner recomputes such cheap elementwise results instead of keeping them. SmolLM2, 8 × 512
-    tokens, bf16, this CPU: a training step 1.0–1.35× faster from run to run and peak RSS 8.9 → 5.1 GB
-    (benchmarks/RESULTS.md).
-    Costs ~40–60 s of compilation in a fresh process (Inductor's on-disk cache makes later ones a few seconds),
+    tokens, bf16, this CPU: a training step 1.02–1.34× faster from run to run and peak RSS 8.9 → 5.1 GB
+    (benchmarks/RESULTS.md, "Compiled transformer blocks").
+    Costs about 40 s of compilation in a fresh process (Inductor's on-disk cache makes later ones a few seconds),
     once per precision and train/eval mode: the graph is compiled for any batch shape.
 
     Eager, as before, where compiling would not pay or would not hold: without gradients (evaluation, reference
