@@ -200,13 +200,16 @@ def finished_run(out: Path, step: int, total: int, main: bool = True) -> dict | 
     """For a resumed run whose checkpoint is at its last step (`step` ≥ `total`) and whose model was saved (run.json
     says "finished" once it is): its final metrics, read back, so that resuming a finished run changes nothing. None
     while there is work left, or the model still has to be saved."""
-    record = out / "run.json"
-    if step < total or not record.is_file() or json.loads(record.read_text()).get("status") == "running":
+    path = out / "run.json"
+    if step < total or not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("status") == "running":
         return None
     if main:
         print(f"{out}: finished at step {step} of {total}, nothing to do (to train on, raise --max-steps, --epochs "
               "or --iterations)")
-    return json.loads(record.read_text()).get("final_metrics", {})
+    return record.get("final_metrics", {})
 
 
 def latest(root: Path) -> Path | None:

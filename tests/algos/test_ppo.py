@@ -325,7 +325,7 @@ def test_prompts_longer_than_max_length_are_skipped_and_counted(tmp_path, tok, c
 
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi.", "id": 0}, {"prompt": "word " * 200, "id": 1},
                                                {"prompt": "Bye.", "id": 2}])
-    prompts, metadata = load_prompts(PPOConfig(prompts=path, max_length=100), tok)
+    prompts, metadata, _ = load_prompts(PPOConfig(prompts=path, max_length=100), tok)
     assert [m["id"] for m in metadata] == [0, 2] and [p[-1]["content"] for p in prompts] == ["Hi.", "Bye."]
     assert f"data: 1 of 3 prompts skipped, longer than --max-length 100 tokens (the first: {path}:2)" in \
         capsys.readouterr().out

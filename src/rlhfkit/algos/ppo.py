@@ -431,14 +431,21 @@ def ptx_loss(net, rows, pad_id: int, device) -> torch.Tensor:
 # --- training -----------------------------------------------------------------------------------------------
 
 
-def load_prompts(cfg: PPOConfig, tok) -> tuple[list[formats.Messages], list[dict]]:
-    """The prompts and each row's data (for --reward-fn). Prompts longer than --max-length tokens after the chat
-    template are skipped and counted, as veRL's `filter_overlong_prompts` does: cutting a chat prompt would cut
-    away the question or the assistant's header."""
+class PromptSet(NamedTuple):
+    messages: list[formats.Messages]  # the prompts
+    metadata: list[dict]  # each prompt row's own columns (for --reward-fn)
+    lengths: list[int]  # each prompt's tokens after the chat template, with the generation prompt
+
+
+def load_prompts(cfg: PPOConfig, tok) -> PromptSet:
+    """The prompts, tokenised once here. Prompts longer than --max-length tokens after the chat template are
+    skipped and counted, as veRL's `filter_overlong_prompts` does: cutting a chat prompt would cut away the
+    question or the assistant's header."""
     rows = io.read_rows(cfg.prompts)
     fmt = formats.detect_format(rows)
     prompts = [formats.to_prompt(r, fmt) for r in rows]
-    fits = [len(chat.encode_prompt(tok, p.messages)) <= cfg.max_length for p in prompts]
+    lengths = [len(chat.encode_prompt(tok, p.messages)) for p in prompts]
+    fits = [n <= cfg.max_length for n in lengths]
     kept = [i for i, ok in enumerate(fits) if ok]
     if len(kept) < len(rows):
         first = prompts[fits.index(False)].where
@@ -447,7 +454,7 @@ def load_prompts(cfg: PPOConfig, tok) -> tuple[list[formats.Messages], list[dict
                             f"(the first: {first}); raise --max-length")
         print(f"data: {len(rows) - len(kept)} of {len(rows)} prompts skipped, longer than --max-length "
               f"{cfg.max_length} tokens (the first: {first})")
-    return [prompts[i].messages for i in kept], [rows[i].data for i in kept]
+    return PromptSet([prompts[i].messages for i in kept], [rows[i].data for i in kept], [lengths[i] for i in kept])
 
 
 def load_ptx(cfg: PPOConfig, tok):
@@ -511,7 +518,7 @@ class Roles:
     critic_init: str | None  # where the critic's weights came from (GAE)
 
 
-def build_roles(cfg: PPOConfig, tok, prompts: list[formats.Messages], device, precision: str) -> Roles:
+def build_roles(cfg: PPOConfig, tok, prompts: PromptSet, device, precision: str) -> Roles:
     actor = for_training(models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok), cfg)
     net = torch.nn.ModuleDict({"actor": models.SelectedLogits(actor)})
     ref = None if cfg.lora else models.SelectedLogits(
@@ -527,7 +534,7 @@ def build_roles(cfg: PPOConfig, tok, prompts: list[formats.Messages], device, pr
     reward_model = RewardModel.load(cfg.reward_model, device, precision) if cfg.reward_model else None
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
     engine = HFEngine(actor, tok, batch_size=cfg.generate_batch_size, precision=precision)
-    engine.check_fits([chat.encode_prompt(tok, p) for p in prompts], cfg.max_new_tokens)
+    engine.check_fits(prompts.lengths, cfg.max_new_tokens)
     return Roles(net, actor, ref, reward_model, reward_fn, load_monitors(cfg, device), engine, critic_init)
 
 
@@ -659,8 +666,9 @@ def train(cfg: PPOConfig) -> dict:
         raise UsageError("rlhfkit ppo runs on one process for now (data-parallel PPO is not wired yet)")
     device, precision = accelerator.device, models.mixed_precision(cfg.dtype)
     tok = models.load_tokenizer(cfg.policy)
-    prompts, metadata = load_prompts(cfg, tok)
-    roles = build_roles(cfg, tok, prompts, device, precision)
+    prompt_set = load_prompts(cfg, tok)
+    prompts, metadata = prompt_set.messages, prompt_set.metadata
+    roles = build_roles(cfg, tok, prompt_set, device, precision)
     net = roles.net
     ptx_rows = load_ptx(cfg, tok)
 

@@ -141,17 +141,18 @@ class HFEngine:
     def encode_prompt(self, messages: Messages) -> list[int]:
         return chat.encode_prompt(self.tok, messages)
 
-    def check_fits(self, encoded: list[list[int]], max_new_tokens: int) -> None:
-        """One UsageError, before any work, when a prompt and its longest response would run past the model's
-        positions (`max_position_embeddings`), where a rotary model's output silently degrades."""
+    def check_fits(self, lengths: list[int], max_new_tokens: int) -> None:
+        """One UsageError, before any work, when a prompt (of `lengths` tokens each, after the chat template) and
+        its longest response would run past the model's positions (`max_position_embeddings`), where a rotary
+        model's output silently degrades."""
         positions = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
-        if not positions or not encoded:
+        if not positions or not lengths:
             return
-        i = max(range(len(encoded)), key=lambda i: len(encoded[i]))
-        if len(encoded[i]) + max_new_tokens > positions:
-            raise UsageError(f"prompt {i + 1} of {len(encoded)} is {len(encoded[i])} tokens long after the chat "
+        i = max(range(len(lengths)), key=lambda i: lengths[i])
+        if lengths[i] + max_new_tokens > positions:
+            raise UsageError(f"prompt {i + 1} of {len(lengths)} is {lengths[i]} tokens long after the chat "
                              f"template; with --max-new-tokens {max_new_tokens} it needs "
-                             f"{len(encoded[i]) + max_new_tokens} positions and the model has {positions}: shorten "
+                             f"{lengths[i] + max_new_tokens} positions and the model has {positions}: shorten "
                              "the prompt or lower --max-new-tokens")
 
     def generate(self, prompts: list[Messages], params: SamplingParams) -> Samples:
@@ -160,7 +161,7 @@ class HFEngine:
             raise ValueError("generate needs at least one prompt")
         # 1. prompts as the template renders them for generation, each with room for its response
         encoded = [self.encode_prompt(m) for m in prompts]
-        self.check_fits(encoded, params.max_new_tokens)
+        self.check_fits([len(e) for e in encoded], params.max_new_tokens)
         # 2. rows (i, j), each with its own random stream
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
         # 3. rows join the batch in order of prompt length (less padding), a prompt's n rows together
