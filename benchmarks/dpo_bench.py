@@ -1,7 +1,7 @@
 """DPO training throughput, MFU and peak memory of rlhfkit's own DPO step, for each reference mode.
 
 What runs: the code path of `rlhfkit.algos.dpo.train` on one process, one micro-batch per optimizer step:
-`dpo.pair_losses` (chosen and rejected concatenated into one (2B, T) forward through `models.SelectedLogits`,
+`dpo.pair_losses` (chosen and rejected concatenated into one (2B, T) forward through `forward.SelectedLogits`,
 summed response log-probs, the reference log-probs of the mode, `dpo_loss`) -> backward -> clipping -> AdamW ->
 schedule, fp32 master weights under accelerate's autocast. Reference modes:
 - precomputed: reference log-probs computed once before the timed steps (their cost is reported separately);
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from
 from common import machine_info, matmul_peak, model_flops_per_token, peak_rss_mb  # noqa: E402
 from sft_bench import HEADER, Result, count_non_embedding, ensure_cached, synthetic_rows, table_row  # noqa: E402
 
-from rlhfkit import models  # noqa: E402
+from rlhfkit import forward, models  # noqa: E402
 from rlhfkit.algos import dpo  # noqa: E402
 from rlhfkit.training import adamw, make_schedule  # noqa: E402
 
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> tuple[Result, float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg)
     scheduler = make_schedule(optimizer, cfg, steps)
-    net, optimizer = accelerator.prepare(models.SelectedLogits(model), optimizer)
+    net, optimizer = accelerator.prepare(forward.SelectedLogits(model), optimizer)
 
     seqs = synthetic_rows(tok, 2 * steps * cfg.batch_size, cfg.max_length, len(tok), cfg.seed)
     pairs = [dpo.PairExample(c, r, i, c.where) for i, (c, r) in enumerate(zip(seqs[0::2], seqs[1::2]))]

@@ -1,7 +1,7 @@
 """Reward-model training throughput and MFU of rlhfkit's own RM step, on synthetic fixed-length pairs.
 
 What runs: the code path of `rlhfkit.algos.reward.train` on one process, one micro-batch per optimizer step:
-`collate_preferences` -> `score_batch` (AutoModelForSequenceClassification, num_labels=1, pooled at the last
+`collate_preferences` -> `forward.scores` (AutoModelForSequenceClassification, num_labels=1, pooled at the last
 real token) -> `preference_loss_sum` (InstructGPT's per-prompt mean over pairs) -> backward -> clipping ->
 AdamW -> schedule, fp32 master weights under accelerate's autocast. Data loading, evaluation, normalisation
 and checkpointing are not part of it.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from
 from common import machine_info, matmul_peak, model_flops_per_token, peak_rss_mb  # noqa: E402
 from sft_bench import HEADER, Result, ensure_cached, synthetic_rows, table_row  # noqa: E402
 
-from rlhfkit import models, reward_model  # noqa: E402
+from rlhfkit import forward, models, reward_model  # noqa: E402
 from rlhfkit.algos import reward  # noqa: E402
 from rlhfkit.training import adamw, make_schedule  # noqa: E402
 
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> Result:
     for step, items in enumerate(batches):
         t0 = time.perf_counter()
         batch = reward.collate_preferences(items, tok.pad_token_id)
-        scores = reward_model.score_batch(net, batch.input_ids, batch.attention_mask)  # (2B,)
+        scores = forward.scores(net, batch.sequences)  # (2B,)
         loss_sum = reward.preference_loss_sum(scores, batch)
         accelerator.backward(loss_sum / len(items))
         loss = loss_sum.item() / len(items)  # waits for the step's compute, so the timer is honest

@@ -1,7 +1,7 @@
 """SFT training throughput and MFU of rlhfkit's own training step, on synthetic fixed-length rows.
 
 What runs: the code path of `rlhfkit.algos.sft.train`, one micro-batch per optimizer step on one process:
-`collate` -> `batch_nll` through `models.SelectedLogits` (logits only at trained positions) -> backward of the
+`forward.rows` -> `batch_nll` through `forward.SelectedLogits` (logits only at trained positions) -> backward of the
 token-mean loss -> gradient clipping -> AdamW step -> LR schedule step, with the model in fp32 master weights
 and accelerate's autocast in the chosen precision. Data loading, logging, evaluation and checkpointing are not
 part of it.
@@ -39,10 +39,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere: find common.py
 from common import machine_info, matmul_peak, model_flops_per_token, non_embedding_params, peak_rss_mb  # noqa: E402
 
-from rlhfkit import models  # noqa: E402
+from rlhfkit import forward, models  # noqa: E402
 from rlhfkit.algos import sft  # noqa: E402
 from rlhfkit.data.chat import TokenizedExample  # noqa: E402
-from rlhfkit.data.collate import collate  # noqa: E402
 from rlhfkit.training import adamw  # noqa: E402
 
 
@@ -121,7 +120,7 @@ def run(args: argparse.Namespace) -> Result:
     params = [p for p in lm.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg)
     scheduler = sft.make_schedule(optimizer, cfg, cfg.max_steps)
-    net, optimizer = accelerator.prepare(models.SelectedLogits(lm), optimizer)
+    net, optimizer = accelerator.prepare(forward.SelectedLogits(lm), optimizer)
 
     vocab_rows = lm.get_input_embeddings().weight.shape[0]
     rows = synthetic_rows(tok, cfg.max_steps * cfg.batch_size, cfg.max_length, vocab_rows, cfg.seed)
@@ -133,7 +132,7 @@ def run(args: argparse.Namespace) -> Result:
     for step, mb in enumerate(batches):
         t0 = time.perf_counter()
         n_loss_tokens = sum(sum(r.loss_mask[1:]) for r in mb)
-        batch = collate(mb, tok.pad_token_id)
+        batch = forward.rows(mb, tok.pad_token_id)
         nll = sft.batch_nll(net, batch, device)
         accelerator.backward(nll / max(n_loss_tokens, 1))
         # .item() waits for the step's compute, as sft.train's loss logging does, so the timer is honest

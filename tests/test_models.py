@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from rlhfkit import ModelError, UsageError, models
+from rlhfkit import ModelError, UsageError, forward, models
 from rlhfkit.fast import attention, layers
 
 from tests.conftest import BF16, native_bf16, run_cli, write_jsonl
@@ -112,7 +112,7 @@ def _saved_bytes_and_grads(model, ids, mask, precision):
             saved.append(t.numel() * t.element_size())
         return t
 
-    net = models.SelectedLogits(model)
+    net = forward.SelectedLogits(model)
     select = torch.zeros_like(ids, dtype=torch.bool)
     select[:, -1] = True  # one position per row: the (N, V) logits would otherwise dwarf the blocks' activations
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
@@ -180,7 +180,7 @@ def test_short_training_forwards_use_the_math_attention_kernel_and_compute_the_s
         assert SDPBackend.FLASH_ATTENTION in attention._enabled_sdpa_kernels()
     with torch.no_grad(), attention.training_attention(64, cpu):
         assert attention._enabled_sdpa_kernels() == [SDPBackend.MATH]
-    net = models.SelectedLogits(models.load_causal_lm("tiny-llama", seed=3, tokenizer=tok))
+    net = forward.SelectedLogits(models.load_causal_lm("tiny-llama", seed=3, tokenizer=tok))
     ids = torch.randint(5, 1000, (3, 40))
     mask = torch.ones_like(ids)
     mask[1, 30:] = 0
@@ -195,7 +195,7 @@ def test_short_training_forwards_use_the_math_attention_kernel_and_compute_the_s
         results.append((logps.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # evaluation opts out (forward only: flash is faster there) and computes the same
-        plain = models.SelectedLogits(net.lm, short_math_attention=False)(ids, mask, None, select, targets)
+        plain = forward.SelectedLogits(net.lm, short_math_attention=False)(ids, mask, None, select, targets)
     torch.testing.assert_close(plain, results[0][0], rtol=1e-5, atol=1e-5)
     for n, g in results[1][1].items():
         torch.testing.assert_close(results[0][1][n], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=n)

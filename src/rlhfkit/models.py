@@ -10,8 +10,7 @@ Aliases:
   deterministic from a seed, for tests.
 
 No code path here touches the network unless the user names a hub id. Also here: precision (`mixed_precision`,
-`inference_weights`), freezing, LoRA, saving, and `SelectedLogits`, the forward every trainer runs (its speed
-tricks live in rlhfkit/fast/).
+`inference_weights`), freezing, LoRA and saving. The forward every trainer runs is in rlhfkit/forward.py.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from pathlib import Path
 import torch
 
 from rlhfkit import ModelError, UsageError
-from rlhfkit.fast.prefixes import Prefix, decode
 
 # ChatML, the template SmolLM2 uses, minus its built-in system prompt. Models without a chat template get this
 # one (documented in docs/data.md); `<|im_end|>` is added to the tokenizer when it lacks it.
@@ -318,35 +316,3 @@ def save_pretrained(model, tok, out: Path, merge: bool = False) -> None:
             tok.save_pretrained(tmp / "merged")
 
     checkpoint.save_directory(out, write, saved_bytes(model, merge))
-
-
-class SelectedLogits(torch.nn.Module):
-    """A causal LM whose forward returns logits only at selected positions: (N, V), never (B, T, V).
-
-    Training wraps the model in this module (and data-parallel wraps this module), so the forward that DDP
-    hooks is the one that runs, while the vocabulary projection skips the prompt and padding positions.
-    """
-
-    def __init__(self, lm, short_math_attention: bool = True):
-        super().__init__()
-        self.lm = lm
-        # trainers: `training_attention` (math kernel at short lengths, in every pass, so that their reference
-        # passes match their training forwards); evaluation, forward only, turns it off: there flash is faster
-        self.short_math_attention = short_math_attention
-
-    def forward(self, input_ids, attention_mask, position_ids, select, targets=None, prefix: Prefix | None = None):
-        """Logits (N, V) at the selected positions; with targets (N,), only their log-probs (N,) fp32, the head
-        computed in chunks so that no (N, V) tensor is kept (`core.lm.target_logps`). With a `Prefix`, input_ids
-        are the rows' suffixes after a shared prefix that runs once (`decode_on_prefixes`; position_ids unused)
-        and select indexes them."""
-        from rlhfkit.core.lm import target_logps, token_logits
-
-        hidden = decode(self.lm.get_decoder(), input_ids, attention_mask, position_ids, prefix,
-                        self.short_math_attention)  # (B, T, H)
-        head = self.lm.get_output_embeddings()
-        if targets is not None and isinstance(head, torch.nn.Linear) and head.bias is None:
-            return target_logps(hidden[select], head.weight, targets)  # (N,)
-        logits = token_logits(hidden, head, select)  # (N, V)
-        if targets is None:
-            return logits
-        return -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")

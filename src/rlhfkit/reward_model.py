@@ -5,12 +5,13 @@ Shared by the RM's trainer (algos/reward.py: encoding, pooling), `rlhfkit score`
   `AutoModelForSequenceClassification` pools it; the RM's pad token is one the template never writes
   (`set_reward_pad_token`), so padding can never be mistaken for the pooled token.
 - `RewardModel.score` applies the recorded normalisation (r − offset) × scale unless told not to. The n samples of
-  a prompt share its prefix: it runs once into a KV cache (`score_shared_prefixes`, equal up to float rounding).
+  a prompt share its prefix: it runs once into a KV cache (`score_sequences`, equal up to float rounding).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit import DataError, ModelError, models
-from rlhfkit.fast import attention, prefixes
+from rlhfkit import DataError, ModelError, forward, models
 from rlhfkit.data import chat
-from rlhfkit.data.collate import pad_left, pad_right
 from rlhfkit.data.formats import Messages
 from rlhfkit.rollout.hf import autocast
 
@@ -98,49 +97,63 @@ def load_reward_model(path: str, precision: str = "no"):
 
 # --- scoring --------------------------------------------------------------------------------------------------
 
-
-def score_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(N, T) -> scores (N,) fp32, pooled by transformers itself at the rightmost non-pad token."""
-    device = next(model.parameters()).device
-    return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[:, 0].float()
-
-
-def score_on_prefixes(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, row_of: torch.Tensor,
-                      suffix_ids: torch.Tensor, suffix_mask: torch.Tensor, cache=None) -> torch.Tensor:
-    """`score_batch` of the sequences prefix[row_of[i]] + suffix[i], running each prefix once (tested equal).
-
-    `prefixes.decode_on_prefixes` runs the G prefixes ((G, P), left-padded) once and the right-padded suffixes
-    ((R, S)) on their KV cache; the score is read at each row's last real token, where transformers pools.
-    Under the caller's autocast: the model's own forward (and so an accelerate autocast wrapper on it) is not
-    called. `cache`: the prefixes' `prefixes.prefix_cache`, when several batches of suffixes share them.
-    Returns (R,) fp32.
-    """
-    device = next(model.parameters()).device
-    row_of, suffix_mask = row_of.to(device), suffix_mask.to(device)
-    hidden = prefixes.decode_on_prefixes(model.base_model, prefix_ids.to(device), prefix_mask.to(device), row_of,
-                                       suffix_ids.to(device), suffix_mask, cache)  # (R, S, H)
-    last = hidden[torch.arange(len(row_of), device=device), suffix_mask.sum(1) - 1]  # (R, H)
-    return model.score(last)[:, 0].float()
+# rows of up to this many batches become one `forward.rows` batch: its prompts' prefixes run once, and its rows,
+# sorted by length, batch_size at a time, pad little (best-of-16's responses run from 3 to 48 tokens)
+GROUP_BATCHES = 4
 
 
 @torch.no_grad()
-def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int, autocast, progress: bool = False
-                    ) -> torch.Tensor:
-    """Scores [len(seqs)] in input order; batches are formed from length-sorted sequences to pad little."""
+def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int, autocast,
+                    groups: Sequence[int] | None = None, progress: bool = False) -> torch.Tensor:
+    """Scores (len(seqs),) float64 of token sequences, in input order, batch_size rows per forward.
+
+    With `groups` (each row's prompt: the n samples of a prompt share its tokens, often most of the sequence),
+    the rows of whole groups, up to GROUP_BATCHES × batch_size at a time, become one `forward.rows` batch: each
+    group's common start (less at least one token) runs once into a KV cache (`forward.score_cache`), and the
+    rows' suffixes run on it, shortest first. The same scores as each sequence run whole, up to float rounding
+    (tested). Without groups, or for a model `forward.scores` cannot drive on a prefix, every row runs whole.
+    """
     model.eval()
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    groups = groups if groups is not None and can_share_prefix(model) else None
     out = torch.zeros(len(seqs), dtype=torch.float64)
-    device = next(model.parameters()).device
-    for i in tqdm(range(0, len(order), batch_size), disable=not progress, desc="score", dynamic_ncols=True):
-        idx = order[i:i + batch_size]
-        with autocast(), attention.native_gqa(device):
-            out[idx] = score_batch(model, *pad_right([seqs[j] for j in idx], pad_id)).double().cpu()
+    bar = tqdm(total=len(seqs), disable=not progress, desc="score", dynamic_ncols=True)
+    for part in parts(seqs, groups, GROUP_BATCHES * batch_size):
+        batch = forward.rows([forward.Row(seqs[i], [0] * len(seqs[i])) for i in part], pad_id,
+                             None if groups is None else [groups[i] for i in part])
+        lengths = batch.attention_mask.sum(1).tolist()
+        order = sorted(range(len(part)), key=lambda k: lengths[k])
+        with autocast():
+            cache = None if batch.prefix is None else forward.score_cache(model, batch.prefix)
+            for b in range(0, len(order), batch_size):
+                idx = order[b:b + batch_size]
+                scores = forward.scores(model, batch.take(idx), cache, short_math_attention=False)
+                out[[part[k] for k in idx]] = scores.double().cpu()
+                bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def parts(seqs: list[list[int]], groups: Sequence[int] | None, size: int) -> list[list[int]]:
+    """Row indices cut into parts of about `size` rows: whole groups in order of appearance (a group larger than
+    `size` alone), or without groups the rows sorted by length, so that a part's rows pad little."""
+    if groups is None:
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        return [order[i:i + size] for i in range(0, len(order), size)]
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    out: list[list[int]] = []
+    for rows in members.values():
+        if out and len(out[-1]) + len(rows) <= size:
+            out[-1] += rows
+        else:
+            out.append(list(rows))
     return out
 
 
 def can_share_prefix(model) -> bool:
-    """A plain transformers sequence-classification model (not DDP- or peft-wrapped): `score_on_prefixes` can
-    drive it."""
+    """A plain transformers sequence-classification model with a `score` head (not DDP- or peft-wrapped):
+    `forward.scores` can run it on a prefix."""
     from transformers import PreTrainedModel
 
     return isinstance(model, PreTrainedModel) and hasattr(model, "score") and model.base_model is not model
@@ -164,8 +177,10 @@ class RewardModel:
         return cls(model.to(device), tok, offset, scale, precision if precision in models.AUTOCAST_DTYPES else "no")
 
     def score(self, prompts: list[Messages], responses: list[str], batch_size: int, max_length: int,
-              precision: str, normalize: bool = True) -> tuple[torch.Tensor, int]:
-        """(N,) float64 scores, normalised unless told otherwise, and how many sequences were truncated."""
+              precision: str, normalize: bool = True, groups: Sequence[int] | None = None
+              ) -> tuple[torch.Tensor, int]:
+        """(N,) float64 scores, normalised unless told otherwise, and how many sequences were truncated.
+        `groups`: each row's prompt (`Samples.prompt_index`), whose tokens then run once (`score_sequences`)."""
         if self.precision != "no" and precision != self.precision:
             raise ValueError(f"this reward model was loaded for {self.precision} scoring, not {precision}")
         seqs, truncated = [], 0
@@ -174,74 +189,6 @@ class RewardModel:
                                f"sample {k}")
             seqs.append(ids)
             truncated += full > len(ids)
-        device = next(self.model.parameters()).device
-        cast = functools.partial(autocast, device, precision)
-        runs = prompt_runs(prompts)
-        if len(runs) < len(prompts) and min(map(len, seqs)) > 1 and can_share_prefix(self.model):
-            raw = score_shared_prefixes(self.model, seqs, runs, self.tokenizer.pad_token_id, batch_size, cast)
-        else:
-            raw = score_sequences(self.model, seqs, self.tokenizer.pad_token_id, batch_size, cast)
+        cast = functools.partial(autocast, next(self.model.parameters()).device, precision)
+        raw = score_sequences(self.model, seqs, self.tokenizer.pad_token_id, batch_size, cast, groups)
         return ((raw - self.offset) * self.scale if normalize else raw), truncated
-
-
-def prompt_runs(prompts: list[Messages]) -> list[range]:
-    """Runs of consecutive equal prompts (best-of-n and PPO put a prompt's n samples next to each other)."""
-    runs, start = [], 0
-    for i in range(1, len(prompts) + 1):
-        if i == len(prompts) or prompts[i] != prompts[start]:
-            runs.append(range(start, i))
-            start = i
-    return runs
-
-
-# a group of prompts whose prefixes run together spans up to this many batches of rows, so that its suffixes,
-# sorted by length, pad little (best-of-16's responses run from 3 to 48 tokens)
-GROUP_BATCHES = 4
-
-
-@torch.no_grad()
-def score_shared_prefixes(model, seqs: list[list[int]], runs: list[range], pad_id: int, batch_size: int,
-                          autocast) -> torch.Tensor:
-    """`score_sequences`' scores (up to float rounding; tested), reading each run's shared prefix once.
-
-    The n samples of a prompt share the prompt's tokens, often most of the sequence: the shared prefix (the
-    longest common one, less at least one token so every sequence keeps a suffix) is run once into a KV cache,
-    the cache is copied to the run's rows, and only the suffixes run on top of it. Runs are taken in groups of
-    up to GROUP_BATCHES × batch_size rows: the group's prefixes run once, then its suffixes in batches of
-    batch_size rows of similar length. The score is read at each sequence's last token, as transformers'
-    pooling does for right-padded input. seqs: token ids in input order; runs: ranges of `seqs` to share a
-    prefix. Returns (len(seqs),) float64.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    out = torch.zeros(len(seqs), dtype=torch.float64)
-    shared = []  # (run, prefix length)
-    for run in runs:
-        n = prefixes.shared_prefix_length([seqs[i] for i in run])
-        if n == 0:  # nothing shared (equal prompts render to equal tokens, so not expected): one row per run
-            shared += [(range(i, i + 1), len(seqs[i]) - 1) for i in run]
-        else:
-            shared.append((run, n))
-    group: list[tuple[range, int]] = []
-    for item in shared + [None]:
-        if item is not None and (not group or sum(len(r) for r, _ in group) + len(item[0])
-                                 <= GROUP_BATCHES * batch_size):
-            group.append(item)
-            continue
-        # one forward for the group's prefixes (left-padded) into a KV cache ...
-        prefix_ids, prefix_mask = pad_left([seqs[r[0]][:n] for r, n in group], pad_id)  # (G, P)
-        prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
-        with autocast(), attention.native_gqa(device):
-            cache = prefixes.prefix_cache(model.base_model, prefix_ids, prefix_mask)
-        # ... then its rows' suffixes (right-padded), shortest first, batch_size rows per forward on the cache
-        rows = sorted(((i, g, n) for g, (r, n) in enumerate(group) for i in r), key=lambda x: len(seqs[x[0]]) - x[2])
-        for b in range(0, len(rows), batch_size):
-            chunk = rows[b:b + batch_size]
-            suffix_ids, suffix_mask = pad_right([seqs[i][n:] for i, _, n in chunk], pad_id)  # (R, S)
-            row_of = torch.tensor([g for _, g, _ in chunk])  # (R,) prefix of each row
-            with autocast(), attention.native_gqa(device):
-                scores = score_on_prefixes(model, prefix_ids, prefix_mask, row_of, suffix_ids, suffix_mask, cache)
-            out[[i for i, _, _ in chunk]] = scores.double().cpu()
-        if item is not None:
-            group = [item]
-    return out

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhfkit import models
+from rlhfkit import forward, models
 from rlhfkit.algos import dpo
 from rlhfkit.tracking import read_metrics
 from rlhfkit.training import global_batch_rows
@@ -171,8 +171,9 @@ def test_shared_prefix_gives_the_whole_sequences_logps_and_gradients(tmp_path, t
          "rejected": "It glows"}])
     pairs, _ = dpo.load_pairs(data, None, tok, 256)
     # shared: the prompt, up to the position whose logit predicts the first response token
-    assert [dpo.shared_cut(p) for p in pairs] == [p.chosen.loss_mask.index(1) - 1 for p in pairs]
-    net = models.SelectedLogits(models.load_causal_lm("tiny-llama", seed=2, tokenizer=tok)).eval()
+    cuts = forward.shared_cuts([p.chosen for p in pairs] + [p.rejected for p in pairs], [0, 1, 0, 1])
+    assert cuts == {k: p.chosen.loss_mask.index(1) - 1 for k, p in enumerate(pairs)}
+    net = forward.SelectedLogits(models.load_causal_lm("tiny-llama", seed=2, tokenizer=tok)).eval()
     results = []
     for share in (False, True):
         net.zero_grad()

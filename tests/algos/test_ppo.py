@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhfkit import UsageError, models
+from rlhfkit import UsageError, forward, models
 from rlhfkit.algos import ppo, reward, sft
 from rlhfkit.core import rl
 from rlhfkit.data import chat
@@ -117,9 +117,10 @@ def test_entropy_logged_without_a_graph_leaves_the_update_as_it_was(tmp_path, sf
         assert torch.equal(a[k], b[k]), k
     assert logged(tmp_path / "fast", "ppo/entropy") == logged(tmp_path / "plain", "ppo/entropy")
     # and the statistic really has no graph, while the log-probs keep theirs
-    rollout = ppo.Rollout(torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long),
-                          torch.arange(4)[None], torch.ones(1, 2), None, None, None, torch.zeros(1))
-    actor = models.SelectedLogits(models.load_causal_lm(sft_policy))
+    rollout = ppo.Rollout(input_ids=torch.tensor([[5, 6, 7, 8]]), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                          prompt_index=torch.zeros(1, dtype=torch.long), pad_id=0, response_mask=torch.ones(1, 2),
+                          logprobs=None, ref_logprobs=None, values=None, scores=torch.zeros(1))
+    actor = forward.SelectedLogits(models.load_causal_lm(sft_policy))
     logps, entropy = plain(actor, rollout, 1.0, with_entropy=True, entropy_grad=False)
     assert logps.requires_grad and not entropy.requires_grad
 
@@ -176,7 +177,7 @@ def test_ptx_loss_is_the_token_mean_nll_of_transformers(tok, sft_policy):
     convs = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend."}],
              [{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "Blue."}]]
     rows = [chat.tokenize_conversation(tok, c) for c in convs]
-    net = torch.nn.ModuleDict({"actor": models.SelectedLogits(model)})
+    net = torch.nn.ModuleDict({"actor": forward.SelectedLogits(model)})
     ours = ppo.ptx_loss(net, rows, tok.pad_token_id, "cpu")
     batch = collate(rows, tok.pad_token_id)
     labels = batch.input_ids.masked_fill(~batch.loss_mask, -100)
@@ -223,7 +224,7 @@ def test_config_errors(tmp_path, kw, msg):
 
 def test_shared_prompt_forwards_give_the_whole_sequences_logprobs_values_and_gradients(tok, sft_policy):
     # rows of the same prompt run it once (`shared_prefix`): log-probs, entropies, values and gradients must be
-    # those of the whole left-padded sequences, with prompts of different lengths and ragged responses
+    # those of the whole sequences, with prompts of different lengths and ragged responses
     from transformers import AutoModelForSequenceClassification
 
     from rlhfkit.rollout import SamplingParams
@@ -234,12 +235,13 @@ def test_shared_prompt_forwards_give_the_whole_sequences_logprobs_values_and_gra
                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours?"}]]
     samples = HFEngine(lm, tok, 8).generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=6))
     input_ids, attention_mask = samples.sequences()
-    rollout = ppo.Rollout(input_ids, attention_mask, (attention_mask.cumsum(-1) - 1).clamp(min=0),
-                          samples.response_mask.float(), None, None, None, torch.zeros(6))
-    assert ppo.model_inputs(rollout, True)[-1] is not None and ppo.model_inputs(rollout, False)[-1] is None
-    assert len(ppo.model_inputs(rollout, True)[-1][0]) == 2  # two prompts, each run once
-    actor = models.SelectedLogits(lm)
-    critic = ppo.ValueModel(AutoModelForSequenceClassification.from_config(
+    rollout = ppo.Rollout(input_ids=input_ids, attention_mask=attention_mask, prompt_index=samples.prompt_index,
+                          pad_id=tok.pad_token_id, response_mask=samples.response_mask.float(), logprobs=None,
+                          ref_logprobs=None, values=None, scores=torch.zeros(6))
+    assert ppo.model_inputs(rollout, True).prefix is not None and ppo.model_inputs(rollout, False).prefix is None
+    assert len(ppo.model_inputs(rollout, True).prefix.ids) == 2  # two prompts, each run once
+    actor = forward.SelectedLogits(lm)
+    critic = forward.ValueModel(AutoModelForSequenceClassification.from_config(
         models.tiny_llama_config(len(tok), num_labels=1), dtype=torch.float32)).eval()
     results = []
     for share in (False, True):
@@ -256,12 +258,12 @@ def test_shared_prompt_forwards_give_the_whole_sequences_logprobs_values_and_gra
     g0, g1 = results[0][3], results[1][3]
     for n in g0:  # tolerance relative to each tensor's largest entry: the two paths round differently
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5 * float(g0[n].abs().max()), msg=n)
-    # a rollout is padded to its widest prompt and response; the rows are cut to what they need (`trimmed`):
-    # three more padding columns on each side change nothing, and the results keep the rollout's width
-    wide = ppo.Rollout(*(torch.nn.functional.pad(t, (3, 3), value=v) for t, v in
-                         ((input_ids, tok.pad_token_id), (attention_mask, 0), (rollout.position_ids, 0))),
-                       torch.nn.functional.pad(rollout.response_mask, (0, 3)), None, None, None, torch.zeros(6))
-    assert ppo.trimmed(wide).input_ids.shape == input_ids.shape
+    # a rollout is padded to its widest prompt and response; the model inputs drop the padding: three more
+    # padding columns on each side change nothing, and the results keep the rollout's width
+    wide = replace(rollout, input_ids=torch.nn.functional.pad(input_ids, (3, 3), value=tok.pad_token_id),
+                   attention_mask=torch.nn.functional.pad(attention_mask, (3, 3)),
+                   response_mask=torch.nn.functional.pad(rollout.response_mask, (0, 3)))
+    assert ppo.model_inputs(wide, False).input_ids.shape == ppo.model_inputs(rollout, False).input_ids.shape
     for share in (False, True):
         logps = ppo.token_logprobs(actor, wide, 0.7, share=share)[0]
         assert logps.shape == wide.response_mask.shape

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhfkit import DataError, models
+from rlhfkit import DataError, forward, models
 from rlhfkit import reward_model
 from rlhfkit.algos import reward
 from rlhfkit.data import chat, formats
@@ -57,7 +57,7 @@ def test_each_response_scored_once_and_k_way_prompts_weigh_the_same(rm_tok):
     a = reward.EncodedPreference([[5], [6, 7], [8]], [(0, 1), (0, 2), (1, 2)], None, [1, 2, 1], "a")
     b = reward.EncodedPreference([[9], [10]], [(0, 1)], 0.5, [1, 1], "b")
     batch = reward.collate_preferences([a, b], rm_tok.pad_token_id)
-    assert batch.input_ids.shape == (5, 2) and batch.attention_mask.sum() == 6
+    assert batch.sequences.input_ids.shape == (5, 2) and batch.sequences.attention_mask.sum() == 6
     assert batch.groups == [[(0, 1), (0, 2), (1, 2)], [(3, 4)]]
     scores = torch.tensor([2.0, 1.0, 0.0, 0.0, 1.0])
     sp = lambda x: math.log1p(math.exp(x))  # noqa: E731  softplus
@@ -267,7 +267,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
 def test_scores_with_shared_prefixes_equal_scoring_each_sequence_whole(rm_tok, tmp_path, precision):
     # best-of-n and PPO score n samples per prompt: the prompt is run once into a KV cache; the scores must be
     # the plain path's (transformers' pooled forward over each whole sequence)
-    from rlhfkit.reward_model import RewardModel, prompt_runs, score_shared_prefixes
+    from rlhfkit.reward_model import RewardModel, parts, score_sequences
 
     model = reward.build_model(base_cfg(tmp_path, seed=3), rm_tok).eval()
     torch.nn.init.normal_(model.score.weight, std=1.0)  # a non-trivial head
@@ -275,22 +275,26 @@ def test_scores_with_shared_prefixes_equal_scoring_each_sequence_whole(rm_tok, t
     p1 = [{"role": "user", "content": "Name three fruits, please."}]
     p2 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
     p3 = [{"role": "user", "content": "A much longer question about the colour of the autumn sky at dusk?"}]
-    prompts = [p1] * 3 + [p2] + [p3] * 4 + [p1] * 2  # runs of 3, 1, 4 and 2 (p1 again: a new run)
+    prompts = [p1] * 3 + [p2] + [p3] * 4 + [p1] * 2  # groups of 3, 1, 4 and 2 (p1 again, as a new prompt)
+    groups = [0, 0, 0, 1, 2, 2, 2, 2, 3, 3]
     responses = ["apple, pear, plum", "kiwi", "Banana bread is not a fruit but here goes nothing at all.", "Hello",
                  "Blue.", "Orange and pink, then grey.", "Blue", "Dark", "x", "fig fig fig"]
-    assert [len(r) for r in prompt_runs(prompts)] == [3, 1, 4, 2]
+    # parts of whole groups, a group larger than a part alone
+    assert parts([[0]] * 10, groups, 6) == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    assert parts([[0]] * 10, groups, 2) == [[0, 1, 2], [3], [4, 5, 6, 7], [8, 9]]
+    assert parts([[0] * n for n in (3, 1, 2)], None, 2) == [[1, 2], [0]]  # without groups: by length
     seqs = [reward_model.encode(rm_tok, p + [{"role": "assistant", "content": r}], 256, "t")[0]
             for p, r in zip(prompts, responses)]
     cast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
-    whole = reward_model.score_sequences(model, seqs, rm_tok.pad_token_id, 4, cast)
+    whole = score_sequences(model, seqs, rm_tok.pad_token_id, 4, cast)
     # a reward model loaded for scoring stores its blocks in the autocast dtype (`models.inference_weights`)
     stored = copy.deepcopy(model)
     models.inference_weights(stored, precision)
     rm_stored = RewardModel(stored, rm_tok, offset=0.0, scale=1.0, precision=precision)
     for batch_size in (2, 5, 64):  # runs split over batches, several runs per batch, one batch
-        shared = score_shared_prefixes(model, seqs, prompt_runs(prompts), rm_tok.pad_token_id, batch_size, cast)
-        assert torch.equal(rm.score(prompts, responses, batch_size, 256, precision, normalize=False)[0], shared)
-        assert torch.equal(rm_stored.score(prompts, responses, batch_size, 256, precision, normalize=False)[0],
+        shared = score_sequences(model, seqs, rm_tok.pad_token_id, batch_size, cast, groups)
+        assert torch.equal(rm.score(prompts, responses, batch_size, 256, precision, False, groups)[0], shared)
+        assert torch.equal(rm_stored.score(prompts, responses, batch_size, 256, precision, False, groups)[0],
                            shared)
         tol = dict(rtol=0, atol=1e-5) if precision == "no" else dict(rtol=0.02, atol=0.05)
         torch.testing.assert_close(shared, whole, **tol)
@@ -313,12 +317,13 @@ def test_training_on_shared_prefixes_gives_the_whole_sequences_scores_loss_and_g
     items, _ = reward.encode_preferences(rm_tok, prefs, 256)
     whole = reward.collate_preferences(items, rm_tok.pad_token_id)
     shared = reward.collate_preferences(items, rm_tok.pad_token_id, share_prefix=True)
-    assert shared.prefix_ids is not None and shared.input_ids.shape[1] < whole.input_ids.shape[1]
-    assert shared.num_tokens == whole.num_tokens and shared.groups == whole.groups
+    assert shared.sequences.prefix is not None
+    assert shared.sequences.input_ids.shape[1] < whole.sequences.input_ids.shape[1]
+    assert shared.sequences.num_tokens == whole.sequences.num_tokens and shared.groups == whole.groups
     results = []
     for batch in (whole, shared):
         model.zero_grad()
-        scores = reward.score_rewards(model, batch)
+        scores = forward.scores(model, batch.sequences)
         loss = reward.preference_loss_sum(scores, batch)
         loss.backward()
         results.append((scores.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhfkit import models
+from rlhfkit import forward, models
 from rlhfkit.core.lm import per_row_sums, target_logps
 
 from tests.conftest import BF16
@@ -60,7 +60,7 @@ def test_per_row_sums():
 def test_selected_logits_with_targets_match_the_logits_path_under_autocast(tok, precision):
     # what SFT and DPO now call, against the (N, V) logits they used to make, gradients included
     lm = models.load_causal_lm("tiny-llama", seed=2, tokenizer=tok)
-    net = models.SelectedLogits(lm)
+    net = forward.SelectedLogits(lm)
     ids = torch.randint(0, 1000, (3, 20), generator=torch.Generator().manual_seed(1))
     select = torch.zeros_like(ids, dtype=torch.bool)
     select[:, 5:-1] = True

@@ -85,7 +85,8 @@ def score_samples(cfg: BestOfNConfig, rm: RewardModel | None, fn: RewardFn | Non
     parts, truncated = {}, 0
     if rm is not None:
         parts["rm"], truncated = rm.score(msgs, samples.texts, cfg.batch_size, cfg.max_length,
-                                          models.mixed_precision(cfg.dtype), cfg.normalize)
+                                          models.mixed_precision(cfg.dtype), cfg.normalize,
+                                          groups=samples.prompt_index.tolist())
     if fn is not None:
         metadata = [columns[int(i)] for i in samples.prompt_index]
         parts["fn"] = call_reward_fn(fn, cfg.reward_fn, msgs, samples.texts, metadata)

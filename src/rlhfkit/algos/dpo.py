@@ -33,21 +33,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit import TrainingError, checkpoint, models
-from rlhfkit.fast import prefixes
+from rlhfkit import TrainingError, checkpoint, forward, models
 from rlhfkit.config import write_run_json
-from rlhfkit.core.lm import per_row_sums, shifted_selection
 from rlhfkit.core.losses import DPO_LOSSES, dpo_loss
 from rlhfkit.data import chat, formats, io
 from rlhfkit.data.chat import TokenizedExample
-from rlhfkit.data.collate import collate, pad_left
 from rlhfkit.tracking import release_output
 from rlhfkit.training import (TrainConfig, adamw, add_sums, begin, for_training, global_batch_rows, make_schedule,
                               means, micro_batches, plan_steps, reduce_sums, split_validation, start_run, update,
@@ -163,32 +160,14 @@ def concatenated_logps(net, pairs: list[PairExample], pad_id: int, device, share
     """Summed response log-probs of chosen and rejected, in one forward over (2B, T). -> (B,), (B,).
 
     With `share_prefix`, the tokens a pair's two sequences start with (the prompt, up to the position whose logit
-    predicts the first trained token) run once, and the two continuations on their KV cache
-    (`prefixes.decode_on_prefixes`): the same log-probs up to float rounding (tested), on fewer tokens.
+    predicts the first trained token) run once, and the two continuations on their KV cache (`forward.rows`):
+    the same log-probs up to float rounding (tested), on fewer tokens.
     """
-    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    cuts = [shared_cut(p) for p in pairs] if share_prefix else [0]
-    if min(cuts) > 0:
-        prefix_ids, prefix_mask = pad_left([p.chosen.input_ids[:n] for p, n in zip(pairs, cuts)], pad_id)  # (B, P)
-        row_of = torch.arange(len(pairs)).repeat(2)  # (2B,) chosen rows, then rejected rows
-        prefix = prefixes.Prefix(prefix_ids, prefix_mask, row_of).to(device)
-        seqs = [replace(e, input_ids=e.input_ids[n:], loss_mask=e.loss_mask[n:]) for e, n in zip(seqs, cuts * 2)]
-    else:
-        prefix = None
-    batch = collate(seqs, pad_id)
-    select, targets = shifted_selection(batch.input_ids, batch.loss_mask)
-    token_logps = net(batch.input_ids.to(device), batch.attention_mask.to(device), None, select.to(device),
-                      targets.to(device), prefix)  # (N,)
-    logps = per_row_sums(token_logps, select.to(device))  # (2B,)
+    pair_of = list(range(len(pairs))) * 2  # chosen rows, then rejected rows
+    batch = forward.rows([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id,
+                         pair_of if share_prefix else None)
+    logps = forward.sequence_logps(net, batch.to(device))  # (2B,)
     return logps[:len(pairs)], logps[len(pairs):]
-
-
-
-def shared_cut(pair: PairExample) -> int:
-    """Tokens the pair's sequences share before the first position whose logit is trained (0: none)."""
-    c, r = pair.chosen, pair.rejected
-    first = min(c.loss_mask.index(1), r.loss_mask.index(1)) - 1  # logit of position p predicts token p + 1
-    return min(prefixes.shared_prefix_length([c.input_ids, r.input_ids]), first)
 
 
 @torch.no_grad()
@@ -226,7 +205,7 @@ def precomputed_reference(cfg: DPOConfig, tok, splits: dict[str, list[PairExampl
         if cached is None or cached.get("key") != key:
             ref = models.load_causal_lm(ref_name, seed=cfg.seed, tokenizer=tok).to(accelerator.device).eval()
             models.inference_weights(ref, models.mixed_precision(cfg.dtype))
-            net = models.SelectedLogits(ref)
+            net = forward.SelectedLogits(ref)
             cached = {"key": key}
             for name, pairs in splits.items():
                 table = torch.full((max((p.index for p in pairs), default=-1) + 1, 2), float("nan"))
@@ -255,7 +234,7 @@ def reference_fn(mode: str, cfg: DPOConfig, tok, net, splits, accelerator):
             return rows[:, 0], rows[:, 1]
         return lookup
     if mode == "copy":
-        ref = models.SelectedLogits(models.load_causal_lm(cfg.ref_model or cfg.model, seed=cfg.seed, tokenizer=tok))
+        ref = forward.SelectedLogits(models.load_causal_lm(cfg.ref_model or cfg.model, seed=cfg.seed, tokenizer=tok))
         models.inference_weights(ref.lm, models.mixed_precision(cfg.dtype))
         ref = ref.to(device).eval().requires_grad_(False)
 
@@ -354,7 +333,7 @@ def train(cfg: DPOConfig) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg)
     scheduler = make_schedule(optimizer, cfg, total_steps)
-    net, optimizer = accelerator.prepare(models.SelectedLogits(model), optimizer)
+    net, optimizer = accelerator.prepare(forward.SelectedLogits(model), optimizer)
     mode = cfg.ref_mode if cfg.ref_mode != "auto" else ("lora" if cfg.lora else "precomputed")
     # only the training pairs that the steps will visit need reference log-probs (a --max-steps run over a large
     # ranking set visits a fraction of its C(K, 2) pairs)

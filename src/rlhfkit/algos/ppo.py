@@ -45,14 +45,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from rlhfkit import DataError, UsageError, checkpoint, models
-from rlhfkit.fast import prefixes
+from rlhfkit import DataError, UsageError, checkpoint, forward, models
 from rlhfkit.config import write_run_json
 from rlhfkit.core import rl
-from rlhfkit.core.lm import real_columns, shifted_selection, summed_nll
 from rlhfkit.core.losses import gae, kl_estimate, kl_penalized_rewards, masked_mean, masked_whiten
 from rlhfkit.data import chat, formats, io
-from rlhfkit.data.collate import collate
 from rlhfkit.reward_fn import call_reward_fn, load_reward_fn
 from rlhfkit.reward_model import RewardModel, reward_model_dir
 from rlhfkit.rollout import Samples, SamplingParams
@@ -170,19 +167,6 @@ class PPOConfig(RunConfig):
 # --- models -------------------------------------------------------------------------------------------------
 
 
-class ValueModel(torch.nn.Module):
-    """A sequence-classification model read at every selected position: values (M,) instead of one score."""
-
-    def __init__(self, seq_cls):
-        super().__init__()
-        self.model = seq_cls
-
-    def forward(self, input_ids, attention_mask, position_ids, select, prefix=None):
-        """With `prefix`, input_ids are suffixes after shared prefixes (as in `models.SelectedLogits`)."""
-        hidden = prefixes.decode(self.model.base_model, input_ids, attention_mask, position_ids, prefix)  # (B, T, H)
-        return self.model.score(hidden[select]).squeeze(-1).float()  # (M,)
-
-
 def build_critic(cfg: PPOConfig, tok):
     from transformers import AutoModelForSequenceClassification
 
@@ -216,7 +200,9 @@ def build_critic(cfg: PPOConfig, tok):
 class Rollout:
     """One iteration's experience. B rows (prompts × n), P prompt width (left-padded), R response width.
 
-    input_ids, attention_mask, position_ids: (B, P + R) prompt and response side by side
+    input_ids, attention_mask: (B, P + R) prompt and response side by side (`Samples.sequences`)
+    prompt_index: (B,) long, the prompt of each row: rows of one prompt run it once (`model_inputs`)
+    pad_id: the token the model inputs are padded with
     response_mask: (B, R) float, 1 on sampled tokens (the stop token included)
     logprobs, ref_logprobs: (B, R) log-probs of the sampled tokens under the actor and the reference (at τ)
     values: (B, R) critic values, or None without a critic
@@ -227,7 +213,8 @@ class Rollout:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    position_ids: torch.Tensor
+    prompt_index: torch.Tensor
+    pad_id: int
     response_mask: torch.Tensor
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
@@ -242,13 +229,6 @@ class Rollout:
         return Rollout(**{k: take(v) for k, v in vars(self).items()})
 
 
-def response_select(input_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions whose logit samples a response token, and those tokens; (B, P+R) -> select (B, P+R), (M,)."""
-    prompt_width = input_ids.shape[1] - response_mask.shape[1]
-    loss_mask = torch.cat([torch.zeros_like(input_ids[:, :prompt_width]), response_mask.long()], dim=1)
-    return shifted_selection(input_ids, loss_mask)
-
-
 def to_tokens(flat: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """(M,) per-response-token values back to (B, R), row-major like the selection; 0 off the mask."""
     out = torch.zeros(response_mask.shape, dtype=flat.dtype, device=flat.device)
@@ -256,48 +236,26 @@ def to_tokens(flat: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def trimmed(batch: Rollout) -> Rollout:
-    """The rows without the columns that are padding in all of them. A rollout is padded to its longest prompt
-    and response; a chunk or micro-batch of it mostly needs less. The selected tokens keep their row-major
-    order, so per-token results go back to the untrimmed (B, R) by `to_tokens` with the untrimmed mask. Only the
-    model inputs and the response mask are trimmed."""
-    cols = real_columns(batch.attention_mask)
-    width = batch.response_mask.shape[1] - (batch.attention_mask.shape[1] - cols.stop)  # R': the longest response
-    return replace(batch, input_ids=batch.input_ids[:, cols], attention_mask=batch.attention_mask[:, cols],
-                   position_ids=batch.position_ids[:, cols], response_mask=batch.response_mask[:, :width])
-
-
-def model_inputs(batch: Rollout, share: bool) -> prefixes.Inputs:
-    """The inputs of the actor's, the reference's or the critic's forward over a batch of the rollout.
-
-    With `share`, rows with the same prompt (the n samples of one prompt) run it once: the prompt up to its last
-    token becomes a shared prefix (`prefixes.decode_on_prefixes`) and each row keeps that last token, whose logit
-    samples the first response token, and its response as the suffix. The same numbers up to float rounding
-    (tested); prefix is None when every row runs whole. The inputs are the rows' `trimmed` ones; select and
-    targets index those.
-    """
-    batch = trimmed(batch)
-    select, targets = response_select(batch.input_ids, batch.response_mask)  # (B, P + R), (M,)
-    cut = batch.input_ids.shape[1] - batch.response_mask.shape[1] - 1  # P − 1
-    if share and cut > 0:
-        key = torch.cat([batch.input_ids[:, :cut], batch.attention_mask[:, :cut]], dim=1)
-        distinct, row_of = torch.unique(key, dim=0, return_inverse=True)  # (G, 2·cut), (B,)
-        prefix_ids, prefix_mask = distinct[:, :cut], distinct[:, cut:]
-        start = real_columns(prefix_mask).start  # columns of left padding in every distinct prompt
-        prefix_ids, prefix_mask = prefix_ids[:, start:], prefix_mask[:, start:]
-        if len(distinct) < len(key) and bool(prefix_mask.any(1).all()):
-            return prefixes.Inputs(batch.input_ids[:, cut:], batch.attention_mask[:, cut:], None, select[:, cut:],
-                                 targets, prefixes.Prefix(prefix_ids, prefix_mask, row_of))
-    return prefixes.Inputs(batch.input_ids, batch.attention_mask, batch.position_ids, select, targets, None)
+def model_inputs(batch: Rollout, share: bool) -> forward.Batch:
+    """The inputs of the actor's, the reference's or the critic's forward over rows of the rollout: each row its
+    prompt and response without padding, the response tokens trained. With `share`, the rows of one prompt (its
+    n samples) run the prompt up to its last token once, as a shared prefix (`forward.rows`): the same numbers
+    up to float rounding (tested). The selected positions keep the rows' order and, in each row, the response's:
+    per-token results go back to (B, R) by `to_tokens`."""
+    prompt_width = batch.input_ids.shape[1] - batch.response_mask.shape[1]
+    ids, real = batch.input_ids.cpu(), batch.attention_mask.cpu().bool()  # (B, P + R)
+    trained = torch.cat([torch.zeros_like(ids[:, :prompt_width]), batch.response_mask.cpu().long()], dim=1)
+    rows = [forward.Row(i[m].tolist(), t[m].tolist()) for i, m, t in zip(ids, real, trained)]
+    return forward.rows(rows, batch.pad_id, batch.prompt_index.tolist() if share else None).to(batch.input_ids.device)
 
 
 def token_logprobs(actor, batch: Rollout, temperature: float, with_entropy: bool = False, share: bool = False,
                    entropy_grad: bool = True):
     """log π(y_t | …) at temperature τ of every response token, (B, R); and the entropies (B, R) if asked, without
     a gradient unless `entropy_grad` (a statistic only: a backward pass through a second (M, V) softmax saved)."""
-    input_ids, attention_mask, position_ids, select, targets, prefix = model_inputs(batch, share)
-    logits = actor(input_ids, attention_mask, position_ids, select, None, prefix).float() / temperature  # (M, V)
-    logps = to_tokens(-F.cross_entropy(logits, targets, reduction="none"), batch.response_mask)
+    inputs = model_inputs(batch, share)
+    logits = forward.logits(actor, inputs).float() / temperature  # (M, V)
+    logps = to_tokens(-F.cross_entropy(logits, inputs.targets, reduction="none"), batch.response_mask)
     if not with_entropy:
         return logps, None
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
@@ -305,8 +263,7 @@ def token_logprobs(actor, batch: Rollout, temperature: float, with_entropy: bool
 
 
 def token_values(critic, batch: Rollout, share: bool = False) -> torch.Tensor:
-    input_ids, attention_mask, position_ids, select, _, prefix = model_inputs(batch, share)
-    return to_tokens(critic(input_ids, attention_mask, position_ids, select, prefix), batch.response_mask)
+    return to_tokens(forward.values(critic, model_inputs(batch, share)), batch.response_mask)
 
 
 @torch.no_grad()
@@ -422,10 +379,8 @@ def on_policy(cfg: PPOConfig, rows: int) -> bool:
 
 def ptx_loss(net, rows, pad_id: int, device) -> torch.Tensor:
     """Token-mean NLL of a batch of pre-training/SFT rows (PPO-ptx)."""
-    batch = collate(rows, pad_id)
-    select, targets = shifted_selection(batch.input_ids, batch.loss_mask)
-    logits = net["actor"](batch.input_ids.to(device), batch.attention_mask.to(device), None, select.to(device))
-    return summed_nll(logits, targets.to(device)) / max(len(targets), 1)
+    logps = forward.token_logps(net["actor"], forward.rows(rows, pad_id).to(device))  # (M,)
+    return -logps.sum() / max(len(logps), 1)
 
 
 # --- training -----------------------------------------------------------------------------------------------
@@ -467,21 +422,22 @@ def load_ptx(cfg: PPOConfig, tok):
 
 
 def load_monitors(cfg: PPOConfig, device) -> dict[str, Callable]:
-    """NAME -> fn(prompts, responses, metadata) -> (N,) scores, for --monitor (logged, never optimised)."""
+    """NAME -> fn(prompts, responses, metadata, groups) -> (N,) scores, for --monitor (logged, never optimised);
+    groups: each row's prompt (`Samples.prompt_index`)."""
     monitors: dict[str, Callable] = {}
     for spec in cfg.monitor:
         if spec.startswith("rm:"):
             rm = RewardModel.load(spec[3:], device, models.mixed_precision(cfg.dtype))
             name = "rm_" + Path(spec[3:]).name
 
-            def score(prompts, responses, metadata, rm=rm):
+            def score(prompts, responses, metadata, groups, rm=rm):
                 return rm.score(prompts, responses, cfg.rm_batch_size, cfg.max_length + cfg.max_new_tokens,
-                                models.mixed_precision(cfg.dtype))[0]
+                                models.mixed_precision(cfg.dtype), groups=groups)[0]
         else:
             fn = load_reward_fn(spec)
             name = spec.rpartition(":")[2]
 
-            def score(prompts, responses, metadata, fn=fn, spec=spec):
+            def score(prompts, responses, metadata, groups, fn=fn, spec=spec):
                 return call_reward_fn(fn, spec, prompts, responses, metadata)
         monitors[name] = score
     return monitors
@@ -504,13 +460,13 @@ def check(cfg: PPOConfig) -> None:
 
 @dataclass
 class Roles:
-    """PPO's models, built once (step 1). `net` holds what trains: "actor" (`models.SelectedLogits` around the
-    policy) and, for GAE, "critic" (`ValueModel`). `ref` is the frozen reference; None with --lora, where the
+    """PPO's models, built once (step 1). `net` holds what trains: "actor" (`forward.SelectedLogits` around the
+    policy) and, for GAE, "critic" (`forward.ValueModel`). `ref` is the frozen reference; None with --lora, where the
     reference is the actor with its adapter disabled. The engine samples with the actor's own weights."""
 
     net: torch.nn.ModuleDict
     actor: Any  # the policy's causal LM (a peft model with --lora)
-    ref: models.SelectedLogits | None
+    ref: forward.SelectedLogits | None
     reward_model: RewardModel | None
     reward_fn: Callable | None
     monitors: dict[str, Callable]
@@ -520,13 +476,13 @@ class Roles:
 
 def build_roles(cfg: PPOConfig, tok, prompts: PromptSet, device, precision: str) -> Roles:
     actor = for_training(models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok), cfg)
-    net = torch.nn.ModuleDict({"actor": models.SelectedLogits(actor)})
-    ref = None if cfg.lora else models.SelectedLogits(
+    net = torch.nn.ModuleDict({"actor": forward.SelectedLogits(actor)})
+    ref = None if cfg.lora else forward.SelectedLogits(
         models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok)).requires_grad_(False)
     critic_init = None
     if cfg.advantage == "gae":
         critic, critic_init = build_critic(cfg, tok)
-        net["critic"] = ValueModel(critic)
+        net["critic"] = forward.ValueModel(critic)
     net.to(device).eval()  # dropout off everywhere; gradients still flow
     if ref is not None:
         models.inference_weights(ref.lm, precision)
@@ -548,13 +504,15 @@ def score(cfg: PPOConfig, roles: Roles, row_prompts: list[formats.Messages], row
           samples: Samples, precision: str, device) -> Scores:
     """Step 3 (row_prompts and row_meta: each sample's prompt and prompt row)."""
     scores = torch.zeros(len(samples.texts), dtype=torch.float64)
+    groups = samples.prompt_index.tolist()  # a prompt's samples share its tokens (`RewardModel.score`)
     if roles.reward_model is not None:
         scores += roles.reward_model.score(row_prompts, samples.texts, cfg.rm_batch_size,
-                                           cfg.max_length + cfg.max_new_tokens, precision)[0]
+                                           cfg.max_length + cfg.max_new_tokens, precision,
+                                           groups=groups)[0]
     if roles.reward_fn is not None:
         scores += call_reward_fn(roles.reward_fn, cfg.reward_fn, row_prompts, samples.texts, row_meta)
     raw = scores.float()
-    monitored = {f"monitor/{name}": float(fn(row_prompts, samples.texts, row_meta).mean())
+    monitored = {f"monitor/{name}": float(fn(row_prompts, samples.texts, row_meta, groups).mean())
                  for name, fn in roles.monitors.items()}
     return Scores(raw, apply_score_rules(raw, samples.finished, cfg).to(device), monitored)
 
@@ -566,9 +524,9 @@ def experience(cfg: PPOConfig, roles: Roles, samples: Samples, scores: torch.Ten
     `timing`."""
     device, net = accelerator.device, roles.net
     input_ids, attention_mask = samples.sequences()
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     rollout = Rollout(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                      position_ids=position_ids.to(device), response_mask=samples.response_mask.float().to(device),
+                      prompt_index=samples.prompt_index.to(device), pad_id=samples.pad_id,
+                      response_mask=samples.response_mask.float().to(device),
                       logprobs=None, ref_logprobs=None, values=None, scores=scores,
                       on_policy=on_policy(cfg, len(scores)))
     t0 = time.perf_counter()

@@ -45,15 +45,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from rlhfkit import ModelError, TrainingError, checkpoint, models
-from rlhfkit.fast import attention, prefixes
+from rlhfkit import ModelError, TrainingError, checkpoint, forward, models
 from rlhfkit.config import write_run_json
 from rlhfkit.core.losses import grouped_ranking_loss, pairwise_loss
 from rlhfkit.data import chat, formats, io
-from rlhfkit.data.collate import pad_left, pad_right
 from rlhfkit.evaluate import calibration
-from rlhfkit.reward_model import (can_share_prefix, encode, score_batch, score_on_prefixes, score_sequences,
-                                  set_reward_pad_token)
+from rlhfkit.reward_model import can_share_prefix, encode, score_sequences, set_reward_pad_token
 from rlhfkit.tracking import Tracker, release_output
 from rlhfkit.training import (TrainConfig, adamw, add_sums, begin, for_training, global_batch_rows, make_schedule,
                               micro_batches, reduce_sums, split_validation, update, zero_sums)
@@ -176,49 +173,29 @@ def encode_preferences(tok, prefs: list[formats.Preference], max_length: int
 
 @dataclass(frozen=True)
 class RewardBatch:
-    """All responses of a batch of prompts, flat, right-padded. N = total responses, T = longest.
+    """All responses of a batch of prompts, flat. N = total responses.
 
-    input_ids:      (N, T) long, padded with the RM's pad id (which no text contains); with a shared prefix, each
-                    response's tokens after it
-    attention_mask: (N, T) long, 1 on real tokens
-    groups:         one list per prompt of (winner, loser) indices into the N responses
-    margins:        one margin (or None) per prompt
-    prefix_ids:     (G, P) long or None: the tokens all responses of prompt g start with (the prompt, and any
-                    common start of the responses), LEFT-padded; None when every response runs whole
-    prefix_mask:    (G, P) long or None, 1 on real tokens
-    row_of:         (N,) long or None, the prefix (prompt) of each response
+    sequences: the N responses (each with its prompt) as one `forward.Batch`, padded with the RM's pad id (which
+               no text contains); with a shared prefix, each prompt's common start runs once
+    groups:    one list per prompt of (winner, loser) indices into the N responses
+    margins:   one margin (or None) per prompt
     """
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    sequences: forward.Batch
     groups: list[list[tuple[int, int]]]
     margins: list[float | None]
-    prefix_ids: torch.Tensor | None = None
-    prefix_mask: torch.Tensor | None = None
-    row_of: torch.Tensor | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens of the N scored sequences (a shared prefix counts once per sequence, as if run whole)."""
-        shared = 0 if self.prefix_mask is None else int(self.prefix_mask.sum(1)[self.row_of].sum())
-        return int(self.attention_mask.sum()) + shared
 
 
 def collate_preferences(items: list[EncodedPreference], pad_id: int, share_prefix: bool = False) -> RewardBatch:
-    """One batch; with `share_prefix`, each prompt's common start is split off to run once (`score_rewards`)."""
-    seqs, groups, offset = [], [], 0
-    for item in items:
-        seqs += item.input_ids
+    """One batch; with `share_prefix`, each prompt's common start runs once (`forward.rows`)."""
+    seqs, groups, prompt_of, offset = [], [], [], 0
+    for k, item in enumerate(items):
+        seqs += [forward.Row(ids, [0] * len(ids)) for ids in item.input_ids]
+        prompt_of += [k] * len(item.input_ids)
         groups.append([(offset + w, offset + l) for w, l in item.pairs])
         offset += len(item.input_ids)
-    margins = [item.margin for item in items]
-    cuts = [prefixes.shared_prefix_length(item.input_ids) for item in items] if share_prefix else []
-    if not share_prefix or min(cuts) == 0:
-        return RewardBatch(*pad_right(seqs, pad_id), groups, margins)
-    prefix_ids, prefix_mask = pad_left([item.input_ids[0][:n] for item, n in zip(items, cuts)], pad_id)
-    suffixes = [s[n:] for item, n in zip(items, cuts) for s in item.input_ids]
-    row_of = torch.tensor([g for g, item in enumerate(items) for _ in item.input_ids])
-    return RewardBatch(*pad_right(suffixes, pad_id), groups, margins, prefix_ids, prefix_mask, row_of)
+    batch = forward.rows(seqs, pad_id, prompt_of if share_prefix else None)
+    return RewardBatch(batch, groups, [item.margin for item in items])
 
 
 # --- model ------------------------------------------------------------------------------------------------
@@ -247,16 +224,6 @@ def build_model(cfg: RMConfig, tok):
     model.config.pad_token_id = tok.pad_token_id
     return for_training(model, cfg, "SEQ_CLS")
 
-
-
-def score_rewards(model, batch: RewardBatch) -> torch.Tensor:
-    """Scores (N,) fp32 of a batch's responses, whole or on their shared prefixes."""
-    key_len = batch.input_ids.shape[1] + (0 if batch.prefix_ids is None else batch.prefix_ids.shape[1])
-    with attention.training_attention(key_len, next(model.parameters()).device):
-        if batch.prefix_ids is None:
-            return score_batch(model, batch.input_ids, batch.attention_mask)
-        return score_on_prefixes(model, batch.prefix_ids, batch.prefix_mask, batch.row_of, batch.input_ids,
-                                 batch.attention_mask)
 
 
 def use_shared_prefix(cfg: RMConfig, model) -> bool:
@@ -290,7 +257,7 @@ def pair_differences(model, items: list[EncodedPreference], cfg: RMConfig, pad_i
         chunk = items[i:i + cfg.batch_size]
         batch = collate_preferences(chunk, pad_id, use_shared_prefix(cfg, model))
         with autocast():
-            s = score_rewards(model, batch).cpu()
+            s = forward.scores(model, batch.sequences).cpu()
         flat_lengths = [n for item in chunk for n in item.response_lengths]
         for g in batch.groups:
             diffs += [s[w] - s[l] for w, l in g]
@@ -491,12 +458,12 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
             sync = accelerator.no_sync(net) if j < len(micro) - 1 else contextlib.nullcontext()
             with sync:
                 with accelerator.autocast():  # net's own forward has it; the shared-prefix path does not call it
-                    scores = score_rewards(net, batch)  # (N,)
+                    scores = forward.scores(net, batch.sequences)  # (N,)
                 loss_sum = preference_loss_sum(scores, batch)
                 accelerator.backward(loss_sum * weight)
             diffs = torch.stack([scores[w] - scores[l] for g in batch.groups for w, l in g]).detach()
             new = StepSums(loss_sum.detach(), (diffs > 0).sum().float(), torch.tensor(float(len(diffs))),
-                           torch.tensor(float(batch.num_tokens)))
+                           torch.tensor(float(batch.sequences.num_tokens)))
             sums = add_sums(sums, StepSums._make(v.to(accelerator.device) for v in new), keep=weight > 0)
         sums = reduce_sums(sums, accelerator)
         step_tokens = int(sums.tokens.item())

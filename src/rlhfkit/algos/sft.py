@@ -30,11 +30,10 @@ from typing import ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit import TrainingError, checkpoint, models
+from rlhfkit import TrainingError, checkpoint, forward, models
 from rlhfkit.config import write_run_json
-from rlhfkit.core.lm import shifted_selection
 from rlhfkit.data import chat, formats, io
-from rlhfkit.data.collate import LMBatch, collate, pack
+from rlhfkit.data.collate import pack
 from rlhfkit.tracking import release_output
 from rlhfkit.training import (TrainConfig, adamw, begin, for_training, global_batch_rows, make_schedule, micro_batches,
                               plan_steps, split_validation, start_run, update)
@@ -88,13 +87,9 @@ def load_data(cfg: SFTConfig, tok, main: bool) -> tuple[list, list, chat.Tokeniz
 # --- one forward ------------------------------------------------------------------------------------------
 
 
-def batch_nll(model, batch: LMBatch, device) -> torch.Tensor:
-    """Summed NLL of the trained tokens of one micro-batch (scalar, fp32)."""
-    select, targets = shifted_selection(batch.input_ids, batch.loss_mask)
-    put = lambda t: None if t is None else t.to(device)  # noqa: E731
-    token_logps = model(put(batch.input_ids), put(batch.attention_mask), put(batch.position_ids), put(select),
-                        targets.to(device))  # (N,), the LM head in chunks
-    return -token_logps.sum()
+def batch_nll(model, batch: forward.Batch, device) -> torch.Tensor:
+    """Summed NLL of the trained tokens of one micro-batch (scalar, fp32), the LM head in chunks."""
+    return -forward.token_logps(model, batch.to(device)).sum()
 
 
 @torch.no_grad()
@@ -105,9 +100,9 @@ def evaluate(model, rows, cfg: SFTConfig, pad_id: int, accelerator) -> float:
     mine = rows[accelerator.process_index::accelerator.num_processes]
     nll = torch.zeros(2, device=accelerator.device)
     for i in range(0, len(mine), cfg.batch_size):
-        batch = collate(mine[i:i + cfg.batch_size], pad_id)
+        batch = forward.rows(mine[i:i + cfg.batch_size], pad_id)
         nll[0] += batch_nll(model, batch, accelerator.device)
-        nll[1] += batch.num_loss_tokens
+        nll[1] += len(batch.targets)
     model.train()
     nll = accelerator.reduce(nll, "sum")
     return (nll[0] / nll[1].clamp(min=1)).item()
@@ -137,7 +132,7 @@ def train(cfg: SFTConfig) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg)
     scheduler = make_schedule(optimizer, cfg, total_steps)
-    net, optimizer = accelerator.prepare(models.SelectedLogits(model), optimizer)
+    net, optimizer = accelerator.prepare(forward.SelectedLogits(model), optimizer)
 
     # 4. resume
     ckpt_root = out / "checkpoints"
@@ -166,7 +161,7 @@ def train(cfg: SFTConfig) -> dict:
         for j, mb in enumerate(micro):
             sync = accelerator.no_sync(net) if j < len(micro) - 1 else contextlib.nullcontext()
             with sync:
-                nll = batch_nll(net, collate(mb, tok.pad_token_id), accelerator.device)
+                nll = batch_nll(net, forward.rows(mb, tok.pad_token_id), accelerator.device)
                 accelerator.backward(nll * weight)
             loss_sum += nll.detach() * (weight > 0)
         loss = accelerator.reduce(loss_sum, "sum").item() / n_loss_tokens

@@ -29,10 +29,6 @@ class LMBatch:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
 
-    @property
-    def num_loss_tokens(self) -> int:
-        return int(self.loss_mask[:, 1:].sum())
-
 
 @dataclass(frozen=True)
 class PackedRow:

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit import UsageError, models
+from rlhfkit import UsageError, forward, models
 from rlhfkit.config import write_run_json
-from rlhfkit.core.lm import per_row_sums, shifted_selection
 from rlhfkit.core.losses import elo_bootstrap, elo_ratings
 from rlhfkit.data import formats, io
 from rlhfkit.evaluate import winrates
@@ -87,10 +86,9 @@ def response_logps(model, samples: Samples, batch_size: int, precision: str) -> 
     Each row is its prompt and response side by side without padding between or before them, right-padded to
     its batch's longest, the rows batched in order of length: `Samples` pads every prompt to the longest prompt
     and every response to the longest response of all (a base model's rambling one), most rows to much less."""
-    from rlhfkit.data.collate import pad_right
     from rlhfkit.rollout.hf import autocast
 
-    net = models.SelectedLogits(model, short_math_attention=False).eval()  # forward only: flash is faster
+    net = forward.SelectedLogits(model, short_math_attention=False).eval()  # forward only: flash is faster
     device = next(model.parameters()).device
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(samples.prompt_ids, samples.prompt_mask)]
     responses = [ids[mask.bool()].tolist() for ids, mask in zip(samples.response_ids, samples.response_mask)]
@@ -104,15 +102,10 @@ def response_logps(model, samples: Samples, batch_size: int, precision: str) -> 
             start = end
     out = torch.zeros(len(prompts))
     for rows in batches:
-        ids, mask = pad_right([prompts[k] + responses[k] for k in rows], samples.pad_id)  # (b, T)
-        loss_mask = torch.zeros_like(mask)
-        for r, k in enumerate(rows):
-            loss_mask[r, len(prompts[k]):len(prompts[k]) + len(responses[k])] = 1
-        select, targets = shifted_selection(ids, loss_mask)
-        ids, mask, select, targets = ids.to(device), mask.to(device), select.to(device), targets.to(device)
+        batch = forward.rows([forward.Row(prompts[k] + responses[k], [0] * len(prompts[k]) + [1] * len(responses[k]))
+                              for k in rows], samples.pad_id)
         with autocast(device, precision):
-            logps = net(ids, mask, None, select, targets)  # (M,) the head in chunks, never (M, V) logits
-        out[rows] = per_row_sums(logps, select).cpu()
+            out[rows] = forward.sequence_logps(net, batch.to(device)).cpu()  # the head in chunks, never (M, V)
     return out
 
 

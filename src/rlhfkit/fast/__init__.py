@@ -5,7 +5,8 @@
 - layers.py:    per-block gradient checkpointing and torch.compile wrappers, and the KV-cache keyword of the
                 installed transformers
 - prefixes.py:  shared prefixes: rows that start alike run their common start once into a KV cache (`Prefix`,
-                `decode_on_prefixes`), and the typed inputs of a forward (`Inputs`)
+                `decode_on_prefixes`)
 
-The algorithms reach them through `models` (`SelectedLogits`), `reward_model` and the rollout engine.
+The algorithms reach them through `rlhfkit.forward` (the one forward path, which builds the prefixes), the
+trainers' model set-up (`training.for_training`) and the rollout engine.
 """

@@ -51,6 +51,12 @@ def training_attention(key_len: int, device: torch.device):
             yield
 
 
+def for_forward(key_len: int, device: torch.device, short_math_attention: bool):
+    """The attention of one forward over keys of `key_len`: `training_attention` for a trainer's passes
+    (`short_math_attention`), `native_gqa` alone for evaluation and scoring."""
+    return training_attention(key_len, device) if short_math_attention else native_gqa(device)
+
+
 GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa attention at every call
 
 

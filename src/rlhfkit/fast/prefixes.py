@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from rlhfkit.fast.attention import native_gqa, training_attention
+from rlhfkit.fast.attention import for_forward
 from rlhfkit.fast.layers import cache_arg
 
 
@@ -38,32 +38,13 @@ class Prefix(NamedTuple):
         return Prefix(self.ids.to(device), self.mask.to(device), self.row_of.to(device))
 
 
-class Inputs(NamedTuple):
-    """One forward's inputs for `SelectedLogits` (or a critic): B rows of T tokens, M of them selected.
-
-    input_ids, attention_mask: (B, T) long; with a prefix, the rows' suffixes
-    position_ids:              (B, T) long, or None (from the mask; unused with a prefix)
-    select:                    (B, T) bool, the positions whose logits are read
-    targets:                   (M,) long or None, the tokens the selected logits are scored against
-    prefix:                    a `Prefix` the rows run on, or None
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor | None
-    select: torch.Tensor
-    targets: torch.Tensor | None
-    prefix: Prefix | None
-
-
 def decode(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
            prefix: Prefix | None = None, short_math_attention: bool = True) -> torch.Tensor:
     """Last hidden states (B, T, H) of a trainer's forward: whole rows, or with `prefix` the rows' suffixes on
     shared prefixes (`decode_on_prefixes`; position_ids unused), under `training_attention` unless
     `short_math_attention` is off (then `native_gqa` only)."""
     key_len = input_ids.shape[1] + (0 if prefix is None else prefix.ids.shape[1])
-    kernel = training_attention(key_len, input_ids.device) if short_math_attention else native_gqa(input_ids.device)
-    with kernel:
+    with for_forward(key_len, input_ids.device, short_math_attention):
         if prefix is None:
             return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=False).last_hidden_state
