@@ -22,7 +22,8 @@ from rlhfkit import models
 from rlhfkit.data import chat
 from rlhfkit.rollout import SamplingParams
 from rlhfkit.data.collate import pad_left
-from rlhfkit.rollout.hf import HFEngine, autocast
+from rlhfkit.models import autocast
+from rlhfkit.rollout.hf import HFEngine
 from rlhfkit.sim import tasks
 
 

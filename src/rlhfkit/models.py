@@ -15,6 +15,7 @@ No code path here touches the network unless the user names a hub id. Also here:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -250,6 +251,13 @@ def mixed_precision(dtype: str) -> str:
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # by `mixed_precision`'s names
+
+
+def autocast(device: torch.device, precision: str):
+    """torch.autocast for `mixed_precision`'s "bf16" or "fp16" (on the CPU too); nothing for "no"."""
+    if precision not in AUTOCAST_DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def inference_weights(model, precision: str) -> None:

@@ -161,7 +161,7 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
 def check_stage_options(cfg: PipelineConfig) -> None:
     """A typo in a stage's overrides fails before any stage runs, naming the stage and the key."""
     from rlhfkit.algos.dpo import DPOConfig
-    from rlhfkit.algos.generate import SamplingConfig
+    from rlhfkit.rollout.sampling import SamplingConfig
     from rlhfkit.algos.ppo import PPOConfig
     from rlhfkit.algos.reward import RMConfig
     from rlhfkit.algos.sft import SFTConfig
@@ -260,7 +260,7 @@ def stage_data(cfg: PipelineConfig, d: Path) -> dict:
 
 def label(cfg: PipelineConfig, policy: str, d: Path, seed: int) -> dict:
     """K responses per RM prompt from `policy`, ranked by simulated labellers, as SPEC rankings rows."""
-    from rlhfkit.algos.generate import SamplingConfig, sample
+    from rlhfkit.rollout.sampling import SamplingConfig, sample
 
     sampling = from_dict(SamplingConfig, {**cfg.sample, "prompts": str(cfg_out(cfg) / "data" / "rm_prompts.jsonl"),
                                           "n": cfg.k, "seed": seed}, "pipeline.sample")

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from rlhfkit import DataError, ModelError, forward, models
 from rlhfkit.data import chat
 from rlhfkit.data.formats import Messages
-from rlhfkit.rollout.hf import autocast
 
 
 # --- encoding -------------------------------------------------------------------------------------------------
@@ -189,6 +188,6 @@ class RewardModel:
                                f"sample {k}")
             seqs.append(ids)
             truncated += full > len(ids)
-        cast = functools.partial(autocast, next(self.model.parameters()).device, precision)
+        cast = functools.partial(models.autocast, next(self.model.parameters()).device, precision)
         raw = score_sequences(self.model, seqs, self.tokenizer.pad_token_id, batch_size, cast, groups)
         return ((raw - self.offset) * self.scale if normalize else raw), truncated

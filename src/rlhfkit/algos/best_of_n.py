@@ -11,7 +11,7 @@ Papers:
 
 One run, top to bottom:
   1. load the scorers first (a reward-model directory, a reward function, or both), so a typo fails before sampling
-  2. sample n responses per prompt through exactly `rlhfkit generate`'s path (algos/generate.sample)
+  2. sample n responses per prompt through exactly `rlhfkit generate`'s path (`rollout.sampling.sample`)
   3. score every sample: RM (normalised as `rlhfkit score` does), function, or their sum
   4. per prompt: best = highest score (the first on ties), worst = lowest
   5. write the best as SFT rows and best-vs-worst as DPO pairs (tied or identical pairs are skipped and counted),
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from rlhfkit import UsageError, models
-from rlhfkit.algos.generate import SamplingConfig, generation_settings, sample, sample_rows
+from rlhfkit.rollout.sampling import SamplingConfig, generation_settings, sample, sample_rows
 from rlhfkit.config import run_record_path, write_run_record
 from rlhfkit.core.losses import best_of_n_kl
 from rlhfkit.data import formats, io

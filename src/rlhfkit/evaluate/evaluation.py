@@ -86,8 +86,6 @@ def response_logps(model, samples: Samples, batch_size: int, precision: str) -> 
     Each row is its prompt and response side by side without padding between or before them, right-padded to
     its batch's longest, the rows batched in order of length: `Samples` pads every prompt to the longest prompt
     and every response to the longest response of all (a base model's rambling one), most rows to much less."""
-    from rlhfkit.rollout.hf import autocast
-
     net = forward.SelectedLogits(model, short_math_attention=False).eval()  # forward only: flash is faster
     device = next(model.parameters()).device
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(samples.prompt_ids, samples.prompt_mask)]
@@ -104,7 +102,7 @@ def response_logps(model, samples: Samples, batch_size: int, precision: str) -> 
     for rows in batches:
         batch = forward.rows([forward.Row(prompts[k] + responses[k], [0] * len(prompts[k]) + [1] * len(responses[k]))
                               for k in rows], samples.pad_id)
-        with autocast(device, precision):
+        with models.autocast(device, precision):
             out[rows] = forward.sequence_logps(net, batch.to(device)).cpu()  # the head in chunks, never (M, V)
     return out
 

@@ -25,7 +25,6 @@ returned: PPO recomputes them with its training forward pass, so its first ratio
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Iterable
 
@@ -40,13 +39,6 @@ from rlhfkit.data import chat
 from rlhfkit.data.collate import pad_left
 from rlhfkit.data.formats import Messages
 from rlhfkit.rollout import Samples, SamplingParams, distinct_prompts, llama, row_rng
-
-
-def autocast(device: torch.device, precision: str):
-    """torch.autocast for `models.mixed_precision`'s "bf16" or "fp16" (on the CPU too); nothing for "no"."""
-    if precision not in models.AUTOCAST_DTYPES:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=models.AUTOCAST_DTYPES[precision])
 
 
 def tempered(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -305,7 +297,7 @@ class HFBatch:
         ids, mask = ids.to(self.device), mask.to(self.device)
         # positions count real tokens only, so a row's left padding does not shift its positions
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, P)
-        with autocast(self.device, self.precision), attention.native_gqa(self.device):  # decode has its own GQA
+        with models.autocast(self.device, self.precision), attention.native_gqa(self.device):  # decode has its own GQA
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1)
         cache = getattr(out, layers.cache_arg())
@@ -324,7 +316,7 @@ class HFBatch:
         """Feed each row's new token (A,) -> (A, V) fp32 logits of the token after it."""
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         self.positions = self.positions + 1
-        with autocast(self.device, self.precision):
+        with models.autocast(self.device, self.precision):
             return self.model(input_ids=token[:, None].to(self.device), attention_mask=self.mask,
                               position_ids=self.positions, use_cache=True,
                               **{layers.cache_arg(): self.cache}).logits[:, -1].float()

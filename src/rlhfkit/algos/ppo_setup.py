@@ -1,0 +1,158 @@
+"""PPO's step 1 (algos/ppo.py): the checks of its options, its data (the prompts, PPO-ptx's rows) and its roles,
+the models and functions the loop calls: actor, reference, critic, reward model and/or function, monitors and the
+rollout engine. In one process they are plain objects, built here once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from rlhfkit import DataError, UsageError, forward, models
+from rlhfkit.data import chat, formats, io
+from rlhfkit.reward_fn import call_reward_fn, load_reward_fn
+from rlhfkit.reward_model import RewardModel, reward_model_dir
+from rlhfkit.rollout.hf import HFEngine
+from rlhfkit.training import for_training
+
+if TYPE_CHECKING:
+    from rlhfkit.algos.ppo import PPOConfig
+
+ADVANTAGES = ("gae", "grpo", "rloo", "reinforce++")
+
+
+def check(cfg: PPOConfig) -> None:
+    if cfg.advantage not in ADVANTAGES:
+        raise UsageError(f"--advantage {cfg.advantage!r}: expected one of {', '.join(ADVANTAGES)}")
+    if cfg.advantage in ("grpo", "rloo") and cfg.n_samples < 2:
+        raise UsageError(f"--advantage {cfg.advantage} compares a prompt's samples: set --n-samples ≥ 2")
+    if not cfg.reward_model and not cfg.reward_fn:
+        raise UsageError("give --reward-model, --reward-fn or both")
+    if cfg.reward_model:
+        reward_model_dir(cfg.reward_model)  # before the critic is built from it, or transformers tries the hub
+    if cfg.missing_eos not in ("replace", "subtract", "none"):
+        raise UsageError(f"--missing-eos {cfg.missing_eos!r}: expected replace, subtract or none")
+    if cfg.kl_estimator not in ("k1", "k3"):
+        raise UsageError(f"--kl-estimator {cfg.kl_estimator!r}: expected k1 or k3")
+
+
+class PromptSet(NamedTuple):
+    messages: list[formats.Messages]  # the prompts
+    metadata: list[dict]  # each prompt row's own columns (for --reward-fn)
+    lengths: list[int]  # each prompt's tokens after the chat template, with the generation prompt
+
+
+def load_prompts(cfg: PPOConfig, tok) -> PromptSet:
+    """The prompts, tokenised once here. Prompts longer than --max-length tokens after the chat template are
+    skipped and counted, as veRL's `filter_overlong_prompts` does: cutting a chat prompt would cut away the
+    question or the assistant's header."""
+    rows = io.read_rows(cfg.prompts)
+    fmt = formats.detect_format(rows)
+    prompts = [formats.to_prompt(r, fmt) for r in rows]
+    lengths = [len(chat.encode_prompt(tok, p.messages)) for p in prompts]
+    fits = [n <= cfg.max_length for n in lengths]
+    kept = [i for i, ok in enumerate(fits) if ok]
+    if len(kept) < len(rows):
+        first = prompts[fits.index(False)].where
+        if not kept:
+            raise DataError(f"{cfg.prompts}: every prompt is longer than --max-length {cfg.max_length} tokens "
+                            f"(the first: {first}); raise --max-length")
+        print(f"data: {len(rows) - len(kept)} of {len(rows)} prompts skipped, longer than --max-length "
+              f"{cfg.max_length} tokens (the first: {first})")
+    return PromptSet([prompts[i].messages for i in kept], [rows[i].data for i in kept], [lengths[i] for i in kept])
+
+
+def load_ptx(cfg: PPOConfig, tok):
+    if not cfg.ptx_data:
+        return []
+    rows = io.read_rows(cfg.ptx_data)
+    fmt = formats.detect_format(rows)
+    examples, _ = chat.tokenize_conversations(tok, [formats.to_conversation(r, fmt) for r in rows], cfg.max_length)
+    return examples
+
+
+def load_monitors(cfg: PPOConfig, device) -> dict[str, Callable]:
+    """NAME -> fn(prompts, responses, metadata, groups) -> (N,) scores, for --monitor (logged, never optimised);
+    groups: each row's prompt (`Samples.prompt_index`)."""
+    monitors: dict[str, Callable] = {}
+    for spec in cfg.monitor:
+        if spec.startswith("rm:"):
+            rm = RewardModel.load(spec[3:], device, models.mixed_precision(cfg.dtype))
+            name = "rm_" + Path(spec[3:]).name
+
+            def score(prompts, responses, metadata, groups, rm=rm):
+                return rm.score(prompts, responses, cfg.rm_batch_size, cfg.max_length + cfg.max_new_tokens,
+                                models.mixed_precision(cfg.dtype), groups=groups)[0]
+        else:
+            fn = load_reward_fn(spec)
+            name = spec.rpartition(":")[2]
+
+            def score(prompts, responses, metadata, groups, fn=fn, spec=spec):
+                return call_reward_fn(fn, spec, prompts, responses, metadata)
+        monitors[name] = score
+    return monitors
+
+
+def build_critic(cfg: PPOConfig, tok):
+    from transformers import AutoModelForSequenceClassification
+
+    init = cfg.critic_init if cfg.critic_init != "auto" else ("rm" if cfg.reward_model else "zero")
+    if init == "rm":
+        if not cfg.reward_model:
+            raise UsageError("--critic-init rm needs --reward-model")
+        critic = AutoModelForSequenceClassification.from_pretrained(cfg.reward_model, num_labels=1)
+        if critic.get_input_embeddings().weight.shape[0] < len(tok):
+            raise UsageError("--critic-init rm: the reward model's vocabulary is smaller than the policy's; "
+                             "use --critic-init zero")
+    elif init == "zero":
+        src = models.resolve(cfg.policy)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            if src.path is None:
+                config = models.tiny_llama_config(len(tok), num_labels=1)
+                critic = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+            else:
+                critic = AutoModelForSequenceClassification.from_pretrained(src.path, num_labels=1)
+        torch.nn.init.zeros_(critic.score.weight)
+    else:
+        raise UsageError(f"--critic-init {cfg.critic_init!r}: expected auto, rm or zero")
+    return critic.float(), init
+
+
+@dataclass
+class Roles:
+    """PPO's models, built once (step 1). `net` holds what trains: "actor" (`forward.SelectedLogits` around the
+    policy) and, for GAE, "critic" (`forward.ValueModel`). `ref` is the frozen reference; None with --lora, where the
+    reference is the actor with its adapter disabled. The engine samples with the actor's own weights."""
+
+    net: torch.nn.ModuleDict
+    actor: Any  # the policy's causal LM (a peft model with --lora)
+    ref: forward.SelectedLogits | None
+    reward_model: RewardModel | None
+    reward_fn: Callable | None
+    monitors: dict[str, Callable]
+    engine: HFEngine
+    critic_init: str | None  # where the critic's weights came from (GAE)
+
+
+def build_roles(cfg: PPOConfig, tok, prompts: PromptSet, device, precision: str) -> Roles:
+    actor = for_training(models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok), cfg)
+    net = torch.nn.ModuleDict({"actor": forward.SelectedLogits(actor)})
+    ref = None if cfg.lora else forward.SelectedLogits(
+        models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok)).requires_grad_(False)
+    critic_init = None
+    if cfg.advantage == "gae":
+        critic, critic_init = build_critic(cfg, tok)
+        net["critic"] = forward.ValueModel(critic)
+    net.to(device).eval()  # dropout off everywhere; gradients still flow
+    if ref is not None:
+        models.inference_weights(ref.lm, precision)
+        ref.to(device).eval()
+    reward_model = RewardModel.load(cfg.reward_model, device, precision) if cfg.reward_model else None
+    reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
+    engine = HFEngine(actor, tok, batch_size=cfg.generate_batch_size, precision=precision)
+    engine.check_fits(prompts.lengths, cfg.max_new_tokens)
+    return Roles(net, actor, ref, reward_model, reward_fn, load_monitors(cfg, device), engine, critic_init)
