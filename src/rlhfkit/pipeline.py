@@ -47,10 +47,10 @@ from typing import Any
 
 import yaml
 
-from rlhfkit import UsageError
+from rlhfkit import UsageError, models
 from rlhfkit.config import from_dict, write_run_json
 from rlhfkit.sim import labellers, tasks
-from rlhfkit.tracking import claim_output, release_output
+from rlhfkit.tracking import claim_output, machine_speed, release_output
 
 PRESETS = Path(__file__).parent / "presets"  # pipeline_NAME.yaml, shipped with the package
 
@@ -117,24 +117,6 @@ class PipelineConfig:
     """Sampling of the comparisons: max_new_tokens, temperature, top_p, batch_size, dtype."""
     eval: dict = field(default_factory=dict)
     """Overrides of `rlhfkit eval` options."""
-
-
-def matmul_dtype() -> str:
-    """The dtype `--dtype auto` computes in here: bf16 where it is native, fp32 otherwise."""
-    from rlhfkit.models import mixed_precision
-
-    return "bf16" if mixed_precision("auto") == "bf16" else "fp32"
-
-
-def machine_speed() -> float:
-    """GFLOP/s of a 2048² matmul over one second (`tracking.matmul_peak`) in `matmul_dtype`, as the benchmarks
-    measure the peak. Not always bf16: without native bf16 one such matmul takes ~20 s."""
-    import torch
-
-    from rlhfkit.tracking import matmul_peak
-
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[matmul_dtype()]
-    return round(matmul_peak(dtype, seconds=1.0), 1)
 
 
 def resolve(cfg: PipelineConfig) -> PipelineConfig:
@@ -323,6 +305,61 @@ def stage_best_of_n(cfg: PipelineConfig, sft_dir: str, rm_dir: str, d: Path) -> 
     return {k: v for k, v in final.items() if k.startswith("bon/")}
 
 
+def train_sft(cfg: PipelineConfig, d: Path) -> dict:
+    from rlhfkit.algos import sft
+
+    reset_accelerate()
+    sft_cfg = from_dict(sft.SFTConfig, {"seed": cfg.seed, **cfg.sft, "model": cfg.model,
+                                        "data": str(cfg_out(cfg) / "data" / "sft.jsonl"), "output": str(d)},
+                        "pipeline.sft")
+    final = sft.train(sft_cfg)
+    return {k: v for k, v in final.items() if k.startswith(("train/loss", "val/", "train/steps"))}
+
+
+def train_dpo(cfg: PipelineConfig, sft_dir: str, data: str, d: Path) -> dict:
+    from rlhfkit.algos import dpo
+
+    reset_accelerate()
+    dpo_cfg = from_dict(dpo.DPOConfig, {"seed": cfg.seed, **cfg.dpo, "model": sft_dir, "data": data,
+                                        "output": str(d)}, "pipeline.dpo")
+    final = dpo.train(dpo_cfg)
+    return {k: v for k, v in final.items() if k.startswith(("dpo/", "train/loss", "train/accuracy"))}
+
+
+def online_rounds(cfg: PipelineConfig, run: Run, sft_dir: str, held_out: str | None,
+                  entries: list[tuple[str, str]]) -> None:
+    """Step 8: each round, fresh comparisons from the latest policy, the RM retrained on all so far, PPO again;
+    each round's policy joins `entries`."""
+    out = cfg_out(cfg)
+    policy, all_rankings = str(out / "ppo"), [out / "comparisons" / "rankings.jsonl"]
+    for r in range(1, cfg.online_rounds + 1):
+        if "ppo" in cfg.skip:
+            raise UsageError("--online-rounds needs the ppo stage")
+        rd = f"round{r}"
+        run.stage(f"{rd}/comparisons", {"k": cfg.k, "sample": cfg.sample, "round": r},
+                  ["ppo" if r == 1 else f"round{r - 1}/ppo"], lambda d, p=policy, r=r: label(cfg, p, d, cfg.seed + r))
+        all_rankings.append(out / rd / "comparisons" / "rankings.jsonl")
+        merged = out / rd / "all_rankings.jsonl"
+        merged.write_text("".join(p.read_text() for p in all_rankings))
+        run.stage(f"{rd}/rm", {"rm": cfg.rm}, [f"{rd}/comparisons"],
+                  lambda d, m=merged: train_rm(cfg, sft_dir, str(m), d))
+        run.stage(f"{rd}/ppo", {"ppo": cfg.ppo, "ptx": cfg.ptx}, [f"{rd}/rm"],
+                  lambda d, rd=rd: train_ppo(cfg, sft_dir, str(out / rd / "rm"), held_out, d))
+        policy = str(out / rd / "ppo")
+        entries.append((policy, f"ppo-{rd}"))
+
+
+def stage_eval(cfg: PipelineConfig, entries: list[tuple[str, str]], sft_dir: str, d: Path) -> dict:
+    from rlhfkit.evaluate.evaluation import EvalConfig, evaluate
+
+    ev = from_dict(EvalConfig, {"temperature": cfg.temperature, "seed": cfg.seed, **cfg.eval,
+                                "models": [m for m, _ in entries], "labels": [n for _, n in entries],
+                                "prompts": str(cfg_out(cfg) / "data" / "eval_prompts.jsonl"), "judge": "sim",
+                                "reference": sft_dir, "output": str(d)}, "pipeline.eval")
+    evaluate(ev)
+    return json.loads((d / "eval.json").read_text())["elo"]
+
+
 def pipeline(cfg: PipelineConfig) -> dict:
     from rlhfkit.evaluate import report
 
@@ -333,7 +370,8 @@ def pipeline(cfg: PipelineConfig) -> dict:
     start = time.perf_counter()
     # one measure of this machine's speed now and at the end (2–3 s in all): a shared VM's speed moves by more than
     # a stage's optimisations
-    speed = {"matmul_dtype": matmul_dtype(), "matmul_gflops_start": machine_speed()}
+    native = "bf16" if models.mixed_precision("auto") == "bf16" else "fp32"  # what --dtype auto computes in
+    speed = {"matmul_dtype": native, "matmul_gflops_start": machine_speed(native)}
     common = {"model": cfg.model, "seed": cfg.seed}
     # 1. data
     run.stage("data", {**common, "suite": cfg.suite_size, "system": cfg.system_prompt,
@@ -341,17 +379,7 @@ def pipeline(cfg: PipelineConfig) -> dict:
               lambda d: stage_data(cfg, d))
     # 2. SFT
     sft_dir = str(out / "sft")
-
-    def do_sft(d: Path) -> dict:
-        from rlhfkit.algos import sft
-
-        reset_accelerate()
-        sft_cfg = from_dict(sft.SFTConfig, {"seed": cfg.seed, **cfg.sft, "model": cfg.model,
-                                            "data": str(out / "data" / "sft.jsonl"), "output": str(d)}, "pipeline.sft")
-        final = sft.train(sft_cfg)
-        return {k: v for k, v in final.items() if k.startswith(("train/loss", "val/", "train/steps"))}
-
-    run.stage("sft", {**common, "sft": cfg.sft}, ["data"], do_sft)
+    run.stage("sft", {**common, "sft": cfg.sft}, ["data"], lambda d: train_sft(cfg, d))
     # 3. comparisons from the SFT model
     run.stage("comparisons", {"k": cfg.k, "sample": cfg.sample, "seed": cfg.seed}, ["sft"],
               lambda d: label(cfg, sft_dir, d, cfg.seed))
@@ -372,55 +400,20 @@ def pipeline(cfg: PipelineConfig) -> dict:
                   lambda d: stage_best_of_n(cfg, sft_dir, rm_dir, d))
         entries.append((f"responses:{out / 'best_of_n' / 'best.jsonl'}", f"best-of-{cfg.bon_n}"))
     if "dpo" not in cfg.skip:
-        def do_dpo(d: Path) -> dict:
-            from rlhfkit.algos import dpo
-
-            reset_accelerate()
-            dpo_cfg = from_dict(dpo.DPOConfig, {"seed": cfg.seed, **cfg.dpo, "model": sft_dir,
-                                                "data": str(comparisons / "rankings.jsonl"), "output": str(d)},
-                                "pipeline.dpo")
-            final = dpo.train(dpo_cfg)
-            return {k: v for k, v in final.items() if k.startswith(("dpo/", "train/loss", "train/accuracy"))}
-
-        run.stage("dpo", {"dpo": cfg.dpo}, ["comparisons"], do_dpo)
+        run.stage("dpo", {"dpo": cfg.dpo}, ["comparisons"],
+                  lambda d: train_dpo(cfg, sft_dir, str(comparisons / "rankings.jsonl"), d))
         entries.append((str(out / "dpo"), "dpo"))
-    ppo_inputs = ["rm"] + (["rm_heldout"] if held_out else [])
     if "ppo" not in cfg.skip:
-        run.stage("ppo", {"ppo": cfg.ppo, "ptx": cfg.ptx}, ppo_inputs,
+        run.stage("ppo", {"ppo": cfg.ppo, "ptx": cfg.ptx}, ["rm"] + (["rm_heldout"] if held_out else []),
                   lambda d: train_ppo(cfg, sft_dir, rm_dir, held_out, d))
         entries.append((str(out / "ppo"), "ppo"))
-    # 8. online rounds: fresh comparisons from the latest policy, the RM retrained on all so far, PPO again
-    policy, all_rankings = str(out / "ppo"), [comparisons / "rankings.jsonl"]
-    for r in range(1, cfg.online_rounds + 1):
-        if "ppo" in cfg.skip:
-            raise UsageError("--online-rounds needs the ppo stage")
-        rd = f"round{r}"
-        run.stage(f"{rd}/comparisons", {"k": cfg.k, "sample": cfg.sample, "round": r},
-                  ["ppo" if r == 1 else f"round{r - 1}/ppo"], lambda d, p=policy, r=r: label(cfg, p, d, cfg.seed + r))
-        all_rankings.append(out / rd / "comparisons" / "rankings.jsonl")
-        merged = out / rd / "all_rankings.jsonl"
-        merged.write_text("".join(p.read_text() for p in all_rankings))
-        run.stage(f"{rd}/rm", {"rm": cfg.rm}, [f"{rd}/comparisons"], lambda d, m=merged: train_rm(cfg, sft_dir,
-                                                                                                 str(m), d))
-        run.stage(f"{rd}/ppo", {"ppo": cfg.ppo, "ptx": cfg.ptx}, [f"{rd}/rm"],
-                  lambda d, rd=rd: train_ppo(cfg, sft_dir, str(out / rd / "rm"), held_out, d))
-        policy = str(out / rd / "ppo")
-        entries.append((policy, f"ppo-{rd}"))
+    # 8. online rounds
+    online_rounds(cfg, run, sft_dir, held_out, entries)
     # 9. evaluation on held-out prompts, judged by the gold score
-    def do_eval(d: Path) -> dict:
-        from rlhfkit.evaluate.evaluation import EvalConfig, evaluate
-
-        ev = from_dict(EvalConfig, {"temperature": cfg.temperature, "seed": cfg.seed, **cfg.eval,
-                                    "models": [m for m, _ in entries], "labels": [n for _, n in entries],
-                                    "prompts": str(out / "data" / "eval_prompts.jsonl"), "judge": "sim",
-                                    "reference": sft_dir, "output": str(d)}, "pipeline.eval")
-        evaluate(ev)
-        return json.loads((d / "eval.json").read_text())["elo"]
-
     run.stage("eval", {"eval": cfg.eval, "t": cfg.temperature, "entries": entries},
-              [k for k in run.keys if k != "data"], do_eval)
+              [k for k in run.keys if k != "data"], lambda d: stage_eval(cfg, entries, sft_dir, d))
     # 10. report
-    speed["matmul_gflops_end"] = machine_speed()
+    speed["matmul_gflops_end"] = machine_speed(native)
     paths = report.write(out, cfg, run.summaries, run.seconds, speed)
     total = time.perf_counter() - start
     final = {"pipeline/seconds": total, **{f"elo/{k}": v for k, v in run.summaries["eval"].items()}}

@@ -176,3 +176,11 @@ def matmul_peak(dtype, n: int = 2048, seconds: float = 3.0, device="cpu") -> flo
             if elapsed >= seconds:
                 break
     return 2.0 * n**3 * iters / elapsed / 1e9
+
+
+def machine_speed(dtype: str) -> float:
+    """GFLOP/s of a 2048² matmul over one second (`matmul_peak`) in "bf16" or "fp32", as the benchmarks measure
+    the peak. Not bf16 where it is not native: there one such matmul takes ~20 s."""
+    import torch
+
+    return round(matmul_peak({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], seconds=1.0), 1)

@@ -12,7 +12,7 @@ def tiny_models(tmp_path_factory):
     """Two different tiny models (tiny-llama and a copy with other random weights), so A/B turns compare
     models; 8 new tokens at most."""
     from rlhfkit import models
-    from rlhfkit.label.server import Models
+    from rlhfkit.label.served import Models
 
     other = tmp_path_factory.mktemp("models") / "tiny-other"
     tok = models.load_tokenizer("tiny-llama")
@@ -22,7 +22,7 @@ def tiny_models(tmp_path_factory):
 
 @pytest.fixture
 def generation():
-    from rlhfkit.label.server import Generation
+    from rlhfkit.label.served import Generation
 
     return Generation(temperature=1.0, top_p=1.0, max_new_tokens=8, rank_k=4)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from rlhfkit.feedback import export, store
+from rlhfkit.feedback import export, schema, store
 from rlhfkit.label import server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -130,11 +130,11 @@ def test_label_in_a_browser(live, browser, tmp_path):
 
     # exactly those records in the database
     with engine.connect() as conn:
-        prompt = conn.execute(sa.select(store.prompts).where(store.prompts.c.id == 1)).one()
-        ranking = conn.execute(sa.select(store.rankings)).one()
-        comparison = conn.execute(sa.select(store.comparisons)).one()
-        demo = conn.execute(sa.select(store.demonstrations)).one()
-        text_of = dict(conn.execute(sa.select(store.responses.c.id, store.responses.c.text)).all())
+        prompt = conn.execute(sa.select(schema.prompts).where(schema.prompts.c.id == 1)).one()
+        ranking = conn.execute(sa.select(schema.rankings)).one()
+        comparison = conn.execute(sa.select(schema.comparisons)).one()
+        demo = conn.execute(sa.select(schema.demonstrations)).one()
+        text_of = dict(conn.execute(sa.select(schema.responses.c.id, schema.responses.c.text)).all())
     assert prompt.text == PROMPT
     assert ranking.ranking == [1, [0, 3], 2] and ranking.flags == ["makes things up"]
     assert [text_of[i].strip() for i in ranking.response_ids] == [t.strip() for t in texts]

@@ -10,7 +10,7 @@ import uuid
 
 import sqlalchemy as sa
 
-from rlhfkit.feedback import store
+from rlhfkit.feedback import progress, schema
 from tests.label.conftest import count
 
 XSS = "<script>alert(1)</script>"
@@ -44,7 +44,7 @@ def test_no_or_wrong_token_is_401_and_stores_nothing(lab):
                     headers={"Authorization": "Bearer " + people["ann"].token[:-1]})
     assert r.status_code == 401
     assert client.get("/").text.count('name="token"') == 1  # the page offers the sign-in form
-    assert count(engine, store.prompts) == 0
+    assert count(engine, schema.prompts) == 0
 
 
 def test_sign_in_session_cookie_csrf_and_sign_out(lab):
@@ -63,11 +63,11 @@ def test_sign_in_session_cookie_csrf_and_sign_out(lab):
     assert client.post("/api/prompts", json=body, headers={"X-CSRF-Token": "forged"}).status_code == 403
     form = {"submission_id": new_id(), "text": "from the form"}
     assert client.post("/api/prompts", data=form).status_code == 403
-    assert count(engine, store.prompts) == 0
+    assert count(engine, schema.prompts) == 0
     assert client.post("/api/prompts", json=body, headers={"X-CSRF-Token": csrf}).status_code == 201
     r = client.post("/api/prompts", data={**form, "csrf": csrf}, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/prompt?saved=prompt"
-    assert count(engine, store.prompts) == 2
+    assert count(engine, schema.prompts) == 2
     assert client.post("/logout", data={"csrf": csrf}, follow_redirects=False).status_code == 303
     client.cookies.clear()
     assert client.get("/api/me").status_code == 401
@@ -103,7 +103,7 @@ def test_prompts_and_every_malformed_submission(lab):
     chunks = (b'{"text": "' + b"x" * 1024 for _ in range(20))
     r = client.post("/api/prompts", content=chunks, headers={**ann.headers, "content-type": "application/json"})
     assert r.status_code == 413
-    assert count(engine, store.prompts) == 1 and count(engine, store.submissions) == 1
+    assert count(engine, schema.prompts) == 1 and count(engine, schema.submissions) == 1
 
 
 def test_what_json_allows_but_the_database_cannot_store_is_a_4xx(lab):
@@ -127,7 +127,7 @@ def test_what_json_allows_but_the_database_cannot_store_is_a_4xx(lab):
         assert response.status_code == status, response.text
         assert message in response.json()["error"]
     assert ann.submit("demonstrations", prompt_id=2**63 - 1, text="x").status_code == 404  # in range, no such prompt
-    assert count(engine, store.prompts) == 1 and count(engine, store.demonstrations) == 0
+    assert count(engine, schema.prompts) == 1 and count(engine, schema.demonstrations) == 0
 
 
 def test_demonstration_queue_hands_out_unseen_prompts(lab):
@@ -147,7 +147,7 @@ def test_demonstration_queue_hands_out_unseen_prompts(lab):
     assert ann.submit("demonstrations", prompt_id=99, text="x").status_code == 404
     assert ann.submit("demonstrations", prompt_id="1", text="x").status_code == 422
     assert ann.submit("demonstrations", prompt_id=1, text="").status_code == 422
-    assert count(engine, store.demonstrations) == 2
+    assert count(engine, schema.demonstrations) == 2
 
 
 def test_rankings_with_ties_flags_and_bad_input(lab):
@@ -167,8 +167,8 @@ def test_rankings_with_ties_flags_and_bad_input(lab):
     assert r.status_code == 201
     assert rank_item(bob)["item_id"] == item["item_id"]  # the same K responses go to the next person
     with engine.connect() as conn:
-        row = conn.execute(sa.select(store.rankings)).one()
-        shown = conn.execute(sa.select(store.responses)).all()
+        row = conn.execute(sa.select(schema.rankings)).one()
+        shown = conn.execute(sa.select(schema.responses)).all()
     assert row.ranking == [[0, 2], 1, 3] and row.flags == ["makes things up"]
     assert row.response_ids == [r["id"] for r in item["responses"]]
     assert {s.model for s in shown} <= {"tiny-llama", str(client.app.state.models.names[1])}
@@ -204,12 +204,12 @@ def test_chat_turns_and_ab_comparisons(lab):
         assert ann.post("/api/chat/turn", {"messages": messages}).status_code == 422, messages
     assert ann.post("/api/chat/turn", {"messages": convo, "prompt_id": 999}).status_code == 404
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(store.comparisons).order_by(store.comparisons.c.id)).all()
-        models = dict(conn.execute(sa.select(store.responses.c.id, store.responses.c.model)).all())
+        rows = conn.execute(sa.select(schema.comparisons).order_by(schema.comparisons.c.id)).all()
+        models = dict(conn.execute(sa.select(schema.responses.c.id, schema.responses.c.model)).all())
     assert [(r.choice, r.strength) for r in rows] == [("b", "much better"), ("tie", None)]
     assert rows[1].context == convo
     assert models[a["id"]] != models[b["id"]]  # two models served: two different ones answer each turn
-    games = store.comparison_games(str(client.app.state.db.url))
+    games = progress.comparison_games(str(client.app.state.db.url))
     assert [g[2] for g in games] == [0.0, 0.5]
 
 
@@ -224,7 +224,7 @@ def test_thumbs_queue_and_ratings(lab):
     assert ann.submit("ratings", response_id=12345, thumbs="up").status_code == 404
     assert ann.submit("ratings", response_id=item["response_id"], thumbs="down", comment=SQL).status_code == 201
     with engine.connect() as conn:
-        row = conn.execute(sa.select(store.ratings)).one()
+        row = conn.execute(sa.select(schema.ratings)).one()
     assert (row.thumbs, row.comment, row.prompt_id) == (-1, SQL, 1)
 
 
@@ -248,7 +248,7 @@ def test_people_see_and_correct_only_their_own_records(lab):
     history = ann.get("/api/history").json()
     assert [d["text"] for d in history["demonstration"]] == ["ann's second try", "ann's first try"]
     assert history["demonstration"][0]["supersedes"] == did
-    assert count(engine, store.demonstrations) == 2
+    assert count(engine, schema.demonstrations) == 2
     assert bob.get("/api/admin/stats").status_code == 403 and bob.get("/admin").status_code == 403
     stats = ada.get("/api/admin/stats").json()
     assert stats["records"]["demonstration"] == {"ann": 1}  # the latest version only
@@ -262,8 +262,8 @@ def test_typed_text_is_stored_verbatim_and_rendered_inert(lab):
     pid = ann.submit("prompts", text=text).json()["id"]
     ann.submit("demonstrations", prompt_id=pid, text=SQL)
     with engine.connect() as conn:
-        assert conn.execute(sa.select(store.prompts.c.text)).scalar_one() == text
-        assert conn.execute(sa.select(sa.func.count()).select_from(store.users)).scalar_one() == 3
+        assert conn.execute(sa.select(schema.prompts.c.text)).scalar_one() == text
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema.users)).scalar_one() == 3
     bob = people["bob"]
     page = bob.get("/demonstrate")
     assert page.status_code == 200

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from rlhfkit.feedback import store
+from rlhfkit.feedback import schema, store
 
 PEOPLE, EACH = 20, 50
 
@@ -81,9 +81,9 @@ def stored(db: str) -> dict[str, str]:
     """submission id -> text of every prompt and demonstration in the database."""
     engine = store.open_engine(db)
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(store.prompts.c.submission_id, store.prompts.c.text)).all()
-        rows += conn.execute(sa.select(store.demonstrations.c.submission_id, store.demonstrations.c.text)).all()
-        n_submissions = conn.execute(sa.select(sa.func.count()).select_from(store.submissions)).scalar_one()
+        rows = conn.execute(sa.select(schema.prompts.c.submission_id, schema.prompts.c.text)).all()
+        rows += conn.execute(sa.select(schema.demonstrations.c.submission_id, schema.demonstrations.c.text)).all()
+        n_submissions = conn.execute(sa.select(sa.func.count()).select_from(schema.submissions)).scalar_one()
     engine.dispose()
     assert n_submissions == len(rows)
     return dict(rows)

@@ -9,7 +9,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from rlhfkit.feedback import export, store
+from rlhfkit.feedback import export, progress, schema, store
 from tests.label.conftest import count
 
 
@@ -32,14 +32,14 @@ def test_schema_version_migrations_and_sqlite_settings(tmp_path, monkeypatch):
     path = str(tmp_path / "f.sqlite")
     engine = store.open_engine(path)
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version FROM schema_version")).scalar_one() == len(store.MIGRATIONS)
+        assert conn.execute(sa.text("SELECT version FROM schema_version")).scalar_one() == len(schema.MIGRATIONS)
         assert conn.execute(sa.text("PRAGMA journal_mode")).scalar_one() == "wal"
         assert conn.execute(sa.text("PRAGMA foreign_keys")).scalar_one() == 1
         assert conn.execute(sa.text("PRAGMA synchronous")).scalar_one() == 2  # FULL
     engine.dispose()
     # a later release appends a migration: an existing database runs it once, keeping its data
     ran = []
-    monkeypatch.setattr(store, "MIGRATIONS", store.MIGRATIONS + [lambda conn: ran.append(1)])
+    monkeypatch.setattr(store, "MIGRATIONS", schema.MIGRATIONS + [lambda conn: ran.append(1)])
     assert store.migrate(store.open_engine(path)) == 2 and ran == [1]
     assert store.migrate(store.open_engine(path)) == 2 and ran == [1]
 
@@ -47,7 +47,7 @@ def test_schema_version_migrations_and_sqlite_settings(tmp_path, monkeypatch):
 def test_tokens_are_stored_only_as_hashes(engine):
     token = store.add_user(engine, "ann")
     with engine.connect() as conn:
-        row = conn.execute(sa.select(store.users)).one()
+        row = conn.execute(sa.select(schema.users)).one()
     assert row.token_hash == store.token_hash(token) and token not in json.dumps(list(row), default=str)
     assert store.user_by_token(engine, token).name == "ann"
     assert store.user_by_token(engine, token + "x") is None
@@ -67,7 +67,7 @@ def test_a_failed_submission_stores_nothing(engine):
         store.submit(engine, ann, "demonstration", {**body, "prompt_id": 1, "text": "x"})
     with pytest.raises(store.NotFound):
         store.submit(engine, ann, "demonstration", sub(prompt_id=5, text="x"))
-    assert (count(engine, store.prompts), count(engine, store.demonstrations), count(engine, store.submissions)) \
+    assert (count(engine, schema.prompts), count(engine, schema.demonstrations), count(engine, schema.submissions)) \
         == (1, 0, 1)
 
 
@@ -130,7 +130,7 @@ def test_export_keeps_the_latest_version_and_drops_ties(engine, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
     assert [(r["chosen"], r["rejected"], r["strength"], r["models"]) for r in rows] == [
         ("y", "x", "slightly better", ["m2", "m1"])]
-    assert store.comparison_games(str(engine.url)) == [("m1", "m2", 0.0), ("m2", "m1", 0.5)]
+    assert progress.comparison_games(str(engine.url)) == [("m1", "m2", 0.0), ("m2", "m1", 0.5)]
 
 
 def test_split_groups_never_empties_train():
@@ -142,7 +142,7 @@ def test_split_groups_never_empties_train():
 def test_agreement_statistics():
     # two people rank items 1 and 2; on item 1 they agree on 2 of the 3 strictly ordered pairs
     rows = [(1, "ann", [0, 1, 2]), (1, "bob", [1, 0, 2]), (2, "ann", [[0, 1]]), (2, "bob", [0, 1])]
-    assert store.ranking_agreement(rows) == {"pairs": 3, "agreement": 2 / 3}
+    assert progress.ranking_agreement(rows) == {"pairs": 3, "agreement": 2 / 3}
     # the same pair shown the other way round counts as the same comparison
     rows = [(5, 6, "ann", "a"), (6, 5, "bob", "b"), (5, 6, "cat", "b"), (7, 8, "ann", "a")]
-    assert store.comparison_agreement(rows) == {"pairs": 3, "agreement": 1 / 3}
+    assert progress.comparison_agreement(rows) == {"pairs": 3, "agreement": 1 / 3}

@@ -144,7 +144,7 @@ def judge_scores(cfg: EvalConfig, prompts, task_list, texts: list[str], precisio
 
 def evaluate_db(cfg: EvalConfig) -> dict:
     """Win rates and Elo from people's A/B comparisons in a labelling-app database."""
-    from rlhfkit.feedback.store import comparison_games
+    from rlhfkit.feedback.progress import comparison_games
 
     db = cfg.judge[3:]
     if "://" not in db and not Path(db).is_file():
@@ -190,11 +190,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     per_model: dict[str, dict] = {}
     scores: dict[str, torch.Tensor] = {}
     responses: dict[str, list[str]] = {}
-    if cfg.labels and len(cfg.labels) != len(cfg.models):
-        raise UsageError(f"--labels names {len(cfg.labels)} models, --models {len(cfg.models)}")
-    names = dict(zip(cfg.models, cfg.labels or cfg.models))
-    if len(set(names.values())) < len(names):
-        raise UsageError("--models and --labels must name each model once")
+    names = model_names(cfg)
     # response lengths of responses:FILE entries are counted with the reference's (or first model's) tokenizer
     length_tok = functools.cache(lambda: models.load_tokenizer(
         cfg.reference or next((m for m in cfg.models if not m.startswith("responses:")), "tiny-llama")))
@@ -215,23 +211,12 @@ def evaluate(cfg: EvalConfig) -> dict:
         responses[name] = texts
         lengths = samples.response_lengths.double() if samples is not None else \
             torch.tensor([len(length_tok().encode(t, add_special_tokens=False)) for t in texts], dtype=torch.float64)
-        stats = {"mean_score": float(scores[name].mean()), "mean_length": float(lengths.mean())}
-        if samples is not None:
-            stats["finished_rate"] = float(samples.finished.double().mean())
-        if task_list[0] is not None:
-            for family in tasks.FAMILIES:
-                idx = [i for i, t in enumerate(task_list) if t is not None and t.family == family]
-                if idx:
-                    stats[f"score/{family}"] = float(scores[name][idx].mean())
-        if ref is not None and samples is not None and spec == cfg.reference:
-            stats["kl_to_reference"] = 0.0  # the reference itself: exactly 0, two forward passes saved
-        elif ref is not None and samples is not None:
-            kl = response_logps(model, samples, cfg.batch_size, precision) - \
-                response_logps(ref, samples, cfg.batch_size, precision)
-            stats["kl_to_reference"] = float(kl.mean())
-        stats["examples"] = [{"prompt": prompts[i][-1]["content"], "response": texts[i],
-                              "score": float(scores[name][i])} for i in range(min(3, len(prompts)))]
-        per_model[name] = stats
+        per_model[name] = model_stats(scores[name], lengths, samples, task_list, prompts, texts)
+        if ref is not None and samples is not None:
+            # the reference itself: exactly 0, two forward passes saved
+            per_model[name]["kl_to_reference"] = 0.0 if spec == cfg.reference else float(
+                (response_logps(model, samples, cfg.batch_size, precision)
+                 - response_logps(ref, samples, cfg.batch_size, precision)).mean())
     # 4. every pair of models on every prompt
     games = [(a, b, 1.0 if sa > sb else 0.0 if sa < sb else 0.5)
              for a, b in itertools.combinations(list(per_model), 2)
@@ -243,10 +228,44 @@ def evaluate(cfg: EvalConfig) -> dict:
         result["elo"] = elo_ratings(games)
         result["elo_interval"] = elo_bootstrap(games, n=cfg.bootstrap, seed=cfg.seed)
     # 6. reports
+    return write_results(cfg, result, prompts, task_list, responses, scores)
+
+
+def model_names(cfg: EvalConfig) -> dict[str, str]:
+    """Each --models entry's name in the results: its --labels entry, or itself."""
+    if cfg.labels and len(cfg.labels) != len(cfg.models):
+        raise UsageError(f"--labels names {len(cfg.labels)} models, --models {len(cfg.models)}")
+    names = dict(zip(cfg.models, cfg.labels or cfg.models))
+    if len(set(names.values())) < len(names):
+        raise UsageError("--models and --labels must name each model once")
+    return names
+
+
+def model_stats(scores: torch.Tensor, lengths: torch.Tensor, samples: Samples | None, task_list: list,
+                prompts: list, texts: list[str]) -> dict:
+    """One model's mean score and length, finished rate (when sampled here), score per task family (on the
+    built-in task) and three examples. scores, lengths: (N,) per prompt."""
+    stats = {"mean_score": float(scores.mean()), "mean_length": float(lengths.mean())}
+    if samples is not None:
+        stats["finished_rate"] = float(samples.finished.double().mean())
+    if task_list[0] is not None:
+        for family in tasks.FAMILIES:
+            idx = [i for i, t in enumerate(task_list) if t is not None and t.family == family]
+            if idx:
+                stats[f"score/{family}"] = float(scores[idx].mean())
+    stats["examples"] = [{"prompt": prompts[i][-1]["content"], "response": texts[i], "score": float(scores[i])}
+                         for i in range(min(3, len(prompts)))]
+    return stats
+
+
+def write_results(cfg: EvalConfig, result: dict, prompts: list, task_list: list, responses: dict[str, list[str]],
+                  scores: dict[str, torch.Tensor]) -> dict:
+    """Step 6: eval.json, eval.md, every response with its score, run.json and the Elo plot; the final metrics."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     (out / "eval.md").write_text(markdown(result))
+    per_model = result["models"]
     # every response and its score, prompt by prompt, to read what a win rate is made of
     with open(out / "responses.jsonl", "w") as f:
         for i, (messages, task) in enumerate(zip(prompts, task_list)):

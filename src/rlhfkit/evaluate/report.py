@@ -143,7 +143,13 @@ def blocks(out: Path, cfg: Any, summaries: dict, seconds: dict, speed: dict | No
                             f"prompts × {cfg.k} ranked responses, {prompts.get('rl', '?')} PPO prompts, "
                             f"{ev['prompts']} held-out evaluation prompts judged by the gold score. "
                             f"Total time {sum(seconds.values()) / 60:.1f} min.")]
-    # results: Elo, gold score, win rate against SFT, KL, length
+    return b + results_blocks(out, ev, names, sft) + reward_model_blocks(out) + overoptimisation_blocks(out, cfg) \
+        + stage_blocks(ev, names, summaries, seconds, speed)
+
+
+def results_blocks(out: Path, ev: dict, names: list[str], sft: str) -> list[Block]:
+    """Elo, gold score, win rate against SFT, KL and length; the gold score per family; the win-rate matrix."""
+    b: list[Block] = []
     rows = []
     for m in names:
         s = ev["models"][m]
@@ -169,7 +175,11 @@ def blocks(out: Path, cfg: Any, summaries: dict, seconds: dict, speed: dict | No
     b += [("h2", "Win-rate matrix"), ("table", [""] + names, [
         [a] + [f"{ev['win_rates'][a][c]['win_rate']:.2f}" if c in ev["win_rates"].get(a, {}) else "—" for c in names]
         for a in names])]
-    # reward model
+    return b
+
+
+def reward_model_blocks(out: Path) -> list[Block]:
+    b: list[Block] = []
     rm_rows = []
     for d in ("rm", "rm_heldout"):
         f = _run_final(out / d)
@@ -181,7 +191,12 @@ def blocks(out: Path, cfg: Any, summaries: dict, seconds: dict, speed: dict | No
         if (out / "rm" / "reliability.png").is_file():
             b.append(("img", out / "rm" / "reliability.png", "Calibration: predicted σ(r_A − r_B) against the "
                                                              "observed frequency on held-out comparisons"))
-    # over-optimisation
+    return b
+
+
+def overoptimisation_blocks(out: Path, cfg: Any) -> list[Block]:
+    """Proxy and gold reward against √KL along PPO and best-of-n, and the training curves."""
+    b: list[Block] = []
     bon = bon_curve(out)
     over = plot_overoptimisation(out, bon, out / "reward_vs_sqrt_kl.png")
     if over:
@@ -200,7 +215,12 @@ def blocks(out: Path, cfg: Any, summaries: dict, seconds: dict, speed: dict | No
     curves = plot_training(out, out / "training_curves.png")
     if curves:
         b += [("h2", "Training curves"), ("img", curves, "SFT, RM and DPO losses per step; PPO scores per iteration")]
-    # timings and examples
+    return b
+
+
+def stage_blocks(ev: dict, names: list[str], summaries: dict, seconds: dict, speed: dict | None) -> list[Block]:
+    """Each stage's time and summary, the machine's speed, and examples."""
+    b: list[Block] = []
     b += [("h2", "Stages"), ("table", ["stage", "minutes", "summary"],
                              [[k, f"{v / 60:.2f}", _short(summaries.get(k, {}))] for k, v in seconds.items()])]
     if speed:
@@ -211,6 +231,8 @@ def blocks(out: Path, cfg: Any, summaries: dict, seconds: dict, speed: dict | No
     ex_rows = [[m, e["prompt"], e["response"], f"{e['score']:.2f}"] for m in names for e in
                ev["models"][m].get("examples", [])[:2]]
     b += [("h2", "Examples"), ("table", ["model", "prompt", "response", "gold"], ex_rows)]
+
+
     return b
 
 

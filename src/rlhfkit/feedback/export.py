@@ -23,7 +23,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from rlhfkit.feedback import store
-from rlhfkit.feedback.store import comparisons, demonstrations, prompts, rankings, responses, users
+from rlhfkit.feedback.schema import comparisons, demonstrations, prompts, rankings, responses, users
 
 
 def _prompt(context: list[dict]):

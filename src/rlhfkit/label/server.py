@@ -14,13 +14,11 @@ generation runs in a worker thread, one at a time, so pages stay responsive whil
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
 import re
 import uuid
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -29,9 +27,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from rlhfkit.feedback import store
+from rlhfkit.feedback import progress, schema, store
 from rlhfkit.feedback.store import User
 from rlhfkit.label import pages
+from rlhfkit.label.served import Generation, Models
 
 COOKIE = "rlhfkit_session"
 FEEDBACK = {"prompts": "prompt", "demonstrations": "demonstration", "rankings": "ranking",
@@ -42,68 +41,6 @@ INT_FIELDS = ("prompt_id", "item_id", "response_a", "response_b", "response_id",
 JSON_FIELDS = ("ranking", "flags")
 ASCII_DIGITS = re.compile(r"[0-9]+")
 FLAGS = ("harmful or offensive", "makes things up", "contains personal information", "unreadable")
-
-
-@dataclass(frozen=True)
-class Generation:
-    """How the served models sample; stored with every response."""
-
-    temperature: float = 1.0
-    top_p: float = 0.9
-    max_new_tokens: int = 256
-    rank_k: int = 4
-
-
-def model_revision(name: str) -> str:
-    """A short hash of the weights and config (so records tell checkpoints of one name apart)."""
-    from rlhfkit import models
-
-    src = models.resolve(name)
-    if src.path is None:
-        return "random-init-seed0"
-    path = Path(src.path)
-    if not path.is_dir():
-        return "hub"
-    digest = hashlib.sha256()
-    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("config.json")):
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()[:12]
-
-
-class Models:
-    """The served models, sampled one call at a time (an engine is not thread-safe)."""
-
-    def __init__(self, names: list[str], batch_size: int = 8):
-        self.names = list(names)
-        self.engines, self.revisions = {}, {}
-        if names:
-            from rlhfkit import models
-            from rlhfkit.rollout.hf import HFEngine
-
-            for name in names:
-                tok = models.load_tokenizer(name)
-                self.engines[name] = HFEngine(models.load_causal_lm(name, tokenizer=tok), tok, batch_size)
-                self.revisions[name] = model_revision(name)
-
-    def sample(self, context: list[dict], picks: list[str], gen: Generation) -> list[tuple[str, str, dict, str]]:
-        """One response per entry of `picks` (model names), in that order: (model, revision, settings, text).
-        Each model samples all of its responses in one batched call; settings record the seed and the sample's
-        index, which together fix the sample (see rlhfkit.rollout)."""
-        from rlhfkit.rollout import SamplingParams
-
-        out: list = [None] * len(picks)
-        for name in dict.fromkeys(picks):
-            slots = [i for i, p in enumerate(picks) if p == name]
-            params = SamplingParams(n=len(slots), temperature=gen.temperature, top_p=gen.top_p,
-                                    max_new_tokens=gen.max_new_tokens, seed=random.randrange(2**31))
-            texts = self.engines[name].generate([context], params).texts
-            for j, (slot, text) in enumerate(zip(slots, texts)):
-                settings = {"temperature": params.temperature, "top_p": params.top_p,
-                            "max_new_tokens": params.max_new_tokens, "seed": params.seed, "sample_index": j}
-                out[slot] = (name, self.revisions[name], settings, text)
-        return out
 
 
 # --- the request pipeline: size limit, authentication, CSRF, body parsing ------------------------------------
@@ -298,14 +235,14 @@ async def next_item(request: Request, user: User, kind: str) -> dict | None:
     if item_id is None:
         return None
     if kind == "demonstration":
-        prompt = store.get(db, store.prompts, item_id, "prompt")
+        prompt = store.get(db, schema.prompts, item_id, "prompt")
         return {"prompt_id": prompt["id"], "prompt": prompt["text"]}
     if kind == "ranking":
-        item = store.get(db, store.rank_items, item_id, "rank item")
-        shown = [store.get(db, store.responses, r, "response") for r in item["response_ids"]]
+        item = store.get(db, schema.rank_items, item_id, "rank item")
+        shown = [store.get(db, schema.responses, r, "response") for r in item["response_ids"]]
         return {"item_id": item_id, "prompt_id": item["prompt_id"], "context": shown[0]["context"],
                 "responses": [public_response(r) for r in shown]}
-    response = store.get(db, store.responses, item_id, "response")
+    response = store.get(db, schema.responses, item_id, "response")
     return {"response_id": item_id, "prompt_id": response["prompt_id"], "context": response["context"],
             "response": public_response(response)}
 
@@ -319,7 +256,7 @@ async def make_item(request: Request, user: User, kind: str) -> int | None:
     prompt_id = store.unranked_prompt(app.db) if kind == "ranking" else store.latest_prompt(app.db)
     if prompt_id is None:
         return None
-    context = [{"role": "user", "content": store.get(app.db, store.prompts, prompt_id, "prompt")["text"]}]
+    context = [{"role": "user", "content": store.get(app.db, schema.prompts, prompt_id, "prompt")["text"]}]
     k = app.generation.rank_k if kind == "ranking" else 1
     names, start = app.models.names, random.randrange(len(app.models.names))
     picks = [names[(start + i) % len(names)] for i in range(k)]
@@ -343,11 +280,11 @@ async def chat_turn(request: Request) -> Response:
         first = next(m["content"] for m in messages if m["role"] == "user")
         prompt_id = store.submit(db, user, "prompt", {"submission_id": str(uuid.uuid4()), "text": first})
     else:
-        store.get(db, store.prompts, prompt_id, "prompt")
+        store.get(db, schema.prompts, prompt_id, "prompt")
     names = request.app.state.models.names
     picks = random.sample(names, 2) if len(names) > 1 else names * 2
     ids = store.add_responses(db, user, prompt_id, messages, await generate(request, messages, picks))
-    candidates = [public_response(store.get(db, store.responses, i, "response")) for i in ids]
+    candidates = [public_response(store.get(db, schema.responses, i, "response")) for i in ids]
     return JSONResponse({"prompt_id": prompt_id, "candidates": candidates})
 
 
@@ -361,16 +298,16 @@ async def me(request: Request) -> Response:
 async def history(request: Request) -> Response:
     """GET /api/history: the caller's own records (never anyone else's)."""
     user, _ = authenticate(request)
-    return JSONResponse(store.history(request.app.state.db, user))
+    return JSONResponse(progress.history(request.app.state.db, user))
 
 
 async def record(request: Request) -> Response:
     """GET /api/records/{kind}/{id}: one of the caller's records (admins: anyone's); 404 otherwise."""
     user, _ = authenticate(request)
     kind = request.path_params["kind"]
-    if kind not in store.KINDS:
+    if kind not in schema.KINDS:
         raise HTTPException(404, f"no record kind {kind!r}")
-    row = store.get(request.app.state.db, store.KINDS[kind], request.path_params["id"], kind)
+    row = store.get(request.app.state.db, schema.KINDS[kind], request.path_params["id"], kind)
     if row["labeller_id"] != user.id and not user.is_admin:
         raise HTTPException(404, f"no {kind} {row['id']}")  # the same answer as for a missing record
     return JSONResponse(row)
@@ -380,7 +317,7 @@ async def admin_stats(request: Request) -> Response:
     user, _ = authenticate(request)
     if not user.is_admin:
         raise HTTPException(403, "admins only")
-    return JSONResponse(store.stats(request.app.state.db))
+    return JSONResponse(progress.stats(request.app.state.db))
 
 
 # --- pages --------------------------------------------------------------------------------------------------
@@ -393,7 +330,7 @@ async def page(request: Request) -> Response:
     common = {"user": user, "csrf": csrf or "", "saved": request.query_params.get("saved"),
               "submission_id": str(uuid.uuid4())}
     if name == "home":
-        return pages.render("home.html", counts={k: len(v) for k, v in store.history(db, user).items()}, **common)
+        return pages.render("home.html", counts={k: len(v) for k, v in progress.history(db, user).items()}, **common)
     if name == "prompt":
         return pages.render("prompt.html", **common)
     if name in ("demonstrate", "rank", "rate"):
@@ -402,13 +339,13 @@ async def page(request: Request) -> Response:
         return pages.render(f"{name}.html", item=item, flags=FLAGS, can_generate=bool(request.app.state.models.names),
                             **common)
     if name == "chat":
-        return pages.render("chat.html", strengths=store.STRENGTHS, **common)
+        return pages.render("chat.html", strengths=schema.STRENGTHS, **common)
     if name == "history":
-        return pages.render("history.html", records=store.history(db, user), **common)
+        return pages.render("history.html", records=progress.history(db, user), **common)
     if name == "admin":
         if not user.is_admin:
             raise HTTPException(403, "admins only")
-        return pages.render("admin.html", stats=store.stats(db), **common)
+        return pages.render("admin.html", stats=progress.stats(db), **common)
     raise HTTPException(404, f"no page /{name}")
 
 

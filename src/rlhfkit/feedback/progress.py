@@ -1,0 +1,88 @@
+"""Reading the feedback back: a labeller's own records, progress and agreement between labellers (the admin
+page), and the A/B games `rlhfkit eval --judge db:FILE` turns into Elo."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from rlhfkit.feedback.schema import KINDS, comparisons, rankings, responses, users
+from rlhfkit.feedback.store import User, heads, open_engine
+
+
+def history(engine: sa.Engine, user: User, limit: int = 200) -> dict[str, list[dict]]:
+    """The user's own records of each kind, newest first."""
+    with engine.connect() as conn:
+        return {kind: [dict(r._mapping) for r in conn.execute(
+            sa.select(t).where(t.c.labeller_id == user.id).order_by(t.c.id.desc()).limit(limit))]
+            for kind, t in KINDS.items()}
+
+
+def stats(engine: sa.Engine) -> dict:
+    """Progress (records per kind and labeller) and agreement between labellers on the same items."""
+    with engine.connect() as conn:
+        names = dict(conn.execute(sa.select(users.c.id, users.c.name)).all())
+        per_kind = {}
+        for kind, t in KINDS.items():
+            rows = conn.execute(heads(t).with_only_columns(t.c.labeller_id, sa.func.count())
+                                .group_by(t.c.labeller_id)).all()
+            per_kind[kind] = {names[uid]: n for uid, n in rows}
+        ranked = conn.execute(heads(rankings).with_only_columns(rankings.c.item_id, rankings.c.labeller_id,
+                                                                rankings.c.ranking)).all()
+        compared = conn.execute(heads(comparisons).with_only_columns(
+            comparisons.c.response_a, comparisons.c.response_b, comparisons.c.labeller_id, comparisons.c.choice)).all()
+    return {"records": per_kind, "ranking_agreement": ranking_agreement(ranked),
+            "comparison_agreement": comparison_agreement(compared)}
+
+
+def _order(ranking: list) -> dict[int, int]:
+    return {i: place for place, item in enumerate(ranking) for i in (item if isinstance(item, list) else [item])}
+
+
+def ranking_agreement(rows) -> dict:
+    """Over pairs of labellers who ranked the same item: the fraction of response pairs that both ordered
+    strictly and in the same direction (InstructGPT reports ~73% between its labellers)."""
+    by_item: dict[int, list] = {}
+    for item_id, labeller, ranking in rows:
+        by_item.setdefault(item_id, []).append((labeller, _order(ranking)))
+    agree = total = 0
+    for entries in by_item.values():
+        for x in range(len(entries)):
+            for y in range(x + 1, len(entries)):
+                (la, a), (lb, b) = entries[x], entries[y]
+                if la == lb:
+                    continue
+                for i in a:
+                    for j in a:
+                        if i < j and a[i] != a[j] and b[i] != b[j]:
+                            total += 1
+                            agree += (a[i] < a[j]) == (b[i] < b[j])
+    return {"pairs": total, "agreement": agree / total if total else None}
+
+
+def comparison_agreement(rows) -> dict:
+    """Over pairs of labellers who compared the same two responses: how often they made the same choice."""
+    by_pair: dict[tuple, list] = {}
+    for a, b, labeller, choice in rows:
+        flipped = {"a": "b", "b": "a"}.get(choice, choice) if a > b else choice
+        by_pair.setdefault((min(a, b), max(a, b)), []).append((labeller, flipped))
+    pairs = [(x, y) for entries in by_pair.values() for i, x in enumerate(entries) for y in entries[i + 1:]
+             if x[0] != y[0]]
+    agree = sum(x[1] == y[1] for x, y in pairs)
+    return {"pairs": len(pairs), "agreement": agree / len(pairs) if pairs else None}
+
+
+def comparison_games(db_url: str) -> list[tuple[str, str, float]]:
+    """One (model_a, model_b, outcome) per A/B comparison (latest versions) between responses of two different
+    models: outcome 1 if a's response won, 0 if b's, 0.5 for a tie; the games `elo_ratings` takes."""
+    engine = open_engine(db_url, create=False)
+    ra, rb = responses.alias("ra"), responses.alias("rb")
+    h = heads(comparisons).subquery()
+    query = (sa.select(ra.c.model, rb.c.model, h.c.choice)
+             .join(ra, ra.c.id == h.c.response_a).join(rb, rb.c.id == h.c.response_b)
+             .where(ra.c.model != rb.c.model).order_by(h.c.id))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(query).all()
+    finally:
+        engine.dispose()
+    return [(a, b, {"a": 1.0, "b": 0.0, "tie": 0.5}[choice]) for a, b, choice in rows]
