@@ -35,11 +35,10 @@ class PreviewConfig:
 
 def preview(cfg: PreviewConfig) -> None:
     from rlhfkit import models
-    from rlhfkit.algos.sft import load_conversations
-    from rlhfkit.data import chat
+    from rlhfkit.data import chat, formats
 
     tok = models.load_tokenizer(cfg.model)
-    convs = load_conversations(cfg.data, cfg.format)
+    convs, _ = formats.read(cfg.data, formats.to_conversation, cfg.format)
     for conv in convs[: cfg.limit or None]:
         ex = chat.tokenize_conversation(tok, conv.messages, conv.where, cfg.max_length)
         tokens = tok.convert_ids_to_tokens(ex.input_ids)

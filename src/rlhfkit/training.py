@@ -326,9 +326,7 @@ def start_run(out: Path, cfg: RunConfig, command: str, fresh: dict, net, optimiz
     """Step 4 of SFT, DPO and PPO: with --resume, continue from OUT/checkpoints/latest (`checkpoint.resume_from`
     refuses another run's settings), or say that a finished run has nothing left to do; record the run as running
     (run.json) and open its metrics from the step it continues at (what an interrupted run logged later goes); a
-    fresh run logs `data_report` at step 0."""
-    from rlhfkit.config import write_run_json
-
+    fresh run logs `data_report` at step 0 (`open_run`)."""
     main = accelerator.is_main_process
     last = checkpoint.resume_from(out / "checkpoints", cfg) if cfg.resume else None
     state = fresh
@@ -339,9 +337,18 @@ def start_run(out: Path, cfg: RunConfig, command: str, fresh: dict, net, optimiz
             return Start(state, last, None, done)
         if main:
             print(f"resuming from {last} (step {state['step']})")
+    return Start(state, last, open_run(out, cfg, command, state["step"] if last else None, data_report, main), None)
+
+
+def open_run(out: Path, cfg: RunConfig, command: str, resumed_at: int | None, data_report: dict | None,
+             main: bool) -> Tracker:
+    """Record the run as running (run.json) and open its metrics: from step `resumed_at` when resumed (what an
+    interrupted run logged later goes), else fresh, with `data_report` logged at step 0."""
+    from rlhfkit.config import write_run_json
+
     if main:
         write_run_json(out, cfg, command, status="running")
-    tracker = Tracker(out, enabled=main, resume_step=state["step"] if last else None)
-    if last is None and data_report:
+    tracker = Tracker(out, enabled=main, resume_step=resumed_at)
+    if resumed_at is None and data_report:
         tracker.log(0, data_report)
-    return Start(state, last, tracker, None)
+    return tracker

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rlhfkit import UsageError
-from rlhfkit.algos import best_of_n, generate, reward, score, sft
+from rlhfkit.algos import best_of_n, generate, reward, score
 from rlhfkit.data import formats, io
 
 from tests.conftest import run_cli
@@ -80,7 +80,7 @@ def test_best_and_first_scores_and_outputs_load_as_sft_and_dpo_data(files, tmp_p
     assert final["bon/score_first"] == pytest.approx(sum(g[0]["score"] for g in by_prompt) / 4)
     assert final["bon/kl"] == pytest.approx(math.log(4) - 3 / 4)
     # SFT: every prompt once, with its best sample, through rlhfkit's own SFT loader
-    convs = sft.load_conversations(str(tmp_path / "best.jsonl"), None)
+    convs = formats.read(str(tmp_path / "best.jsonl"), formats.to_conversation)[0]
     assert len(convs) == len(PROMPTS)
     for conv, group in zip(convs, by_prompt):
         best = max(group, key=lambda s: s["score"])

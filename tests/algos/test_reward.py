@@ -88,7 +88,7 @@ def test_invalid_ranking_is_an_error_naming_file_and_line(tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1]},
                                                   {"prompt": "p", "responses": ["a", "b"], "ranking": [0, 2]}])
     with pytest.raises(DataError, match=r"bad.jsonl:2: ranking index 2 is out of range"):
-        reward.load_preferences(data, None)
+        formats.read(data, formats.to_preference)
 
 
 # --- training ----------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def test_saved_model_records_normalisation_that_centres_the_chosen_responses(tra
     assert offset == run["rm/norm_offset"] and scale == run["rm/norm_scale"]
     assert config["rlhfkit_reward_temperature"] == run["rm/temperature"] > 0
     # the reference set: the chosen response of every training prompt (30 of the 40 after the 25% split)
-    prefs = reward.load_preferences("sample:pairs", None)
+    prefs = formats.read("sample:pairs", formats.to_preference)[0]
     train_prefs, _ = reward.split_validation(prefs, 0.25, 0)
     raw = torch.tensor(plain_transformers_scores(trained_rm, [p.prompt + p.responses[0] for p in train_prefs]))
     normalised = (raw - offset) * scale

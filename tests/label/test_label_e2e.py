@@ -43,7 +43,7 @@ def test_comparisons_exported_train_a_reward_model(lab, tmp_path, one_thread):
     assert wr["n"] == 3 and wr["win_rate"] + ev["win_rates"][b_name][a_name]["win_rate"] == pytest.approx(1)
     assert (ev_dir / "elo.png").is_file() and "3 human A/B comparisons" in (ev_dir / "eval.md").read_text()
     missing = run_cli("eval", "--judge", f"db:{tmp_path / 'nope.sqlite'}", "--output", str(ev_dir), check=False)
-    assert missing.returncode == 2 and "database not found" in missing.stderr
+    assert missing.returncode == 2 and f"--judge db:{tmp_path / 'nope.sqlite'}: no such database" in missing.stderr
 
 
 def test_cli_users_add_and_errors(tmp_path):

@@ -88,8 +88,7 @@ def feedback_db(engine, people: dict[str, int]) -> None:
 
 
 def test_export_splits_by_labeller(engine, tmp_path):
-    from rlhfkit.algos.reward import load_preferences
-    from rlhfkit.algos.sft import load_conversations
+    from rlhfkit.data import formats
 
     feedback_db(engine, {"ann": 3, "bob": 2, "cat": 4, "dan": 1, "eve": 2})
     db = str(engine.url)
@@ -104,9 +103,9 @@ def test_export_splits_by_labeller(engine, tmp_path):
         assert summary == json.loads((out / "export.json").read_text())
         # what rlhfkit's own readers take (sft reads conversations, rm and dpo read pairs and rankings)
         if kind == "sft":
-            assert len(load_conversations(str(out / "train.jsonl"), None)) == len(train)
+            assert len(formats.read(str(out / "train.jsonl"), formats.to_conversation)[0]) == len(train)
         else:
-            prefs = load_preferences(str(out / "train.jsonl"), None)
+            prefs = formats.read(str(out / "train.jsonl"), formats.to_preference)[0]
             assert len(prefs) == len(train)
             assert prefs[0].pairs == ([(0, 1)] if kind == "pairs" else [(2, 0), (2, 1)])
     row = json.loads((tmp_path / "rankings" / "train.jsonl").read_text().splitlines()[0])

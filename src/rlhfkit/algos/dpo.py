@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from rlhfkit import TrainingError, checkpoint, forward, models
 from rlhfkit.config import write_run_json
 from rlhfkit.core.losses import DPO_LOSSES, dpo_loss
-from rlhfkit.data import chat, formats, io
+from rlhfkit.data import chat, formats
 from rlhfkit.data.chat import TokenizedExample
 from rlhfkit.tracking import release_output
 from rlhfkit.training import (TrainConfig, adamw, add_sums, begin, for_training, global_batch_rows, make_schedule,
@@ -109,11 +109,8 @@ class PairReport:
 
 
 def load_pairs(path: str, fmt: str | None, tok, max_length: int) -> tuple[list[PairExample], PairReport]:
-    rows = io.read_rows(path)
-    fmt = formats.detect_format(rows, fmt)
     report, out = PairReport(), []
-    for row in rows:
-        pref = formats.to_preference(row, fmt)
+    for pref in formats.read(path, formats.to_preference, fmt)[0]:
         for w, l in pref.pairs:
             if pref.responses[w] == pref.responses[l]:
                 report.identical_pairs += 1

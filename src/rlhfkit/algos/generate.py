@@ -7,7 +7,8 @@ One run, top to bottom:
      temperature / top-p, stop at EOS or end-of-turn, row (i, j) seeded by (seed, i, j)
   4. write one JSON line per sample, with the generation settings, and OUTPUT.run.json beside it
 
-`rollout.sampling.sample` (steps 1–3) is also best-of-n's first step, so best-of-n with n=1 is this command with the same seed.
+`rollout.sampling.sample` (steps 1–3) is also best-of-n's first step, so best-of-n with n=1 is this command
+with the same seed.
 
 Outputs and departures from the other commands (docs/algorithms/sampling.md):
 - The output is a file, not a directory, so the run record is written beside it as OUTPUT with the suffix

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from rlhfkit import DataError, UsageError, forward, models
-from rlhfkit.data import chat, formats, io
+from rlhfkit.data import chat, formats, sources
 from rlhfkit.reward_fn import call_reward_fn, load_reward_fn
 from rlhfkit.reward_model import RewardModel, reward_model_dir
 from rlhfkit.rollout.hf import HFEngine
@@ -37,6 +37,8 @@ def check(cfg: PPOConfig) -> None:
         raise UsageError(f"--missing-eos {cfg.missing_eos!r}: expected replace, subtract or none")
     if cfg.kl_estimator not in ("k1", "k3"):
         raise UsageError(f"--kl-estimator {cfg.kl_estimator!r}: expected k1 or k3")
+    for spec in cfg.monitor:  # before any model loads
+        sources.parse(spec, "--monitor", ("rm", "fn"))
 
 
 class PromptSet(NamedTuple):
@@ -49,9 +51,7 @@ def load_prompts(cfg: PPOConfig, tok) -> PromptSet:
     """The prompts, tokenised once here. Prompts longer than --max-length tokens after the chat template are
     skipped and counted, as veRL's `filter_overlong_prompts` does: cutting a chat prompt would cut away the
     question or the assistant's header."""
-    rows = io.read_rows(cfg.prompts)
-    fmt = formats.detect_format(rows)
-    prompts = [formats.to_prompt(r, fmt) for r in rows]
+    prompts, rows = formats.read(cfg.prompts, formats.to_prompt)
     lengths = [len(chat.encode_prompt(tok, p.messages)) for p in prompts]
     fits = [n <= cfg.max_length for n in lengths]
     kept = [i for i, ok in enumerate(fits) if ok]
@@ -68,10 +68,8 @@ def load_prompts(cfg: PPOConfig, tok) -> PromptSet:
 def load_ptx(cfg: PPOConfig, tok):
     if not cfg.ptx_data:
         return []
-    rows = io.read_rows(cfg.ptx_data)
-    fmt = formats.detect_format(rows)
-    examples, _ = chat.tokenize_conversations(tok, [formats.to_conversation(r, fmt) for r in rows], cfg.max_length)
-    return examples
+    convs, _ = formats.read(cfg.ptx_data, formats.to_conversation)
+    return chat.tokenize_conversations(tok, convs, cfg.max_length)[0]
 
 
 def load_monitors(cfg: PPOConfig, device) -> dict[str, Callable]:
@@ -79,19 +77,20 @@ def load_monitors(cfg: PPOConfig, device) -> dict[str, Callable]:
     groups: each row's prompt (`Samples.prompt_index`)."""
     monitors: dict[str, Callable] = {}
     for spec in cfg.monitor:
-        if spec.startswith("rm:"):
-            rm = RewardModel.load(spec[3:], device, models.mixed_precision(cfg.dtype))
-            name = "rm_" + Path(spec[3:]).name
+        src = sources.parse(spec, "--monitor", ("rm", "fn"))
+        if src.kind == "rm":
+            rm = RewardModel.load(src.value, device, models.mixed_precision(cfg.dtype))
+            name = "rm_" + Path(src.value).name
 
             def score(prompts, responses, metadata, groups, rm=rm):
                 return rm.score(prompts, responses, cfg.rm_batch_size, cfg.max_length + cfg.max_new_tokens,
                                 models.mixed_precision(cfg.dtype), groups=groups)[0]
         else:
-            fn = load_reward_fn(spec)
+            fn = load_reward_fn(spec, "--monitor")
             name = spec.rpartition(":")[2]
 
             def score(prompts, responses, metadata, groups, fn=fn, spec=spec):
-                return call_reward_fn(fn, spec, prompts, responses, metadata)
+                return call_reward_fn(fn, spec, prompts, responses, metadata, "--monitor")
         monitors[name] = score
     return monitors
 

@@ -48,12 +48,12 @@ from tqdm.auto import tqdm
 from rlhfkit import ModelError, TrainingError, checkpoint, forward, models
 from rlhfkit.config import write_run_json
 from rlhfkit.core.losses import grouped_ranking_loss, pairwise_loss
-from rlhfkit.data import chat, formats, io
+from rlhfkit.data import chat, formats
 from rlhfkit.evaluate import calibration
 from rlhfkit.reward_model import can_share_prefix, encode, score_sequences, set_reward_pad_token
-from rlhfkit.tracking import Tracker, release_output
+from rlhfkit.tracking import release_output
 from rlhfkit.training import (TrainConfig, adamw, add_sums, begin, for_training, global_batch_rows, make_schedule,
-                              micro_batches, reduce_sums, split_validation, update, zero_sums)
+                              micro_batches, open_run, reduce_sums, split_validation, update, zero_sums)
 
 
 @dataclass
@@ -140,13 +140,6 @@ class DataReport:
 
     def as_dict(self, prefix: str = "data") -> dict[str, int]:
         return {f"{prefix}/{k}": v for k, v in vars(self).items()}
-
-
-def load_preferences(path: str, fmt: str | None) -> list[formats.Preference]:
-    rows = io.read_rows(path)
-    fmt = formats.detect_format(rows, fmt)
-    return [formats.to_preference(r, fmt) for r in rows]
-
 
 
 def encode_preferences(tok, prefs: list[formats.Preference], max_length: int
@@ -296,9 +289,7 @@ def evaluate(diffs: torch.Tensor, lengths: torch.Tensor, cfg: RMConfig) -> dict[
 def reference_messages(cfg: RMConfig, train_prefs: list[formats.Preference]) -> list[formats.Messages]:
     """The normalisation reference: SFT demonstrations when given, else the best response of each prompt."""
     if cfg.norm_data:
-        rows = io.read_rows(cfg.norm_data)
-        fmt = formats.detect_format(rows)
-        convs = [formats.to_conversation(r, fmt).messages for r in rows]
+        convs = [c.messages for c in formats.read(cfg.norm_data, formats.to_conversation)[0]]
     else:
         convs = [p.prompt + p.responses[p.pairs[0][0]] for p in train_prefs if p.pairs]
     keep = torch.randperm(len(convs), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.norm_samples]
@@ -334,14 +325,14 @@ class Phase:
 
 
 def load_data(cfg: RMConfig, tok, main: bool):
-    prefs = load_preferences(cfg.data, cfg.format)
+    prefs = formats.read(cfg.data, formats.to_preference, cfg.format)[0]
     if cfg.val_data:
-        train_prefs, val_prefs = prefs, load_preferences(cfg.val_data, None)
+        train_prefs, val_prefs = prefs, formats.read(cfg.val_data, formats.to_preference)[0]
     else:
         train_prefs, val_prefs = split_validation(prefs, cfg.val_fraction, cfg.seed)
     train_rows, report = encode_preferences(tok, train_prefs, cfg.max_length)
     val_rows, val_report = encode_preferences(tok, val_prefs, cfg.max_length)
-    pmp_rows, pmp_report = encode_preferences(tok, load_preferences(cfg.pmp_data, None) if cfg.pmp_data else [],
+    pmp_rows, pmp_report = encode_preferences(tok, formats.read(cfg.pmp_data, formats.to_preference)[0] if cfg.pmp_data else [],
                                               cfg.max_length)
     if not train_rows:
         raise TrainingError(f"no comparisons left in {cfg.data}: {report.identical_pairs} identical pairs, "
@@ -385,11 +376,7 @@ def train(cfg: RMConfig) -> dict:
     if last is not None and (done := checkpoint.finished_run(out, resume_step, total_steps, main)) is not None:
         release_output(out)
         return done
-    if main:
-        write_run_json(out, cfg, "rm", status="running")
-    tracker = Tracker(out, enabled=main, resume_step=resume_step if last else None)
-    if main and last is None:
-        tracker.log(0, data_report)
+    tracker = open_run(out, cfg, "rm", resume_step if last else None, data_report, main)
 
     # 4. the phases (PMP, then main): a fresh optimizer and schedule each; steps 5.1–5.5 are in run_phase
     bar = tqdm(total=total_steps, initial=resume_step, disable=not main, desc="rm", dynamic_ncols=True)

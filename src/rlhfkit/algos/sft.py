@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from rlhfkit import TrainingError, checkpoint, forward, models
 from rlhfkit.config import write_run_json
-from rlhfkit.data import chat, formats, io
+from rlhfkit.data import chat, formats
 from rlhfkit.data.collate import pack
 from rlhfkit.tracking import release_output
 from rlhfkit.training import (TrainConfig, adamw, begin, for_training, global_batch_rows, make_schedule, micro_batches,
@@ -58,18 +58,12 @@ class SFTConfig(TrainConfig):
 # --- data -------------------------------------------------------------------------------------------------
 
 
-def load_conversations(path: str, fmt: str | None) -> list[formats.Conversation]:
-    rows = io.read_rows(path)
-    fmt = formats.detect_format(rows, fmt)
-    return [formats.to_conversation(r, fmt) for r in rows]
-
-
 def load_data(cfg: SFTConfig, tok, main: bool) -> tuple[list, list, chat.TokenizeReport, chat.TokenizeReport]:
     """Step 2: training and validation rows (`chat.TokenizedExample`, packed with --packing) and what tokenising did
     to each set (printed on the main process when it dropped or cut anything)."""
-    convs = load_conversations(cfg.data, cfg.format)
+    convs = formats.read(cfg.data, formats.to_conversation, cfg.format)[0]
     if cfg.val_data:
-        train_convs, val_convs = convs, load_conversations(cfg.val_data, None)
+        train_convs, val_convs = convs, formats.read(cfg.val_data, formats.to_conversation)[0]
     else:
         train_convs, val_convs = split_validation(convs, cfg.val_fraction, cfg.seed)
     train_rows, report = chat.tokenize_conversations(tok, train_convs, cfg.max_length)

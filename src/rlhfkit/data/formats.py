@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from rlhfkit import DataError
 from rlhfkit.core.losses import ranking_pairs
-from rlhfkit.data.io import Row
+from rlhfkit.data.io import Row, read_rows
+
+T = TypeVar("T")
 
 Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
@@ -33,6 +36,15 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "prompts": ("prompt",),
 }
 PROMPT_LIKE = ("prompts", "conversations")
+
+
+def read(path: str, convert: Callable[[Row, str], T], fmt: str | None = None) -> tuple[list[T], list[Row]]:
+    """The rows of a data source (`io.read_rows`: a file, sample:NAME or sim:SPLIT), each converted by `convert`
+    (`to_conversation`, `to_prompt` or `to_preference`) from its format, detected from the columns unless `fmt`
+    names it; and the rows themselves (their own columns, where they came from)."""
+    rows = read_rows(path)
+    fmt = detect_format(rows, fmt)
+    return [convert(r, fmt) for r in rows], rows
 
 
 def detect_format(rows: list[Row], override: str | None = None) -> str:

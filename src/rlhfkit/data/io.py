@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit import DataError
+from rlhfkit.data import sources
 
 SAMPLES = Path(__file__).parent / "samples"
 
@@ -27,34 +28,27 @@ class Row:
     where: str  # "path:line" or "path:row N"
 
 
-def resolve_path(path: str | Path) -> Path:
-    """`sample:NAME` names a bundled sample file (e.g. `sample:conversations`); anything else is a path."""
-    s = str(path)
-    if s.startswith("sample:"):
-        name = s.split(":", 1)[1]
-        hits = sorted(SAMPLES.glob(name + ".*"))
-        if not hits:
-            valid = sorted(p.stem for p in SAMPLES.glob("*.jsonl"))
-            raise DataError(f"no bundled sample {name!r}; available: {', '.join(valid)}")
-        return hits[0]
-    p = Path(s).expanduser()
-    if not p.exists():
-        raise DataError(f"data file not found: {p}")
-    return p
-
-
 def read_rows(path: str | Path) -> list[Row]:
-    """All rows of a data file, each a dict, in file order; `sample:NAME` is a bundled sample file and
-    `sim:SPLIT` the prompts of a split of the built-in task (rlhfkit/sim/tasks.py), so every command that reads
-    data takes both."""
-    if str(path).startswith("sim:"):
+    """All rows of a data source (`sources.parse`'s data forms), each a dict, in file order: a file,
+    `sample:NAME` (a bundled sample file) or `sim:SPLIT` (the prompts of a split of the built-in task,
+    rlhfkit/sim/tasks.py), so every command that reads data takes all three."""
+    src = sources.parse(str(path), "data source", sources.DATA)
+    if src.kind == "sim":
         from rlhfkit.sim import tasks
 
-        name = str(path).split(":", 1)[1]
-        if name not in tasks.SPLITS:
-            raise DataError(f"no built-in task split {name!r}; available: {', '.join(tasks.SPLITS)}")
-        return [Row(tasks.to_row(t), f"{path}:{i + 1}") for i, t in enumerate(tasks.split(name))]
-    p = resolve_path(path)
+        if src.value not in tasks.SPLITS:
+            raise DataError(f"no built-in task split {src.value!r}; available: {', '.join(tasks.SPLITS)}")
+        return [Row(tasks.to_row(t), f"{path}:{i + 1}") for i, t in enumerate(tasks.split(src.value))]
+    if src.kind == "sample":
+        hits = sorted(SAMPLES.glob(src.value + ".*"))
+        if not hits:
+            valid = sorted(p.stem for p in SAMPLES.glob("*.jsonl"))
+            raise DataError(f"no bundled sample {src.value!r}; available: {', '.join(valid)}")
+        p = hits[0]
+    else:
+        p = Path(src.value).expanduser()
+        if not p.exists():
+            raise DataError(f"data file not found: {p}")
     if p.is_dir():
         return _read_datasets_dir(p)
     suffix = p.suffix.lower()

@@ -28,7 +28,7 @@ import torch
 from rlhfkit import UsageError, forward, models
 from rlhfkit.config import write_run_json
 from rlhfkit.core.losses import elo_bootstrap, elo_ratings
-from rlhfkit.data import formats, io
+from rlhfkit.data import formats, io, sources
 from rlhfkit.evaluate import winrates
 from rlhfkit.rollout import Samples, SamplingParams
 from rlhfkit.rollout.hf import HFEngine
@@ -71,10 +71,9 @@ class EvalConfig:
 
 
 def load_prompts(cfg: EvalConfig) -> tuple[list[formats.Messages], list[tasks.Task | None]]:
-    rows = io.read_rows(cfg.prompts)
-    rows = rows[:cfg.limit] if cfg.limit else rows
-    fmt = formats.detect_format(rows)
-    return [formats.to_prompt(r, fmt).messages for r in rows], [tasks.from_row(r.data) for r in rows]
+    prompts, rows = formats.read(cfg.prompts, formats.to_prompt)
+    keep = slice(cfg.limit or None)
+    return [p.messages for p in prompts[keep]], [tasks.from_row(r.data) for r in rows[keep]]
 
 
 LOGPS_BATCH_TOKENS = 8192  # padded tokens per forward of `response_logps`: bigger batches gain nothing here
@@ -128,28 +127,35 @@ def file_responses(path: str, prompts: list[formats.Messages]) -> list[str]:
     return [found[json.dumps(p, sort_keys=True)] for p in prompts]
 
 
-def judge_scores(cfg: EvalConfig, prompts, task_list, texts: list[str], precision: str) -> torch.Tensor:
-    if cfg.judge == "sim":
-        if any(t is None for t in task_list):
-            raise UsageError("--judge sim needs prompts of the built-in task (--prompts sim:eval, or rows with "
-                             "family and params)")
-        return torch.tensor([tasks.gold_score(t, r) for t, r in zip(task_list, texts)], dtype=torch.float64)
-    if cfg.judge.startswith("rm:"):
-        from rlhfkit.reward_model import RewardModel
+def load_judge(judge: sources.Source, task_list: list, precision: str):
+    """The reward model of `--judge rm:DIR`; None for `sim`, the gold score, which needs the built-in task's
+    prompts."""
+    if judge.kind == "gold" and any(t is None for t in task_list):
+        raise UsageError("--judge sim needs prompts of the built-in task (--prompts sim:eval, or rows with family "
+                         "and params)")
+    if judge.kind != "rm":
+        return None
+    from rlhfkit.reward_model import RewardModel
 
-        rm = RewardModel.load(cfg.judge[3:], models.device(), precision)
+    return RewardModel.load(judge.value, models.device(), precision)
+
+
+def judge_scores(rm, cfg: EvalConfig, prompts, task_list, texts: list[str], precision: str) -> torch.Tensor:
+    """Step 3: the reward model's scores (`--judge rm:DIR`), or else the built-in task's gold scores."""
+    if rm is not None:
         return rm.score(prompts, texts, cfg.batch_size, 2048, precision)[0]
-    raise UsageError(f"--judge {cfg.judge!r}: expected sim or rm:DIR (db:FILE is not built yet)")
+    return torch.tensor([tasks.gold_score(t, r) for t, r in zip(task_list, texts)], dtype=torch.float64)
 
 
-def evaluate_db(cfg: EvalConfig) -> dict:
+def evaluate_db(cfg: EvalConfig, db: str) -> dict:
     """Win rates and Elo from people's A/B comparisons in a labelling-app database."""
     from rlhfkit.feedback.progress import comparison_games
+    from rlhfkit.feedback.store import StoreError
 
-    db = cfg.judge[3:]
-    if "://" not in db and not Path(db).is_file():
-        raise UsageError(f"--judge {cfg.judge}: database not found: {db}")
-    games = comparison_games(db)
+    try:
+        games = comparison_games(db, option="--judge db:")
+    except StoreError as e:
+        raise UsageError(str(e)) from None
     explicit = cfg.models != EvalConfig().models
     if explicit:  # only the games between the models asked for
         games = [g for g in games if g[0] in cfg.models and g[1] in cfg.models]
@@ -174,13 +180,16 @@ def evaluate_db(cfg: EvalConfig) -> dict:
 
 def evaluate(cfg: EvalConfig) -> dict:
     check_output(cfg.output, directory=True)
-    if cfg.judge.startswith("db:"):
-        return evaluate_db(cfg)
+    judge = sources.parse(cfg.judge, "--judge", ("gold", "rm", "db"))
+    if judge.kind == "db":
+        return evaluate_db(cfg, judge.value)
     if len(cfg.models) < 1:
         raise UsageError("--models needs at least one model")
+    entries = [sources.parse(m, "--models", ("responses", "model")) for m in cfg.models]
     precision = models.mixed_precision(cfg.dtype)
-    # 1. prompts
+    # 1. prompts, and the judge
     prompts, task_list = load_prompts(cfg)
+    rm = load_judge(judge, task_list, precision)
     params = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     ref = None
     if cfg.reference:
@@ -193,13 +202,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     names = model_names(cfg)
     # response lengths of responses:FILE entries are counted with the reference's (or first model's) tokenizer
     length_tok = functools.cache(lambda: models.load_tokenizer(
-        cfg.reference or next((m for m in cfg.models if not m.startswith("responses:")), "tiny-llama")))
-    for spec in cfg.models:
+        cfg.reference or next((e.value for e in entries if e.kind == "model"), "tiny-llama")))
+    for spec, entry in zip(cfg.models, entries):
         name = names[spec]
         # 2. sample, or read the responses of a file
         samples = None
-        if spec.startswith("responses:"):
-            texts = file_responses(spec.split(":", 1)[1], prompts)
+        if entry.kind == "responses":
+            texts = file_responses(entry.value, prompts)
         else:
             tok = models.load_tokenizer(spec)
             model = models.load_causal_lm(spec, tokenizer=tok).to(models.device()).eval()
@@ -207,7 +216,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             samples = HFEngine(model, tok, cfg.batch_size, precision, progress=True).generate(prompts, params)
             texts = samples.texts
         # 3. judge
-        scores[name] = judge_scores(cfg, prompts, task_list, texts, precision)
+        scores[name] = judge_scores(rm, cfg, prompts, task_list, texts, precision)
         responses[name] = texts
         lengths = samples.response_lengths.double() if samples is not None else \
             torch.tensor([len(length_tok().encode(t, add_special_tokens=False)) for t in texts], dtype=torch.float64)

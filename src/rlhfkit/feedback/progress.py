@@ -71,10 +71,11 @@ def comparison_agreement(rows) -> dict:
     return {"pairs": len(pairs), "agreement": agree / len(pairs) if pairs else None}
 
 
-def comparison_games(db_url: str) -> list[tuple[str, str, float]]:
+def comparison_games(db_url: str, option: str = "--db ") -> list[tuple[str, str, float]]:
     """One (model_a, model_b, outcome) per A/B comparison (latest versions) between responses of two different
-    models: outcome 1 if a's response won, 0 if b's, 0.5 for a tie; the games `elo_ratings` takes."""
-    engine = open_engine(db_url, create=False)
+    models: outcome 1 if a's response won, 0 if b's, 0.5 for a tie; the games `elo_ratings` takes. `option`: the
+    command-line option that named the database, for `open_engine`'s errors."""
+    engine = open_engine(db_url, create=False, option=option)
     ra, rb = responses.alias("ra"), responses.alias("rb")
     h = heads(comparisons).subquery()
     query = (sa.select(ra.c.model, rb.c.model, h.c.choice)

@@ -78,14 +78,16 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def open_engine(db: str, create: bool = True) -> sa.Engine:
+def open_engine(db: str, create: bool = True, option: str = "--db ") -> sa.Engine:
     """Connect (creating an SQLite file if needed and `create`) and bring the schema up to date. A database that
-    cannot be opened, or an SQLite file that is missing when not `create`, is a StoreError naming --db."""
+    cannot be opened, or an SQLite file that is missing when not `create`, is a StoreError naming `option` (the
+    command-line option that gave `db`, written before it)."""
     url = db_url(db)
     if url.startswith("sqlite"):
         path = Path(url.removeprefix("sqlite:///"))
         if not create and not path.is_file():
-            raise NotFound(f"--db {db}: no such database (it is made by `rlhfkit label serve` or `label users add`)")
+            raise NotFound(f"{option}{db}: no such database (it is made by `rlhfkit label serve` or "
+                           "`label users add`)")
         engine = sa.create_engine(url, connect_args={"check_same_thread": False}, poolclass=sa.pool.QueuePool)
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     else:
@@ -94,7 +96,7 @@ def open_engine(db: str, create: bool = True) -> sa.Engine:
         migrate(engine)
     except sa.exc.OperationalError as e:
         engine.dispose()
-        raise StoreError(f"--db {db}: cannot open the database ({e.orig})") from None
+        raise StoreError(f"{option}{db}: cannot open the database ({e.orig})") from None
     return engine
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlhfkit import models
-from rlhfkit.data import formats, io
+from rlhfkit.data import formats
 from rlhfkit.rollout import Samples, SamplingParams
 from rlhfkit.rollout.hf import HFEngine
 
@@ -48,9 +48,8 @@ def sampling_params(cfg: SamplingConfig) -> SamplingParams:
 
 def load_prompts(path: str, fmt: str | None) -> tuple[list[formats.Prompt], list[dict[str, Any]]]:
     """The prompts of a file and each prompt row's own columns (passed on to reward functions as metadata)."""
-    rows = io.read_rows(path)
-    fmt = formats.detect_format(rows, fmt)
-    return [formats.to_prompt(r, fmt) for r in rows], [r.data for r in rows]
+    prompts, rows = formats.read(path, formats.to_prompt, fmt)
+    return prompts, [r.data for r in rows]
 
 
 def sample(cfg: SamplingConfig, model_name: str) -> tuple[list[formats.Prompt], list[dict[str, Any]], Samples,
