@@ -1,4 +1,4 @@
-"""Shared helpers for rlhfkit benchmarks: matmul peak, model FLOPs, memory and machine description.
+"""Shared helpers for rlhfkit benchmarks: matmul peak, model FLOPs and machine description.
 
 MFU (model FLOPs utilisation, Chowdhery et al. 2022, "PaLM", Appendix B) is the model FLOPs a training step
 needs, divided by its time, divided by the peak FLOP/s of the hardware. We have no trustworthy datasheet peak
@@ -11,24 +11,13 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
-import sys
 from typing import Any
 
 import torch
 
 from rlhfkit.tracking import matmul_peak
 
-__all__ = ["machine_info", "matmul_peak", "model_flops_per_token", "non_embedding_params", "peak_rss_mb"]
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS).
-
-    Children are not included (RUSAGE_SELF), and the peak can never go down within a process.
-    """
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+__all__ = ["machine_info", "matmul_peak", "model_flops_per_token", "non_embedding_params"]
 
 
 def non_embedding_params(config: Any) -> int:

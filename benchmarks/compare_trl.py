@@ -4,6 +4,7 @@
     python benchmarks/compare_trl.py              # smollm2-135m, ≤ 512 tokens, batch 8 (~50 min); writes RESULTS.md
     python benchmarks/compare_trl.py --only sft,dpo --steps dpo=4
     python benchmarks/compare_trl.py --dtype fp32  # both trainers in fp32, whatever this CPU does
+    python benchmarks/compare_trl.py --only sft --variants nogc --max-length 256 --batch 4   # rlhfkit alone
 
 Precision (`--dtype`): `auto` (the default) takes what rlhfkit's own `--dtype auto` picks on this machine
 (rlhfkit.models.mixed_precision: bf16 autocast where the CPU does bf16 matmuls natively, AVX512-BF16 or AMX; fp32
@@ -305,6 +306,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny-llama, short sequences, a few steps (harness check)")
     p.add_argument("--only", default=",".join(ALGOS), help="comma-separated subset of sft,rm,dpo,grpo")
     p.add_argument("--steps", default=None, help="steps for all algorithms (N) or some (sft=5,dpo=3)")
+    p.add_argument("--model", default=None, help="the preset's model instead (an rlhfkit model name)")
+    p.add_argument("--max-length", type=int, default=None, help="the preset's sequence length instead")
+    p.add_argument("--batch", type=int, default=None, help="the preset's batch instead (SFT rows; RM and DPO pairs)")
     p.add_argument("--warmup", type=int, default=None, help="first steps left out of throughput")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
@@ -331,7 +335,9 @@ def preset_from(args: argparse.Namespace) -> Preset:
             if algo and algo not in ALGOS:
                 raise SystemExit(f"--steps {args.steps}: unknown algorithm {algo!r}; choose from {','.join(ALGOS)}")
             steps.update({algo: int(n)} if algo else dict.fromkeys(ALGOS, int(n)))
-    return replace(preset, steps=steps, warmup=preset.warmup if args.warmup is None else args.warmup)
+    overrides = {k: v for k, v in (("model", args.model), ("max_length", args.max_length), ("batch", args.batch),
+                                   ("warmup", args.warmup)) if v is not None}
+    return replace(preset, steps=steps, **overrides)
 
 
 def resolve_dtype(choice: str) -> str:

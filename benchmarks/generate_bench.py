@@ -8,6 +8,7 @@ The engine is timed with each of --backends: "llama" (`LlamaBatch`, the default 
 (transformers' forward, `HFBatch`).
 
     python benchmarks/generate_bench.py --model smollm2-135m --prompts 128 --batch-size 64 --max-new-tokens 48
+    python benchmarks/generate_bench.py --quick     # tiny-llama, 8 prompts, 8 tokens: checks the harness
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--backends", default="llama,hf", help="HFEngine backends to time, comma-separated")
+    ap.add_argument("--quick", action="store_true", help="tiny-llama, 8 prompts, batch 4, 8 new tokens")
     args = ap.parse_args()
+    if args.quick:
+        args.model, args.prompts, args.batch_size, args.max_new_tokens = "tiny-llama", 8, 4, 8
     tok = models.load_tokenizer(args.model)
     model = models.load_causal_lm(args.model, tokenizer=tok).eval()
     prompts = [[{"role": "user", "content": t.prompt}] for t in tasks.split("eval")[:args.prompts]]

@@ -8,7 +8,7 @@ A learning test must hold on every CPU, not for one lucky seed on one: run this 
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 RLHFKIT_CPU_BF16=0 \\
         .venv/bin/python benchmarks/ppo_test_margins.py                               # AVX2 kernels
 
-and put its table in RESULTS.md. About 4 minutes on 2 cores.
+and put its table in RESULTS.md. About 4 minutes on 2 cores; `--quick` (one seed, 2 iterations) checks the harness.
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=5, help="PPO seeds 0..N-1")
     p.add_argument("--iterations", type=int, default=14, help="as in the test")
+    p.add_argument("--quick", action="store_true", help="one seed, 2 iterations: checks the harness")
     args = p.parse_args()
+    if args.quick:
+        args.seeds, args.iterations = 1, 2
     tmp = Path(tempfile.mkdtemp(prefix="ppo-margins-"))
     policy = tmp / "sft"  # the test's `sft_policy` fixture
     sft.train(sft.SFTConfig(model="tiny-llama", output=str(policy), max_steps=40, batch_size=8, lr=1e-2,

@@ -1,11 +1,13 @@
 """How SFT step time and memory grow with sequence length, batch size and model size.
 
-Each point is one `benchmarks/sft_bench.py` process (rlhfkit's SFT step, bf16 autocast over fp32 weights, loss on
-the second half of each row), so its peak RSS is its own. Models: tiny-llama (2 layers, hidden 64), a mid-size
+Each point is one `rlhfkit sft` run through compare_trl.py's harness, rlhfkit alone (its own training loop, data
+loading and logging included; every row filled to just under the length, loss on the answer, about its second
+half), in its own process, so its peak RSS is its own. Models: tiny-llama (2 layers, hidden 64), a mid-size
 random Llama built here (12 layers, hidden 384, SmolLM2's tokenizer and vocabulary; saved once under --workdir) and
 smollm2-135m (30 layers, hidden 576).
 
     python benchmarks/scaling_bench.py --json benchmarks/results/scaling.json
+    python benchmarks/scaling_bench.py --quick      # two tiny-llama points: checks the harness
 
 Writes a markdown table to stdout and, with --results-md, between the scaling markers of RESULTS.md.
 """
@@ -25,6 +27,7 @@ SWEEP = [  # (model, seq_len, batch): sequence length at batch 8, batch at 256 t
     ("smollm2-135m", 256, 2), ("smollm2-135m", 256, 4),
     ("tiny-llama", 256, 8), ("mid", 256, 8),
 ]
+QUICK = [("tiny-llama", 128, 2), ("tiny-llama", 128, 4)]
 
 
 def mid_model(workdir: Path) -> str:
@@ -47,30 +50,62 @@ def mid_model(workdir: Path) -> str:
     return str(out)
 
 
+def params_total(name: str) -> int:
+    """Parameters of a model (counted on the meta device: nothing is allocated)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhfkit import models
+
+    src = models.resolve(name)
+    config = models.tiny_llama_config(len(models.load_tokenizer(name))) if src.path is None else \
+        AutoConfig.from_pretrained(src.path)
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+def point(name: str, seq: int, batch: int, args: argparse.Namespace) -> dict:
+    """One point: `rlhfkit sft` through compare_trl.py's harness, rlhfkit alone (its default: checkpointing off)."""
+    tag = f"{Path(name).name}_{seq}x{batch}"
+    out = args.workdir / f"{tag}.json"
+    cmd = [sys.executable, str(HERE / "compare_trl.py"), "--only", "sft", "--variants", "nogc", "--model", name,
+           "--max-length", str(seq), "--batch", str(batch), "--steps", str(args.warmup + args.steps),
+           "--warmup", str(args.warmup), "--dtype", args.dtype, "--workdir", str(args.workdir / tag),
+           "--results-json", str(out), "--no-write-results"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    report = json.loads(out.read_text())
+    row = report["algorithms"]["sft"]["rows"][0]
+    if row["error"]:
+        raise SystemExit(f"{tag}: {row['error']}")
+    timed = row["step_s"][args.warmup:]
+    return {"seq": seq, "batch": batch, "tokens_per_s": row["throughput"], "step_s": sum(timed) / len(timed),
+            "mfu": row["mfu"], "peak_rss_mb": row["peak_rss_mb"], "dtype": report["dtype"],
+            "peak_gflops": max(report["peak_gflops"]["before"], report["peak_gflops"]["after"]),
+            "machine": report["machine"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="two tiny-llama points, one timed step (harness check)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--dtype", default="auto", help="as compare_trl.py's --dtype (auto: rlhfkit's own choice here)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/rlhfkit-scaling"))
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--results-md", type=Path, default=None)
     args = p.parse_args()
+    if args.quick:
+        args.steps = 1
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for model, seq, batch in SWEEP:
+    for model, seq, batch in QUICK if args.quick else SWEEP:
         name = mid_model(args.workdir) if model == "mid" else model
-        out = args.workdir / f"{model}_{seq}x{batch}.json"
-        cmd = [sys.executable, str(HERE / "sft_bench.py"), "--model", name, "--seq-len", str(seq), "--batch-size",
-               str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", "bf16",
-               "--peak-seconds", "1", "--json", str(out)]
-        print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        r = json.loads(out.read_text())
-        rows.append({"model": model, "params": r["params_total"], "seq": seq, "batch": batch,
-                     "tokens_per_s": r["tokens_per_s"], "step_s": r["step_s_mean"], "mfu": r["mfu"],
-                     "peak_rss_mb": r["peak_rss_mb"], "peak_gflops_bf16": r["peak_gflops_bf16"]})
-        m = r["machine"]  # sft_bench's common.machine_info(); the same for every point
-    lines = ["| model | parameters | seq | batch | tokens/s | step s | MFU (bf16 peak of its run) | peak RSS |",
+        rows.append({"model": model, "params": params_total(name), **point(name, seq, batch, args)})
+    m = rows[0].pop("machine")  # the same for every point
+    for r in rows[1:]:
+        r.pop("machine")
+    lines = ["| model | parameters | seq | batch | tokens/s | step s | MFU (peak of its run) | peak RSS |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['seq']} | {r['batch']} | {r['tokens_per_s']:.0f} | "
               f"{r['step_s']:.2f} | {100 * r['mfu']:.1f}% | {r['peak_rss_mb']:,.0f} MB |" for r in rows]
@@ -81,12 +116,14 @@ def main() -> None:
     if args.results_md:
         text = args.results_md.read_text()
         start, end = "<!-- scaling:start -->", "<!-- scaling:end -->"
+        peaks = [r["peak_gflops"] for r in rows]
         body = (f"{start}\n## Scaling of the SFT step\n\n```bash\npython benchmarks/scaling_bench.py "
                 f"--json benchmarks/results/scaling.json --results-md benchmarks/RESULTS.md\n```\n\n"
                 f"{datetime.date.today().isoformat()}; machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), "
-                f"{m['cores_usable']} usable cores, torch {m['torch']}. "
-                f"bf16 autocast, {args.warmup} warm-up and {args.steps} timed steps per point, one process each.\n\n"
-                f"{table}\n{end}")
+                f"{m['cores_usable']} usable cores, torch {m['torch']}. `rlhfkit sft` itself (compare_trl.py's "
+                f"harness, rlhfkit alone), {rows[0]['dtype']}, {args.warmup} warm-up and {args.steps} timed steps "
+                f"per point, one process each; the matmul peak behind MFU, measured in each point's run, ranged "
+                f"{min(peaks):.0f}–{max(peaks):.0f} GFLOP/s.\n\n{table}\n{end}")
         if start in text:
             text = text[:text.index(start)] + body + text[text.index(end) + len(end):]
         else:
