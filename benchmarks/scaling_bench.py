@@ -80,6 +80,7 @@ def point(name: str, seq: int, batch: int, args: argparse.Namespace) -> dict:
         raise SystemExit(f"{tag}: {row['error']}")
     timed = row["step_s"][args.warmup:]
     return {"seq": seq, "batch": batch, "tokens_per_s": row["throughput"], "step_s": sum(timed) / len(timed),
+            "timed_steps_s": timed,
             "mfu": row["mfu"], "peak_rss_mb": row["peak_rss_mb"], "dtype": report["dtype"],
             "peak_gflops": max(report["peak_gflops"]["before"], report["peak_gflops"]["after"]),
             "machine": report["machine"]}
@@ -88,8 +89,8 @@ def point(name: str, seq: int, batch: int, args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="two tiny-llama points, one timed step (harness check)")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per point")
+    p.add_argument("--warmup", type=int, default=2, help="first steps left out (new shapes: kernel set-up)")
     p.add_argument("--dtype", default="auto", help="as compare_trl.py's --dtype (auto: rlhfkit's own choice here)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/rlhfkit-scaling"))
     p.add_argument("--json", type=Path, default=None)
@@ -105,10 +106,11 @@ def main() -> None:
     m = rows[0].pop("machine")  # the same for every point
     for r in rows[1:]:
         r.pop("machine")
-    lines = ["| model | parameters | seq | batch | tokens/s | step s | MFU (peak of its run) | peak RSS |",
+    lines = ["| model | parameters | seq | batch | tokens/s | step s, mean (min–max) | MFU (peak of its run) | peak RSS |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['seq']} | {r['batch']} | {r['tokens_per_s']:.0f} | "
-              f"{r['step_s']:.2f} | {100 * r['mfu']:.1f}% | {r['peak_rss_mb']:,.0f} MB |" for r in rows]
+              f"{r['step_s']:.2f} ({min(r['timed_steps_s']):.2f}–{max(r['timed_steps_s']):.2f}) | "
+              f"{100 * r['mfu']:.1f}% | {r['peak_rss_mb']:,.0f} MB |" for r in rows]
     table = "\n".join(lines)
     print(table)
     if args.json:

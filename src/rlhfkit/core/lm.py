@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -21,11 +20,6 @@ def shifted_selection(input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, Ten
 def token_logits(hidden: Tensor, lm_head: torch.nn.Module, select: Tensor) -> Tensor:
     """hidden (B, T, H), select (B, T) bool -> logits (N, V) at the N selected positions, row-major order."""
     return lm_head(hidden[select])
-
-
-def summed_nll(logits: Tensor, targets: Tensor) -> Tensor:
-    """Sum of −log p(target) in fp32. logits (N, V), targets (N,) -> scalar."""
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def real_columns(mask: Tensor) -> slice:
