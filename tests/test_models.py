@@ -291,3 +291,16 @@ def test_compiled_layers_train_like_eager_ones_and_stay_eager_without_gradients(
         out = compiled(ids[:, 40:], use_cache=True, **{cache: prefix}).logits
     torch.testing.assert_close(out, plain(ids[:, 40:], use_cache=True, **{cache: expected}).logits,
                                rtol=0, atol=0)
+
+
+def test_a_gguf_file_is_cached_by_its_contents_not_its_path(tmp_path):
+    # every new virtual environment installs the same GGUF file at another path and time: one cache entry for all
+    data = bytes(range(256)) * (3 * 4096 + 7)  # 3 MiB and a bit: the head and the tail are read, not the middle
+    a, b = tmp_path / "venv1" / "m.gguf", tmp_path / "venv2" / "m.gguf"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    os.utime(b, ns=(1, 1))
+    assert models._gguf_cache_name(a) == models._gguf_cache_name(b)
+    b.write_bytes(data[:-1] + b"\x01")  # another file: the last byte differs
+    assert models._gguf_cache_name(a) != models._gguf_cache_name(b)

@@ -77,9 +77,16 @@ GGUF_CONVERSION = 2
 
 
 def _gguf_cache_name(gguf: Path) -> str:
-    st = gguf.stat()
-    key = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:v{GGUF_CONVERSION}"
-    return f"gguf-{gguf.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    """The cache entry of a GGUF file, named by its contents (its size, first and last MiB), not by its path or
+    time: each new virtual environment installs the same file again, at another path, and a key with those in it
+    converted it again (~20 s) into another 0.5 GB copy every time."""
+    size = gguf.stat().st_size
+    with gguf.open("rb") as f:
+        head = f.read(1 << 20)
+        f.seek(max(size - (1 << 20), 0))
+        tail = f.read()
+    digest = hashlib.sha1(head + tail + f":{size}:v{GGUF_CONVERSION}".encode()).hexdigest()[:10]
+    return f"gguf-{gguf.stem}-{digest}"
 
 
 def gguf_special_token_ids(gguf: Path) -> dict[str, int]:
