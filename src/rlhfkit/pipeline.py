@@ -192,11 +192,15 @@ class Run:
         return summary
 
 
-def reset_accelerate() -> None:
-    """Stages share one process; accelerate keeps global state that a second Accelerator must not inherit."""
+def run_trainer(train, config_class, values: dict, section: str, keep: tuple[str, ...]) -> dict:
+    """One trainer's run as a stage: configured from `values` (a bad key is an error naming `section`), after
+    accelerate's global state is reset (stages share one process, and a second Accelerator must not inherit the
+    first's); the final metrics whose names start with `keep`, for the stage's summary."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+    final = train(from_dict(config_class, values, section))
+    return {k: v for k, v in final.items() if k.startswith(keep)}
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -269,26 +273,19 @@ def label(cfg: PipelineConfig, policy: str, d: Path, seed: int) -> dict:
 def train_rm(cfg: PipelineConfig, sft_dir: str, data: str, d: Path) -> dict:
     from rlhfkit.algos import reward
 
-    reset_accelerate()
-    rm_cfg = from_dict(reward.RMConfig, {"seed": cfg.seed, **cfg.rm, "model": sft_dir, "data": data,
-                                         "output": str(d)}, "pipeline.rm")
-    final = reward.train(rm_cfg)
-    return {k: v for k, v in final.items() if k.startswith(("rm/", "val/", "train/loss"))}
+    return run_trainer(reward.train, reward.RMConfig, {"seed": cfg.seed, **cfg.rm, "model": sft_dir, "data": data,
+                                                       "output": str(d)}, "pipeline.rm", ("rm/", "val/", "train/loss"))
 
 
 def train_ppo(cfg: PipelineConfig, sft_dir: str, rm_dir: str, monitor_rm: str | None, d: Path) -> dict:
     from rlhfkit.algos import ppo
 
-    reset_accelerate()
     monitor = ["rlhfkit.sim.tasks:gold_reward"] + ([f"rm:{monitor_rm}"] if monitor_rm else [])
     extra = {"ptx_data": str(cfg_out(cfg) / "data" / "sft.jsonl")} if cfg.ptx else {}
-    ppo_cfg = from_dict(ppo.PPOConfig, {"seed": cfg.seed, **extra, **cfg.ppo, "policy": sft_dir,
-                                        "reward_model": rm_dir, "monitor": monitor,
-                                        "prompts": str(cfg_out(cfg) / "data" / "rl_prompts.jsonl"),
-                                        "output": str(d)}, "pipeline.ppo")
-    final = ppo.train(ppo_cfg)
-    return {k: v for k, v in final.items() if k.startswith(("ppo/score", "ppo/kl", "ppo/sqrt_kl", "monitor/",
-                                                            "rollout/", "ppo/ptx"))}
+    values = {"seed": cfg.seed, **extra, **cfg.ppo, "policy": sft_dir, "reward_model": rm_dir, "monitor": monitor,
+              "prompts": str(cfg_out(cfg) / "data" / "rl_prompts.jsonl"), "output": str(d)}
+    return run_trainer(ppo.train, ppo.PPOConfig, values, "pipeline.ppo",
+                       ("ppo/score", "ppo/kl", "ppo/sqrt_kl", "monitor/", "rollout/", "ppo/ptx"))
 
 
 def stage_best_of_n(cfg: PipelineConfig, sft_dir: str, rm_dir: str, d: Path) -> dict:
@@ -308,22 +305,16 @@ def stage_best_of_n(cfg: PipelineConfig, sft_dir: str, rm_dir: str, d: Path) -> 
 def train_sft(cfg: PipelineConfig, d: Path) -> dict:
     from rlhfkit.algos import sft
 
-    reset_accelerate()
-    sft_cfg = from_dict(sft.SFTConfig, {"seed": cfg.seed, **cfg.sft, "model": cfg.model,
-                                        "data": str(cfg_out(cfg) / "data" / "sft.jsonl"), "output": str(d)},
-                        "pipeline.sft")
-    final = sft.train(sft_cfg)
-    return {k: v for k, v in final.items() if k.startswith(("train/loss", "val/", "train/steps"))}
+    values = {"seed": cfg.seed, **cfg.sft, "model": cfg.model, "data": str(cfg_out(cfg) / "data" / "sft.jsonl"),
+              "output": str(d)}
+    return run_trainer(sft.train, sft.SFTConfig, values, "pipeline.sft", ("train/loss", "val/", "train/steps"))
 
 
 def train_dpo(cfg: PipelineConfig, sft_dir: str, data: str, d: Path) -> dict:
     from rlhfkit.algos import dpo
 
-    reset_accelerate()
-    dpo_cfg = from_dict(dpo.DPOConfig, {"seed": cfg.seed, **cfg.dpo, "model": sft_dir, "data": data,
-                                        "output": str(d)}, "pipeline.dpo")
-    final = dpo.train(dpo_cfg)
-    return {k: v for k, v in final.items() if k.startswith(("dpo/", "train/loss", "train/accuracy"))}
+    values = {"seed": cfg.seed, **cfg.dpo, "model": sft_dir, "data": data, "output": str(d)}
+    return run_trainer(dpo.train, dpo.DPOConfig, values, "pipeline.dpo", ("dpo/", "train/loss", "train/accuracy"))
 
 
 def online_rounds(cfg: PipelineConfig, run: Run, sft_dir: str, held_out: str | None,

@@ -53,7 +53,7 @@ from rlhfkit.evaluate import calibration
 from rlhfkit.reward_model import can_share_prefix, encode, score_sequences, set_reward_pad_token
 from rlhfkit.tracking import release_output
 from rlhfkit.training import (TrainConfig, adamw, add_sums, begin, for_training, global_batch_rows, make_schedule,
-                              micro_batches, open_run, reduce_sums, split_validation, update, zero_sums)
+                              micro_batches, open_run, plan_steps, reduce_sums, split_validation, update, zero_sums)
 
 
 @dataclass
@@ -332,8 +332,8 @@ def load_data(cfg: RMConfig, tok, main: bool):
         train_prefs, val_prefs = split_validation(prefs, cfg.val_fraction, cfg.seed)
     train_rows, report = encode_preferences(tok, train_prefs, cfg.max_length)
     val_rows, val_report = encode_preferences(tok, val_prefs, cfg.max_length)
-    pmp_rows, pmp_report = encode_preferences(tok, formats.read(cfg.pmp_data, formats.to_preference)[0] if cfg.pmp_data else [],
-                                              cfg.max_length)
+    pmp_prefs = formats.read(cfg.pmp_data, formats.to_preference)[0] if cfg.pmp_data else []
+    pmp_rows, pmp_report = encode_preferences(tok, pmp_prefs, cfg.max_length)
     if not train_rows:
         raise TrainingError(f"no comparisons left in {cfg.data}: {report.identical_pairs} identical pairs, "
                             f"{report.skipped_no_pairs} rows without any pair")
@@ -358,10 +358,8 @@ def train(cfg: RMConfig) -> dict:
 
     # 2. data: render prompt + response, truncate (counted), drop identical pairs (counted), hold out prompts
     train_prefs, train_rows, val_rows, pmp_rows, data_report = load_data(cfg, tok, main)
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    per_epoch = lambda rows: math.ceil(len(rows) / global_batch)  # noqa: E731
-    main_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch(train_rows)
-    pmp_steps = cfg.pmp_epochs * per_epoch(pmp_rows) if pmp_rows else 0
+    main_steps = plan_steps(cfg, len(train_rows), world).total_steps
+    pmp_steps = cfg.pmp_epochs * plan_steps(cfg, len(pmp_rows), world).steps_per_epoch if pmp_rows else 0
     phases = [Phase("pmp", pmp_rows, cfg.pmp_lr, 0, pmp_steps),
               Phase("main", train_rows, cfg.lr, pmp_steps, main_steps)]
     total_steps = pmp_steps + main_steps
@@ -426,7 +424,7 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
               pad_id, total_steps) -> dict:
     """Steps 5.1–5.5 for every remaining step of one phase; returns the last logged metrics."""
     world = accelerator.num_processes
-    global_batch = cfg.batch_size * cfg.grad_accum * world
+    global_batch, steps_per_epoch, _ = plan_steps(cfg, len(phase.rows), world)
     metrics, t_last, tokens_since = {}, time.perf_counter(), 0
     share = use_shared_prefix(cfg, net) and not cfg.compile  # compiled blocks run eagerly on a KV cache
     # a prompt's K responses pad to the longest of the batch
@@ -469,7 +467,7 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
             now = time.perf_counter()
             metrics = {"train/loss": loss, "train/accuracy": (sums.correct / sums.pairs).item(), "train/lr": lr,
                        "train/grad_norm": grad_norm, "train/phase": p,
-                       "train/epoch": (step - phase.start) / math.ceil(len(phase.rows) / global_batch),
+                       "train/epoch": (step - phase.start) / steps_per_epoch,
                        "train/tokens": state["tokens"], "perf/tokens_per_s": tokens_since / (now - t_last)}
             tracker.log(step, metrics)
             t_last, tokens_since = now, 0

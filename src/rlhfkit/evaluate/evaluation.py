@@ -186,6 +186,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if len(cfg.models) < 1:
         raise UsageError("--models needs at least one model")
     entries = [sources.parse(m, "--models", ("responses", "model")) for m in cfg.models]
+    names = model_names(cfg)
     precision = models.mixed_precision(cfg.dtype)
     # 1. prompts, and the judge
     prompts, task_list = load_prompts(cfg)
@@ -199,7 +200,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     per_model: dict[str, dict] = {}
     scores: dict[str, torch.Tensor] = {}
     responses: dict[str, list[str]] = {}
-    names = model_names(cfg)
     # response lengths of responses:FILE entries are counted with the reference's (or first model's) tokenizer
     length_tok = functools.cache(lambda: models.load_tokenizer(
         cfg.reference or next((e.value for e in entries if e.kind == "model"), "tiny-llama")))
