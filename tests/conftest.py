@@ -69,6 +69,19 @@ def run_cli(*args: str, check: bool = True, timeout: int = 300, env: dict | None
     return proc
 
 
+def run_distributed(processes: int, *args: str, timeout: int = 300, env: dict | None = None
+                    ) -> subprocess.CompletedProcess:
+    """Run `rlhfkit ARGS` on `processes` processes of this machine with torchrun (gloo on the CPU), as a user
+    would; --standalone picks a free rendezvous port, so tests may run side by side."""
+    full_env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+              "-m", "rlhfkit.cli", *args]
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun rlhfkit {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
 def train_losses(run_dir: Path) -> list[float]:
     """`train/loss` of every logged step, in order, from the run's metrics.jsonl."""
     from rlhfkit.tracking import read_metrics

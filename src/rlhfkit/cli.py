@@ -90,7 +90,9 @@ def run_algorithm(key: tuple[str, ...], argv: list[str]) -> None:
     module_name, config_name, fn_name, _ = ALGORITHMS[key]
     module = importlib.import_module(f"rlhfkit.{module_name}")
     cfg = parse_args(getattr(module, config_name), argv, f"rlhfkit {' '.join(key)}")
-    print(json.dumps(getattr(module, fn_name)(cfg), default=float))
+    result = getattr(module, fn_name)(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:  # launched on several processes, one prints (torchrun sets RANK)
+        print(json.dumps(result, default=float))
 
 
 def _label(command: str, argv: list[str]) -> None:

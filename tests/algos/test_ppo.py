@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,9 +23,10 @@ from rlhfkit.data import chat
 from rlhfkit.data.collate import collate
 from rlhfkit.tracking import read_metrics
 
-from tests.conftest import rewind, run_cli, write_jsonl
+from tests.conftest import rewind, run_cli, run_distributed, write_jsonl
 
 REWARD_FN = str(Path(__file__).parent / "reward_fns.py") + ":a_fraction"
+RECORDED_FN = str(Path(__file__).parent / "reward_fns.py") + ":recorded_a_fraction"
 
 
 @pytest.fixture(scope="module")
@@ -331,3 +338,71 @@ def test_prompts_longer_than_max_length_are_skipped_and_counted(tmp_path, tok, c
     assert [m["id"] for m in metadata] == [0, 2] and [p[-1]["content"] for p in prompts] == ["Hi.", "Bye."]
     assert f"data: 1 of 3 prompts skipped, longer than --max-length 100 tokens (the first: {path}:2)" in \
         capsys.readouterr().out
+
+
+def scored_rows(record: Path) -> list[list]:
+    """Per reward call (one per iteration), the sorted (prompt, response) rows that every process scored."""
+    calls = [[json.loads(line) for line in f.read_text().splitlines()] for f in sorted(record.glob("*.jsonl"))]
+    return [sorted(row for rank in per_call for row in rank) for per_call in zip(*calls, strict=True)]
+
+
+@pytest.mark.parametrize("advantage", ["gae", pytest.param("rloo", marks=pytest.mark.slow)])
+def test_two_processes_update_as_one(tmp_path, sft_policy, advantage):
+    # 8 prompts × 2 samples, minibatches of 8 rows drawn across both processes' rows, micro-batches of 3: the
+    # processes hold unequal parts of a minibatch; --scale-scores and the whitening need the whole batch; GAE's
+    # run also takes PPO-ptx batches of 3 rows (2 + 1)
+    args = ["ppo", "--policy", sft_policy, "--reward-fn", RECORDED_FN, "--advantage", advantage, "--iterations", "3",
+            "--rollout-prompts", "8", "--n-samples", "2", "--minibatch-size", "8", "--batch-size", "3",
+            "--ppo-epochs", "2", "--max-new-tokens", "8", "--dtype", "fp32", "--lr", "1e-3", "--critic-lr", "1e-3",
+            "--missing-eos", "none", "--scale-scores", "--kl-coef", "0.01", "--seed", "1", "--sample-every", "0"]
+    if advantage == "gae":
+        args += ["--ptx-data", "sample:conversations", "--ptx-batch-size", "3"]
+    run_cli(*args, "--output", str(tmp_path / "one"), env={"RLHFKIT_TEST_RECORD": str(tmp_path / "rec-one")})
+    run_distributed(2, *args, "--output", str(tmp_path / "two"), env={"RLHFKIT_TEST_RECORD": str(tmp_path / "rec-two")})
+    # the same rows sampled, each prompt's by one process: none twice, none skipped
+    one, two = scored_rows(tmp_path / "rec-one"), scored_rows(tmp_path / "rec-two")
+    assert len(one) == 3 and one == two
+    assert len(list((tmp_path / "rec-two").glob("*.jsonl"))) == 2
+    keys = ["ppo/score", "ppo/kl", "ppo/policy_loss", "ppo/entropy", "ppo/approx_kl", "ppo/clipfrac"]
+    keys += ["ppo/value_loss", "ppo/ptx_loss"] if advantage == "gae" else []
+    for key in keys:
+        assert logged(tmp_path / "two", key) == pytest.approx(logged(tmp_path / "one", key), rel=1e-4, abs=1e-6), key
+    assert logged(tmp_path / "one", "ppo/kl")[-1] > 0  # the policy moved
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for k in a:  # Adam's 1/sqrt(v) can move a weight whose gradient is ~0 by a fraction of an lr-sized step
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+
+
+def test_rollout_prompts_must_split_evenly_over_the_processes(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "rlhfkit.cli", "ppo", "--policy", "tiny-llama", "--reward-fn", REWARD_FN,
+                           "--rollout-prompts", "3", "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--rollout-prompts 3 must be a multiple of the 2 processes" in proc.stderr
+
+
+@pytest.mark.slow  # the default run keeps the 2-process update test and the 1-process resume test
+def test_two_process_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, sft_policy):
+    args = ["ppo", "--policy", sft_policy, "--reward-fn", REWARD_FN, "--advantage", "gae", "--iterations", "4",
+            "--rollout-prompts", "4", "--n-samples", "2", "--minibatch-size", "4", "--max-new-tokens", "8",
+            "--dtype", "fp32", "--lr", "1e-3", "--critic-lr", "1e-3", "--adaptive-kl", "--sample-every", "1",
+            "--save-steps", "1"]
+    run_distributed(2, *args, "--output", str(tmp_path / "straight"))
+    out = tmp_path / "killed"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+              "rlhfkit.cli", *args, "--output", str(out)]
+    # a session of its own: the kill takes torchrun and both workers at once, as a lost machine would
+    proc = subprocess.Popen(launch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "checkpoints" / "step-0000002").is_dir():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
+    run_distributed(2, *args, "--output", str(out), "--resume")
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert logged(out, "ppo/beta") == logged(tmp_path / "straight", "ppo/beta")
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]

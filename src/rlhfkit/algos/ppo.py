@@ -23,7 +23,11 @@ and core/losses.py; every detail with its line: docs/algorithms/ppo.md.
 
 Departures, and why:
 - Dropout is off in every model (all run in eval mode; ALGORITHMS.md).
-- One process: data-parallel PPO is not wired yet (the rollout engine runs on the process that holds the actor).
+- Data-parallel (`torchrun`/`accelerate launch`): each process samples, scores and runs the log-prob, reference
+  and value passes for its share of the iteration's prompts (a prompt's n samples stay on one process); what is a
+  statistic of the batch (score scaling, advantages and their whitening, KL, early stopping, the logs) is computed
+  on the gathered global batch, and a minibatch is the same set of rows as with one process, so N processes
+  update as one does (tested). The actor and critic are replicated (DDP).
 - The value head is read at the position whose logit samples the token (the convention of TRL and OpenRLHF).
 - Minibatches are drawn as whole prompt groups (a prompt's n samples stay together, as TRL's GRPO sampler keeps
   them), so that each forward runs a shared prompt once (`--shared-prefix`).
@@ -33,15 +37,17 @@ Departures, and why:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from rlhfkit import UsageError, checkpoint, forward, models
@@ -268,23 +274,99 @@ def missing_eos_notice(finished: torch.Tensor, cfg: PPOConfig, iteration: int, w
     return None
 
 
-def compute_advantages(r: Rollout, cfg: PPOConfig, beta: float) -> Rollout:
-    """Step 5: the estimator chosen by --advantage; (B, R) advantages (and returns for GAE)."""
-    mask = r.response_mask
+def compute_advantages(cfg: PPOConfig, beta: float, scores: torch.Tensor, mask: torch.Tensor,
+                       logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor, values: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step 5: the estimator chosen by --advantage over the whole batch: (B, R) advantages, and (B, R) returns for
+    GAE (else None). scores: (B,); mask, logprobs (None on-policy), ref_logprobs, values (GAE): (B, R)."""
     if cfg.advantage == "gae":
-        rewards = kl_penalized_rewards(r.scores, r.logprobs, r.ref_logprobs, mask, beta, cfg.kl_estimator)
-        adv, returns = gae(rewards, r.values, mask, cfg.gamma, cfg.lam)
+        rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, beta, cfg.kl_estimator)
+        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     elif cfg.advantage == "grpo":  # KL enters the loss instead (step 6)
-        adv, returns = rl.broadcast(rl.grpo_advantages(r.scores, cfg.n_samples), mask), None
+        adv, returns = rl.broadcast(rl.grpo_advantages(scores, cfg.n_samples), mask), None
     elif cfg.advantage == "rloo":  # KL folded into the sequence reward
-        kl = (kl_estimate(r.logprobs, r.ref_logprobs, cfg.kl_estimator) * mask).sum(1)
-        adv, returns = rl.broadcast(rl.rloo_advantages(r.scores - beta * kl, cfg.n_samples), mask), None
+        kl = (kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * mask).sum(1)
+        adv, returns = rl.broadcast(rl.rloo_advantages(scores - beta * kl, cfg.n_samples), mask), None
     else:
-        return replace(r, advantages=rl.reinforce_pp_advantages(r.scores, r.logprobs, r.ref_logprobs, mask, beta,
-                                                                cfg.kl_estimator))
+        return rl.reinforce_pp_advantages(scores, logprobs, ref_logprobs, mask, beta, cfg.kl_estimator), None
     if cfg.whiten_advantages:
         adv = masked_whiten(adv, mask)
-    return replace(r, advantages=adv, returns=returns)
+    return adv, returns
+
+
+# --- data parallel ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of an iteration: prompts [first, first + count) of its P prompts, hence rows
+    [first·n, (first + count)·n) of its B = P·n rows (prompt-major: a prompt's n samples stay on one process, for
+    GRPO and RLOO). With one process, the whole batch. `gather` and `mine` move (B, ...) tensors between the
+    process's rows and the global batch, whose statistics every process then computes alike."""
+
+    accelerator: Any
+    first: int
+    count: int
+    n: int
+
+    @classmethod
+    def of(cls, accelerator, prompts: int, n: int) -> Shard:
+        per = prompts // accelerator.num_processes
+        return cls(accelerator, accelerator.process_index * per, per, n)
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def owner(self, rows: torch.Tensor) -> torch.Tensor:
+        """(K,) global row indices -> (K,) the process that holds each."""
+        return rows // (self.count * self.n)
+
+    def local(self, rows: torch.Tensor) -> torch.Tensor:
+        """(K,) global row indices -> those of this process, as indices into its own rows, in the given order."""
+        lo = self.first * self.n
+        return rows[(rows >= lo) & (rows < lo + self.count * self.n)] - lo
+
+    def gather(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """(b, ...) on each process -> (B, ...) on every process, in global row order; dim 1 right-padded with 0
+        to the widest process's."""
+        if x is None or self.world == 1:
+            return x
+        if x.dim() > 1:
+            x = self.accelerator.pad_across_processes(x, dim=1)
+        return self.accelerator.gather(x)
+
+    def mine(self, x: torch.Tensor | None, width: int | None = None) -> torch.Tensor | None:
+        """(B, ...) -> this process's (b, ...) rows, dim 1 cut to `width` (its own rows' width)."""
+        if x is None:
+            return None
+        x = x[self.first * self.n:(self.first + self.count) * self.n]
+        return x if width is None else x[:, :width]
+
+    def sum(self, x: float) -> float:
+        """A number summed over the processes."""
+        return float(self.accelerator.reduce(torch.tensor(x, dtype=torch.float64, device=self.accelerator.device),
+                                             "sum")) if self.world > 1 else x
+
+
+def data_parallel(net: torch.nn.ModuleDict, accelerator) -> dict[str, torch.nn.Module]:
+    """The trained roles as the update calls them: each wrapped in DDP when there are several processes (its
+    gradients averaged across them in the backward pass), else as they are. The rollout's passes call the plain
+    modules: they take no gradient, and their number differs between processes."""
+    if accelerator.num_processes == 1:
+        return dict(net.items())
+    ids = [accelerator.device.index] if accelerator.device.type == "cuda" else None
+    return {role: DistributedDataParallel(m, device_ids=ids) for role, m in net.items()}
+
+
+def syncing(net: dict[str, torch.nn.Module], roles: set[str]):
+    """Let this forward and backward all-reduce the gradients of the DDP roles named in `roles` (each role's last
+    backward of a step), while the others only accumulate theirs locally."""
+    stack = contextlib.ExitStack()
+    for role, m in net.items():
+        if role not in roles and isinstance(m, DistributedDataParallel):
+            stack.enter_context(m.no_sync())
+    return stack
 
 
 # --- the PPO update -----------------------------------------------------------------------------------------
@@ -308,6 +390,19 @@ class UpdateStats(NamedTuple):
         both = lambda k, a, b: a if b is None else b if a is None else (  # noqa: E731
             torch.maximum(a, b) if k.endswith("_max") else a + b)
         return UpdateStats(*(both(k, a, b) for k, a, b in zip(self._fields, self, other)))
+
+    def across(self, accelerator) -> UpdateStats:
+        """The statistics over every process: sums summed, `ratio_dev_max` the maximum."""
+        if accelerator.num_processes == 1:
+            return self
+        import torch.distributed as dist
+
+        present = [k for k, v in self._asdict().items() if v is not None]
+        stacked = torch.stack([getattr(self, k).float() for k in present])
+        sums, top = stacked.clone(), stacked.clone()
+        dist.all_reduce(sums)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        return self._replace(**{k: top[i] if k.endswith("_max") else sums[i] for i, k in enumerate(present)})
 
 
 def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: float
@@ -343,24 +438,28 @@ def on_policy(cfg: PPOConfig, rows: int) -> bool:
     return cfg.advantage == "grpo" and cfg.ppo_epochs == 1 and cfg.minibatch_size >= rows
 
 
-def ptx_loss(net, rows, pad_id: int, device) -> torch.Tensor:
-    """Token-mean NLL of a batch of pre-training/SFT rows (PPO-ptx)."""
+def ptx_loss(net, rows, pad_id: int, device, n_tokens: int | None = None) -> torch.Tensor:
+    """Summed NLL of pre-training/SFT rows over `n_tokens` (PPO-ptx): by default their own trained tokens, the
+    token mean; a process's share of a ptx batch divides by the whole batch's."""
     logps = forward.token_logps(net["actor"], forward.rows(rows, pad_id).to(device))  # (M,)
-    return -logps.sum() / max(len(logps), 1)
+    return -logps.sum() / max(len(logps) if n_tokens is None else n_tokens, 1)
 
 
 # --- training -----------------------------------------------------------------------------------------------
 
 
 class Scores(NamedTuple):
-    raw: torch.Tensor  # (B,) float32: the reward model's and the function's scores summed, as logged
-    shaped: torch.Tensor  # (B,) after the missing-EOS rule and clipping, on the device: what PPO optimises
-    monitored: dict[str, float]  # "monitor/NAME": the mean of each --monitor
+    raw: torch.Tensor  # (B,) float32, the whole batch: the reward model's and the function's scores summed, as logged
+    finished: torch.Tensor  # (B,) bool, the whole batch: the response ended before --max-new-tokens
+    shaped: torch.Tensor  # (b,) this process's rows after the missing-EOS rule and clipping, on the device: what
+    # PPO optimises
+    monitored: dict[str, float]  # "monitor/NAME": the mean of each --monitor over the whole batch
 
 
 def score(cfg: PPOConfig, roles: Roles, row_prompts: list[formats.Messages], row_meta: list[dict],
-          samples: Samples, precision: str, device) -> Scores:
-    """Step 3 (row_prompts and row_meta: each sample's prompt and prompt row)."""
+          samples: Samples, precision: str, shard: Shard) -> Scores:
+    """Step 3 on this process's samples (row_prompts and row_meta: each sample's prompt and prompt row); the rules
+    that scale by the batch see the whole batch."""
     scores = torch.zeros(len(samples.texts), dtype=torch.float64)
     groups = samples.prompt_index.tolist()  # a prompt's samples share its tokens (`RewardModel.score`)
     if roles.reward_model is not None:
@@ -369,24 +468,28 @@ def score(cfg: PPOConfig, roles: Roles, row_prompts: list[formats.Messages], row
                                            groups=groups)[0]
     if roles.reward_fn is not None:
         scores += call_reward_fn(roles.reward_fn, cfg.reward_fn, row_prompts, samples.texts, row_meta)
-    raw = scores.float()
-    monitored = {f"monitor/{name}": float(fn(row_prompts, samples.texts, row_meta, groups).mean())
-                 for name, fn in roles.monitors.items()}
-    return Scores(raw, apply_score_rules(raw, samples.finished, cfg).to(device), monitored)
+    device = shard.accelerator.device
+    raw = shard.gather(scores.float().to(device)).cpu()
+    finished = shard.gather(samples.finished.to(device, torch.long)).cpu().bool()
+    monitored = {}
+    for name, fn in roles.monitors.items():
+        values = torch.as_tensor(fn(row_prompts, samples.texts, row_meta, groups), dtype=torch.float64)
+        monitored[f"monitor/{name}"] = float(shard.gather(values.to(device)).mean())
+    return Scores(raw, finished, shard.mine(apply_score_rules(raw, finished, cfg)).to(device), monitored)
 
 
 def experience(cfg: PPOConfig, roles: Roles, samples: Samples, scores: torch.Tensor, beta: float, accelerator,
-               timing: dict[str, float]) -> Rollout:
-    """Steps 4–5: the old log-probs (unless on-policy), the reference's log-probs and the values of the samples,
-    computed with the training forward's numerics, then rewards and advantages. Adds the phases' times to
-    `timing`."""
+               timing: dict[str, float], shard: Shard) -> Rollout:
+    """Steps 4–5: the old log-probs (unless on-policy), the reference's log-probs and the values of this process's
+    samples, computed with the training forward's numerics, then rewards and advantages over the whole batch
+    (gathered: whitening and the estimators see every row). Adds the phases' times to `timing`."""
     device, net = accelerator.device, roles.net
     input_ids, attention_mask = samples.sequences()
     rollout = Rollout(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                       prompt_index=samples.prompt_index.to(device), pad_id=samples.pad_id,
                       response_mask=samples.response_mask.float().to(device),
                       logprobs=None, ref_logprobs=None, values=None, scores=scores,
-                      on_policy=on_policy(cfg, len(scores)))
+                      on_policy=on_policy(cfg, len(scores) * shard.world))
     t0 = time.perf_counter()
     share = cfg.shared_prefix  # no gradients here, so checkpointed layers keep their cache
     with accelerator.autocast():
@@ -405,28 +508,38 @@ def experience(cfg: PPOConfig, roles: Roles, samples: Samples, scores: torch.Ten
         values = in_chunks(lambda b: token_values(net["critic"], b, share), rollout, cfg.batch_size) \
             if "critic" in net else None
     timing.update({"time/logprobs": t1 - t0, "time/reference": t2 - t1, "time/values": time.perf_counter() - t2})
-    rollout = replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values)
-    return compute_advantages(rollout, cfg, beta)
+    width = rollout.response_mask.shape[1]
+    g = shard.gather
+    advantages, returns = compute_advantages(cfg, beta, g(scores), g(rollout.response_mask), g(logprobs),
+                                             g(ref_logprobs), g(values))
+    return replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
+                   advantages=shard.mine(advantages, width), returns=shard.mine(returns, width))
 
 
 class Updated(NamedTuple):
-    """What step 6 did."""
+    """What step 6 did (over every process)."""
 
     sums: UpdateStats | None  # summed over the updates applied (None: every one was skipped)
     tokens_seen: float  # response tokens of the updates applied
     train_tokens: float  # prompt and response tokens run forward and backward
     updates: int
     stopped_early: bool  # --early-stop-kl ended the epochs
-    policy_logprobs: torch.Tensor  # (B, R) the sampling policy's log-probs (on-policy: the update's own forward)
+    policy_logprobs: torch.Tensor  # (b, R) the sampling policy's log-probs (on-policy: the update's own forward)
 
 
-def update_policy(cfg: PPOConfig, net, rollout: Rollout, beta: float, it: int, optimizer, params, state: dict,
-                  ptx_rows: list, pad_id: int, accelerator, ckpt_root: Path) -> Updated:
+def update_policy(cfg: PPOConfig, net: dict, rollout: Rollout, beta: float, it: int, optimizer, params, state: dict,
+                  ptx_rows: list, pad_id: int, shard: Shard, ckpt_root: Path) -> Updated:
     """Step 6: PPO epochs over minibatches of whole prompt groups, each minibatch one optimizer step over its
-    micro-batches (and, with PPO-ptx, a batch of pre-training rows)."""
-    mask = rollout.response_mask
-    n_rows = len(rollout.scores)
-    policy_logprobs = torch.zeros_like(mask) if rollout.on_policy else rollout.logprobs  # (B, R)
+    micro-batches (and, with PPO-ptx, a batch of pre-training rows). `net`: the roles as `data_parallel` wraps
+    them. A minibatch is drawn from the whole batch, as one process would, and each process runs its own rows of
+    it: the loss is normalised by the minibatch's tokens over all processes, and every process runs as many
+    micro-batches as the busiest (an idle one runs a weight-0 row), so the DDP all-reduce of the last one sums the
+    minibatch's gradient."""
+    accelerator, world = shard.accelerator, shard.world
+    mask = rollout.response_mask  # (b, R)
+    mask_all = shard.gather(mask)  # (B, R'): the token counts of minibatches
+    n_rows = len(mask_all)
+    policy_logprobs = torch.zeros_like(mask) if rollout.on_policy else rollout.logprobs  # (b, R)
     sums: UpdateStats | None = None
     tokens_seen, train_tokens, updates, stopped_early = 0.0, 0.0, 0, False
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
@@ -435,30 +548,43 @@ def update_policy(cfg: PPOConfig, net, rollout: Rollout, beta: float, it: int, o
         groups = torch.randperm(n_rows // cfg.n_samples, generator=gen)
         perm = (groups[:, None] * cfg.n_samples + torch.arange(cfg.n_samples)).flatten()
         for m in range(0, len(perm), cfg.minibatch_size):
-            mb_idx = perm[m:m + cfg.minibatch_size]
-            n_tokens = float(mask[mb_idx].sum().clamp(min=1))
-            train_tokens += float(rollout.attention_mask[mb_idx].sum())  # prompt + response, forward + backward
+            mb_rows = perm[m:m + cfg.minibatch_size]  # global rows
+            n_tokens = float(mask_all[mb_rows].sum().clamp(min=1))
+            mine = shard.local(mb_rows)
+            n_micro = max(1, max(math.ceil(int((shard.owner(mb_rows) == p).sum()) / cfg.batch_size)
+                                 for p in range(world)))
             mb_stats: UpdateStats | None = None
-            for u in range(0, len(mb_idx), cfg.batch_size):
-                with accelerator.autocast():
-                    loss, logps, st = minibatch_loss(net, rollout.rows(mb_idx[u:u + cfg.batch_size]), cfg, beta,
-                                                     n_tokens)
-                accelerator.backward(loss)
-                if rollout.on_policy:  # the update's own forward is the sampling policy's
-                    policy_logprobs[mb_idx[u:u + cfg.batch_size]] = logps.float()
+            for u in range(n_micro):
+                idx = mine[u * cfg.batch_size:(u + 1) * cfg.batch_size]
+                real = len(idx) > 0
+                idx = idx if real else torch.zeros(1, dtype=torch.long)  # a stand-in row, weight 0
+                train_tokens += float(rollout.attention_mask[idx].sum()) * real  # prompt + response, fwd + bwd
+                last = u == n_micro - 1  # the actor's last backward is PPO-ptx's, if any
+                with syncing(net, ({"critic"} | (set() if ptx_rows else {"actor"})) if last else set()):
+                    with accelerator.autocast():
+                        loss, logps, st = minibatch_loss(net, rollout.rows(idx), cfg, beta, n_tokens)
+                    # DDP averages the processes' gradients: × world makes that their sum
+                    accelerator.backward(loss * (world if real else 0.0))
+                if rollout.on_policy and real:  # the update's own forward is the sampling policy's
+                    policy_logprobs[idx] = logps.float()
+                st = st if real else UpdateStats(*(None if v is None else v * 0 for v in st))
                 mb_stats = st if mb_stats is None else mb_stats.merge(st)
             if ptx_rows:
                 rows = [ptx_rows[i] for i in global_batch_rows(state["ptx_step"], len(ptx_rows),
                                                                cfg.ptx_batch_size, cfg.seed)]
-                with accelerator.autocast():
-                    ptx = ptx_loss(net, rows, pad_id, accelerator.device)
-                accelerator.backward(cfg.ptx_coef * ptx)
+                ptx_tokens = len(forward.rows(rows, pad_id).targets)
+                mine_ptx = rows[accelerator.process_index::world]
+                with accelerator.autocast():  # the last backward of the step: DDP all-reduces
+                    ptx = ptx_loss(net, mine_ptx or rows[:1], pad_id, accelerator.device, ptx_tokens) * bool(mine_ptx)
+                accelerator.backward(cfg.ptx_coef * ptx * world)
                 mb_stats = mb_stats._replace(ptx_loss=ptx.detach() * n_tokens)
                 state["ptx_step"] += 1
+            mb_stats = mb_stats.across(accelerator)
             clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             loss_value = float(mb_stats.policy_loss / n_tokens)
-            if skip_nonfinite(loss_value, grad_norm, state, cfg, ckpt_root, f"iteration {it + 1}", True):
+            if skip_nonfinite(loss_value, grad_norm, state, cfg, ckpt_root, f"iteration {it + 1}",
+                              accelerator.is_main_process):
                 optimizer.zero_grad(set_to_none=True)
                 continue
             optimizer.step()
@@ -471,21 +597,26 @@ def update_policy(cfg: PPOConfig, net, rollout: Rollout, beta: float, it: int, o
                 break
         if stopped_early:
             break
-    return Updated(sums, tokens_seen, train_tokens, updates, stopped_early, policy_logprobs)
+    return Updated(sums, tokens_seen, shard.sum(train_tokens), updates, stopped_early, policy_logprobs)
 
 
 def train(cfg: PPOConfig) -> dict:
     check(cfg)
-    # 1. set-up: one process, precision, the roles (actor, reference, critic, reward)
+    # 1. set-up: processes and this one's share of each iteration, precision, the roles (actor, reference, critic,
+    # reward)
     accelerator, out = begin(cfg)
-    if accelerator.num_processes > 1:
-        raise UsageError("rlhfkit ppo runs on one process for now (data-parallel PPO is not wired yet)")
+    main, world = accelerator.is_main_process, accelerator.num_processes
+    if cfg.rollout_prompts % world:
+        raise UsageError(f"--rollout-prompts {cfg.rollout_prompts} must be a multiple of the {world} processes "
+                         "(each samples an equal share of the prompts)")
+    shard = Shard.of(accelerator, cfg.rollout_prompts, cfg.n_samples)
     device, precision = accelerator.device, models.mixed_precision(cfg.dtype)
     tok = models.load_tokenizer(cfg.policy)
     prompt_set = load_prompts(cfg, tok)
     prompts, metadata = prompt_set.messages, prompt_set.metadata
     roles = build_roles(cfg, tok, prompt_set, device, precision)
     net = roles.net
+    trained = data_parallel(net, accelerator)
     ptx_rows = load_ptx(cfg, tok)
 
     groups = [{"params": [p for p in net["actor"].parameters() if p.requires_grad], "lr": cfg.lr}]
@@ -503,68 +634,73 @@ def train(cfg: PPOConfig) -> dict:
         return start.finished
     state, tracker = start.state, start.tracker
     samples_path = out / "samples.jsonl"
-    if start.resumed_from is None:
+    if main and start.resumed_from is None:
         samples_path.unlink(missing_ok=True)
-    else:
+    elif main:
         truncate_jsonl(samples_path, "iteration", state["step"])
-    bar = tqdm(total=cfg.iterations, initial=state["step"], desc="ppo", dynamic_ncols=True)
+    bar = tqdm(total=cfg.iterations, initial=state["step"], desc="ppo", dynamic_ncols=True, disable=not main)
     metrics: dict[str, float] = {}
     eos_warned = False
 
     while state["step"] < cfg.iterations:
         it, beta, timing = state["step"], state["beta"], {}
-        # 2.1 this iteration's prompts
-        idx = global_batch_rows(it, len(prompts), cfg.rollout_prompts, cfg.seed)
+        # 2.1 this iteration's prompts, and this process's share of them
+        idx = global_batch_rows(it, len(prompts), cfg.rollout_prompts, cfg.seed)[shard.first:shard.first + shard.count]
         batch_prompts = [prompts[i] for i in idx]
-        # 2.2 generate (per-row seeds: the same iteration always samples the same responses)
+        # 2.2 generate (per-row seeds: the same iteration always samples the same responses, on any process)
         t0 = time.perf_counter()
         params_s = SamplingParams(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + it)
+                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + it,
+                                  first_prompt=shard.first)
         samples = roles.engine.generate(batch_prompts, params_s)
         timing["time/generate"] = time.perf_counter() - t0
         # 3. score
         t0 = time.perf_counter()
         row_prompts = [batch_prompts[i] for i in samples.prompt_index.tolist()]
         row_meta = [metadata[idx[i]] for i in samples.prompt_index.tolist()]
-        raw_scores, scores, monitored = score(cfg, roles, row_prompts, row_meta, samples, precision, device)
-        if notice := missing_eos_notice(samples.finished, cfg, it + 1, eos_warned):
+        raw_scores, finished, scores, monitored = score(cfg, roles, row_prompts, row_meta, samples, precision, shard)
+        if (notice := missing_eos_notice(finished, cfg, it + 1, eos_warned)) and main:
             tqdm.write(notice)
             eos_warned = True
         timing["time/score"] = time.perf_counter() - t0
         # 4.–5. old and reference log-probs, values, rewards and advantages
-        rollout = experience(cfg, roles, samples, scores, beta, accelerator, timing)
-        mask = rollout.response_mask
+        rollout = experience(cfg, roles, samples, scores, beta, accelerator, timing, shard)
         # 6. PPO epochs over minibatches
         t0 = time.perf_counter()
         sums, tokens_seen, train_tokens, updates, stopped_early, policy_logprobs = update_policy(
-            cfg, net, rollout, beta, it, optimizer, params, state, ptx_rows, tok.pad_token_id, accelerator, ckpt_root)
+            cfg, trained, rollout, beta, it, optimizer, params, state, ptx_rows, tok.pad_token_id, shard, ckpt_root)
         timing["time/train"] = time.perf_counter() - t0
-        kl_seq = ((policy_logprobs - rollout.ref_logprobs) * mask).sum(1)  # (B,) k1 per sequence
+        # (B, R) over the whole batch from here on
+        mask, ref_logprobs = shard.gather(rollout.response_mask), shard.gather(rollout.ref_logprobs)
+        kl_seq = ((shard.gather(policy_logprobs) - ref_logprobs) * mask).sum(1)  # (B,) k1 per sequence
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         # 7. adaptive β, logs, samples, checkpoint
         kl_mean = float(kl_seq.mean())
         if cfg.adaptive_kl:
-            state["beta"] = rl.adaptive_kl_coef(beta, kl_mean, cfg.kl_target, cfg.kl_horizon, len(scores))
+            state["beta"] = rl.adaptive_kl_coef(beta, kl_mean, cfg.kl_target, cfg.kl_horizon, len(raw_scores))
         state["step"] += 1
-        state["episodes"] += len(scores)
+        state["episodes"] += len(raw_scores)
         n_gen = float(mask.sum())
         metrics = {
-            "ppo/score": float(raw_scores.mean()), "ppo/score_after_rules": float(scores.mean()), **monitored,
+            "ppo/score": float(raw_scores.mean()), "ppo/score_after_rules": float(shard.gather(scores).mean()),
+            **monitored,
             "ppo/kl": kl_mean, "ppo/sqrt_kl": math.sqrt(max(kl_mean, 0.0)), "ppo/beta": beta,
             **{f"ppo/{k}": float(v if k.endswith("_max") else v / max(tokens_seen, 1))
                for k, v in (sums._asdict().items() if sums else []) if v is not None},
             "ppo/updates": updates, "ppo/early_stopped": int(stopped_early), "train/lr": lr,
-            "rollout/length": n_gen / len(scores), "rollout/eos_rate": float(samples.finished.float().mean()),
+            "rollout/length": n_gen / len(raw_scores), "rollout/eos_rate": float(finished.float().mean()),
             "perf/generate_tokens_per_s": n_gen / max(timing["time/generate"], 1e-9),
             "perf/train_tokens_per_s": train_tokens / max(timing["time/train"], 1e-9), **timing,
         }
         if "critic" in net:
-            metrics["ppo/explained_variance"] = float(rl.explained_variance(rollout.values, rollout.returns, mask))
-            metrics["ppo/value_mean"] = float(masked_mean(rollout.values, mask))
+            values = shard.gather(rollout.values)
+            metrics["ppo/explained_variance"] = float(rl.explained_variance(values, shard.gather(rollout.returns),
+                                                                            mask))
+            metrics["ppo/value_mean"] = float(masked_mean(values, mask))
         if it % cfg.log_steps == 0 or state["step"] == cfg.iterations:
             tracker.log(state["step"], metrics)
-        if cfg.sample_every and (it % cfg.sample_every == 0 or state["step"] == cfg.iterations):
+        if main and cfg.sample_every and (it % cfg.sample_every == 0 or state["step"] == cfg.iterations):
             with samples_path.open("a") as f:
                 for k in range(min(4, len(samples.texts))):
                     f.write(json.dumps({"iteration": state["step"], "prompt": row_prompts[k],
@@ -580,8 +716,10 @@ def train(cfg: PPOConfig) -> dict:
     # 8. the final policy as a Hugging Face directory
     final = {**metrics, "train/iterations": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"],
              "ppo/critic_init": roles.critic_init}
-    models.save_pretrained(roles.actor, tok, out, merge=cfg.lora and cfg.merge)
-    write_run_json(out, cfg, "ppo", final)
+    if main:
+        models.save_pretrained(roles.actor, tok, out, merge=cfg.lora and cfg.merge)
+        write_run_json(out, cfg, "ppo", final, {"processes": world})
     tracker.close()
     release_output(out)
+    accelerator.wait_for_everyone()
     return final

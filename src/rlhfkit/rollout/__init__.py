@@ -36,11 +36,16 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
+    first_prompt: int = 0
+    """Where the call's prompts start in a larger batch that data-parallel processes share: prompt i of the call
+    draws the streams of prompt first_prompt + i, so each process's share samples what one process would."""
 
     def __post_init__(self) -> None:
         checks = {"n": self.n >= 1, "temperature": self.temperature >= 0, "top_p": 0 < self.top_p <= 1,
-                  "max_new_tokens": self.max_new_tokens >= 1, "seed": self.seed >= 0}
-        rules = {"n": "≥ 1", "temperature": "≥ 0", "top_p": "in (0, 1]", "max_new_tokens": "≥ 1", "seed": "≥ 0"}
+                  "max_new_tokens": self.max_new_tokens >= 1, "seed": self.seed >= 0,
+                  "first_prompt": self.first_prompt >= 0}
+        rules = {"n": "≥ 1", "temperature": "≥ 0", "top_p": "in (0, 1]", "max_new_tokens": "≥ 1", "seed": "≥ 0",
+                 "first_prompt": "≥ 0"}
         for name, ok in checks.items():
             if not ok:
                 raise UsageError(f"--{name.replace('_', '-')} must be {rules[name]}, got {getattr(self, name)!r}")

@@ -163,8 +163,8 @@ class HFEngine:
         self.model.eval()
         try:
             # 4. continuous batching: prefill + decode
-            out, done = self._decode([encoded[rows[r][0]] for r in order],
-                                     [row_rng(params.seed, *rows[r]) for r in order], params, bar)
+            streams = [row_rng(params.seed, params.first_prompt + rows[r][0], rows[r][1]) for r in order]
+            out, done = self._decode([encoded[rows[r][0]] for r in order], streams, params, bar)
         finally:
             self.model.train(was_training)
             bar.close()
