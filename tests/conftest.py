@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +83,43 @@ def run_distributed(processes: int, *args: str, timeout: int = 300, env: dict | 
     if proc.returncode != 0:
         raise AssertionError(f"torchrun rlhfkit {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def launch_and_kill(processes: int, args: list[str], until: Path, timeout: float = 240) -> None:
+    """Start `rlhfkit ARGS` on `processes` processes with torchrun and SIGKILL the launcher and every worker at
+    once, as a lost machine would, as soon as `until` exists (a checkpoint directory, say)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+              "-m", "rlhfkit.cli", *args]
+    proc = subprocess.Popen(launch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + timeout
+    while time.time() < deadline and not until.exists():
+        time.sleep(0.02)
+
+    def tree() -> list[int]:
+        """torchrun and its live descendants (its workers run in sessions of their own, so no process group or
+        session holds them all)."""
+        parent = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, ...
+            except OSError:  # the process has just ended
+                continue
+            if fields[0] != "Z":
+                parent[int(stat.parent.name)] = int(fields[1])
+        found, grew = {proc.pid} if proc.pid in parent else set(), True
+        while grew:
+            new = {p for p, pp in parent.items() if pp in found} - found
+            found |= new
+            grew = bool(new)
+        return sorted(found)
+
+    for pid in tree():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    while tree():
+        time.sleep(0.02)
 
 
 def train_losses(run_dir: Path) -> list[float]:

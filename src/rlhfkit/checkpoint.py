@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhfkit import TrainingError, UsageError
+from rlhfkit import TrainingError, UsageError, distributed
 from rlhfkit.tracking import LOCK_NAME
 
 
@@ -125,12 +125,17 @@ def save(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    need = checkpoint_bytes(accelerator.unwrap_model(model))
+    model = accelerator.unwrap_model(model)
+    sharded = distributed.is_sharded(model)
+    need = checkpoint_bytes(model)
     with writing(tmp, f"a checkpoint (step {step})", need if accelerator.is_main_process else 0, keep):
         torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+        if sharded:  # each process its shards of the weights and of AdamW's state
+            distributed.save_shards(tmp / "shards", model, optimizer)
         if accelerator.is_main_process:
-            save_file(trainable_state(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if not sharded:
+                save_file(trainable_state(model), tmp / "trainable.safetensors")
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
             if config is not None:
@@ -222,11 +227,15 @@ def latest(root: Path) -> Path | None:
 
 def load(path: Path, model, optimizer, scheduler, accelerator) -> dict:
     """Restore a checkpoint into already-prepared objects; returns the trainer state."""
-    weights = load_file(path / "trainable.safetensors")
-    missing = accelerator.unwrap_model(model).load_state_dict(weights, strict=False)
-    if missing.unexpected_keys:
-        raise RuntimeError(f"checkpoint {path} has weights the model lacks: {missing.unexpected_keys[:5]}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    model = accelerator.unwrap_model(model)
+    if distributed.is_sharded(model):
+        distributed.load_shards(path / "shards", model, optimizer)
+    else:
+        weights = load_file(path / "trainable.safetensors")
+        missing = model.load_state_dict(weights, strict=False)
+        if missing.unexpected_keys:
+            raise RuntimeError(f"checkpoint {path} has weights the model lacks: {missing.unexpected_keys[:5]}")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / f"rng_{accelerator.process_index}.pt", weights_only=False))
     return json.loads((path / "trainer_state.json").read_text())

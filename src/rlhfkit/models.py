@@ -317,13 +317,14 @@ def saved_bytes(model, merge: bool = False) -> int:
     return size(lambda p: p.requires_grad or not adapter) + (size(lambda p: True) if merge else 0)
 
 
-def save_pretrained(model, tok, out: Path, merge: bool = False) -> None:
+def save_pretrained(model, tok, out: Path, merge: bool = False, state_dict: dict | None = None) -> None:
     """OUT as a Hugging Face directory plain transformers loads (a peft model saves its adapter); with `merge`, also
-    the adapter merged into the base under OUT/merged. Saved whole or not at all (`checkpoint.save_directory`)."""
+    the adapter merged into the base under OUT/merged. Saved whole or not at all (`checkpoint.save_directory`).
+    `state_dict`: the weights to write instead of the model's own (a sharded model's, gathered)."""
     from rlhfkit import checkpoint
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tok.save_pretrained(tmp)
         if merge:
             merged = model.merge_and_unload()

@@ -77,6 +77,9 @@ class RunConfig:
     """Replace what an earlier run left in OUTPUT (without it, or --resume, a non-empty OUTPUT is refused)."""
     skip_nonfinite: int = 0
     """Skip up to N batches whose loss or gradient is not finite (with a warning each) instead of stopping."""
+    sharding: str = "ddp"
+    """With several processes, how the trained model is spread over them: ddp (a whole copy on each) or fsdp2
+    (parameters, gradients and optimizer state split over them with torch's FSDP2; docs/distributed.md)."""
 
 
 def adamw(params, cfg: RunConfig, lr: float | None = None) -> torch.optim.AdamW:
@@ -239,6 +242,9 @@ def accelerator_for(dtype: str):
 def begin(cfg: RunConfig):
     """Step 1 of every trainer: its accelerator (`accelerator_for`), the global seed, and OUTPUT claimed by the main
     process (`tracking.claim_output`). Returns (accelerator, OUTPUT as a Path)."""
+    from rlhfkit import distributed
+
+    distributed.check(cfg.sharding, cfg.lora)
     accelerator = accelerator_for(cfg.dtype)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
@@ -260,14 +266,16 @@ def plan_steps(cfg: TrainConfig, n_rows: int, processes: int) -> Plan:
     return Plan(global_batch, per_epoch, cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * per_epoch)
 
 
-def micro_batches(rows: list, accelerator, batch_size: int) -> tuple[list[list], bool]:
-    """This process's share of a step's global batch (every world-th row), cut into micro-batches of batch_size,
-    and whether it got any rows: a short last batch may leave a process none, and it then runs one row with
-    weight 0, or DDP would wait forever for its gradients."""
-    mine = rows[accelerator.process_index::accelerator.num_processes]
-    has_rows = bool(mine)
-    mine = mine or rows[:1]
-    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)], has_rows
+def micro_batches(rows: list, accelerator, batch_size: int) -> list[tuple[list, bool]]:
+    """This process's share of a step's global batch (every world-th row), cut into micro-batches of `batch_size`,
+    each with whether it holds real rows. Every process gets as many micro-batches as the busiest one: where a
+    process has no rows left it runs one row with weight 0 (`rows[:1]`, False), or DDP would wait forever for its
+    gradients and FSDP2 for its parameter gathers."""
+    world = accelerator.num_processes
+    mine = rows[accelerator.process_index::world]
+    count = max(1, math.ceil(math.ceil(len(rows) / world) / batch_size))  # the busiest process's
+    return [(mine[i:i + batch_size], True) if mine[i:i + batch_size] else (rows[:1], False)
+            for i in range(0, count * batch_size, batch_size)]
 
 
 class Update(NamedTuple):

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from rlhfkit.data import chat
 from rlhfkit.data.collate import collate
 from rlhfkit.tracking import read_metrics
 
-from tests.conftest import rewind, run_cli, run_distributed, write_jsonl
+from tests.conftest import launch_and_kill, rewind, run_cli, run_distributed, write_jsonl
 
 REWARD_FN = str(Path(__file__).parent / "reward_fns.py") + ":a_fraction"
 RECORDED_FN = str(Path(__file__).parent / "reward_fns.py") + ":recorded_a_fraction"
@@ -223,7 +220,9 @@ def test_reward_model_scores_and_initialises_the_critic(tmp_path, sft_policy):
 
 @pytest.mark.parametrize("kw,msg", [({"advantage": "grpo", "n_samples": 1}, "--n-samples ≥ 2"),
                                     ({"reward_fn": None}, "give --reward-model, --reward-fn or both"),
-                                    ({"advantage": "ppo2"}, "expected one of gae, grpo, rloo, reinforce++")])
+                                    ({"advantage": "ppo2"}, "expected one of gae, grpo, rloo, reinforce++"),
+                                    ({"sharding": "fsdp2"}, "--sharding fsdp2 is not available for rlhfkit ppo"),
+                                    ({"sharding": "zero9"}, "--sharding 'zero9': expected one of ddp, fsdp2")])
 def test_config_errors(tmp_path, kw, msg):
     with pytest.raises(UsageError, match=msg):
         ppo.train(cfg_for(tmp_path, "tiny-llama", **kw))
@@ -390,16 +389,7 @@ def test_two_process_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_pat
             "--save-steps", "1"]
     run_distributed(2, *args, "--output", str(tmp_path / "straight"))
     out = tmp_path / "killed"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-              "rlhfkit.cli", *args, "--output", str(out)]
-    # a session of its own: the kill takes torchrun and both workers at once, as a lost machine would
-    proc = subprocess.Popen(launch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 240
-    while time.time() < deadline and not (out / "checkpoints" / "step-0000002").is_dir():
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    launch_and_kill(2, [*args, "--output", str(out)], out / "checkpoints" / "step-0000002")
     assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
     run_distributed(2, *args, "--output", str(out), "--resume")
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")

@@ -30,7 +30,6 @@ Departures, and why:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit import TrainingError, checkpoint, forward, models
+from rlhfkit import TrainingError, checkpoint, distributed, forward, models
 from rlhfkit.config import write_run_json
 from rlhfkit.core.losses import DPO_LOSSES, dpo_loss
 from rlhfkit.data import chat, formats
@@ -315,6 +314,7 @@ def evaluate(net, pairs, reference, cfg: DPOConfig, pad_id: int, accelerator) ->
 def train(cfg: DPOConfig) -> dict:
     if cfg.loss not in DPO_LOSSES:
         raise TrainingError(f"--loss {cfg.loss!r}: expected one of {', '.join(DPO_LOSSES)}")
+    distributed.refuse_sharding(cfg.sharding, "dpo")
     # 1. setup: processes, precision, seed, policy (dropout off: eval mode while training)
     accelerator, out = begin(cfg)
     main, world = accelerator.is_main_process, accelerator.num_processes
@@ -358,16 +358,15 @@ def train(cfg: DPOConfig) -> dict:
         # 5.1 this step's pairs; this process takes every world-th pair, in grad_accum micro-batches
         rows = [pairs[i] for i in global_batch_rows(step, len(pairs), global_batch, cfg.seed, lengths)]
         step_tokens = sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in rows)
-        micro, has_rows = micro_batches(rows, accelerator, cfg.batch_size)
-        weight = world / len(rows) if has_rows else 0.0
+        micro = micro_batches(rows, accelerator, cfg.batch_size)
+        weight = world / len(rows)
         # 5.2 loss = mean over the pairs of the global batch (× world: DDP averages gradients)
         sums = zero_sums(PairSums, accelerator.device)
-        for j, mb in enumerate(micro):
-            sync = accelerator.no_sync(net) if j < len(micro) - 1 else contextlib.nullcontext()
-            with sync:
+        for j, (mb, real) in enumerate(micro):
+            with distributed.gradient_sync([net], j == len(micro) - 1):
                 res = pair_losses(net, mb, "train", reference, cfg, tok.pad_token_id, accelerator.device)
-                accelerator.backward(res.loss.sum() * weight)
-            sums = add_sums(sums, PairSums.of(res), keep=weight > 0)
+                accelerator.backward(res.loss.sum() * weight * real)
+            sums = add_sums(sums, PairSums.of(res), keep=real)
         step_metrics = means(reduce_sums(sums, accelerator), len(rows), "dpo")
         loss = step_metrics["dpo/loss"]
         # 5.3–5.4 clip, guard against non-finite values and stalls, update

@@ -37,7 +37,6 @@ Departures, and why:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -47,10 +46,9 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from rlhfkit import UsageError, checkpoint, forward, models
+from rlhfkit import UsageError, checkpoint, distributed, forward, models
 from rlhfkit.algos.ppo_setup import Roles, build_roles, check, load_prompts, load_ptx
 from rlhfkit.config import write_run_json
 from rlhfkit.core import rl
@@ -355,18 +353,10 @@ def data_parallel(net: torch.nn.ModuleDict, accelerator) -> dict[str, torch.nn.M
     modules: they take no gradient, and their number differs between processes."""
     if accelerator.num_processes == 1:
         return dict(net.items())
+    from torch.nn.parallel import DistributedDataParallel
+
     ids = [accelerator.device.index] if accelerator.device.type == "cuda" else None
     return {role: DistributedDataParallel(m, device_ids=ids) for role, m in net.items()}
-
-
-def syncing(net: dict[str, torch.nn.Module], roles: set[str]):
-    """Let this forward and backward all-reduce the gradients of the DDP roles named in `roles` (each role's last
-    backward of a step), while the others only accumulate theirs locally."""
-    stack = contextlib.ExitStack()
-    for role, m in net.items():
-        if role not in roles and isinstance(m, DistributedDataParallel):
-            stack.enter_context(m.no_sync())
-    return stack
 
 
 # --- the PPO update -----------------------------------------------------------------------------------------
@@ -559,8 +549,10 @@ def update_policy(cfg: PPOConfig, net: dict, rollout: Rollout, beta: float, it: 
                 real = len(idx) > 0
                 idx = idx if real else torch.zeros(1, dtype=torch.long)  # a stand-in row, weight 0
                 train_tokens += float(rollout.attention_mask[idx].sum()) * real  # prompt + response, fwd + bwd
-                last = u == n_micro - 1  # the actor's last backward is PPO-ptx's, if any
-                with syncing(net, ({"critic"} | (set() if ptx_rows else {"actor"})) if last else set()):
+                # each role's gradients are reduced in its last backward of the step; the actor's is PPO-ptx's, if any
+                synced = ({"critic"} | (set() if ptx_rows else {"actor"})) if u == n_micro - 1 else set()
+                with distributed.gradient_sync([m for r, m in net.items() if r in synced], True), \
+                        distributed.gradient_sync([m for r, m in net.items() if r not in synced], False):
                     with accelerator.autocast():
                         loss, logps, st = minibatch_loss(net, rollout.rows(idx), cfg, beta, n_tokens)
                     # DDP averages the processes' gradients: × world makes that their sum

@@ -33,7 +33,6 @@ Departures, and why (details in docs/algorithms/reward.md):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -45,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from rlhfkit import ModelError, TrainingError, checkpoint, forward, models
+from rlhfkit import ModelError, TrainingError, checkpoint, distributed, forward, models
 from rlhfkit.config import write_run_json
 from rlhfkit.core.losses import grouped_ranking_loss, pairwise_loss
 from rlhfkit.data import chat, formats
@@ -348,6 +347,7 @@ def load_data(cfg: RMConfig, tok, main: bool):
 
 
 def train(cfg: RMConfig) -> dict:
+    distributed.refuse_sharding(cfg.sharding, "rm")
     # 1. setup: processes, precision, seed, tokenizer with a pad token the template never writes, model
     accelerator, out = begin(cfg)
     main, world = accelerator.is_main_process, accelerator.num_processes
@@ -434,22 +434,21 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
         # 5.1 this step's prompts; this process takes every world-th prompt, in grad_accum micro-batches
         rows = [phase.rows[i] for i in global_batch_rows(step - phase.start, len(phase.rows), global_batch,
                                                          cfg.seed + 1000 * p, lengths)]
-        micro, has_rows = micro_batches(rows, accelerator, cfg.batch_size)
-        weight = world / len(rows) if has_rows else 0.0
+        micro = micro_batches(rows, accelerator, cfg.batch_size)
+        weight = world / len(rows)
         # 5.2 score each response once; Σ per-prompt losses / prompts in the global batch (× world: DDP averages)
         sums = zero_sums(StepSums, accelerator.device)
-        for j, mb in enumerate(micro):
+        for j, (mb, real) in enumerate(micro):
             batch = collate_preferences(mb, pad_id, share)
-            sync = accelerator.no_sync(net) if j < len(micro) - 1 else contextlib.nullcontext()
-            with sync:
+            with distributed.gradient_sync([net], j == len(micro) - 1):
                 with accelerator.autocast():  # net's own forward has it; the shared-prefix path does not call it
                     scores = forward.scores(net, batch.sequences)  # (N,)
                 loss_sum = preference_loss_sum(scores, batch)
-                accelerator.backward(loss_sum * weight)
+                accelerator.backward(loss_sum * weight * real)
             diffs = torch.stack([scores[w] - scores[l] for g in batch.groups for w, l in g]).detach()
             new = StepSums(loss_sum.detach(), (diffs > 0).sum().float(), torch.tensor(float(len(diffs))),
                            torch.tensor(float(batch.sequences.num_tokens)))
-            sums = add_sums(sums, StepSums._make(v.to(accelerator.device) for v in new), keep=weight > 0)
+            sums = add_sums(sums, StepSums._make(v.to(accelerator.device) for v in new), keep=real)
         sums = reduce_sums(sums, accelerator)
         step_tokens = int(sums.tokens.item())
         loss = sums.loss.item() / len(rows)

@@ -22,7 +22,6 @@ Departures from the paper, and why:
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -30,7 +29,7 @@ from typing import ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit import TrainingError, checkpoint, forward, models
+from rlhfkit import TrainingError, checkpoint, distributed, forward, models
 from rlhfkit.config import write_run_json
 from rlhfkit.data import chat, formats
 from rlhfkit.data.collate import pack
@@ -91,12 +90,11 @@ def evaluate(model, rows, cfg: SFTConfig, pad_id: int, accelerator) -> float:
     """Token-mean validation NLL over all processes (on the unwrapped module: no DDP sync for uneven shards)."""
     model = accelerator.unwrap_model(model)
     model.eval()
-    mine = rows[accelerator.process_index::accelerator.num_processes]
     nll = torch.zeros(2, device=accelerator.device)
-    for i in range(0, len(mine), cfg.batch_size):
-        batch = forward.rows(mine[i:i + cfg.batch_size], pad_id)
-        nll[0] += batch_nll(model, batch, accelerator.device)
-        nll[1] += len(batch.targets)
+    for mb, real in micro_batches(rows, accelerator, cfg.batch_size):
+        batch = forward.rows(mb, pad_id)
+        nll[0] += batch_nll(model, batch, accelerator.device) * real
+        nll[1] += len(batch.targets) * real
     model.train()
     nll = accelerator.reduce(nll, "sum")
     return (nll[0] / nll[1].clamp(min=1)).item()
@@ -122,11 +120,17 @@ def train(cfg: SFTConfig) -> dict:
     world = accelerator.num_processes
     global_batch, steps_per_epoch, total_steps = plan_steps(cfg, len(train_rows), world)
 
-    # 3. optimizer and schedule (the scheduler is stepped by hand, once per optimizer step)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # 3. the model spread over the processes (--sharding), optimizer and schedule (the scheduler is stepped by hand,
+    # once per optimizer step)
+    net = forward.SelectedLogits(model)
+    sharded = cfg.sharding == "fsdp2" and world > 1
+    if sharded:
+        distributed.shard(net, model.get_decoder().layers, accelerator)
+    params = [p for p in net.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg)
     scheduler = make_schedule(optimizer, cfg, total_steps)
-    net, optimizer = accelerator.prepare(forward.SelectedLogits(model), optimizer)
+    if not sharded:
+        net, optimizer = accelerator.prepare(net, optimizer)
 
     # 4. resume
     ckpt_root = out / "checkpoints"
@@ -148,16 +152,15 @@ def train(cfg: SFTConfig) -> dict:
         rows = [train_rows[i] for i in global_batch_rows(step, len(train_rows), global_batch, cfg.seed, lengths)]
         n_loss_tokens = max(sum(sum(r.loss_mask[1:]) for r in rows), 1)
         step_tokens = sum(len(r.input_ids) for r in rows)
-        micro, has_rows = micro_batches(rows, accelerator, cfg.batch_size)
-        weight = world / n_loss_tokens if has_rows else 0.0
+        micro = micro_batches(rows, accelerator, cfg.batch_size)
+        weight = world / n_loss_tokens
         # 5.2 forward/backward; DDP averages gradients over processes, hence world / tokens of the global batch
         loss_sum = torch.zeros((), device=accelerator.device)
-        for j, mb in enumerate(micro):
-            sync = accelerator.no_sync(net) if j < len(micro) - 1 else contextlib.nullcontext()
-            with sync:
+        for j, (mb, real) in enumerate(micro):
+            with distributed.gradient_sync([net], j == len(micro) - 1):
                 nll = batch_nll(net, forward.rows(mb, tok.pad_token_id), accelerator.device)
-                accelerator.backward(nll * weight)
-            loss_sum += nll.detach() * (weight > 0)
+                accelerator.backward(nll * weight * real)
+            loss_sum += nll.detach() * real
         loss = accelerator.reduce(loss_sum, "sum").item() / n_loss_tokens
         # 5.3–5.4 clip, guard against non-finite values and stalls, update
         done = update(loss, params, optimizer, scheduler, state, cfg, accelerator, bar, ckpt_root, rows[0].where)
@@ -186,10 +189,15 @@ def train(cfg: SFTConfig) -> dict:
 
     # 6. save a Hugging Face directory that plain transformers loads
     final = {**metrics, "train/steps": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"]}
+    weights = distributed.full_state_dict(net) if sharded else None  # gathered by every process
     if main:
-        models.save_pretrained(accelerator.unwrap_model(net).lm, tok, out, merge=cfg.lora and cfg.merge)
-        write_run_json(out, cfg, "sft", final, {"processes": world, "data": {
-            **report.as_dict(), "data/val_examples": val_report.examples}})
+        weights = weights and {k.removeprefix("lm."): v for k, v in weights.items()}
+        models.save_pretrained(accelerator.unwrap_model(net).lm, tok, out, merge=cfg.lora and cfg.merge,
+                               state_dict=weights)
+        write_run_json(out, cfg, "sft", final, {
+            "processes": world, "sharding": cfg.sharding if world > 1 else None,
+            "bytes_per_process": distributed.bytes_per_process(params, optimizer),
+            "data": {**report.as_dict(), "data/val_examples": val_report.examples}})
     tracker.close()
     release_output(out)
     accelerator.wait_for_everyone()

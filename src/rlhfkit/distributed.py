@@ -1,0 +1,120 @@
+"""Training on several processes: how a trained model is spread over them (`--sharding`) and what that changes in a
+trainer's step, its checkpoints and its final save.
+
+- ddp: every process holds the whole model and optimizer; accelerate wraps the model in DDP, which all-reduces the
+  gradients in the backward pass.
+- fsdp2: torch's FSDP2 (`fully_shard`) on every transformer block and then on the root: each process keeps 1/N
+  of the parameters, gradients and AdamW state, all-gathers a block's parameters just before the block runs and
+  frees them after, and reduce-scatters its gradients in the backward pass (averaged over the processes, as DDP
+  does). Compute precision is unchanged (fp32 weights, bf16 autocast where native). accelerate is not used for
+  the model here: on the CPU it never selects FSDP (only DDP), so the shards are made with torch directly.
+
+Both need every process to run the same number of forward and backward passes (FSDP2 gathers in every forward,
+DDP reduces in a backward): `training.micro_batches` gives every process as many micro-batches as the busiest,
+with a weight-0 stand-in row where a process has none left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from rlhfkit import UsageError
+
+SHARDINGS = ("ddp", "fsdp2")
+
+
+def check(sharding: str, lora: bool) -> None:
+    if sharding not in SHARDINGS:
+        raise UsageError(f"--sharding {sharding!r}: expected one of {', '.join(SHARDINGS)}")
+    if sharding == "fsdp2" and lora:
+        raise UsageError("--sharding fsdp2 with --lora is not supported yet; use --sharding ddp (a LoRA adapter's "
+                         "gradients and optimizer state are small)")
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def shard(module: torch.nn.Module, blocks: torch.nn.ModuleList, accelerator) -> torch.nn.Module:
+    """FSDP2 over all processes: each transformer block in `blocks` its own unit (gathered only while it runs),
+    then `module` (the rest: embeddings, final norm, heads). `module` is changed in place and returned; collect
+    its parameters for the optimizer after this, as they are now DTensor shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def gradient_sync(models: list[torch.nn.Module], sync: bool):
+    """A context for one forward and backward: reduce the gradients across processes (`sync`, the last micro-batch
+    of a step), or only accumulate them locally (DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    stack = contextlib.ExitStack()
+    for m in models:
+        if isinstance(m, DistributedDataParallel) and not sync:
+            stack.enter_context(m.no_sync())
+        elif isinstance(m, FSDPModule):
+            m.set_requires_gradient_sync(sync)
+    return stack
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on the CPU, gathered from the shards (every process must call this; the main
+    process gets them, the others None). For a module that is not sharded, its own state dict."""
+    if not is_sharded(module):
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if torch.distributed.get_rank() == 0 else None
+
+
+def save_shards(path: Path, model: torch.nn.Module, optimizer) -> None:
+    """Each process writes its shards of the model and the optimizer state under `path` (torch.distributed.
+    checkpoint; every process must call this)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
+
+
+def load_shards(path: Path, model: torch.nn.Module, optimizer) -> None:
+    """Read what `save_shards` wrote back into the sharded model and optimizer (every process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def bytes_per_process(params: list[torch.Tensor], optimizer) -> dict[str, int]:
+    """What this process holds of the trained parameters and of the optimizer's state, in bytes: the whole with
+    ddp, its shards with fsdp2."""
+    def local(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard
+        return t.numel() * t.element_size()
+
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return {"parameters": sum(map(local, params)), "optimizer": sum(map(local, state))}
+
+
+def refuse_sharding(sharding: str, command: str) -> None:
+    """Trainers that do not shard yet say so rather than replicate silently."""
+    check(sharding, lora=False)
+    if sharding != "ddp":
+        raise UsageError(f"--sharding {sharding} is not available for rlhfkit {command} yet (rlhfkit sft has it); "
+                         "use --sharding ddp")
