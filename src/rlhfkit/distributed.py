@@ -54,6 +54,16 @@ def shard(module: torch.nn.Module, blocks: torch.nn.ModuleList, accelerator) -> 
     return module
 
 
+def prepare_model(net: torch.nn.Module, blocks: torch.nn.ModuleList, sharding: str, accelerator
+                  ) -> tuple[torch.nn.Module, bool]:
+    """The trained model spread over the processes: sharded with fsdp2 (`shard`; the optimizer is then built on
+    its parameters and used as it is), else through accelerate (DDP, when there are several processes). Returns
+    the model to train and whether it is sharded."""
+    if sharding == "fsdp2" and accelerator.num_processes > 1:
+        return shard(net, blocks, accelerator), True
+    return accelerator.prepare_model(net), False
+
+
 def gradient_sync(models: list[torch.nn.Module], sync: bool):
     """A context for one forward and backward: reduce the gradients across processes (`sync`, the last micro-batch
     of a step), or only accumulate them locally (DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`)."""
@@ -69,15 +79,16 @@ def gradient_sync(models: list[torch.nn.Module], sync: bool):
     return stack
 
 
-def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The whole model's weights on the CPU, gathered from the shards (every process must call this; the main
-    process gets them, the others None). For a module that is not sharded, its own state dict."""
+def full_state_dict(module: torch.nn.Module, strip: str = "") -> dict[str, torch.Tensor] | None:
+    """A sharded model's whole weights on the CPU, gathered from the shards, their names without the prefix
+    `strip` (every process must call this; the main process gets them, the others None). None for a model that
+    is not sharded: it saves its own."""
     if not is_sharded(module):
-        return module.state_dict()
+        return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if torch.distributed.get_rank() == 0 else None
+    return {k.removeprefix(strip): v for k, v in state.items()} if torch.distributed.get_rank() == 0 else None
 
 
 def save_shards(path: Path, model: torch.nn.Module, optimizer) -> None:
@@ -101,9 +112,15 @@ def load_shards(path: Path, model: torch.nn.Module, optimizer) -> None:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+def report(sharded: bool, params: list[torch.Tensor], optimizer, accelerator) -> dict:
+    """For run.json: the processes, how the model was spread over them, and what this process held of the trained
+    parameters and of the optimizer's state, in bytes (the whole with ddp, its shards with fsdp2)."""
+    world = accelerator.num_processes
+    return {"processes": world, "sharding": None if world == 1 else "fsdp2" if sharded else "ddp",
+            "bytes_per_process": bytes_per_process(params, optimizer)}
+
+
 def bytes_per_process(params: list[torch.Tensor], optimizer) -> dict[str, int]:
-    """What this process holds of the trained parameters and of the optimizer's state, in bytes: the whole with
-    ddp, its shards with fsdp2."""
     def local(t: torch.Tensor) -> int:
         t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard
         return t.numel() * t.element_size()

@@ -285,8 +285,10 @@ class PairSums(NamedTuple):
 
 
 def pair_losses(net, pairs, split, reference, cfg: DPOConfig, pad_id: int, device) -> PairLosses:
-    """Per-pair DPO losses, implicit rewards and log-probs of one micro-batch."""
-    share = cfg.shared_prefix and not ((cfg.gradient_checkpointing or cfg.compile) and torch.is_grad_enabled())
+    """Per-pair DPO losses, implicit rewards and log-probs of one micro-batch. A sharded policy runs whole rows:
+    every process must call its blocks equally often, and a shared prefix is one more call where a batch has one."""
+    share = cfg.shared_prefix and not ((cfg.gradient_checkpointing or cfg.compile) and torch.is_grad_enabled()) \
+        and not distributed.is_sharded(net)
     chosen, rejected = concatenated_logps(net, pairs, pad_id, device, share)
     ref_chosen, ref_rejected = reference(split, pairs)
     losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
@@ -298,12 +300,11 @@ def pair_losses(net, pairs, split, reference, cfg: DPOConfig, pad_id: int, devic
 def evaluate(net, pairs, reference, cfg: DPOConfig, pad_id: int, accelerator) -> dict[str, float]:
     """Held-out loss, preference accuracy and margin over all processes (on the unwrapped module)."""
     model = accelerator.unwrap_model(net)
-    mine = pairs[accelerator.process_index::accelerator.num_processes]
     sums = zero_sums(PairSums, accelerator.device)
-    for i in range(0, len(mine), cfg.batch_size):
+    for mb, real in micro_batches(pairs, accelerator, cfg.batch_size):
         with accelerator.autocast():
-            sums = add_sums(sums, PairSums.of(pair_losses(model, mine[i:i + cfg.batch_size], "val", reference, cfg,
-                                                          pad_id, accelerator.device)))
+            sums = add_sums(sums, PairSums.of(pair_losses(model, mb, "val", reference, cfg, pad_id,
+                                                          accelerator.device)), keep=real)
     val = means(reduce_sums(sums, accelerator), len(pairs), "val")
     return {k: v for k, v in val.items() if not k.startswith("val/logps_")}
 
@@ -314,7 +315,6 @@ def evaluate(net, pairs, reference, cfg: DPOConfig, pad_id: int, accelerator) ->
 def train(cfg: DPOConfig) -> dict:
     if cfg.loss not in DPO_LOSSES:
         raise TrainingError(f"--loss {cfg.loss!r}: expected one of {', '.join(DPO_LOSSES)}")
-    distributed.refuse_sharding(cfg.sharding, "dpo")
     # 1. setup: processes, precision, seed, policy (dropout off: eval mode while training)
     accelerator, out = begin(cfg)
     main, world = accelerator.is_main_process, accelerator.num_processes
@@ -326,11 +326,14 @@ def train(cfg: DPOConfig) -> dict:
     pairs, val_pairs, report, val_report = load_data(cfg, tok, main)
     global_batch, steps_per_epoch, total_steps = plan_steps(cfg, len(pairs), world)
 
-    # 3. optimizer, schedule, reference
-    params = [p for p in model.parameters() if p.requires_grad]
+    # 3. the policy spread over the processes (--sharding), optimizer, schedule, reference
+    net, sharded = distributed.prepare_model(forward.SelectedLogits(model), model.base_model.layers, cfg.sharding,
+                                             accelerator)
+    params = [p for p in net.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg)
     scheduler = make_schedule(optimizer, cfg, total_steps)
-    net, optimizer = accelerator.prepare(forward.SelectedLogits(model), optimizer)
+    if not sharded:
+        optimizer = accelerator.prepare_optimizer(optimizer)
     mode = cfg.ref_mode if cfg.ref_mode != "auto" else ("lora" if cfg.lora else "precomputed")
     # only the training pairs that the steps will visit need reference log-probs (a --max-steps run over a large
     # ranking set visits a fraction of its C(K, 2) pairs)
@@ -398,11 +401,14 @@ def train(cfg: DPOConfig) -> dict:
     # 6. save a Hugging Face directory that plain transformers loads
     final = {**metrics, "train/steps": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"],
              "dpo/ref_mode": mode}
+    weights = distributed.full_state_dict(net, strip="lm.")  # gathered by every process (None: not sharded)
     if main:
-        models.save_pretrained(accelerator.unwrap_model(net).lm, tok, out, merge=cfg.lora and cfg.merge)
+        models.save_pretrained(accelerator.unwrap_model(net).lm, tok, out, merge=cfg.lora and cfg.merge,
+                               state_dict=weights)
         data = {**report.as_dict(), "data/val_pairs": len(val_pairs),
                 **({f"val_{k}": v for k, v in val_report.as_dict().items()} if val_report else {})}
-        write_run_json(out, cfg, "dpo", final, {"processes": world, "data": data})
+        write_run_json(out, cfg, "dpo", final, {**distributed.report(sharded, params, optimizer, accelerator),
+                                                "data": data})
     tracker.close()
     release_output(out)
     accelerator.wait_for_everyone()

@@ -219,8 +219,10 @@ def build_model(cfg: RMConfig, tok):
 
 
 def use_shared_prefix(cfg: RMConfig, model) -> bool:
-    """Whether this run scores on shared prefixes (checkpointed layers drop the KV cache it needs)."""
-    return cfg.shared_prefix and not cfg.gradient_checkpointing and can_share_prefix(model)
+    """Whether this run scores on shared prefixes (checkpointed layers drop the KV cache it needs; a sharded model
+    runs whole rows, as every process must call its blocks equally often)."""
+    return cfg.shared_prefix and not cfg.gradient_checkpointing and can_share_prefix(model) \
+        and not distributed.is_sharded(model)
 
 
 
@@ -347,7 +349,6 @@ def load_data(cfg: RMConfig, tok, main: bool):
 
 
 def train(cfg: RMConfig) -> dict:
-    distributed.refuse_sharding(cfg.sharding, "rm")
     # 1. setup: processes, precision, seed, tokenizer with a pad token the template never writes, model
     accelerator, out = begin(cfg)
     main, world = accelerator.is_main_process, accelerator.num_processes
@@ -363,7 +364,7 @@ def train(cfg: RMConfig) -> dict:
     phases = [Phase("pmp", pmp_rows, cfg.pmp_lr, 0, pmp_steps),
               Phase("main", train_rows, cfg.lr, pmp_steps, main_steps)]
     total_steps = pmp_steps + main_steps
-    net = accelerator.prepare(model)
+    net, sharded = distributed.prepare_model(model, model.base_model.layers, cfg.sharding, accelerator)
     params = [p for p in net.parameters() if p.requires_grad]
 
     # 3. resume: the checkpoint's step says which phase's optimizer state it holds
@@ -384,7 +385,7 @@ def train(cfg: RMConfig) -> dict:
             continue
         optimizer = adamw(params, cfg, lr=phase.lr)
         scheduler = make_schedule(optimizer, cfg, phase.steps)
-        optimizer = accelerator.prepare_optimizer(optimizer)
+        optimizer = optimizer if sharded else accelerator.prepare_optimizer(optimizer)
         if last is not None and phase.start < resume_step <= phase.end:
             state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
             if main:
@@ -407,10 +408,12 @@ def train(cfg: RMConfig) -> dict:
     if val_rows:
         diffs, lengths = pair_differences(unwrapped, val_rows, cfg, tok.pad_token_id, accelerator.autocast)
         final.update(evaluate(diffs, lengths, cfg))
+    weights = distributed.full_state_dict(unwrapped)  # gathered by every process (None: not sharded)
     if main:
         tracker.log(state["step"], {k: v for k, v in final.items() if k.startswith("rm/")})
-        save_model(unwrapped, tok, out, cfg, offset, scale, final.get("rm/temperature"))
-        write_run_json(out, cfg, "rm", final, {"processes": world, "data": data_report})
+        save_model(unwrapped, tok, out, cfg, offset, scale, final.get("rm/temperature"), weights)
+        write_run_json(out, cfg, "rm", final, {**distributed.report(sharded, params, optimizer, accelerator),
+                                               "data": data_report})
         if val_rows:  # drawn once the model is safe
             bins = calibration.reliability_bins(*calibration.oriented(diffs), cfg.calibration_bins)
             calibration.plot_reliability(bins, out / "reliability.png")
@@ -484,9 +487,11 @@ def cfg_root(cfg: RMConfig) -> Path:
     return Path(cfg.output) / "checkpoints"
 
 
-def save_model(model, tok, out: Path, cfg: RMConfig, offset: float, scale: float, temperature: float | None) -> None:
-    """A sequence-classification directory; normalisation (and temperature) ride along in config.json."""
+def save_model(model, tok, out: Path, cfg: RMConfig, offset: float, scale: float, temperature: float | None,
+               weights: dict | None = None) -> None:
+    """A sequence-classification directory; normalisation (and temperature) ride along in config.json. `weights`:
+    a sharded model's, gathered."""
     base = model.get_base_model() if cfg.lora else model
     base.config.update({"rlhfkit_reward_offset": offset, "rlhfkit_reward_scale": scale,
                         "rlhfkit_reward_temperature": temperature})
-    models.save_pretrained(model, tok, out, merge=cfg.lora and cfg.merge)  # with --lora: the adapter and the head
+    models.save_pretrained(model, tok, out, merge=cfg.lora and cfg.merge, state_dict=weights)  # --lora: adapter, head

@@ -122,15 +122,13 @@ def train(cfg: SFTConfig) -> dict:
 
     # 3. the model spread over the processes (--sharding), optimizer and schedule (the scheduler is stepped by hand,
     # once per optimizer step)
-    net = forward.SelectedLogits(model)
-    sharded = cfg.sharding == "fsdp2" and world > 1
-    if sharded:
-        distributed.shard(net, model.get_decoder().layers, accelerator)
+    net, sharded = distributed.prepare_model(forward.SelectedLogits(model), model.base_model.layers, cfg.sharding,
+                                             accelerator)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg)
     scheduler = make_schedule(optimizer, cfg, total_steps)
     if not sharded:
-        net, optimizer = accelerator.prepare(net, optimizer)
+        optimizer = accelerator.prepare_optimizer(optimizer)
 
     # 4. resume
     ckpt_root = out / "checkpoints"
@@ -189,15 +187,12 @@ def train(cfg: SFTConfig) -> dict:
 
     # 6. save a Hugging Face directory that plain transformers loads
     final = {**metrics, "train/steps": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"]}
-    weights = distributed.full_state_dict(net) if sharded else None  # gathered by every process
+    weights = distributed.full_state_dict(net, strip="lm.")  # gathered by every process (None: not sharded)
     if main:
-        weights = weights and {k.removeprefix("lm."): v for k, v in weights.items()}
         models.save_pretrained(accelerator.unwrap_model(net).lm, tok, out, merge=cfg.lora and cfg.merge,
                                state_dict=weights)
-        write_run_json(out, cfg, "sft", final, {
-            "processes": world, "sharding": cfg.sharding if world > 1 else None,
-            "bytes_per_process": distributed.bytes_per_process(params, optimizer),
-            "data": {**report.as_dict(), "data/val_examples": val_report.examples}})
+        write_run_json(out, cfg, "sft", final, {**distributed.report(sharded, params, optimizer, accelerator),
+                                                "data": {**report.as_dict(), "data/val_examples": val_report.examples}})
     tracker.close()
     release_output(out)
     accelerator.wait_for_everyone()

@@ -1,0 +1,45 @@
+"""Several processes (torchrun, gloo, 2 CPU processes): FSDP2 sharding against DDP for the trainers with a fixed
+data set. PPO's data-parallel tests are in tests/algos/test_ppo.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import rewind, run_distributed, train_losses
+
+DATA = {"sft": "sample:conversations", "dpo": "sample:pairs", "rm": "sample:pairs"}
+
+
+# SFT stands for the three in the default run: the same plumbing (distributed.prepare_model, micro_batches, sharded
+# checkpoints, the gathered save)
+@pytest.mark.parametrize("command", ["sft", pytest.param("dpo", marks=pytest.mark.slow),
+                                     pytest.param("rm", marks=pytest.mark.slow)])
+def test_fsdp2_trains_as_ddp_holds_half_per_process_and_resumes(tmp_path, command):
+    # 4 steps of 2 × 2 rows (grad-accum 2) over 2 processes, a checkpoint every 2
+    args = [command, "--model", "tiny-llama", "--data", DATA[command], "--max-steps", "4", "--lr", "1e-3",
+            "--dtype", "fp32", "--batch-size", "2", "--grad-accum", "2", "--warmup-ratio", "0", "--save-steps", "2"]
+    run_distributed(2, *args, "--output", str(tmp_path / "ddp"))
+    run_distributed(2, *args, "--sharding", "fsdp2", "--output", str(tmp_path / "fsdp2"))
+    assert train_losses(tmp_path / "fsdp2") == pytest.approx(train_losses(tmp_path / "ddp"), rel=1e-5)
+    # the sharded run's model gathered into one plain Hugging Face directory
+    a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "fsdp2" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:  # Adam's 1/sqrt(v) can move a weight whose gradient is ~0 by a fraction of an lr-sized step
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+    runs = {run: json.loads((tmp_path / run / "run.json").read_text()) for run in ("ddp", "fsdp2")}
+    assert (runs["ddp"]["sharding"], runs["fsdp2"]["sharding"]) == ("ddp", "fsdp2")
+    for what in ("parameters", "optimizer"):  # each process holds half of the weights and of AdamW's moments
+        held = {run: runs[run]["bytes_per_process"][what] for run in runs}
+        assert held["fsdp2"] == pytest.approx(held["ddp"] / 2, rel=0.01), what
+    # resumed from the sharded checkpoint of step 2: the uninterrupted run, bit for bit
+    shutil.copytree(tmp_path / "fsdp2", tmp_path / "resumed")
+    rewind(tmp_path / "resumed", 2)
+    assert (tmp_path / "resumed" / "checkpoints" / "step-0000002" / "shards").is_dir()
+    run_distributed(2, *args, "--sharding", "fsdp2", "--output", str(tmp_path / "resumed"), "--resume")
+    c = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b)
