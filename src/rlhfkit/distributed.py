@@ -40,27 +40,34 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-def shard(module: torch.nn.Module, blocks: torch.nn.ModuleList, accelerator) -> torch.nn.Module:
-    """FSDP2 over all processes: each transformer block in `blocks` its own unit (gathered only while it runs),
-    then `module` (the rest: embeddings, final norm, heads). `module` is changed in place and returned; collect
-    its parameters for the optimizer after this, as they are now DTensor shards."""
+def transformer_blocks(module: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder's blocks (the `layers` list of a Hugging Face decoder, wherever the model wraps it)."""
+    for name, m in module.named_modules():
+        if name.rpartition(".")[2] == "layers" and isinstance(m, torch.nn.ModuleList):
+            return m
+    raise UsageError(f"--sharding fsdp2: {type(module).__name__} has no `layers` list of transformer blocks to shard")
+
+
+def shard(module: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """FSDP2 over all processes: each transformer block its own unit (gathered only while it runs), then `module`
+    (the rest: embeddings, final norm, heads). `module` is changed in place and returned; collect its parameters
+    for the optimizer after this, as they are now DTensor shards."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
-    for block in blocks:
+    for block in transformer_blocks(module):
         fully_shard(block, mesh=mesh)
     fully_shard(module, mesh=mesh)
     return module
 
 
-def prepare_model(net: torch.nn.Module, blocks: torch.nn.ModuleList, sharding: str, accelerator
-                  ) -> tuple[torch.nn.Module, bool]:
+def prepare_model(net: torch.nn.Module, sharding: str, accelerator) -> tuple[torch.nn.Module, bool]:
     """The trained model spread over the processes: sharded with fsdp2 (`shard`; the optimizer is then built on
     its parameters and used as it is), else through accelerate (DDP, when there are several processes). Returns
     the model to train and whether it is sharded."""
     if sharding == "fsdp2" and accelerator.num_processes > 1:
-        return shard(net, blocks, accelerator), True
+        return shard(net, accelerator), True
     return accelerator.prepare_model(net), False
 
 

@@ -327,8 +327,7 @@ def train(cfg: DPOConfig) -> dict:
     global_batch, steps_per_epoch, total_steps = plan_steps(cfg, len(pairs), world)
 
     # 3. the policy spread over the processes (--sharding), optimizer, schedule, reference
-    net, sharded = distributed.prepare_model(forward.SelectedLogits(model), model.base_model.layers, cfg.sharding,
-                                             accelerator)
+    net, sharded = distributed.prepare_model(forward.SelectedLogits(model), cfg.sharding, accelerator)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg)
     scheduler = make_schedule(optimizer, cfg, total_steps)

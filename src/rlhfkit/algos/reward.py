@@ -364,7 +364,7 @@ def train(cfg: RMConfig) -> dict:
     phases = [Phase("pmp", pmp_rows, cfg.pmp_lr, 0, pmp_steps),
               Phase("main", train_rows, cfg.lr, pmp_steps, main_steps)]
     total_steps = pmp_steps + main_steps
-    net, sharded = distributed.prepare_model(model, model.base_model.layers, cfg.sharding, accelerator)
+    net, sharded = distributed.prepare_model(model, cfg.sharding, accelerator)
     params = [p for p in net.parameters() if p.requires_grad]
 
     # 3. resume: the checkpoint's step says which phase's optimizer state it holds

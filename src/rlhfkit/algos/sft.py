@@ -122,8 +122,7 @@ def train(cfg: SFTConfig) -> dict:
 
     # 3. the model spread over the processes (--sharding), optimizer and schedule (the scheduler is stepped by hand,
     # once per optimizer step)
-    net, sharded = distributed.prepare_model(forward.SelectedLogits(model), model.base_model.layers, cfg.sharding,
-                                             accelerator)
+    net, sharded = distributed.prepare_model(forward.SelectedLogits(model), cfg.sharding, accelerator)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg)
     scheduler = make_schedule(optimizer, cfg, total_steps)
