@@ -71,19 +71,50 @@ def prepare_model(net: torch.nn.Module, sharding: str, accelerator) -> tuple[tor
     return accelerator.prepare_model(net), False
 
 
+@contextlib.contextmanager
+def gathered(*modules: torch.nn.Module):
+    """Sharded modules whole on every process for a while: each FSDP2 unit's parameters all-gathered once on entry
+    and kept through any number of forwards, back to the shards on exit. PPO's rollout needs it: sampling and the
+    log-prob passes run a different number of forwards on each process, which per-forward gathers cannot match.
+    Plain modules pass through. The roots (`modules`) must have run a forward already (FSDP2 takes the module its
+    first forward runs through as the root)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [u for m in modules for u in m.modules() if isinstance(u, FSDPModule)]
+    blocks = [u for u in units if not any(u is m for m in modules)]  # a root keeps its parameters after forward
+    for u in blocks:
+        u.set_reshard_after_forward(False, recurse=False)
+    for u in units:
+        u.unshard()
+    try:
+        yield
+    finally:
+        for u in units:
+            u.reshard()
+        for u in blocks:
+            u.set_reshard_after_forward(True, recurse=False)
+
+
+@contextlib.contextmanager
 def gradient_sync(models: list[torch.nn.Module], sync: bool):
     """A context for one forward and backward: reduce the gradients across processes (`sync`, the last micro-batch
-    of a step), or only accumulate them locally (DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`)."""
+    of a step), or only accumulate them locally (DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`). On exit
+    both sync again, so a backward after it (PPO-ptx's) reduces."""
     from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
 
-    stack = contextlib.ExitStack()
-    for m in models:
-        if isinstance(m, DistributedDataParallel) and not sync:
-            stack.enter_context(m.no_sync())
-        elif isinstance(m, FSDPModule):
+    with contextlib.ExitStack() as stack:
+        sharded = [m for m in models if isinstance(m, FSDPModule)]
+        for m in models:
+            if isinstance(m, DistributedDataParallel) and not sync:
+                stack.enter_context(m.no_sync())
+        for m in sharded:
             m.set_requires_gradient_sync(sync)
-    return stack
+        try:
+            yield
+        finally:
+            for m in sharded:
+                m.set_requires_gradient_sync(True)
 
 
 def full_state_dict(module: torch.nn.Module, strip: str = "") -> dict[str, torch.Tensor] | None:
@@ -135,10 +166,3 @@ def bytes_per_process(params: list[torch.Tensor], optimizer) -> dict[str, int]:
     state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
     return {"parameters": sum(map(local, params)), "optimizer": sum(map(local, state))}
 
-
-def refuse_sharding(sharding: str, command: str) -> None:
-    """Trainers that do not shard yet say so rather than replicate silently."""
-    check(sharding, lora=False)
-    if sharding != "ddp":
-        raise UsageError(f"--sharding {sharding} is not available for rlhfkit {command} yet (rlhfkit sft has it); "
-                         "use --sharding ddp")

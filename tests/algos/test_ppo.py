@@ -221,7 +221,7 @@ def test_reward_model_scores_and_initialises_the_critic(tmp_path, sft_policy):
 @pytest.mark.parametrize("kw,msg", [({"advantage": "grpo", "n_samples": 1}, "--n-samples ≥ 2"),
                                     ({"reward_fn": None}, "give --reward-model, --reward-fn or both"),
                                     ({"advantage": "ppo2"}, "expected one of gae, grpo, rloo, reinforce++"),
-                                    ({"sharding": "fsdp2"}, "--sharding fsdp2 is not available for rlhfkit ppo"),
+                                    ({"sharding": "fsdp2", "lora": True}, "--sharding fsdp2 with --lora"),
                                     ({"sharding": "zero9"}, "--sharding 'zero9': expected one of ddp, fsdp2")])
 def test_config_errors(tmp_path, kw, msg):
     with pytest.raises(UsageError, match=msg):
@@ -345,11 +345,12 @@ def scored_rows(record: Path) -> list[list]:
     return [sorted(row for rank in per_call for row in rank) for per_call in zip(*calls, strict=True)]
 
 
-@pytest.mark.parametrize("advantage", ["gae", pytest.param("rloo", marks=pytest.mark.slow)])
-def test_two_processes_update_as_one(tmp_path, sft_policy, advantage):
+@pytest.mark.parametrize("advantage,sharding", [("gae", "ddp"), ("gae", "fsdp2"),
+                                               pytest.param("rloo", "ddp", marks=pytest.mark.slow)])
+def test_two_processes_update_as_one(tmp_path, sft_policy, advantage, sharding):
     # 8 prompts × 2 samples, minibatches of 8 rows drawn across both processes' rows, micro-batches of 3: the
     # processes hold unequal parts of a minibatch; --scale-scores and the whitening need the whole batch; GAE's
-    # run also takes PPO-ptx batches of 3 rows (2 + 1)
+    # run also takes PPO-ptx batches of 3 rows (2 + 1). fsdp2: actor and critic sharded, whole while sampling
     args = ["ppo", "--policy", sft_policy, "--reward-fn", RECORDED_FN, "--advantage", advantage, "--iterations", "3",
             "--rollout-prompts", "8", "--n-samples", "2", "--minibatch-size", "8", "--batch-size", "3",
             "--ppo-epochs", "2", "--max-new-tokens", "8", "--dtype", "fp32", "--lr", "1e-3", "--critic-lr", "1e-3",
@@ -357,7 +358,8 @@ def test_two_processes_update_as_one(tmp_path, sft_policy, advantage):
     if advantage == "gae":
         args += ["--ptx-data", "sample:conversations", "--ptx-batch-size", "3"]
     run_cli(*args, "--output", str(tmp_path / "one"), env={"RLHFKIT_TEST_RECORD": str(tmp_path / "rec-one")})
-    run_distributed(2, *args, "--output", str(tmp_path / "two"), env={"RLHFKIT_TEST_RECORD": str(tmp_path / "rec-two")})
+    run_distributed(2, *args, "--sharding", sharding, "--output", str(tmp_path / "two"),
+                    env={"RLHFKIT_TEST_RECORD": str(tmp_path / "rec-two")})
     # the same rows sampled, each prompt's by one process: none twice, none skipped
     one, two = scored_rows(tmp_path / "rec-one"), scored_rows(tmp_path / "rec-two")
     assert len(one) == 3 and one == two
@@ -367,6 +369,9 @@ def test_two_processes_update_as_one(tmp_path, sft_policy, advantage):
     for key in keys:
         assert logged(tmp_path / "two", key) == pytest.approx(logged(tmp_path / "one", key), rel=1e-4, abs=1e-6), key
     assert logged(tmp_path / "one", "ppo/kl")[-1] > 0  # the policy moved
+    held = {run: json.loads((tmp_path / run / "run.json").read_text())["bytes_per_process"] for run in ("one", "two")}
+    for what in ("parameters", "optimizer"):  # actor and critic: whole on each process, or half with fsdp2
+        assert held["two"][what] == pytest.approx(held["one"][what] / (2 if sharding == "fsdp2" else 1), rel=0.01)
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for k in a:  # Adam's 1/sqrt(v) can move a weight whose gradient is ~0 by a fraction of an lr-sized step
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
@@ -382,8 +387,9 @@ def test_rollout_prompts_must_split_evenly_over_the_processes(tmp_path):
 
 
 @pytest.mark.slow  # the default run keeps the 2-process update test and the 1-process resume test
-def test_two_process_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, sft_policy):
-    args = ["ppo", "--policy", sft_policy, "--reward-fn", REWARD_FN, "--advantage", "gae", "--iterations", "4",
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+def test_two_process_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, sft_policy, sharding):
+    args = ["ppo", "--sharding", sharding, "--policy", sft_policy, "--reward-fn", REWARD_FN, "--advantage", "gae", "--iterations", "4",
             "--rollout-prompts", "4", "--n-samples", "2", "--minibatch-size", "4", "--max-new-tokens", "8",
             "--dtype", "fp32", "--lr", "1e-3", "--critic-lr", "1e-3", "--adaptive-kl", "--sample-every", "1",
             "--save-steps", "1"]

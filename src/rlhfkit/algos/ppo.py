@@ -27,7 +27,9 @@ Departures, and why:
   and value passes for its share of the iteration's prompts (a prompt's n samples stay on one process); what is a
   statistic of the batch (score scaling, advantages and their whitening, KL, early stopping, the logs) is computed
   on the gathered global batch, and a minibatch is the same set of rows as with one process, so N processes
-  update as one does (tested). The actor and critic are replicated (DDP).
+  update as one does (tested). The actor and critic are replicated (DDP) or, with --sharding fsdp2, sharded and
+  gathered whole for the rollout (sampling and the log-prob passes run a different number of forwards on each
+  process); the reference and the reward model are replicated.
 - The value head is read at the position whose logit samples the token (the convention of TRL and OpenRLHF).
 - Minibatches are drawn as whole prompt groups (a prompt's n samples stay together, as TRL's GRPO sampler keeps
   them), so that each forward runs a shared prompt once (`--shared-prefix`).
@@ -347,11 +349,20 @@ class Shard:
                                              "sum")) if self.world > 1 else x
 
 
-def data_parallel(net: torch.nn.ModuleDict, accelerator) -> dict[str, torch.nn.Module]:
-    """The trained roles as the update calls them: each wrapped in DDP when there are several processes (its
-    gradients averaged across them in the backward pass), else as they are. The rollout's passes call the plain
-    modules: they take no gradient, and their number differs between processes."""
+def data_parallel(net: torch.nn.ModuleDict, sharding: str, accelerator, pad_id: int) -> dict[str, torch.nn.Module]:
+    """The trained roles as the update calls them, with several processes: with ddp each wrapped in DDP (its
+    gradients averaged in the backward pass) while the rollout's passes call the plain modules (they take no
+    gradient, and their number differs between processes); with fsdp2 each sharded in place
+    (`distributed.shard`), whole only during the rollout (`distributed.gathered`). One process: as they are."""
     if accelerator.num_processes == 1:
+        return dict(net.items())
+    if sharding == "fsdp2":
+        rows = forward.rows([forward.Row([pad_id, pad_id], [0, 1])], pad_id).to(accelerator.device)
+        for m in net.values():
+            distributed.shard(m, accelerator)
+            with torch.no_grad():  # FSDP2's root is the module its first forward runs through: the role's own
+                m(*rows)
+            m.reshard()  # a root keeps its parameters whole after a forward; the optimizer must get the shards
         return dict(net.items())
     from torch.nn.parallel import DistributedDataParallel
 
@@ -400,8 +411,9 @@ def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: floa
     """Step 6 for one micro-batch: the loss scaled by the minibatch's token count, the actor's log-probs of the
     sampled tokens (B, R) without their graph, and the summed statistics."""
     mask = mb.response_mask
-    # checkpointed layers keep no KV cache; compiled ones run eagerly on one (`fast.layers.compile_layers`)
-    share = cfg.shared_prefix and not (cfg.gradient_checkpointing or cfg.compile)
+    # checkpointed layers keep no KV cache; compiled ones run eagerly on one (`fast.layers.compile_layers`); a
+    # sharded actor runs whole rows, as every process must call its blocks equally often
+    share = cfg.shared_prefix and not (cfg.gradient_checkpointing or cfg.compile or distributed.is_sharded(net["actor"]))
     logps, entropy = token_logprobs(net["actor"], mb, cfg.temperature, with_entropy=True, share=share,
                                     entropy_grad=cfg.entropy_coef != 0)
     old = logps.detach() if mb.on_policy else mb.logprobs
@@ -608,7 +620,7 @@ def train(cfg: PPOConfig) -> dict:
     prompts, metadata = prompt_set.messages, prompt_set.metadata
     roles = build_roles(cfg, tok, prompt_set, device, precision)
     net = roles.net
-    trained = data_parallel(net, accelerator)
+    trained = data_parallel(net, cfg.sharding, accelerator, tok.pad_token_id)
     ptx_rows = load_ptx(cfg, tok)
 
     groups = [{"params": [p for p in net["actor"].parameters() if p.requires_grad], "lr": cfg.lr}]
@@ -644,7 +656,8 @@ def train(cfg: PPOConfig) -> dict:
         params_s = SamplingParams(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + it,
                                   first_prompt=shard.first)
-        samples = roles.engine.generate(batch_prompts, params_s)
+        with distributed.gathered(net["actor"]):  # a sharded actor samples whole
+            samples = roles.engine.generate(batch_prompts, params_s)
         timing["time/generate"] = time.perf_counter() - t0
         # 3. score
         t0 = time.perf_counter()
@@ -656,7 +669,8 @@ def train(cfg: PPOConfig) -> dict:
             eos_warned = True
         timing["time/score"] = time.perf_counter() - t0
         # 4.–5. old and reference log-probs, values, rewards and advantages
-        rollout = experience(cfg, roles, samples, scores, beta, accelerator, timing, shard)
+        with distributed.gathered(*net.values()):
+            rollout = experience(cfg, roles, samples, scores, beta, accelerator, timing, shard)
         # 6. PPO epochs over minibatches
         t0 = time.perf_counter()
         sums, tokens_seen, train_tokens, updates, stopped_early, policy_logprobs = update_policy(
@@ -708,9 +722,11 @@ def train(cfg: PPOConfig) -> dict:
     # 8. the final policy as a Hugging Face directory
     final = {**metrics, "train/iterations": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"],
              "ppo/critic_init": roles.critic_init}
+    weights = distributed.full_state_dict(net["actor"], strip="lm.")  # gathered by every process (None: not sharded)
     if main:
-        models.save_pretrained(roles.actor, tok, out, merge=cfg.lora and cfg.merge)
-        write_run_json(out, cfg, "ppo", final, {"processes": world})
+        models.save_pretrained(roles.actor, tok, out, merge=cfg.lora and cfg.merge, state_dict=weights)
+        write_run_json(out, cfg, "ppo", final, distributed.report(distributed.is_sharded(net["actor"]), params,
+                                                                  optimizer, accelerator))
     tracker.close()
     release_output(out)
     accelerator.wait_for_everyone()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from rlhfkit import DataError, UsageError, distributed, forward, models
+from rlhfkit import DataError, UsageError, forward, models
 from rlhfkit.data import chat, formats, sources
 from rlhfkit.reward_fn import call_reward_fn, load_reward_fn
 from rlhfkit.reward_model import RewardModel, reward_model_dir
@@ -39,7 +39,6 @@ def check(cfg: PPOConfig) -> None:
         raise UsageError(f"--kl-estimator {cfg.kl_estimator!r}: expected k1 or k3")
     for spec in cfg.monitor:  # before any model loads
         sources.parse(spec, "--monitor", ("rm", "fn"))
-    distributed.refuse_sharding(cfg.sharding, "ppo")
 
 
 class PromptSet(NamedTuple):
