@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,3 +103,15 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def write_section(results_md: Path, name: str, body: str) -> None:
+    """Put `body` between RESULTS.md's `<!-- NAME:start -->` and `<!-- NAME:end -->` markers, replacing what was
+    there (at the end of the file the first time)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text, section = results_md.read_text(), f"{start}\n{body}\n{end}"
+    if start in text:
+        text = text[:text.index(start)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    results_md.write_text(text)

@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # run as a script from anywhere: find the helper modules beside this file
+from common import write_section  # noqa: E402
 SWEEP = [  # (model, seq_len, batch): sequence length at batch 8, batch at 256 tokens, model size at 256 × 8
     ("smollm2-135m", 128, 8), ("smollm2-135m", 256, 8), ("smollm2-135m", 512, 8),
     ("smollm2-135m", 256, 2), ("smollm2-135m", 256, 4),
@@ -116,21 +118,15 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.results_md:
-        text = args.results_md.read_text()
-        start, end = "<!-- scaling:start -->", "<!-- scaling:end -->"
         peaks = [r["peak_gflops"] for r in rows]
-        body = (f"{start}\n## Scaling of the SFT step\n\n```bash\npython benchmarks/scaling_bench.py "
+        body = (f"## Scaling of the SFT step\n\n```bash\npython benchmarks/scaling_bench.py "
                 f"--json benchmarks/results/scaling.json --results-md benchmarks/RESULTS.md\n```\n\n"
                 f"{datetime.date.today().isoformat()}; machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), "
                 f"{m['cores_usable']} usable cores, torch {m['torch']}. `rlhfkit sft` itself (compare_trl.py's "
                 f"harness, rlhfkit alone), {rows[0]['dtype']}, {args.warmup} warm-up and {args.steps} timed steps "
                 f"per point, one process each; the matmul peak behind MFU, measured in each point's run, ranged "
-                f"{min(peaks):.0f}–{max(peaks):.0f} GFLOP/s.\n\n{table}\n{end}")
-        if start in text:
-            text = text[:text.index(start)] + body + text[text.index(end) + len(end):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + body + "\n"
-        args.results_md.write_text(text)
+                f"{min(peaks):.0f}–{max(peaks):.0f} GFLOP/s.\n\n{table}")
+        write_section(args.results_md, "scaling", body)
 
 
 if __name__ == "__main__":

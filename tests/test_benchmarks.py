@@ -48,3 +48,11 @@ def test_generate_quick_times_every_backend():
 def test_ppo_test_margins_quick_prints_every_estimator():
     out = run(str(BENCH / "ppo_test_margins.py"), "--quick")
     assert all(f"| {name} |" in out for name in ("gae", "grpo", "rloo", "reinforce++"))
+
+
+def test_distributed_quick_runs_one_and_two_processes(tmp_path):
+    out = tmp_path / "d.json"
+    run(str(BENCH / "distributed_bench.py"), "--quick", "--workdir", str(tmp_path / "w"), "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [(r["processes"], r["sharding"]) for r in rows] == [(1, "ddp"), (2, "ddp"), (2, "fsdp2")]
+    assert rows[2]["sft_held"]["parameters"] < rows[1]["sft_held"]["parameters"]

@@ -4,13 +4,14 @@ data set. PPO's data-parallel tests are in tests/algos/test_ppo.py."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import rewind, run_distributed, train_losses
+from tests.conftest import rewind, run_cli, run_distributed, train_losses
 
 DATA = {"sft": "sample:conversations", "dpo": "sample:pairs", "rm": "sample:pairs"}
 
@@ -43,3 +44,25 @@ def test_fsdp2_trains_as_ddp_holds_half_per_process_and_resumes(tmp_path, comman
     run_distributed(2, *args, "--sharding", "fsdp2", "--output", str(tmp_path / "resumed"), "--resume")
     c = load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_accelerate_config_fsdp2_launches_sharded_processes(tmp_path):
+    proc = run_cli("sft", "--model", "tiny-llama", "--data", "sample:conversations", "--max-steps", "1", "--dtype",
+                   "fp32", "--val-fraction", "0", "--accelerate-config", "fsdp2", "--num-processes", "2",
+                   "--output", str(tmp_path / "out"))
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["train/steps"] == 1  # printed once, by the main process
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert (run["processes"], run["sharding"]) == (2, "fsdp2")
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--accelerate-config", "zero7"], "--accelerate-config zero7: no such file .*the names: ddp, fsdp2"),
+    (["--accelerate-config", "fsdp2", "--sharding", "ddp"], "shards with FSDP2: drop --sharding or pass fsdp2"),
+    (["--accelerate-config", "DS"], "DeepSpeed is not wired in rlhfkit yet"),
+    (["--num-processes", "2"], "--num-processes goes with --accelerate-config")])
+def test_accelerate_config_mistakes_are_one_line(tmp_path, extra, msg):
+    deepspeed = tmp_path / "ds.yaml"
+    deepspeed.write_text("distributed_type: DEEPSPEED\n")
+    extra = [str(deepspeed) if a == "DS" else a for a in extra]
+    proc = run_cli("sft", "--model", "tiny-llama", *extra, "--output", str(tmp_path / "out"), check=False)
+    assert proc.returncode != 0 and re.search(msg, proc.stderr.strip().splitlines()[-1]), proc.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -81,6 +82,8 @@ ALGORITHMS = {
     ("pipeline",): ("pipeline", "PipelineConfig", "pipeline",
                     "the whole recipe end to end on the built-in task, with a report"),
 }
+# commands that train, and so take `--accelerate-config NAME|PATH [--num-processes N]` (`distributed.accelerate_launch`)
+TRAINERS = {("sft",), ("rm",), ("dpo",), ("ppo",)}
 
 
 def run_algorithm(key: tuple[str, ...], argv: list[str]) -> None:
@@ -88,6 +91,11 @@ def run_algorithm(key: tuple[str, ...], argv: list[str]) -> None:
     import importlib
 
     module_name, config_name, fn_name, _ = ALGORITHMS[key]
+    if key in TRAINERS:
+        from rlhfkit import distributed
+
+        if launch := distributed.accelerate_launch([*key, *argv]):  # the command again, on several processes
+            raise SystemExit(subprocess.run(launch).returncode)
     module = importlib.import_module(f"rlhfkit.{module_name}")
     cfg = parse_args(getattr(module, config_name), argv, f"rlhfkit {' '.join(key)}")
     result = getattr(module, fn_name)(cfg)

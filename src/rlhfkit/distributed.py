@@ -17,6 +17,7 @@ with a weight-0 stand-in row where a process has none left.
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
 import torch
@@ -166,3 +167,47 @@ def bytes_per_process(params: list[torch.Tensor], optimizer) -> dict[str, int]:
     state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
     return {"parameters": sum(map(local, params)), "optimizer": sum(map(local, state))}
 
+
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"  # in a source checkout
+
+
+def accelerate_launch(argv: list[str]) -> list[str] | None:
+    """`rlhfkit CMD … --accelerate-config NAME|PATH [--num-processes N]`, as TRL's CLI takes it: the command line
+    that runs `rlhfkit CMD …` again under `accelerate launch` with that config (NAME: configs/accelerate/NAME.yaml),
+    with `--sharding fsdp2` added for an FSDP config. None when the options are not there."""
+    import yaml
+
+    options, rest, i = {}, [], 0
+    while i < len(argv):
+        key, eq, value = argv[i].partition("=")
+        if key in ("--accelerate-config", "--num-processes"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise UsageError(f"{key} needs a value")
+                value, i = argv[i + 1], i + 1
+            options[key] = value
+        else:
+            rest.append(argv[i])
+        i += 1
+    if "--accelerate-config" not in options:
+        if "--num-processes" in options:
+            raise UsageError("--num-processes goes with --accelerate-config (or launch with torchrun)")
+        return None
+    name = options["--accelerate-config"]
+    path = Path(name) if name.endswith((".yaml", ".yml")) or "/" in name else ACCELERATE_CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml"))) or "none found"
+        raise UsageError(f"--accelerate-config {name}: no such file {path} (the names: {names})")
+    kind = (yaml.safe_load(path.read_text()) or {}).get("distributed_type", "NO")
+    if kind == "DEEPSPEED":
+        raise UsageError(f"--accelerate-config {name}: DeepSpeed is not wired in rlhfkit yet; use fsdp2 "
+                         "(docs/distributed.md)")
+    sharding = [a for j, a in enumerate(rest) if rest[j - 1] == "--sharding" or a.startswith("--sharding=")]
+    if kind == "FSDP":
+        if any(s.removeprefix("--sharding=") != "fsdp2" for s in sharding):
+            raise UsageError(f"--accelerate-config {name} shards with FSDP2: drop --sharding or pass fsdp2")
+        rest += [] if sharding else ["--sharding", "fsdp2"]
+    processes = ["--num_processes", options["--num-processes"]] if "--num-processes" in options else []
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), *processes,
+            "-m", "rlhfkit.cli", *rest]

@@ -1,0 +1,109 @@
+"""One process against two (DDP and FSDP2) on the same model and global batch: throughput and memory per process.
+
+Each configuration is one real run of the CLI in its own launcher: `rlhfkit sft` (global batch 8 rows of up to 256
+tokens: one process with --grad-accum 2, two processes with 1) and `rlhfkit ppo` (8 prompts × 2 samples, 32 new
+tokens, GAE). Reported: SFT tokens/s (median of the logged steps after the first), PPO seconds per iteration
+(median after the first) and its training tokens/s; the peak RSS of the largest process (the launcher's children,
+`getrusage`), and what each process held of the trained weights and AdamW state (run.json's bytes_per_process).
+
+    python benchmarks/distributed_bench.py --results-md benchmarks/RESULTS.md
+    python benchmarks/distributed_bench.py --quick      # tiny-llama, two steps: checks the harness
+
+With two processes on a 2-core machine each process gets one core (torchrun's OMP_NUM_THREADS=1), the single
+process both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import machine_info, write_section  # noqa: E402
+
+CONFIGS = [("1 process", 1, "ddp"), ("2 processes, DDP", 2, "ddp"), ("2 processes, FSDP2", 2, "fsdp2")]
+
+# run a command and print the peak RSS (KiB) of the largest process it started, its descendants included
+MEASURE = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+
+
+def run(command: list[str], processes: int, out: Path) -> int:
+    """Runs `rlhfkit COMMAND` on `processes` processes; returns the largest process's peak RSS in bytes."""
+    launch = [sys.executable, "-m", "rlhfkit.cli"] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m",
+         "rlhfkit.cli"]
+    proc = subprocess.run([sys.executable, "-c", MEASURE, *launch, *command, "--output", str(out), "--overwrite"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} on {processes} processes failed:\n{proc.stderr[-3000:]}")
+    return int(proc.stderr.strip().splitlines()[-1]) * 1024
+
+
+def metrics(out: Path, key: str) -> list[float]:
+    return [m[key] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in m]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--quick", action="store_true", help="tiny-llama, two steps each (harness check)")
+    p.add_argument("--steps", type=int, default=6, help="SFT steps and PPO iterations per configuration")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/rlhfkit-distributed"))
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--results-md", type=Path, default=None)
+    args = p.parse_args()
+    model, steps = ("tiny-llama", 2) if args.quick else (args.model, args.steps)
+    rows = []
+    for name, n, sharding in CONFIGS:
+        sft_out, ppo_out = args.workdir / f"sft-{n}-{sharding}", args.workdir / f"ppo-{n}-{sharding}"
+        sft_rss = run(["sft", "--model", model, "--data", "sample:conversations", "--max-steps", str(steps),
+                       "--batch-size", "4", "--grad-accum", str(2 // n), "--max-length", "256", "--val-fraction", "0",
+                       "--sharding", sharding], n, sft_out)
+        ppo_rss = run(["ppo", "--policy", model, "--reward-fn", f"{HERE / 'ppo_rewards.py'}:length_target",
+                       "--iterations", str(steps), "--rollout-prompts", "8", "--n-samples", "2",
+                       "--max-new-tokens", "32", "--minibatch-size", "16", "--batch-size", "8", "--sharding",
+                       sharding, "--sample-every", "0"], n, ppo_out)
+        iteration_s = [sum(m[k] for k in m if k.startswith("time/"))
+                       for m in map(json.loads, (ppo_out / "metrics.jsonl").read_text().splitlines())
+                       if "ppo/score" in m]
+        held = {run: json.loads((out / "run.json").read_text())["bytes_per_process"]
+                for run, out in (("sft", sft_out), ("ppo", ppo_out))}
+        rows.append({"config": name, "processes": n, "sharding": sharding,
+                     "sft_tokens_per_s": statistics.median(metrics(sft_out, "perf/tokens_per_s")[1:] or
+                                                           metrics(sft_out, "perf/tokens_per_s")),
+                     "sft_peak_rss": sft_rss, "sft_held": held["sft"],
+                     "ppo_iteration_s": statistics.median(iteration_s[1:] or iteration_s),
+                     "ppo_train_tokens_per_s": statistics.median(metrics(ppo_out, "perf/train_tokens_per_s")),
+                     "ppo_peak_rss": ppo_rss, "ppo_held": held["ppo"]})
+    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+    lines = ["| | SFT tokens/s | SFT peak RSS, largest process | SFT weights + AdamW per process | "
+             "PPO s/iteration | PPO train tokens/s | PPO peak RSS, largest process | PPO weights + AdamW per process |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['sft_tokens_per_s']:.0f} | {gb(r['sft_peak_rss'])} | "
+              f"{gb(r['sft_held']['parameters'] + r['sft_held']['optimizer'])} | {r['ppo_iteration_s']:.2f} | "
+              f"{r['ppo_train_tokens_per_s']:.0f} | {gb(r['ppo_peak_rss'])} | "
+              f"{gb(r['ppo_held']['parameters'] + r['ppo_held']['optimizer'])} |" for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    if args.results_md:
+        m = machine_info()
+        body = (f"## One process against two: DDP and FSDP2\n\n```bash\npython benchmarks/distributed_bench.py "
+                f"--model {model} --steps {steps} --results-md benchmarks/RESULTS.md\n```\n\n"
+                f"{datetime.date.today().isoformat()}; machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), "
+                f"{m['cores_usable']} usable cores, torch {m['torch']}; CPU processes over gloo. {model}; SFT: "
+                f"{steps} steps of 8 rows (≤ 256 tokens); PPO: {steps} iterations of 8 prompts × 2 samples, 32 new "
+                f"tokens, GAE. Medians after the first step/iteration.\n\n{table}")
+        write_section(args.results_md, "distributed", body)
+
+
+if __name__ == "__main__":
+    main()
