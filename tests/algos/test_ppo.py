@@ -350,8 +350,10 @@ def scored_rows(record: Path) -> list[list]:
 def test_two_processes_update_as_one(tmp_path, sft_policy, advantage, sharding):
     # 8 prompts × 2 samples, minibatches of 8 rows drawn across both processes' rows, micro-batches of 3: the
     # processes hold unequal parts of a minibatch; --scale-scores and the whitening need the whole batch; GAE's
-    # run also takes PPO-ptx batches of 3 rows (2 + 1). fsdp2: actor and critic sharded, whole while sampling
-    args = ["ppo", "--policy", sft_policy, "--reward-fn", RECORDED_FN, "--advantage", advantage, "--iterations", "3",
+    # run also takes PPO-ptx batches of 3 rows (2 + 1); 13 prompts, so the second iteration runs into the second
+    # pass. fsdp2: actor and critic sharded, whole while sampling
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about the number {i}."} for i in range(13)])
+    args = ["ppo", "--policy", sft_policy, "--prompts", prompts, "--reward-fn", RECORDED_FN, "--advantage", advantage, "--iterations", "3",
             "--rollout-prompts", "8", "--n-samples", "2", "--minibatch-size", "8", "--batch-size", "3",
             "--ppo-epochs", "2", "--max-new-tokens", "8", "--dtype", "fp32", "--lr", "1e-3", "--critic-lr", "1e-3",
             "--missing-eos", "none", "--scale-scores", "--kl-coef", "0.01", "--seed", "1", "--sample-every", "0"]
@@ -402,3 +404,15 @@ def test_two_process_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert logged(out, "ppo/beta") == logged(tmp_path / "straight", "ppo/beta")
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+
+
+def test_iterations_take_equal_batches_from_a_stream_of_passes():
+    perm = lambda n, seed: torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()  # noqa: E731
+    # 5 prompts, 4 per iteration, seed 7: the first pass's last prompt and the second pass's first three
+    assert ppo.iteration_prompts(0, 5, 4, 7) == perm(5, 7)[:4]
+    assert ppo.iteration_prompts(1, 5, 4, 7) == perm(5, 7)[4:] + perm(5, 8)[:3]
+    assert ppo.iteration_prompts(2, 5, 4, 7) == perm(5, 8)[3:] + perm(5, 9)[:2]
+    stream = [i for it in range(5) for i in ppo.iteration_prompts(it, 5, 4, 7)]  # 20 = 4 whole passes
+    assert all(sorted(stream[k:k + 5]) == list(range(5)) for k in range(0, 20, 5))
+    # fewer prompts than a batch: whole passes, then the start of the next
+    assert ppo.iteration_prompts(0, 3, 7, 0) == perm(3, 0) + perm(3, 1) + perm(3, 2)[:1]

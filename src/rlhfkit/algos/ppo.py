@@ -10,7 +10,8 @@ and core/losses.py; every detail with its line: docs/algorithms/ppo.md.
   1. set-up: the roles (actor, reference, critic, reward model and/or function, monitors, rollout engine) and the
      data, built in algos/ppo_setup.py; the optimizer, resume
   then each iteration:
-  2. 2.1 this iteration's prompts (a seeded permutation per pass over the prompt set); 2.2 generate n responses
+  2. 2.1 this iteration's prompts (the next --rollout-prompts of a seeded permutation per pass over the prompt
+     set, running on into the next pass: every iteration has as many); 2.2 generate n responses
      per prompt with the actor (rollout engine; no log-probs taken from sampling)
   3. score: reward model and/or reward function; a response that never ended gets the missing-EOS penalty
   4. forward passes with the training numerics: old log-probs (actor), reference log-probs, values (critic)
@@ -433,6 +434,19 @@ def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: floa
     return loss, logps.detach(), UpdateStats(*(None if v is None else v.detach() for v in stats))
 
 
+def iteration_prompts(it: int, n_prompts: int, per_iteration: int, seed: int) -> list[int]:
+    """Step 2.1: the prompt indices of iteration `it`, the next `per_iteration` of a stream of seeded permutations
+    of the prompt set, one per pass (pass e seeded by seed + e). A pass's last batch runs on into the next pass,
+    so every iteration has the same number of prompts (which data-parallel processes split evenly); the position
+    is just the iteration number, so resuming needs no sampler state."""
+    out: list[int] = []
+    while len(out) < per_iteration:
+        epoch, offset = divmod(it * per_iteration + len(out), n_prompts)
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        out += perm[offset:offset + per_iteration - len(out)]
+    return out
+
+
 def on_policy(cfg: PPOConfig, rows: int) -> bool:
     """GRPO with one epoch of one minibatch updates the policy that sampled: its own forward gives the old
     log-probs (the ratio is 1 and its gradient the policy gradient), so the separate old-log-prob pass is skipped,
@@ -649,7 +663,7 @@ def train(cfg: PPOConfig) -> dict:
     while state["step"] < cfg.iterations:
         it, beta, timing = state["step"], state["beta"], {}
         # 2.1 this iteration's prompts, and this process's share of them
-        idx = global_batch_rows(it, len(prompts), cfg.rollout_prompts, cfg.seed)[shard.first:shard.first + shard.count]
+        idx = iteration_prompts(it, len(prompts), cfg.rollout_prompts, cfg.seed)[shard.first:shard.first + shard.count]
         batch_prompts = [prompts[i] for i in idx]
         # 2.2 generate (per-row seeds: the same iteration always samples the same responses, on any process)
         t0 = time.perf_counter()
