@@ -27,9 +27,11 @@ from rlhfkit import UsageError
 SHARDINGS = ("ddp", "fsdp2")
 
 
-def check(sharding: str, lora: bool) -> None:
+def check(sharding: str, lora: bool, dtype: str) -> None:
     if sharding not in SHARDINGS:
         raise UsageError(f"--sharding {sharding!r}: expected one of {', '.join(SHARDINGS)}")
+    if sharding == "fsdp2" and dtype == "fp16":  # fp16 needs a gradient scaler that knows the shards
+        raise UsageError("--sharding fsdp2 runs in fp32 or bf16: use --dtype bf16 (or auto, fp32)")
     if sharding == "fsdp2" and lora:
         raise UsageError("--sharding fsdp2 with --lora is not supported yet; use --sharding ddp (a LoRA adapter's "
                          "gradients and optimizer state are small)")
@@ -57,6 +59,7 @@ def shard(module: torch.nn.Module, accelerator) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    module.to(accelerator.device)  # each process's GPU (accelerate has chosen it), or the CPU
     for block in transformer_blocks(module):
         fully_shard(block, mesh=mesh)
     fully_shard(module, mesh=mesh)
