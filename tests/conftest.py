@@ -138,7 +138,8 @@ def rewind(run_dir: Path, step: int) -> None:
         if later.name > keep:
             shutil.rmtree(later)
     (ckpts / "latest").write_text(keep)
-    (run_dir / "model.safetensors").unlink()
+    for final in ("model.safetensors", "adapter_model.safetensors"):  # a whole model or a LoRA adapter
+        (run_dir / final).unlink(missing_ok=True)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

@@ -16,19 +16,26 @@ from tests.conftest import rewind, run_cli, run_distributed, train_losses
 DATA = {"sft": "sample:conversations", "dpo": "sample:pairs", "rm": "sample:pairs"}
 
 
-# SFT stands for the three in the default run: the same plumbing (distributed.prepare_model, micro_batches, sharded
-# checkpoints, the gathered save)
-@pytest.mark.parametrize("command", ["sft", pytest.param("dpo", marks=pytest.mark.slow),
-                                     pytest.param("rm", marks=pytest.mark.slow)])
-def test_fsdp2_trains_as_ddp_holds_half_per_process_and_resumes(tmp_path, command):
+LORA = ["--lora", "--lora-r", "4"]
+
+
+# SFT stands for the others in the default run: the same plumbing (distributed.prepare_model, micro_batches,
+# sharded checkpoints, the gathered save)
+@pytest.mark.parametrize("command,extra", [("sft", []), pytest.param("dpo", [], marks=pytest.mark.slow),
+                                           pytest.param("rm", [], marks=pytest.mark.slow),
+                                           pytest.param("sft", LORA, marks=pytest.mark.slow),
+                                           pytest.param("dpo", LORA, marks=pytest.mark.slow)])
+def test_fsdp2_trains_as_ddp_holds_half_per_process_and_resumes(tmp_path, command, extra):
     # 4 steps of 2 × 2 rows (grad-accum 2) over 2 processes, a checkpoint every 2
     args = [command, "--model", "tiny-llama", "--data", DATA[command], "--max-steps", "4", "--lr", "1e-3",
-            "--dtype", "fp32", "--batch-size", "2", "--grad-accum", "2", "--warmup-ratio", "0", "--save-steps", "2"]
+            "--dtype", "fp32", "--batch-size", "2", "--grad-accum", "2", "--warmup-ratio", "0", "--save-steps", "2",
+            *extra]
+    saved = "adapter_model.safetensors" if extra else "model.safetensors"
     run_distributed(2, *args, "--output", str(tmp_path / "ddp"))
     run_distributed(2, *args, "--sharding", "fsdp2", "--output", str(tmp_path / "fsdp2"))
     assert train_losses(tmp_path / "fsdp2") == pytest.approx(train_losses(tmp_path / "ddp"), rel=1e-5)
     # the sharded run's model gathered into one plain Hugging Face directory
-    a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "fsdp2" / "model.safetensors")
+    a, b = load_file(tmp_path / "ddp" / saved), load_file(tmp_path / "fsdp2" / saved)
     assert a.keys() == b.keys()
     for k in a:  # Adam's 1/sqrt(v) can move a weight whose gradient is ~0 by a fraction of an lr-sized step
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
@@ -42,7 +49,7 @@ def test_fsdp2_trains_as_ddp_holds_half_per_process_and_resumes(tmp_path, comman
     rewind(tmp_path / "resumed", 2)
     assert (tmp_path / "resumed" / "checkpoints" / "step-0000002" / "shards").is_dir()
     run_distributed(2, *args, "--sharding", "fsdp2", "--output", str(tmp_path / "resumed"), "--resume")
-    c = load_file(tmp_path / "resumed" / "model.safetensors")
+    c = load_file(tmp_path / "resumed" / saved)
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
@@ -59,7 +66,9 @@ def test_accelerate_config_fsdp2_launches_sharded_processes(tmp_path):
     (["--accelerate-config", "zero7"], "--accelerate-config zero7: no such file .*the names: ddp, fsdp2"),
     (["--accelerate-config", "fsdp2", "--sharding", "ddp"], "shards with FSDP2: drop --sharding or pass fsdp2"),
     (["--accelerate-config", "DS"], "DeepSpeed is not wired in rlhfkit yet"),
-    (["--num-processes", "2"], "--num-processes goes with --accelerate-config")])
+    (["--num-processes", "2"], "--num-processes goes with --accelerate-config"),
+    (["--sharding", "fsdp2", "--dtype", "fp16"], "--sharding fsdp2 runs in fp32 or bf16"),
+    (["--sharding", "fsdp2", "--lora", "--merge"], "--merge with --sharding fsdp2 is not supported")])
 def test_accelerate_config_mistakes_are_one_line(tmp_path, extra, msg):
     deepspeed = tmp_path / "ds.yaml"
     deepspeed.write_text("distributed_type: DEEPSPEED\n")

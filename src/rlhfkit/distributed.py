@@ -27,14 +27,16 @@ from rlhfkit import UsageError
 SHARDINGS = ("ddp", "fsdp2")
 
 
-def check(sharding: str, lora: bool, dtype: str) -> None:
-    if sharding not in SHARDINGS:
-        raise UsageError(f"--sharding {sharding!r}: expected one of {', '.join(SHARDINGS)}")
-    if sharding == "fsdp2" and dtype == "fp16":  # fp16 needs a gradient scaler that knows the shards
+def check(cfg) -> None:
+    """The --sharding of a trainer's config (`training.RunConfig`), and what it does not combine with."""
+    if cfg.sharding not in SHARDINGS:
+        raise UsageError(f"--sharding {cfg.sharding!r}: expected one of {', '.join(SHARDINGS)}")
+    if cfg.sharding == "fsdp2" and cfg.dtype == "fp16":  # fp16 needs a gradient scaler that knows the shards
         raise UsageError("--sharding fsdp2 runs in fp32 or bf16: use --dtype bf16 (or auto, fp32)")
-    if sharding == "fsdp2" and lora:
-        raise UsageError("--sharding fsdp2 with --lora is not supported yet; use --sharding ddp (a LoRA adapter's "
-                         "gradients and optimizer state are small)")
+    if cfg.sharding == "fsdp2" and cfg.lora and cfg.merge:  # the merge runs on one process's whole model
+        raise UsageError("--merge with --sharding fsdp2 is not supported: the adapter is saved; merge it in one "
+                         "process afterwards, or train with --sharding ddp")
+
 
 
 def is_sharded(module: torch.nn.Module) -> bool:

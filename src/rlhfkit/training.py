@@ -244,7 +244,7 @@ def begin(cfg: RunConfig):
     process (`tracking.claim_output`). Returns (accelerator, OUTPUT as a Path)."""
     from rlhfkit import distributed
 
-    distributed.check(cfg.sharding, cfg.lora, cfg.dtype)
+    distributed.check(cfg)
     accelerator = accelerator_for(cfg.dtype)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)

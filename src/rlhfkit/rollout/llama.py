@@ -23,7 +23,6 @@ A peft model is merged into a copy first (the trained model is not touched).
 
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -53,14 +52,28 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def projection(linear) -> torch.Tensor:
+    """A projection's weight (out, in); for a peft LoRA layer, with its active adapters added: W + scale·B·A, the
+    sum peft's merge writes into the model, here on a copy (the model stays as it is; a sharded model cannot be
+    deep-copied to merge)."""
+    if not hasattr(linear, "get_delta_weight"):
+        return linear.weight
+    weight = linear.get_base_layer().weight
+    if not linear.disable_adapters:
+        for name in linear.active_adapters:
+            if name in linear.lora_A:
+                weight = weight + linear.get_delta_weight(name)
+    return weight
+
+
 class LlamaWeights:
-    """The decoder's weights in `dtype`, q/k/v and gate/up each fused into one matrix, made once per `generate`
-    call (weights change between PPO iterations, not within a call). Fused or cast weights are copies; the others
-    (in the model's own dtype) share the model's storage, detached: nothing here writes to them."""
+    """The decoder's weights in `dtype`, q/k/v and gate/up each fused into one matrix, LoRA adapters merged in
+    (`projection`), made once per `generate` call (weights change between PPO iterations, not within a call). Fused,
+    merged or cast weights are copies; the others (in the model's own dtype) share the model's storage, detached:
+    nothing here writes to them."""
 
     def __init__(self, model, dtype: torch.dtype):
-        if hasattr(model, "merge_and_unload"):  # peft: W + scale·B·A, on a copy
-            model = copy.deepcopy(model).merge_and_unload()
+        model = _base(model)
         config = model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -73,10 +86,10 @@ class LlamaWeights:
             att, mlp = layer.self_attn, layer.mlp
             self.layers.append(dict(
                 ln1=cast(layer.input_layernorm.weight), ln2=cast(layer.post_attention_layernorm.weight),
-                qkv=cast(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])),
-                o=cast(att.o_proj.weight),
-                gate_up=cast(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                down=cast(mlp.down_proj.weight)))
+                qkv=cast(torch.cat([projection(att.q_proj), projection(att.k_proj), projection(att.v_proj)])),
+                o=cast(projection(att.o_proj)),
+                gate_up=cast(torch.cat([projection(mlp.gate_proj), projection(mlp.up_proj)])),
+                down=cast(projection(mlp.down_proj))))
         self.embed = cast(model.model.embed_tokens.weight)
         head = model.get_output_embeddings().weight
         self.head = self.embed if head is model.model.embed_tokens.weight else cast(head)
