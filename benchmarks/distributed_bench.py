@@ -101,8 +101,8 @@ def main() -> None:
                 f"{datetime.date.today().isoformat()}; machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), "
                 f"{m['cores_usable']} usable cores, torch {m['torch']}; CPU processes over gloo. {model}; SFT: "
                 f"{steps} steps of 8 rows (≤ 256 tokens); PPO: {steps} iterations of 8 prompts × 2 samples, 32 new "
-                f"tokens, GAE. Medians after the first step/iteration. Two processes share the machine's cores (one each), so "
-                f"the throughput shows the cost of the collectives, not scaling; the bytes per process show what "
+                f"tokens, GAE. Medians after the first step/iteration. Two processes share the machine's cores "
+                f"(one each), so the throughput shows the cost of the collectives, not scaling; the bytes per process show what "
                 f"FSDP2 shards (the trained weights and AdamW state: halved), the peak RSS what the frozen models "
                 f"and, in PPO, the rollout's whole actor and critic add.\n\n{table}")
         write_section(args.results_md, "distributed", body)

@@ -353,9 +353,9 @@ def test_two_processes_update_as_one(tmp_path, sft_policy, advantage, sharding):
     # run also takes PPO-ptx batches of 3 rows (2 + 1); 13 prompts, so the second iteration runs into the second
     # pass. fsdp2: actor and critic sharded, whole while sampling
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about the number {i}."} for i in range(13)])
-    args = ["ppo", "--policy", sft_policy, "--prompts", prompts, "--reward-fn", RECORDED_FN, "--advantage", advantage, "--iterations", "3",
-            "--rollout-prompts", "8", "--n-samples", "2", "--minibatch-size", "8", "--batch-size", "3",
-            "--ppo-epochs", "2", "--max-new-tokens", "8", "--dtype", "fp32", "--lr", "1e-3", "--critic-lr", "1e-3",
+    args = ["ppo", "--policy", sft_policy, "--prompts", prompts, "--reward-fn", RECORDED_FN, "--advantage", advantage,
+            "--iterations", "3", "--rollout-prompts", "8", "--n-samples", "2", "--minibatch-size", "8",
+            "--batch-size", "3", "--ppo-epochs", "2", "--max-new-tokens", "8", "--dtype", "fp32", "--lr", "1e-3", "--critic-lr", "1e-3",
             "--missing-eos", "none", "--scale-scores", "--kl-coef", "0.01", "--seed", "1", "--sample-every", "0"]
     if advantage == "gae":
         args += ["--ptx-data", "sample:conversations", "--ptx-batch-size", "3"]
@@ -391,7 +391,8 @@ def test_rollout_prompts_must_split_evenly_over_the_processes(tmp_path):
 @pytest.mark.slow  # the default run keeps the 2-process update test and the 1-process resume test
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
 def test_two_process_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, sft_policy, sharding):
-    args = ["ppo", "--sharding", sharding, "--policy", sft_policy, "--reward-fn", REWARD_FN, "--advantage", "gae", "--iterations", "4",
+    args = ["ppo", "--sharding", sharding, "--policy", sft_policy, "--reward-fn", REWARD_FN, "--advantage", "gae",
+            "--iterations", "4",
             "--rollout-prompts", "4", "--n-samples", "2", "--minibatch-size", "4", "--max-new-tokens", "8",
             "--dtype", "fp32", "--lr", "1e-3", "--critic-lr", "1e-3", "--adaptive-kl", "--sample-every", "1",
             "--save-steps", "1"]

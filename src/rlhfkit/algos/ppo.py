@@ -414,7 +414,8 @@ def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: floa
     mask = mb.response_mask
     # checkpointed layers keep no KV cache; compiled ones run eagerly on one (`fast.layers.compile_layers`); a
     # sharded actor runs whole rows, as every process must call its blocks equally often
-    share = cfg.shared_prefix and not (cfg.gradient_checkpointing or cfg.compile or distributed.is_sharded(net["actor"]))
+    sharded = distributed.is_sharded(net["actor"])
+    share = cfg.shared_prefix and not (cfg.gradient_checkpointing or cfg.compile or sharded)
     logps, entropy = token_logprobs(net["actor"], mb, cfg.temperature, with_entropy=True, share=share,
                                     entropy_grad=cfg.entropy_coef != 0)
     old = logps.detach() if mb.on_policy else mb.logprobs
@@ -577,8 +578,8 @@ def update_policy(cfg: PPOConfig, net: dict, rollout: Rollout, beta: float, it: 
                 train_tokens += float(rollout.attention_mask[idx].sum()) * real  # prompt + response, fwd + bwd
                 # each role's gradients are reduced in its last backward of the step; the actor's is PPO-ptx's, if any
                 synced = ({"critic"} | (set() if ptx_rows else {"actor"})) if u == n_micro - 1 else set()
-                with distributed.gradient_sync([m for r, m in net.items() if r in synced], True), \
-                        distributed.gradient_sync([m for r, m in net.items() if r not in synced], False):
+                with distributed.gradient_sync([net[r] for r in net if r in synced], True), \
+                        distributed.gradient_sync([net[r] for r in net if r not in synced], False):
                     with accelerator.autocast():
                         loss, logps, st = minibatch_loss(net, rollout.rows(idx), cfg, beta, n_tokens)
                     # DDP averages the processes' gradients: × world makes that their sum
