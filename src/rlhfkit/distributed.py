@@ -165,13 +165,13 @@ def report(sharded: bool, params: list[torch.Tensor], optimizer, accelerator) ->
 
 
 def bytes_per_process(params: list[torch.Tensor], optimizer) -> dict[str, int]:
+    """Bytes of `params` and of the optimizer's state tensors that this process holds."""
     def local(t: torch.Tensor) -> int:
         t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard
         return t.numel() * t.element_size()
 
     state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
     return {"parameters": sum(map(local, params)), "optimizer": sum(map(local, state))}
-
 
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"  # in a source checkout

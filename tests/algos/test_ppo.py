@@ -221,7 +221,7 @@ def test_reward_model_scores_and_initialises_the_critic(tmp_path, sft_policy):
 @pytest.mark.parametrize("kw,msg", [({"advantage": "grpo", "n_samples": 1}, "--n-samples ≥ 2"),
                                     ({"reward_fn": None}, "give --reward-model, --reward-fn or both"),
                                     ({"advantage": "ppo2"}, "expected one of gae, grpo, rloo, reinforce++"),
-                                    ({"sharding": "fsdp2", "lora": True}, "--sharding fsdp2 with --lora"),
+                                    ({"sharding": "fsdp2", "lora": True, "merge": True}, "--merge with --sharding fsdp2"),
                                     ({"sharding": "zero9"}, "--sharding 'zero9': expected one of ddp, fsdp2")])
 def test_config_errors(tmp_path, kw, msg):
     with pytest.raises(UsageError, match=msg):
