@@ -9,6 +9,7 @@ process. MFU against a measured matmul peak reads "how close to the best dense m
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 from pathlib import Path
@@ -105,9 +106,13 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def write_section(results_md: Path, name: str, body: str) -> None:
-    """Put `body` between RESULTS.md's `<!-- NAME:start -->` and `<!-- NAME:end -->` markers, replacing what was
-    there (at the end of the file the first time)."""
+def write_section(results_md: Path, name: str, title: str, command: str, machine: dict[str, Any], text: str) -> None:
+    """RESULTS.md's section NAME between its `<!-- NAME:start -->` and `<!-- NAME:end -->` markers, replacing what
+    was there (at the end of the file the first time): the title, the command, today's date and the machine
+    (`machine_info`), then `text` (how it was run, and the table)."""
+    m = machine
+    body = (f"## {title}\n\n```bash\n{command}\n```\n\n{datetime.date.today().isoformat()}; machine: {m['cpu']} "
+            f"({', '.join(m['cpu_flags'])}), {m['cores_usable']} usable cores, torch {m['torch']}. {text}")
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text, section = results_md.read_text(), f"{start}\n{body}\n{end}"
     if start in text:

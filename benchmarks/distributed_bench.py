@@ -16,7 +16,6 @@ process both.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import subprocess
@@ -95,17 +94,16 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.results_md:
-        m = machine_info()
-        body = (f"## One process against two: DDP and FSDP2\n\n```bash\npython benchmarks/distributed_bench.py "
-                f"--model {model} --steps {steps} --results-md benchmarks/RESULTS.md\n```\n\n"
-                f"{datetime.date.today().isoformat()}; machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), "
-                f"{m['cores_usable']} usable cores, torch {m['torch']}; CPU processes over gloo. {model}; SFT: "
-                f"{steps} steps of 8 rows (≤ 256 tokens); PPO: {steps} iterations of 8 prompts × 2 samples, 32 new "
-                f"tokens, GAE. Medians after the first step/iteration. Two processes share the machine's cores "
-                f"(one each), so the throughput shows the cost of the collectives, not scaling; the bytes per process show what "
-                f"FSDP2 shards (the trained weights and AdamW state: halved), the peak RSS what the frozen models "
-                f"and, in PPO, the rollout's whole actor and critic add.\n\n{table}")
-        write_section(args.results_md, "distributed", body)
+        command = (f"python benchmarks/distributed_bench.py --model {model} --steps {steps} "
+                   "--results-md benchmarks/RESULTS.md")
+        text = (f"CPU processes over gloo. {model}; SFT: {steps} steps of 8 rows (≤ 256 tokens); PPO: {steps} "
+                f"iterations of 8 prompts × 2 samples, 32 new tokens, GAE. Medians after the first step/iteration. "
+                f"Two processes share the machine's cores (one each), so the throughput shows the cost of the "
+                f"collectives, not scaling; the bytes per process show what FSDP2 shards (the trained weights and "
+                f"AdamW state: halved), the peak RSS what the frozen models and, in PPO, the rollout's whole actor "
+                f"and critic add.\n\n{table}")
+        write_section(args.results_md, "distributed", "One process against two: DDP and FSDP2", command,
+                      machine_info(), text)
 
 
 if __name__ == "__main__":

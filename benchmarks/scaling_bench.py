@@ -15,7 +15,6 @@ Writes a markdown table to stdout and, with --results-md, between the scaling ma
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -119,14 +118,12 @@ def main() -> None:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.results_md:
         peaks = [r["peak_gflops"] for r in rows]
-        body = (f"## Scaling of the SFT step\n\n```bash\npython benchmarks/scaling_bench.py "
-                f"--json benchmarks/results/scaling.json --results-md benchmarks/RESULTS.md\n```\n\n"
-                f"{datetime.date.today().isoformat()}; machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), "
-                f"{m['cores_usable']} usable cores, torch {m['torch']}. `rlhfkit sft` itself (compare_trl.py's "
-                f"harness, rlhfkit alone), {rows[0]['dtype']}, {args.warmup} warm-up and {args.steps} timed steps "
-                f"per point, one process each; the matmul peak behind MFU, measured in each point's run, ranged "
-                f"{min(peaks):.0f}–{max(peaks):.0f} GFLOP/s.\n\n{table}")
-        write_section(args.results_md, "scaling", body)
+        command = ("python benchmarks/scaling_bench.py --json benchmarks/results/scaling.json "
+                   "--results-md benchmarks/RESULTS.md")
+        text = (f"`rlhfkit sft` itself (compare_trl.py's harness, rlhfkit alone), {rows[0]['dtype']}, {args.warmup} "
+                f"warm-up and {args.steps} timed steps per point, one process each; the matmul peak behind MFU, "
+                f"measured in each point's run, ranged {min(peaks):.0f}–{max(peaks):.0f} GFLOP/s.\n\n{table}")
+        write_section(args.results_md, "scaling", "Scaling of the SFT step", command, m, text)
 
 
 if __name__ == "__main__":
