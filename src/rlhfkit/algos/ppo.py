@@ -60,7 +60,8 @@ from rlhfkit.data import formats
 from rlhfkit.reward_fn import call_reward_fn
 from rlhfkit.rollout import Samples, SamplingParams
 from rlhfkit.tracking import release_output, truncate_jsonl
-from rlhfkit.training import RunConfig, adamw, begin, global_batch_rows, make_schedule, skip_nonfinite, start_run
+from rlhfkit.training import (RunConfig, adamw, begin, global_batch_rows, make_schedule, micro_batches,
+                              skip_nonfinite, start_run)
 
 
 @dataclass
@@ -592,9 +593,9 @@ def update_policy(cfg: PPOConfig, net: dict, rollout: Rollout, beta: float, it: 
                 rows = [ptx_rows[i] for i in global_batch_rows(state["ptx_step"], len(ptx_rows),
                                                                cfg.ptx_batch_size, cfg.seed)]
                 ptx_tokens = len(forward.rows(rows, pad_id).targets)
-                mine_ptx = rows[accelerator.process_index::world]
+                (mine_ptx, real), = micro_batches(rows, accelerator, len(rows))  # one: this process's share
                 with accelerator.autocast():  # the last backward of the step: DDP all-reduces
-                    ptx = ptx_loss(net, mine_ptx or rows[:1], pad_id, accelerator.device, ptx_tokens) * bool(mine_ptx)
+                    ptx = ptx_loss(net, mine_ptx, pad_id, accelerator.device, ptx_tokens) * real
                 accelerator.backward(cfg.ptx_coef * ptx * world)
                 mb_stats = mb_stats._replace(ptx_loss=ptx.detach() * n_tokens)
                 state["ptx_step"] += 1
