@@ -72,15 +72,19 @@ def run_cli(*args: str, check: bool = True, timeout: int = 300, env: dict | None
     return proc
 
 
-def run_distributed(processes: int, *args: str, timeout: int = 300, env: dict | None = None
+def torchrun(processes: int, args) -> list[str]:
+    """The command line of `rlhfkit ARGS` on `processes` processes of this machine (gloo on the CPU), as a user
+    would launch it; --standalone picks a free rendezvous port, so tests may run side by side."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", "rlhfkit.cli", *args]
+
+
+def run_distributed(processes: int, *args: str, check: bool = True, timeout: int = 300, env: dict | None = None
                     ) -> subprocess.CompletedProcess:
-    """Run `rlhfkit ARGS` on `processes` processes of this machine with torchrun (gloo on the CPU), as a user
-    would; --standalone picks a free rendezvous port, so tests may run side by side."""
+    """Run `rlhfkit ARGS` on `processes` processes with torchrun (`torchrun`)."""
     full_env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-              "-m", "rlhfkit.cli", *args]
-    proc = subprocess.run(launch, capture_output=True, text=True, timeout=timeout, env=full_env)
-    if proc.returncode != 0:
+    proc = subprocess.run(torchrun(processes, args), capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
         raise AssertionError(f"torchrun rlhfkit {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
 
@@ -88,9 +92,7 @@ def run_distributed(processes: int, *args: str, timeout: int = 300, env: dict | 
 def launch_and_kill(processes: int, args: list[str], until: Path, timeout: float = 240) -> None:
     """Start `rlhfkit ARGS` on `processes` processes with torchrun and SIGKILL the launcher and every worker at
     once, as a lost machine would, as soon as `until` exists (a checkpoint directory, say)."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-              "-m", "rlhfkit.cli", *args]
-    proc = subprocess.Popen(launch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(torchrun(processes, args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + timeout
     while time.time() < deadline and not until.exists():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -380,10 +378,8 @@ def test_two_processes_update_as_one(tmp_path, sft_policy, advantage, sharding):
 
 
 def test_rollout_prompts_must_split_evenly_over_the_processes(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "rlhfkit.cli", "ppo", "--policy", "tiny-llama", "--reward-fn", REWARD_FN,
-                           "--rollout-prompts", "3", "--output", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_distributed(2, "ppo", "--policy", "tiny-llama", "--reward-fn", REWARD_FN, "--rollout-prompts", "3",
+                           "--output", str(tmp_path / "out"), check=False)
     assert proc.returncode != 0
     assert "--rollout-prompts 3 must be a multiple of the 2 processes" in proc.stderr
 
