@@ -1,5 +1,5 @@
-"""Several processes (torchrun, gloo, 2 CPU processes): FSDP2 sharding against DDP for the trainers with a fixed
-data set. PPO's data-parallel tests are in tests/algos/test_ppo.py."""
+"""Several processes (torchrun, gloo, 2 CPU processes): FSDP2 and DeepSpeed ZeRO sharding against DDP for the
+trainers with a fixed data set. PPO's data-parallel tests are in tests/algos/test_ppo.py."""
 
 from __future__ import annotations
 
@@ -53,25 +53,65 @@ def test_fsdp2_trains_as_ddp_holds_half_per_process_and_resumes(tmp_path, comman
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
-def test_accelerate_config_fsdp2_launches_sharded_processes(tmp_path):
+# ZeRO-3 in the default run (it shards most: weights gathered in every forward); ZeRO-2, DPO and RM in the slow tier
+@pytest.mark.parametrize("command,sharding", [("sft", "zero3"), pytest.param("sft", "zero2", marks=pytest.mark.slow),
+                                              pytest.param("dpo", "zero3", marks=pytest.mark.slow),
+                                              pytest.param("rm", "zero3", marks=pytest.mark.slow),
+                                              pytest.param("rm", "zero2", marks=pytest.mark.slow)])
+def test_deepspeed_zero_trains_as_ddp_splits_adamw_and_resumes(tmp_path, command, sharding):
+    # the FSDP2 test's run, with DeepSpeed's engine taking the backward passes and the step
+    args = [command, "--model", "tiny-llama", "--data", DATA[command], "--max-steps", "4", "--lr", "1e-3",
+            "--dtype", "fp32", "--batch-size", "2", "--grad-accum", "2", "--warmup-ratio", "0", "--save-steps", "2"]
+    run_distributed(2, *args, "--output", str(tmp_path / "ddp"))
+    run_distributed(2, *args, "--sharding", sharding, "--output", str(tmp_path / "zero"))
+    assert train_losses(tmp_path / "zero") == pytest.approx(train_losses(tmp_path / "ddp"), rel=1e-5)
+    a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "zero" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+    runs = {run: json.loads((tmp_path / run / "run.json").read_text()) for run in ("ddp", "zero")}
+    assert runs["zero"]["sharding"] == sharding
+    for what in ("parameters", "optimizer"):  # zero2 splits AdamW's moments; zero3 the weights too
+        held = {run: runs[run]["bytes_per_process"][what] for run in runs}
+        split = what == "optimizer" or sharding == "zero3"
+        assert held["zero"] == pytest.approx(held["ddp"] / (2 if split else 1), rel=0.01), what
+    # resumed from the engine's checkpoint of step 2: the uninterrupted run, bit for bit
+    shutil.copytree(tmp_path / "zero", tmp_path / "resumed")
+    rewind(tmp_path / "resumed", 2)
+    assert (tmp_path / "resumed" / "checkpoints" / "step-0000002" / "shards" / "zero").is_dir()
+    run_distributed(2, *args, "--sharding", sharding, "--output", str(tmp_path / "resumed"), "--resume")
+    c = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+@pytest.mark.parametrize("config,sharding", [("fsdp2", "fsdp2"), ("zero2", "zero2")])
+def test_accelerate_config_launches_sharded_processes(tmp_path, config, sharding):
     proc = run_cli("sft", "--model", "tiny-llama", "--data", "sample:conversations", "--max-steps", "1", "--dtype",
-                   "fp32", "--val-fraction", "0", "--accelerate-config", "fsdp2", "--num-processes", "2",
+                   "fp32", "--val-fraction", "0", "--accelerate-config", config, "--num-processes", "2",
                    "--output", str(tmp_path / "out"))
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["train/steps"] == 1  # printed once, by the main process
+    lines = proc.stdout.strip().splitlines()
+    assert json.loads(lines[-1])["train/steps"] == 1 and len(lines) == 1, lines  # printed once, by the main process
     run = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert (run["processes"], run["sharding"]) == (2, "fsdp2")
+    assert (run["processes"], run["sharding"]) == (2, sharding)
 
 
 @pytest.mark.parametrize("extra,msg", [
-    (["--accelerate-config", "zero7"], "--accelerate-config zero7: no such file .*the names: ddp, fsdp2"),
-    (["--accelerate-config", "fsdp2", "--sharding", "ddp"], "shards with FSDP2: drop --sharding or pass fsdp2"),
-    (["--accelerate-config", "DS"], "DeepSpeed is not wired in rlhfkit yet"),
+    (["--accelerate-config", "zero7"], "--accelerate-config zero7: no such file .*the names: ddp, fsdp2, zero2, zero3"),
+    (["--accelerate-config", "fsdp2", "--sharding", "ddp"], "shards with fsdp2: drop --sharding or pass fsdp2"),
+    (["--accelerate-config", "zero3", "--sharding=zero2"], "shards with zero3: drop --sharding or pass zero3"),
+    (["--accelerate-config", "DS"], "DeepSpeed ZeRO stage 1; rlhfkit runs stages 2 and 3"),
+    (["--accelerate-config", "OFFLOAD"], "DeepSpeed offload of the optimizer is not supported"),
     (["--num-processes", "2"], "--num-processes goes with --accelerate-config"),
     (["--sharding", "fsdp2", "--dtype", "fp16"], "--sharding fsdp2 runs in fp32 or bf16"),
-    (["--sharding", "fsdp2", "--lora", "--merge"], "--merge with --sharding fsdp2 is not supported")])
+    (["--sharding", "zero2", "--dtype", "fp16"], "--sharding zero2 runs in fp32 or bf16"),
+    (["--sharding", "fsdp2", "--lora", "--merge"], "--merge with --sharding fsdp2 is not supported"),
+    (["--sharding", "zero3", "--lora", "--merge"], "--merge with --sharding zero3 is not supported")])
 def test_accelerate_config_mistakes_are_one_line(tmp_path, extra, msg):
-    deepspeed = tmp_path / "ds.yaml"
-    deepspeed.write_text("distributed_type: DEEPSPEED\n")
-    extra = [str(deepspeed) if a == "DS" else a for a in extra]
+    configs = {"DS": "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 1\n",
+               "OFFLOAD": "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n"
+                          "  offload_optimizer_device: cpu\n"}
+    for name, text in configs.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    extra = [str(tmp_path / f"{a}.yaml") if a in configs else a for a in extra]
     proc = run_cli("sft", "--model", "tiny-llama", *extra, "--output", str(tmp_path / "out"), check=False)
     assert proc.returncode != 0 and re.search(msg, proc.stderr.strip().splitlines()[-1]), proc.stderr

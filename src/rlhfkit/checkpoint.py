@@ -54,7 +54,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def checkpoint_bytes(model) -> int:
     """About what one checkpoint takes on disk: the trainable weights and AdamW's two moments of each (fp32)."""
-    return 3 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return 3 * sum(getattr(p, "ds_numel", p.numel()) * 4 for p in model.parameters() if p.requires_grad)
 
 
 def _mb(n: int) -> str:
@@ -125,12 +125,12 @@ def save(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(model)
-    sharded = distributed.is_sharded(model)
+    model = model if distributed.is_engine(model) else distributed.unwrap(model)  # an engine saves itself
+    sharded = distributed.is_engine(model) or distributed.is_sharded(model)
     need = checkpoint_bytes(model)
     with writing(tmp, f"a checkpoint (step {step})", need if accelerator.is_main_process else 0, keep):
         torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-        if sharded:  # each process its shards of the weights and of AdamW's state
+        if sharded:  # each process its shards of the weights and of AdamW's state (ZeRO: the engine's files)
             distributed.save_shards(tmp / "shards", model, optimizer)
         if accelerator.is_main_process:
             if not sharded:
@@ -227,8 +227,8 @@ def latest(root: Path) -> Path | None:
 
 def load(path: Path, model, optimizer, scheduler, accelerator) -> dict:
     """Restore a checkpoint into already-prepared objects; returns the trainer state."""
-    model = accelerator.unwrap_model(model)
-    if distributed.is_sharded(model):
+    model = model if distributed.is_engine(model) else distributed.unwrap(model)
+    if distributed.is_engine(model) or distributed.is_sharded(model):
         distributed.load_shards(path / "shards", model, optimizer)
     else:
         weights = load_file(path / "trainable.safetensors")

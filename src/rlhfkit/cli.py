@@ -90,12 +90,12 @@ def run_algorithm(key: tuple[str, ...], argv: list[str]) -> None:
     """Import the algorithm lazily (so `rlhfkit --help` stays fast), parse its config, run it, print the result."""
     import importlib
 
-    module_name, config_name, fn_name, _ = ALGORITHMS[key]
-    if key in TRAINERS:
-        from rlhfkit import distributed
+    from rlhfkit import distributed
 
-        if launch := distributed.accelerate_launch([*key, *argv]):  # the command again, on several processes
-            raise SystemExit(subprocess.run(launch).returncode)
+    module_name, config_name, fn_name, _ = ALGORITHMS[key]
+    distributed.deepspeed_quietly()  # accelerate, and transformers to save a model, import it where it is installed
+    if key in TRAINERS and (launch := distributed.accelerate_launch([*key, *argv])):  # again, on several processes
+        raise SystemExit(subprocess.run(launch).returncode)
     module = importlib.import_module(f"rlhfkit.{module_name}")
     cfg = parse_args(getattr(module, config_name), argv, f"rlhfkit {' '.join(key)}")
     result = getattr(module, fn_name)(cfg)

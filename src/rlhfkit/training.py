@@ -14,7 +14,7 @@ from typing import NamedTuple, TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit import TrainingError, checkpoint
+from rlhfkit import TrainingError, checkpoint, distributed
 from rlhfkit.fast import layers
 from rlhfkit.tracking import Tracker, claim_output, release_output
 
@@ -78,8 +78,9 @@ class RunConfig:
     skip_nonfinite: int = 0
     """Skip up to N batches whose loss or gradient is not finite (with a warning each) instead of stopping."""
     sharding: str = "ddp"
-    """With several processes, how the trained model is spread over them: ddp (a whole copy on each) or fsdp2
-    (parameters, gradients and optimizer state split over them with torch's FSDP2; docs/distributed.md)."""
+    """With several processes, how the trained model is spread over them: ddp (a whole copy on each), fsdp2
+    (parameters, gradients and optimizer state split over them with torch's FSDP2), zero2 or zero3 (DeepSpeed's
+    ZeRO: gradients and optimizer state split, and with zero3 the parameters too); docs/distributed.md."""
 
 
 def adamw(params, cfg: RunConfig, lr: float | None = None) -> torch.optim.AdamW:
@@ -242,8 +243,7 @@ def accelerator_for(dtype: str):
 def begin(cfg: RunConfig):
     """Step 1 of every trainer: its accelerator (`accelerator_for`), the global seed, and OUTPUT claimed by the main
     process (`tracking.claim_output`). Returns (accelerator, OUTPUT as a Path)."""
-    from rlhfkit import distributed
-
+    distributed.from_launcher(cfg)
     distributed.check(cfg)
     accelerator = accelerator_for(cfg.dtype)
     torch.manual_seed(cfg.seed)
@@ -283,25 +283,26 @@ class Update(NamedTuple):
     grad_norm: float  # the global gradient norm before clipping
 
 
-def update(loss: float, params, optimizer, scheduler, state: dict, cfg: RunConfig, accelerator, bar,
+def update(loss: float, net, params, optimizer, scheduler, state: dict, cfg: RunConfig, accelerator, bar,
            ckpt_root: Path, where: str) -> Update | None:
     """Steps 3–4 of the SFT, RM and DPO loops, which must stay alike: clip the gradient; stop, or skip the step,
     on a non-finite loss or gradient (`skip_nonfinite`: a skipped step still advances the step count and the
-    schedule; returns None); stop a stalled run (`check_stalled`); else the optimizer and scheduler step.
+    schedule; returns None); stop a stalled run (`check_stalled`); else the optimizer step
+    (`distributed.step`: `net` is the model as the loop calls it, a ZeRO engine steps itself), and the scheduler's.
     `state["step"]` and the progress bar advance either way."""
-    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-    grad_norm = float(accelerator.clip_grad_norm_(params, clip))
-    skipped = skip_nonfinite(loss, grad_norm, state, cfg, ckpt_root, where, accelerator.is_main_process)
-    if not skipped:
+    def skip(grad_norm: float) -> bool:
+        if skip_nonfinite(loss, grad_norm, state, cfg, ckpt_root, where, accelerator.is_main_process):
+            return True
         check_stalled(loss, grad_norm, state, cfg)
+        return False
+
+    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     lr = scheduler.get_last_lr()[0]
-    if not skipped:
-        optimizer.step()
+    grad_norm = distributed.step(net, params, optimizer, clip, accelerator, skip)
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     state["step"] += 1
     bar.update(1)
-    return None if skipped else Update(lr, grad_norm)
+    return None if grad_norm is None else Update(lr, grad_norm)
 
 
 def for_training(model, cfg: RunConfig, task_type: str = "CAUSAL_LM"):

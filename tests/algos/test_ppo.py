@@ -220,7 +220,8 @@ def test_reward_model_scores_and_initialises_the_critic(tmp_path, sft_policy):
                                     ({"reward_fn": None}, "give --reward-model, --reward-fn or both"),
                                     ({"advantage": "ppo2"}, "expected one of gae, grpo, rloo, reinforce++"),
                                     ({"sharding": "fsdp2", "lora": True, "merge": True}, "--merge with --sharding fsdp2"),
-                                    ({"sharding": "zero9"}, "--sharding 'zero9': expected one of ddp, fsdp2")])
+                                    ({"sharding": "zero9"}, "--sharding 'zero9': expected one of ddp, fsdp2"),
+                                    ({"sharding": "zero3"}, "ppo does not run with --sharding zero3")])
 def test_config_errors(tmp_path, kw, msg):
     with pytest.raises(UsageError, match=msg):
         ppo.train(cfg_for(tmp_path, "tiny-llama", **kw))
@@ -343,13 +344,13 @@ def scored_rows(record: Path) -> list[list]:
     return [sorted(row for rank in per_call for row in rank) for per_call in zip(*calls, strict=True)]
 
 
-@pytest.mark.parametrize("advantage,sharding", [("gae", "ddp"), ("gae", "fsdp2"),
+@pytest.mark.parametrize("advantage,sharding", [("gae", "ddp"), ("gae", "fsdp2"), ("gae", "zero2"),
                                                pytest.param("rloo", "ddp", marks=pytest.mark.slow)])
 def test_two_processes_update_as_one(tmp_path, sft_policy, advantage, sharding):
     # 8 prompts × 2 samples, minibatches of 8 rows drawn across both processes' rows, micro-batches of 3: the
     # processes hold unequal parts of a minibatch; --scale-scores and the whitening need the whole batch; GAE's
     # run also takes PPO-ptx batches of 3 rows (2 + 1); 13 prompts, so the second iteration runs into the second
-    # pass. fsdp2: actor and critic sharded, whole while sampling
+    # pass. fsdp2: actor and critic sharded, whole while sampling; zero2: their AdamW state split
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about the number {i}."} for i in range(13)])
     args = ["ppo", "--policy", sft_policy, "--prompts", prompts, "--reward-fn", RECORDED_FN, "--advantage", advantage,
             "--iterations", "3", "--rollout-prompts", "8", "--n-samples", "2", "--minibatch-size", "8",
@@ -370,8 +371,9 @@ def test_two_processes_update_as_one(tmp_path, sft_policy, advantage, sharding):
         assert logged(tmp_path / "two", key) == pytest.approx(logged(tmp_path / "one", key), rel=1e-4, abs=1e-6), key
     assert logged(tmp_path / "one", "ppo/kl")[-1] > 0  # the policy moved
     held = {run: json.loads((tmp_path / run / "run.json").read_text())["bytes_per_process"] for run in ("one", "two")}
-    for what in ("parameters", "optimizer"):  # actor and critic: whole on each process, or half with fsdp2
-        assert held["two"][what] == pytest.approx(held["one"][what] / (2 if sharding == "fsdp2" else 1), rel=0.01)
+    for what in ("parameters", "optimizer"):  # actor and critic: whole on each process, or half where split
+        split = sharding == "fsdp2" or (sharding, what) == ("zero2", "optimizer")
+        assert held["two"][what] == pytest.approx(held["one"][what] / (2 if split else 1), rel=0.01), what
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for k in a:  # Adam's 1/sqrt(v) can move a weight whose gradient is ~0 by a fraction of an lr-sized step
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)

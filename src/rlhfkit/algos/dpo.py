@@ -245,7 +245,7 @@ def reference_fn(mode: str, cfg: DPOConfig, tok, net, splits, accelerator):
             raise TrainingError("--ref-mode lora uses the policy's own base; drop --ref-model or use another mode")
 
         def adapter_off(split, pairs):
-            policy = accelerator.unwrap_model(net)  # SelectedLogits around the peft model
+            policy = distributed.unwrap(net)  # SelectedLogits around the peft model
             with torch.no_grad(), accelerator.autocast(), policy.lm.disable_adapter():
                 return concatenated_logps(policy, pairs, tok.pad_token_id, device, cfg.shared_prefix)
         return adapter_off
@@ -285,10 +285,10 @@ class PairSums(NamedTuple):
 
 
 def pair_losses(net, pairs, split, reference, cfg: DPOConfig, pad_id: int, device) -> PairLosses:
-    """Per-pair DPO losses, implicit rewards and log-probs of one micro-batch. A sharded policy runs whole rows:
-    every process must call its blocks equally often, and a shared prefix is one more call where a batch has one."""
+    """Per-pair DPO losses, implicit rewards and log-probs of one micro-batch. A sharded policy runs whole rows
+    (`distributed.whole_rows`)."""
     share = cfg.shared_prefix and not ((cfg.gradient_checkpointing or cfg.compile) and torch.is_grad_enabled()) \
-        and not distributed.is_sharded(net)
+        and not distributed.whole_rows(net, cfg.sharding)
     chosen, rejected = concatenated_logps(net, pairs, pad_id, device, share)
     ref_chosen, ref_rejected = reference(split, pairs)
     losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
@@ -299,7 +299,7 @@ def pair_losses(net, pairs, split, reference, cfg: DPOConfig, pad_id: int, devic
 @torch.no_grad()
 def evaluate(net, pairs, reference, cfg: DPOConfig, pad_id: int, accelerator) -> dict[str, float]:
     """Held-out loss, preference accuracy and margin over all processes (on the unwrapped module)."""
-    model = accelerator.unwrap_model(net)
+    model = distributed.unwrap(net)
     sums = zero_sums(PairSums, accelerator.device)
     for mb, real in micro_batches(pairs, accelerator, cfg.batch_size):
         with accelerator.autocast():
@@ -327,12 +327,11 @@ def train(cfg: DPOConfig) -> dict:
     global_batch, steps_per_epoch, total_steps = plan_steps(cfg, len(pairs), world)
 
     # 3. the policy spread over the processes (--sharding), optimizer, schedule, reference
-    net, sharded = distributed.prepare_model(forward.SelectedLogits(model), cfg.sharding, accelerator)
+    net = distributed.prepare_model(forward.SelectedLogits(model), cfg.sharding, accelerator)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg)
     scheduler = make_schedule(optimizer, cfg, total_steps)
-    if not sharded:
-        optimizer = accelerator.prepare_optimizer(optimizer)
+    net, optimizer = distributed.prepare_optimizer(net, optimizer, cfg, accelerator)
     mode = cfg.ref_mode if cfg.ref_mode != "auto" else ("lora" if cfg.lora else "precomputed")
     # only the training pairs that the steps will visit need reference log-probs (a --max-steps run over a large
     # ranking set visits a fraction of its C(K, 2) pairs)
@@ -367,12 +366,12 @@ def train(cfg: DPOConfig) -> dict:
         for j, (mb, real) in enumerate(micro):
             with distributed.gradient_sync([net], j == len(micro) - 1):
                 res = pair_losses(net, mb, "train", reference, cfg, tok.pad_token_id, accelerator.device)
-                accelerator.backward(res.loss.sum() * weight * real)
+                distributed.backward(res.loss.sum() * weight * real, net, accelerator)
             sums = add_sums(sums, PairSums.of(res), keep=real)
         step_metrics = means(reduce_sums(sums, accelerator), len(rows), "dpo")
         loss = step_metrics["dpo/loss"]
         # 5.3–5.4 clip, guard against non-finite values and stalls, update
-        done = update(loss, params, optimizer, scheduler, state, cfg, accelerator, bar, ckpt_root, rows[0].where)
+        done = update(loss, net, params, optimizer, scheduler, state, cfg, accelerator, bar, ckpt_root, rows[0].where)
         if done is None:
             continue
         lr, grad_norm = done
@@ -402,11 +401,11 @@ def train(cfg: DPOConfig) -> dict:
              "dpo/ref_mode": mode}
     weights = distributed.full_state_dict(net, strip="lm.")  # gathered by every process (None: not sharded)
     if main:
-        models.save_pretrained(accelerator.unwrap_model(net).lm, tok, out, merge=cfg.lora and cfg.merge,
+        models.save_pretrained(distributed.unwrap(net).lm, tok, out, merge=cfg.lora and cfg.merge,
                                state_dict=weights)
         data = {**report.as_dict(), "data/val_pairs": len(val_pairs),
                 **({f"val_{k}": v for k, v in val_report.as_dict().items()} if val_report else {})}
-        write_run_json(out, cfg, "dpo", final, {**distributed.report(sharded, params, optimizer, accelerator),
+        write_run_json(out, cfg, "dpo", final, {**distributed.report(net, params, optimizer, accelerator),
                                                 "data": data})
     tracker.close()
     release_output(out)

@@ -28,9 +28,10 @@ Departures, and why:
   and value passes for its share of the iteration's prompts (a prompt's n samples stay on one process); what is a
   statistic of the batch (score scaling, advantages and their whitening, KL, early stopping, the logs) is computed
   on the gathered global batch, and a minibatch is the same set of rows as with one process, so N processes
-  update as one does (tested). The actor and critic are replicated (DDP) or, with --sharding fsdp2, sharded and
+  update as one does (tested). The actor and critic are replicated (DDP), or sharded (--sharding fsdp2) and
   gathered whole for the rollout (sampling and the log-prob passes run a different number of forwards on each
-  process); the reference and the reward model are replicated.
+  process), or replicated with their gradients and AdamW state split (zero2; zero3 is refused: its hooks gather
+  in every forward, which such a rollout cannot match); the reference and the reward model are replicated.
 - The value head is read at the position whose logit samples the token (the convention of TRL and OpenRLHF).
 - Minibatches are drawn as whole prompt groups (a prompt's n samples stay together, as TRL's GRPO sampler keeps
   them), so that each forward runs a shared prompt once (`--shared-prefix`).
@@ -355,9 +356,12 @@ def data_parallel(net: torch.nn.ModuleDict, sharding: str, accelerator, pad_id: 
     """The trained roles as the update calls them, with several processes: with ddp each wrapped in DDP (its
     gradients averaged in the backward pass) while the rollout's passes call the plain modules (they take no
     gradient, and their number differs between processes); with fsdp2 each sharded in place
-    (`distributed.shard`), whole only during the rollout (`distributed.gathered`). One process: as they are."""
+    (`distributed.shard`), whole only during the rollout (`distributed.gathered`); with zero2 as they are, the
+    DeepSpeed engine built around both with the optimizer. One process: as they are."""
     if accelerator.num_processes == 1:
         return dict(net.items())
+    if sharding == "zero2":  # the engine around them both (`distributed.prepare_optimizer`) reduces
+        return dict(net.to(accelerator.device).items())
     if sharding == "fsdp2":
         rows = forward.rows([forward.Row([pad_id, pad_id], [0, 1])], pad_id).to(accelerator.device)
         for m in net.values():
@@ -414,9 +418,9 @@ def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: floa
     sampled tokens (B, R) without their graph, and the summed statistics."""
     mask = mb.response_mask
     # checkpointed layers keep no KV cache; compiled ones run eagerly on one (`fast.layers.compile_layers`); a
-    # sharded actor runs whole rows, as every process must call its blocks equally often
-    sharded = distributed.is_sharded(net["actor"])
-    share = cfg.shared_prefix and not (cfg.gradient_checkpointing or cfg.compile or sharded)
+    # sharded actor runs whole rows (`distributed.whole_rows`)
+    share = cfg.shared_prefix and not (cfg.gradient_checkpointing or cfg.compile
+                                       or distributed.whole_rows(net["actor"], cfg.sharding))
     logps, entropy = token_logprobs(net["actor"], mb, cfg.temperature, with_entropy=True, share=share,
                                     entropy_grad=cfg.entropy_coef != 0)
     old = logps.detach() if mb.on_policy else mb.logprobs
@@ -545,11 +549,11 @@ class Updated(NamedTuple):
     policy_logprobs: torch.Tensor  # (b, R) the sampling policy's log-probs (on-policy: the update's own forward)
 
 
-def update_policy(cfg: PPOConfig, net: dict, rollout: Rollout, beta: float, it: int, optimizer, params, state: dict,
-                  ptx_rows: list, pad_id: int, shard: Shard, ckpt_root: Path) -> Updated:
+def update_policy(cfg: PPOConfig, net: dict, engine, rollout: Rollout, beta: float, it: int, optimizer, params,
+                  state: dict, ptx_rows: list, pad_id: int, shard: Shard, ckpt_root: Path) -> Updated:
     """Step 6: PPO epochs over minibatches of whole prompt groups, each minibatch one optimizer step over its
     micro-batches (and, with PPO-ptx, a batch of pre-training rows). `net`: the roles as `data_parallel` wraps
-    them. A minibatch is drawn from the whole batch, as one process would, and each process runs its own rows of
+    them; `engine`: the DeepSpeed engine around them under ZeRO, which takes the backward passes and the step. A minibatch is drawn from the whole batch, as one process would, and each process runs its own rows of
     it: the loss is normalised by the minibatch's tokens over all processes, and every process runs as many
     micro-batches as the busiest (an idle one runs a weight-0 row), so the DDP all-reduce of the last one sums the
     minibatch's gradient."""
@@ -584,7 +588,7 @@ def update_policy(cfg: PPOConfig, net: dict, rollout: Rollout, beta: float, it: 
                     with accelerator.autocast():
                         loss, logps, st = minibatch_loss(net, rollout.rows(idx), cfg, beta, n_tokens)
                     # DDP averages the processes' gradients: × world makes that their sum
-                    accelerator.backward(loss * (world if real else 0.0))
+                    distributed.backward(loss * (world if real else 0.0), engine, accelerator)
                 if rollout.on_policy and real:  # the update's own forward is the sampling policy's
                     policy_logprobs[idx] = logps.float()
                 st = st if real else UpdateStats(*(None if v is None else v * 0 for v in st))
@@ -596,19 +600,16 @@ def update_policy(cfg: PPOConfig, net: dict, rollout: Rollout, beta: float, it: 
                 (mine_ptx, real), = micro_batches(rows, accelerator, len(rows))  # one: this process's share
                 with accelerator.autocast():  # the last backward of the step: DDP all-reduces
                     ptx = ptx_loss(net, mine_ptx, pad_id, accelerator.device, ptx_tokens) * real
-                accelerator.backward(cfg.ptx_coef * ptx * world)
+                distributed.backward(cfg.ptx_coef * ptx * world, engine, accelerator)
                 mb_stats = mb_stats._replace(ptx_loss=ptx.detach() * n_tokens)
                 state["ptx_step"] += 1
             mb_stats = mb_stats.across(accelerator)
             clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             loss_value = float(mb_stats.policy_loss / n_tokens)
-            if skip_nonfinite(loss_value, grad_norm, state, cfg, ckpt_root, f"iteration {it + 1}",
-                              accelerator.is_main_process):
-                optimizer.zero_grad(set_to_none=True)
+            skip = lambda norm: skip_nonfinite(loss_value, norm, state, cfg, ckpt_root,  # noqa: E731
+                                               f"iteration {it + 1}", accelerator.is_main_process)
+            if distributed.step(engine, params, optimizer, clip, accelerator, skip) is None:
                 continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             updates += 1
             tokens_seen += n_tokens
             sums = mb_stats if sums is None else sums.merge(mb_stats)
@@ -645,11 +646,12 @@ def train(cfg: PPOConfig) -> dict:
     params = [p for g in groups for p in g["params"]]
     optimizer = adamw(groups, cfg)
     scheduler = make_schedule(optimizer, cfg, cfg.iterations)
+    engine, optimizer = distributed.prepare_optimizer(net, optimizer, cfg, accelerator)  # ZeRO's engine, else net
 
     # resume: weights, optimizer, schedule, β and the ptx position live in the checkpoint
     ckpt_root = out / "checkpoints"
     start = start_run(out, cfg, "ppo", {"step": 0, "beta": cfg.kl_coef, "ptx_step": 0, "nonfinite_skipped": 0,
-                                        "episodes": 0}, net, optimizer, scheduler, accelerator, cfg.iterations)
+                                        "episodes": 0}, engine, optimizer, scheduler, accelerator, cfg.iterations)
     if start.finished is not None:
         return start.finished
     state, tracker = start.state, start.tracker
@@ -690,7 +692,8 @@ def train(cfg: PPOConfig) -> dict:
         # 6. PPO epochs over minibatches
         t0 = time.perf_counter()
         sums, tokens_seen, train_tokens, updates, stopped_early, policy_logprobs = update_policy(
-            cfg, trained, rollout, beta, it, optimizer, params, state, ptx_rows, tok.pad_token_id, shard, ckpt_root)
+            cfg, trained, engine, rollout, beta, it, optimizer, params, state, ptx_rows, tok.pad_token_id, shard,
+            ckpt_root)
         timing["time/train"] = time.perf_counter() - t0
         # (B, R) over the whole batch from here on
         mask, ref_logprobs = shard.gather(rollout.response_mask), shard.gather(rollout.ref_logprobs)
@@ -731,7 +734,7 @@ def train(cfg: PPOConfig) -> dict:
         bar.update(1)
         bar.set_postfix(score=f"{metrics['ppo/score']:.3f}", kl=f"{kl_mean:.3f}")
         if cfg.save_steps and (state["step"] % cfg.save_steps == 0 or state["step"] == cfg.iterations):
-            checkpoint.save(ckpt_root, state["step"], net, optimizer, scheduler, state, accelerator,
+            checkpoint.save(ckpt_root, state["step"], engine, optimizer, scheduler, state, accelerator,
                             cfg.save_total_limit, cfg)
     bar.close()
 
@@ -741,8 +744,7 @@ def train(cfg: PPOConfig) -> dict:
     weights = distributed.full_state_dict(net["actor"], strip="lm.")  # gathered by every process (None: not sharded)
     if main:
         models.save_pretrained(roles.actor, tok, out, merge=cfg.lora and cfg.merge, state_dict=weights)
-        write_run_json(out, cfg, "ppo", final, distributed.report(distributed.is_sharded(net["actor"]), params,
-                                                                  optimizer, accelerator))
+        write_run_json(out, cfg, "ppo", final, distributed.report(engine, params, optimizer, accelerator))
     tracker.close()
     release_output(out)
     accelerator.wait_for_everyone()

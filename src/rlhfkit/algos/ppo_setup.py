@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from rlhfkit import DataError, UsageError, forward, models
+from rlhfkit import DataError, UsageError, distributed, forward, models
 from rlhfkit.data import chat, formats, sources
 from rlhfkit.reward_fn import call_reward_fn, load_reward_fn
 from rlhfkit.reward_model import RewardModel, reward_model_dir
@@ -25,6 +25,13 @@ ADVANTAGES = ("gae", "grpo", "rloo", "reinforce++")
 
 
 def check(cfg: PPOConfig) -> None:
+    distributed.from_launcher(cfg)  # an accelerate config's sharding, checked here with the rest
+    if cfg.sharding == "zero3":
+        # the rollout's forwards differ in number between processes (sampling to EOS, shared prompts), and ZeRO-3
+        # all-gathers in every forward, even inside deepspeed.zero.GatheredParameters: a process waits forever
+        raise UsageError("ppo does not run with --sharding zero3 (its rollout runs a different number of forwards on "
+                         "each process, which ZeRO-3 cannot gather for); use fsdp2, which shards the weights too, "
+                         "or zero2")
     if cfg.advantage not in ADVANTAGES:
         raise UsageError(f"--advantage {cfg.advantage!r}: expected one of {', '.join(ADVANTAGES)}")
     if cfg.advantage in ("grpo", "rloo") and cfg.n_samples < 2:

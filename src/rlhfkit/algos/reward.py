@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from rlhfkit import ModelError, TrainingError, checkpoint, distributed, forward, models
+from rlhfkit import ModelError, TrainingError, UsageError, checkpoint, distributed, forward, models
 from rlhfkit.config import write_run_json
 from rlhfkit.core.losses import grouped_ranking_loss, pairwise_loss
 from rlhfkit.data import chat, formats
@@ -220,9 +220,9 @@ def build_model(cfg: RMConfig, tok):
 
 def use_shared_prefix(cfg: RMConfig, model) -> bool:
     """Whether this run scores on shared prefixes (checkpointed layers drop the KV cache it needs; a sharded model
-    runs whole rows, as every process must call its blocks equally often)."""
+    runs whole rows, `distributed.whole_rows`)."""
     return cfg.shared_prefix and not cfg.gradient_checkpointing and can_share_prefix(model) \
-        and not distributed.is_sharded(model)
+        and not distributed.whole_rows(model, cfg.sharding)
 
 
 
@@ -364,7 +364,10 @@ def train(cfg: RMConfig) -> dict:
     phases = [Phase("pmp", pmp_rows, cfg.pmp_lr, 0, pmp_steps),
               Phase("main", train_rows, cfg.lr, pmp_steps, main_steps)]
     total_steps = pmp_steps + main_steps
-    net, sharded = distributed.prepare_model(model, cfg.sharding, accelerator)
+    if pmp_steps and world > 1 and cfg.sharding.startswith("zero"):  # a second engine on one module
+        raise UsageError(f"--pmp-data with --sharding {cfg.sharding} is not supported (each phase has its own "
+                         "optimizer, and a DeepSpeed engine takes one): pre-train in a run of its own, or use fsdp2")
+    net = distributed.prepare_model(model, cfg.sharding, accelerator)
     params = [p for p in net.parameters() if p.requires_grad]
 
     # 3. resume: the checkpoint's step says which phase's optimizer state it holds
@@ -385,17 +388,17 @@ def train(cfg: RMConfig) -> dict:
             continue
         optimizer = adamw(params, cfg, lr=phase.lr)
         scheduler = make_schedule(optimizer, cfg, phase.steps)
-        optimizer = optimizer if sharded else accelerator.prepare_optimizer(optimizer)
+        trained, optimizer = distributed.prepare_optimizer(net, optimizer, cfg, accelerator)
         if last is not None and phase.start < resume_step <= phase.end:
-            state = checkpoint.load(last, net, optimizer, scheduler, accelerator)
+            state = checkpoint.load(last, trained, optimizer, scheduler, accelerator)
             if main:
                 print(f"resuming from {last} (step {state['step']}, phase {phase.name})")
-        metrics = run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerator, tracker, bar,
+        metrics = run_phase(cfg, p, phase, trained, params, optimizer, scheduler, state, accelerator, tracker, bar,
                             val_rows, tok.pad_token_id, total_steps) or metrics
     bar.close()
 
     # 6. normalise on the reference set, evaluate on the held-out comparisons (with calibration), save
-    unwrapped = accelerator.unwrap_model(net)
+    unwrapped = distributed.unwrap(net)
     final = {**metrics, "train/steps": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"]}
     offset, scale = 0.0, 1.0
     if cfg.normalize:
@@ -412,7 +415,7 @@ def train(cfg: RMConfig) -> dict:
     if main:
         tracker.log(state["step"], {k: v for k, v in final.items() if k.startswith("rm/")})
         save_model(unwrapped, tok, out, cfg, offset, scale, final.get("rm/temperature"), weights)
-        write_run_json(out, cfg, "rm", final, {**distributed.report(sharded, params, optimizer, accelerator),
+        write_run_json(out, cfg, "rm", final, {**distributed.report(trained, params, optimizer, accelerator),
                                                "data": data_report})
         if val_rows:  # drawn once the model is safe
             bins = calibration.reliability_bins(*calibration.oriented(diffs), cfg.calibration_bins)
@@ -447,7 +450,7 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
                 with accelerator.autocast():  # net's own forward has it; the shared-prefix path does not call it
                     scores = forward.scores(net, batch.sequences)  # (N,)
                 loss_sum = preference_loss_sum(scores, batch)
-                accelerator.backward(loss_sum * weight * real)
+                distributed.backward(loss_sum * weight * real, net, accelerator)
             diffs = torch.stack([scores[w] - scores[l] for g in batch.groups for w, l in g]).detach()
             new = StepSums(loss_sum.detach(), (diffs > 0).sum().float(), torch.tensor(float(len(diffs))),
                            torch.tensor(float(batch.sequences.num_tokens)))
@@ -456,7 +459,7 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
         step_tokens = int(sums.tokens.item())
         loss = sums.loss.item() / len(rows)
         # 5.3–5.4 clip, guard against non-finite values and stalls, update
-        done = update(loss, params, optimizer, scheduler, state, cfg, accelerator, bar, cfg_root(cfg), rows[0].where)
+        done = update(loss, net, params, optimizer, scheduler, state, cfg, accelerator, bar, cfg_root(cfg), rows[0].where)
         if done is None:
             continue
         lr, grad_norm = done
@@ -474,7 +477,7 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
             tracker.log(step, metrics)
             t_last, tokens_since = now, 0
         if val_rows and cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
-            diffs, lengths = pair_differences(accelerator.unwrap_model(net), val_rows, cfg, pad_id,
+            diffs, lengths = pair_differences(distributed.unwrap(net), val_rows, cfg, pad_id,
                                               accelerator.autocast)
             tracker.log(step, evaluate(diffs, lengths, cfg))
         if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps):

@@ -88,7 +88,7 @@ def batch_nll(model, batch: forward.Batch, device) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, rows, cfg: SFTConfig, pad_id: int, accelerator) -> float:
     """Token-mean validation NLL over all processes (on the unwrapped module: no DDP sync for uneven shards)."""
-    model = accelerator.unwrap_model(model)
+    model = distributed.unwrap(model)
     model.eval()
     nll = torch.zeros(2, device=accelerator.device)
     for mb, real in micro_batches(rows, accelerator, cfg.batch_size):
@@ -122,12 +122,11 @@ def train(cfg: SFTConfig) -> dict:
 
     # 3. the model spread over the processes (--sharding), optimizer and schedule (the scheduler is stepped by hand,
     # once per optimizer step)
-    net, sharded = distributed.prepare_model(forward.SelectedLogits(model), cfg.sharding, accelerator)
+    net = distributed.prepare_model(forward.SelectedLogits(model), cfg.sharding, accelerator)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg)
     scheduler = make_schedule(optimizer, cfg, total_steps)
-    if not sharded:
-        optimizer = accelerator.prepare_optimizer(optimizer)
+    net, optimizer = distributed.prepare_optimizer(net, optimizer, cfg, accelerator)
 
     # 4. resume
     ckpt_root = out / "checkpoints"
@@ -156,11 +155,11 @@ def train(cfg: SFTConfig) -> dict:
         for j, (mb, real) in enumerate(micro):
             with distributed.gradient_sync([net], j == len(micro) - 1):
                 nll = batch_nll(net, forward.rows(mb, tok.pad_token_id), accelerator.device)
-                accelerator.backward(nll * weight * real)
+                distributed.backward(nll * weight * real, net, accelerator)
             loss_sum += nll.detach() * real
         loss = accelerator.reduce(loss_sum, "sum").item() / n_loss_tokens
         # 5.3–5.4 clip, guard against non-finite values and stalls, update
-        done = update(loss, params, optimizer, scheduler, state, cfg, accelerator, bar, ckpt_root, rows[0].where)
+        done = update(loss, net, params, optimizer, scheduler, state, cfg, accelerator, bar, ckpt_root, rows[0].where)
         if done is None:
             continue
         lr, grad_norm = done
@@ -188,9 +187,9 @@ def train(cfg: SFTConfig) -> dict:
     final = {**metrics, "train/steps": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"]}
     weights = distributed.full_state_dict(net, strip="lm.")  # gathered by every process (None: not sharded)
     if main:
-        models.save_pretrained(accelerator.unwrap_model(net).lm, tok, out, merge=cfg.lora and cfg.merge,
+        models.save_pretrained(distributed.unwrap(net).lm, tok, out, merge=cfg.lora and cfg.merge,
                                state_dict=weights)
-        write_run_json(out, cfg, "sft", final, {**distributed.report(sharded, params, optimizer, accelerator),
+        write_run_json(out, cfg, "sft", final, {**distributed.report(net, params, optimizer, accelerator),
                                                 "data": {**report.as_dict(), "data/val_examples": val_report.examples}})
     tracker.close()
     release_output(out)
