@@ -84,6 +84,19 @@ def test_deepspeed_zero_trains_as_ddp_splits_adamw_and_resumes(tmp_path, command
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
+def test_deepspeed_zero_skips_or_stops_on_a_nonfinite_gradient(tmp_path):
+    # lr 1e30 blows the weights up in step 1, so steps 2–4 have non-finite gradients: DeepSpeed's step skips them
+    # (counted), and without --skip-nonfinite the run stops at step 2
+    args = ["sft", "--model", "tiny-llama", "--data", "sample:conversations", "--max-steps", "4", "--lr", "1e30",
+            "--max-grad-norm", "0", "--dtype", "fp32", "--batch-size", "2", "--val-fraction", "0", "--sharding",
+            "zero2"]
+    run_distributed(2, *args, "--skip-nonfinite", "3", "--output", str(tmp_path / "skipped"))
+    run = json.loads((tmp_path / "skipped" / "run.json").read_text())
+    assert run["final_metrics"]["train/nonfinite_skipped"] == 3
+    proc = run_distributed(2, *args, "--output", str(tmp_path / "stopped"), check=False)
+    assert proc.returncode != 0 and re.search(r"non-finite .* at step 2", proc.stderr), proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("config,sharding", [("fsdp2", "fsdp2"), ("zero2", "zero2")])
 def test_accelerate_config_launches_sharded_processes(tmp_path, config, sharding):
     proc = run_cli("sft", "--model", "tiny-llama", "--data", "sample:conversations", "--max-steps", "1", "--dtype",
