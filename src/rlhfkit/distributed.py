@@ -89,6 +89,17 @@ def shard(module: torch.nn.Module, accelerator) -> torch.nn.Module:
     return module
 
 
+def shard_root(module: torch.nn.Module, accelerator, first_forward: Callable[[torch.nn.Module], object]):
+    """`shard`, then `first_forward(module)` without gradients so that FSDP2 takes `module` as the root (the module
+    its first forward runs through), then its parameters back to shards (a root keeps them whole after a forward;
+    an optimizer must get the shards). For models used whole between `gathered` (PPO's roles)."""
+    shard(module, accelerator)
+    with torch.no_grad():
+        first_forward(module)
+    module.reshard()
+    return module
+
+
 def prepare_model(net: torch.nn.Module, sharding: str, accelerator) -> torch.nn.Module:
     """The trained model spread over the processes, before its optimizer is built on its parameters: sharded in
     place with fsdp2 (`shard`), on the device for ZeRO (whose engine `prepare_optimizer` builds), else through
@@ -337,13 +348,18 @@ def report(net, params: list[torch.Tensor], optimizer, accelerator) -> dict:
 
 def bytes_per_process(params: list[torch.Tensor], optimizer) -> dict[str, int]:
     """Bytes of `params` and of the optimizer's state tensors that this process holds."""
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return {"parameters": bytes_held(params), "optimizer": bytes_held(state)}
+
+
+def bytes_held(tensors: list[torch.Tensor]) -> int:
+    """Bytes of `tensors` that this process holds: a DTensor's own shard, ZeRO-3's part of a weight."""
     def local(t: torch.Tensor) -> int:
-        t = t.ds_tensor if hasattr(t, "ds_tensor") else t  # ZeRO-3's part of a weight
-        t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard
+        t = t.ds_tensor if hasattr(t, "ds_tensor") else t
+        t = t.to_local() if hasattr(t, "to_local") else t
         return t.numel() * t.element_size()
 
-    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    return {"parameters": sum(map(local, params)), "optimizer": sum(map(local, state))}
+    return sum(map(local, tensors))
 
 
 def from_launcher(cfg) -> None:

@@ -221,7 +221,8 @@ def test_reward_model_scores_and_initialises_the_critic(tmp_path, sft_policy):
                                     ({"advantage": "ppo2"}, "expected one of gae, grpo, rloo, reinforce++"),
                                     ({"sharding": "fsdp2", "lora": True, "merge": True}, "--merge with --sharding fsdp2"),
                                     ({"sharding": "zero9"}, "--sharding 'zero9': expected one of ddp, fsdp2"),
-                                    ({"sharding": "zero3"}, "ppo does not run with --sharding zero3")])
+                                    ({"sharding": "zero3"}, "ppo does not run with --sharding zero3"),
+                                    ({"shard_frozen": True}, "--shard-frozen shards with FSDP2")])
 def test_config_errors(tmp_path, kw, msg):
     with pytest.raises(UsageError, match=msg):
         ppo.train(cfg_for(tmp_path, "tiny-llama", **kw))
@@ -377,6 +378,32 @@ def test_two_processes_update_as_one(tmp_path, sft_policy, advantage, sharding):
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for k in a:  # Adam's 1/sqrt(v) can move a weight whose gradient is ~0 by a fraction of an lr-sized step
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+
+
+def test_sharded_frozen_models_give_the_replicated_result_in_half_the_bytes(tmp_path, sft_policy):
+    # --shard-frozen: the reference and the reward model sharded over 2 processes (FSDP2), whole only for their
+    # own passes; the run must be the one with both whole on every process
+    from accelerate.state import AcceleratorState
+
+    reward.train(reward.RMConfig(model="tiny-llama", data="sample:pairs", output=str(tmp_path / "rm"), max_steps=2,
+                                 batch_size=4, lr=1e-3, val_fraction=0.0, dtype="fp32", max_length=128))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    args = ["ppo", "--policy", sft_policy, "--reward-model", str(tmp_path / "rm"), "--advantage", "gae",
+            "--iterations", "2", "--rollout-prompts", "4", "--n-samples", "2", "--minibatch-size", "4",
+            "--max-new-tokens", "8", "--dtype", "fp32", "--lr", "1e-3", "--critic-lr", "1e-3", "--kl-coef", "0.1",
+            "--sample-every", "0", "--sharding", "fsdp2"]
+    run_distributed(2, *args, "--output", str(tmp_path / "whole"))
+    run_distributed(2, *args, "--shard-frozen", "--output", str(tmp_path / "sharded"))
+    for key in ["ppo/score", "ppo/kl", "ppo/policy_loss", "ppo/value_loss"]:
+        assert logged(tmp_path / "sharded", key) == pytest.approx(logged(tmp_path / "whole", key), rel=1e-5,
+                                                                  abs=1e-7), key
+    assert logged(tmp_path / "whole", "ppo/kl")[-1] > 0
+    held = {run: json.loads((tmp_path / run / "run.json").read_text())["frozen_bytes_per_process"]
+            for run in ("whole", "sharded")}
+    assert held["sharded"] == pytest.approx(held["whole"] / 2, rel=0.01)  # the reference's and RM's weights
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("whole", "sharded"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
 def test_rollout_prompts_must_split_evenly_over_the_processes(tmp_path):

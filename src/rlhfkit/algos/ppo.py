@@ -31,7 +31,8 @@ Departures, and why:
   update as one does (tested). The actor and critic are replicated (DDP), or sharded (--sharding fsdp2) and
   gathered whole for the rollout (sampling and the log-prob passes run a different number of forwards on each
   process), or replicated with their gradients and AdamW state split (zero2; zero3 is refused: its hooks gather
-  in every forward, which such a rollout cannot match); the reference and the reward model are replicated.
+  in every forward, which such a rollout cannot match); the reference and the reward model are replicated, or
+  sharded too with --shard-frozen (FSDP2); a sharded model is gathered whole for its own pass only.
 - The value head is read at the position whose logit samples the token (the convention of TRL and OpenRLHF).
 - Minibatches are drawn as whole prompt groups (a prompt's n samples stay together, as TRL's GRPO sampler keeps
   them), so that each forward runs a shared prompt once (`--shared-prefix`).
@@ -166,6 +167,9 @@ class PPOConfig(RunConfig):
     monitor: list[str] = field(default_factory=list)
     """Scores logged each iteration but never optimised, as monitor/NAME: rm:DIR (e.g. a reward model trained on
     held-out comparisons) or module:function (e.g. rlhfkit.sim.tasks:gold_reward, the built-in task's gold score)."""
+    shard_frozen: bool = False
+    """With --sharding fsdp2 on several processes, shard the frozen reference and reward model too (FSDP2), each
+    gathered whole only for its own pass of an iteration; else they are whole on every process."""
 
 
 # --- rollout ------------------------------------------------------------------------------------------------
@@ -363,17 +367,30 @@ def data_parallel(net: torch.nn.ModuleDict, sharding: str, accelerator, pad_id: 
     if sharding == "zero2":  # the engine around them both (`distributed.prepare_optimizer`) reduces
         return dict(net.to(accelerator.device).items())
     if sharding == "fsdp2":
-        rows = forward.rows([forward.Row([pad_id, pad_id], [0, 1])], pad_id).to(accelerator.device)
+        rows = first_rows(pad_id, accelerator.device)
         for m in net.values():
-            distributed.shard(m, accelerator)
-            with torch.no_grad():  # FSDP2's root is the module its first forward runs through: the role's own
-                m(*rows)
-            m.reshard()  # a root keeps its parameters whole after a forward; the optimizer must get the shards
+            distributed.shard_root(m, accelerator, lambda m: m(*rows))
         return dict(net.items())
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [accelerator.device.index] if accelerator.device.type == "cuda" else None
     return {role: DistributedDataParallel(m, device_ids=ids) for role, m in net.items()}
+
+
+def first_rows(pad_id: int, device) -> forward.Batch:
+    """A one-row batch (2 pad tokens) for a sharded role's first forward, which makes it its FSDP2 root."""
+    return forward.rows([forward.Row([pad_id, pad_id], [0, 1])], pad_id).to(device)
+
+
+def shard_frozen(roles: Roles, accelerator, pad_id: int) -> None:
+    """--shard-frozen: the reference and the reward model sharded as the trained roles are (FSDP2), each gathered
+    whole only around its own pass (`score`, `experience`)."""
+    rows = first_rows(pad_id, accelerator.device)
+    if roles.ref is not None:
+        distributed.shard_root(roles.ref, accelerator, lambda m: m(*rows))
+    if roles.reward_model is not None:
+        distributed.shard_root(roles.reward_model.model, accelerator,
+                               lambda m: m(input_ids=rows.input_ids, attention_mask=rows.attention_mask))
 
 
 # --- the PPO update -----------------------------------------------------------------------------------------
@@ -485,9 +502,10 @@ def score(cfg: PPOConfig, roles: Roles, row_prompts: list[formats.Messages], row
     scores = torch.zeros(len(samples.texts), dtype=torch.float64)
     groups = samples.prompt_index.tolist()  # a prompt's samples share its tokens (`RewardModel.score`)
     if roles.reward_model is not None:
-        scores += roles.reward_model.score(row_prompts, samples.texts, cfg.rm_batch_size,
-                                           cfg.max_length + cfg.max_new_tokens, precision,
-                                           groups=groups)[0]
+        with distributed.gathered(roles.reward_model.model):  # whole for its pass, if --shard-frozen sharded it
+            scores += roles.reward_model.score(row_prompts, samples.texts, cfg.rm_batch_size,
+                                               cfg.max_length + cfg.max_new_tokens, precision,
+                                               groups=groups)[0]
     if roles.reward_fn is not None:
         scores += call_reward_fn(roles.reward_fn, cfg.reward_fn, row_prompts, samples.texts, row_meta)
     device = shard.accelerator.device
@@ -504,7 +522,8 @@ def experience(cfg: PPOConfig, roles: Roles, samples: Samples, scores: torch.Ten
                timing: dict[str, float], shard: Shard) -> Rollout:
     """Steps 4–5: the old log-probs (unless on-policy), the reference's log-probs and the values of this process's
     samples, computed with the training forward's numerics, then rewards and advantages over the whole batch
-    (gathered: whitening and the estimators see every row). Adds the phases' times to `timing`."""
+    (gathered: whitening and the estimators see every row). Adds the phases' times to `timing`. A sharded model is
+    gathered whole for its own pass only, so that one whole model at a time is held besides the shards."""
     device, net = accelerator.device, roles.net
     input_ids, attention_mask = samples.sequences()
     rollout = Rollout(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
@@ -514,21 +533,25 @@ def experience(cfg: PPOConfig, roles: Roles, samples: Samples, scores: torch.Ten
                       on_policy=on_policy(cfg, len(scores) * shard.world))
     t0 = time.perf_counter()
     share = cfg.shared_prefix  # no gradients here, so checkpointed layers keep their cache
+    gathered = distributed.gathered
     with accelerator.autocast():
-        logprobs = None if rollout.on_policy else \
-            in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature, share=share)[0], rollout,
-                      cfg.batch_size)
+        with gathered(net["actor"]):
+            logprobs = None if rollout.on_policy else \
+                in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature, share=share)[0], rollout,
+                          cfg.batch_size)
         t1 = time.perf_counter()
         if roles.ref is not None:
-            ref_logprobs = in_chunks(lambda b: token_logprobs(roles.ref, b, cfg.temperature, share=share)[0],
-                                     rollout, cfg.batch_size)
+            with gathered(roles.ref):
+                ref_logprobs = in_chunks(lambda b: token_logprobs(roles.ref, b, cfg.temperature, share=share)[0],
+                                         rollout, cfg.batch_size)
         else:
-            with roles.actor.disable_adapter():
+            with gathered(net["actor"]), roles.actor.disable_adapter():
                 ref_logprobs = in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature,
                                                                   share=share)[0], rollout, cfg.batch_size)
         t2 = time.perf_counter()
-        values = in_chunks(lambda b: token_values(net["critic"], b, share), rollout, cfg.batch_size) \
-            if "critic" in net else None
+        with gathered(*([net["critic"]] if "critic" in net else [])):
+            values = in_chunks(lambda b: token_values(net["critic"], b, share), rollout, cfg.batch_size) \
+                if "critic" in net else None
     timing.update({"time/logprobs": t1 - t0, "time/reference": t2 - t1, "time/values": time.perf_counter() - t2})
     width = rollout.response_mask.shape[1]
     g = shard.gather
@@ -635,9 +658,11 @@ def train(cfg: PPOConfig) -> dict:
     tok = models.load_tokenizer(cfg.policy)
     prompt_set = load_prompts(cfg, tok)
     prompts, metadata = prompt_set.messages, prompt_set.metadata
-    roles = build_roles(cfg, tok, prompt_set, device, precision)
+    roles = build_roles(cfg, tok, prompt_set, device, precision, frozen_sharded=cfg.shard_frozen and world > 1)
     net = roles.net
     trained = data_parallel(net, cfg.sharding, accelerator, tok.pad_token_id)
+    if cfg.shard_frozen and world > 1:
+        shard_frozen(roles, accelerator, tok.pad_token_id)
     ptx_rows = load_ptx(cfg, tok)
 
     groups = [{"params": [p for p in net["actor"].parameters() if p.requires_grad], "lr": cfg.lr}]
@@ -687,8 +712,7 @@ def train(cfg: PPOConfig) -> dict:
             eos_warned = True
         timing["time/score"] = time.perf_counter() - t0
         # 4.–5. old and reference log-probs, values, rewards and advantages
-        with distributed.gathered(*net.values()):
-            rollout = experience(cfg, roles, samples, scores, beta, accelerator, timing, shard)
+        rollout = experience(cfg, roles, samples, scores, beta, accelerator, timing, shard)
         # 6. PPO epochs over minibatches
         t0 = time.perf_counter()
         sums, tokens_seen, train_tokens, updates, stopped_early, policy_logprobs = update_policy(
@@ -744,7 +768,11 @@ def train(cfg: PPOConfig) -> dict:
     weights = distributed.full_state_dict(net["actor"], strip="lm.")  # gathered by every process (None: not sharded)
     if main:
         models.save_pretrained(roles.actor, tok, out, merge=cfg.lora and cfg.merge, state_dict=weights)
-        write_run_json(out, cfg, "ppo", final, distributed.report(engine, params, optimizer, accelerator))
+        write_run_json(out, cfg, "ppo", final, {**distributed.report(engine, params, optimizer, accelerator),
+                                                "frozen_bytes_per_process": distributed.bytes_held(
+                                                    [*(roles.ref.parameters() if roles.ref else []),
+                                                     *(roles.reward_model.model.parameters()
+                                                       if roles.reward_model else [])])})
     tracker.close()
     release_output(out)
     accelerator.wait_for_everyone()

@@ -32,6 +32,8 @@ def check(cfg: PPOConfig) -> None:
         raise UsageError("ppo does not run with --sharding zero3 (its rollout runs a different number of forwards on "
                          "each process, which ZeRO-3 cannot gather for); use fsdp2, which shards the weights too, "
                          "or zero2")
+    if cfg.shard_frozen and cfg.sharding != "fsdp2":
+        raise UsageError("--shard-frozen shards with FSDP2: pass --sharding fsdp2")
     if cfg.advantage not in ADVANTAGES:
         raise UsageError(f"--advantage {cfg.advantage!r}: expected one of {', '.join(ADVANTAGES)}")
     if cfg.advantage in ("grpo", "rloo") and cfg.n_samples < 2:
@@ -144,7 +146,12 @@ class Roles:
     critic_init: str | None  # where the critic's weights came from (GAE)
 
 
-def build_roles(cfg: PPOConfig, tok, prompts: PromptSet, device, precision: str) -> Roles:
+def build_roles(cfg: PPOConfig, tok, prompts: PromptSet, device, precision: str, frozen_sharded: bool = False
+                ) -> Roles:
+    """`frozen_sharded` (--shard-frozen with several processes): the reference and reward model keep fp32 weights
+    (`models.inference_weights` would store their blocks' Linear weights in bf16 beside fp32 norms, and FSDP2 shards
+    only uniform dtypes); 1/N of 4 bytes is no more than 2 bytes whole from 2 processes on."""
+    frozen_precision = "no" if frozen_sharded else precision
     actor = for_training(models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok), cfg)
     net = torch.nn.ModuleDict({"actor": forward.SelectedLogits(actor)})
     ref = None if cfg.lora else forward.SelectedLogits(
@@ -155,9 +162,9 @@ def build_roles(cfg: PPOConfig, tok, prompts: PromptSet, device, precision: str)
         net["critic"] = forward.ValueModel(critic)
     net.to(device).eval()  # dropout off everywhere; gradients still flow
     if ref is not None:
-        models.inference_weights(ref.lm, precision)
+        models.inference_weights(ref.lm, frozen_precision)
         ref.to(device).eval()
-    reward_model = RewardModel.load(cfg.reward_model, device, precision) if cfg.reward_model else None
+    reward_model = RewardModel.load(cfg.reward_model, device, frozen_precision) if cfg.reward_model else None
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
     engine = HFEngine(actor, tok, batch_size=cfg.generate_batch_size, precision=precision)
     engine.check_fits(prompts.lengths, cfg.max_new_tokens)
