@@ -54,5 +54,8 @@ def test_distributed_quick_runs_one_and_two_processes(tmp_path):
     out = tmp_path / "d.json"
     run(str(BENCH / "distributed_bench.py"), "--quick", "--workdir", str(tmp_path / "w"), "--json", str(out))
     rows = json.loads(out.read_text())
-    assert [(r["processes"], r["sharding"]) for r in rows] == [(1, "ddp"), (2, "ddp"), (2, "fsdp2")]
+    assert [(r["processes"], r["sharding"]) for r in rows] == [(1, "ddp"), (2, "ddp"), (2, "fsdp2"), (2, "fsdp2"),
+                                                                (2, "zero2"), (2, "zero3")]
     assert rows[2]["sft_held"]["parameters"] < rows[1]["sft_held"]["parameters"]
+    assert rows[3]["ppo_frozen"] < rows[2]["ppo_frozen"]  # --shard-frozen
+    assert rows[5]["sft_held"]["parameters"] < rows[4]["sft_held"]["parameters"]  # zero3 splits the weights
