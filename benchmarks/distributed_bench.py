@@ -114,7 +114,9 @@ def main() -> None:
                 f"Two processes share the machine's cores (one each), so the throughput shows the cost of the "
                 f"collectives, not scaling; the bytes per process show what FSDP2 and ZeRO-3 shard (the trained "
                 f"weights and AdamW state: halved) and ZeRO-2 (AdamW state only), not counting DeepSpeed's fp32 copy "
-                f"of each process's part of the weights; --shard-frozen halves PPO's frozen reference; the peak RSS "
+                f"of each process's part of the weights; --shard-frozen splits PPO's frozen reference over the processes "
+                f"in fp32 (whole, its blocks' weights are kept in bf16 where the CPU computes in bf16, so on 2 "
+                f"processes it saves little); the peak RSS "
                 f"shows what the frozen models and, in PPO, each model gathered whole for its pass add. PPO does not "
                 f"run with ZeRO-3.\n\n{table}")
         write_section(args.results_md, "distributed", "One process against two: DDP, FSDP2, DeepSpeed ZeRO", command,
