@@ -100,7 +100,8 @@ def main() -> None:
               + (f"{r['sft_tokens_per_s']:.0f} | {gb(r['sft_peak_rss'])} | {held(r['sft_held'])} | " if "sft_held" in r
                  else "— | — | — | ")
               + (f"{r['ppo_iteration_s']:.2f} | {r['ppo_train_tokens_per_s']:.0f} | {gb(r['ppo_peak_rss'])} | "
-                 f"{held(r['ppo_held'])} | {gb(r['ppo_frozen'])} |" if "ppo_held" in r else "— | — | — | — | — |")
+                 f"{held(r['ppo_held'])} | {gb(r['ppo_frozen'])} |" if "ppo_held" in r
+                 else "— | — | — | — | — |")
               for r in rows]
     table = "\n".join(lines)
     print(table)
@@ -114,8 +115,8 @@ def main() -> None:
                 f"Two processes share the machine's cores (one each), so the throughput shows the cost of the "
                 f"collectives, not scaling; the bytes per process show what FSDP2 and ZeRO-3 shard (the trained "
                 f"weights and AdamW state: halved) and ZeRO-2 (AdamW state only), not counting DeepSpeed's fp32 copy "
-                f"of each process's part of the weights; --shard-frozen splits PPO's frozen reference over the processes "
-                f"in fp32 (whole, its blocks' weights are kept in bf16 where the CPU computes in bf16, so on 2 "
+                f"of each process's part of the weights; --shard-frozen splits PPO's frozen reference over the "
+                f"processes in fp32 (whole, its blocks' weights are kept in bf16 where the CPU computes in bf16, so on 2 "
                 f"processes it saves little); the peak RSS "
                 f"shows what the frozen models and, in PPO, each model gathered whole for its pass add. PPO does not "
                 f"run with ZeRO-3.\n\n{table}")

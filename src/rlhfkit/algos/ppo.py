@@ -360,7 +360,7 @@ def data_parallel(net: torch.nn.ModuleDict, sharding: str, accelerator, pad_id: 
     """The trained roles as the update calls them, with several processes: with ddp each wrapped in DDP (its
     gradients averaged in the backward pass) while the rollout's passes call the plain modules (they take no
     gradient, and their number differs between processes); with fsdp2 each sharded in place
-    (`distributed.shard`), whole only during the rollout (`distributed.gathered`); with zero2 as they are, the
+    (`distributed.shard`), whole only for a rollout pass (`distributed.gathered`); with zero2 as they are, the
     DeepSpeed engine built around both with the optimizer. One process: as they are."""
     if accelerator.num_processes == 1:
         return dict(net.items())
@@ -576,10 +576,11 @@ def update_policy(cfg: PPOConfig, net: dict, engine, rollout: Rollout, beta: flo
                   state: dict, ptx_rows: list, pad_id: int, shard: Shard, ckpt_root: Path) -> Updated:
     """Step 6: PPO epochs over minibatches of whole prompt groups, each minibatch one optimizer step over its
     micro-batches (and, with PPO-ptx, a batch of pre-training rows). `net`: the roles as `data_parallel` wraps
-    them; `engine`: the DeepSpeed engine around them under ZeRO, which takes the backward passes and the step. A minibatch is drawn from the whole batch, as one process would, and each process runs its own rows of
-    it: the loss is normalised by the minibatch's tokens over all processes, and every process runs as many
-    micro-batches as the busiest (an idle one runs a weight-0 row), so the DDP all-reduce of the last one sums the
-    minibatch's gradient."""
+    them; `engine`: the DeepSpeed engine around them under ZeRO, which takes the backward passes and the step. A
+    minibatch is drawn from the whole batch, as one process would, and each process runs its own rows of it: the
+    loss is normalised by the minibatch's tokens over all processes, and every process runs as many micro-batches
+    as the busiest (an idle one runs a weight-0 row), so the DDP all-reduce of the last one sums the minibatch's
+    gradient."""
     accelerator, world = shard.accelerator, shard.world
     mask = rollout.response_mask  # (b, R)
     mask_all = shard.gather(mask)  # (B, R'): the token counts of minibatches

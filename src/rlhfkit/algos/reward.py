@@ -459,7 +459,8 @@ def run_phase(cfg, p, phase, net, params, optimizer, scheduler, state, accelerat
         step_tokens = int(sums.tokens.item())
         loss = sums.loss.item() / len(rows)
         # 5.3–5.4 clip, guard against non-finite values and stalls, update
-        done = update(loss, net, params, optimizer, scheduler, state, cfg, accelerator, bar, cfg_root(cfg), rows[0].where)
+        done = update(loss, net, params, optimizer, scheduler, state, cfg, accelerator, bar, cfg_root(cfg),
+                      rows[0].where)
         if done is None:
             continue
         lr, grad_norm = done
