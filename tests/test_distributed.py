@@ -54,18 +54,22 @@ def test_fsdp2_trains_as_ddp_holds_half_per_process_and_resumes(tmp_path, comman
 
 
 # ZeRO-3 in the default run (it shards most: weights gathered in every forward); ZeRO-2, DPO and RM in the slow tier
-@pytest.mark.parametrize("command,sharding", [("sft", "zero3"), pytest.param("sft", "zero2", marks=pytest.mark.slow),
-                                              pytest.param("dpo", "zero3", marks=pytest.mark.slow),
-                                              pytest.param("rm", "zero3", marks=pytest.mark.slow),
-                                              pytest.param("rm", "zero2", marks=pytest.mark.slow)])
-def test_deepspeed_zero_trains_as_ddp_splits_adamw_and_resumes(tmp_path, command, sharding):
+@pytest.mark.parametrize("command,sharding,extra", [("sft", "zero3", []),
+                                                    pytest.param("sft", "zero2", [], marks=pytest.mark.slow),
+                                                    pytest.param("dpo", "zero3", [], marks=pytest.mark.slow),
+                                                    pytest.param("rm", "zero3", [], marks=pytest.mark.slow),
+                                                    pytest.param("rm", "zero2", [], marks=pytest.mark.slow),
+                                                    pytest.param("sft", "zero3", LORA, marks=pytest.mark.slow)])
+def test_deepspeed_zero_trains_as_ddp_splits_adamw_and_resumes(tmp_path, command, sharding, extra):
     # the FSDP2 test's run, with DeepSpeed's engine taking the backward passes and the step
     args = [command, "--model", "tiny-llama", "--data", DATA[command], "--max-steps", "4", "--lr", "1e-3",
-            "--dtype", "fp32", "--batch-size", "2", "--grad-accum", "2", "--warmup-ratio", "0", "--save-steps", "2"]
+            "--dtype", "fp32", "--batch-size", "2", "--grad-accum", "2", "--warmup-ratio", "0", "--save-steps", "2",
+            *extra]
+    saved = "adapter_model.safetensors" if extra else "model.safetensors"
     run_distributed(2, *args, "--output", str(tmp_path / "ddp"))
     run_distributed(2, *args, "--sharding", sharding, "--output", str(tmp_path / "zero"))
     assert train_losses(tmp_path / "zero") == pytest.approx(train_losses(tmp_path / "ddp"), rel=1e-5)
-    a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "zero" / "model.safetensors")
+    a, b = load_file(tmp_path / "ddp" / saved), load_file(tmp_path / "zero" / saved)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
@@ -80,7 +84,7 @@ def test_deepspeed_zero_trains_as_ddp_splits_adamw_and_resumes(tmp_path, command
     rewind(tmp_path / "resumed", 2)
     assert (tmp_path / "resumed" / "checkpoints" / "step-0000002" / "shards" / "zero").is_dir()
     run_distributed(2, *args, "--sharding", sharding, "--output", str(tmp_path / "resumed"), "--resume")
-    c = load_file(tmp_path / "resumed" / "model.safetensors")
+    c = load_file(tmp_path / "resumed" / saved)
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
