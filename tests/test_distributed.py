@@ -53,7 +53,7 @@ def test_fsdp2_trains_as_ddp_holds_half_per_process_and_resumes(tmp_path, comman
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
-# ZeRO-3 in the default run (it shards most: weights gathered in every forward); ZeRO-2, DPO and RM in the slow tier
+# ZeRO-3 in the default run (it shards most: weights gathered in every forward); ZeRO-2, DPO, RM, LoRA: slow tier
 @pytest.mark.parametrize("command,sharding,extra", [("sft", "zero3", []),
                                                     pytest.param("sft", "zero2", [], marks=pytest.mark.slow),
                                                     pytest.param("dpo", "zero3", [], marks=pytest.mark.slow),
