@@ -48,6 +48,10 @@ def check(cfg) -> None:
         deepspeed()  # installed, or one clear error before any model is loaded
 
 
+def several_processes() -> bool:
+    """Whether this process is one of several (a process group of more than one)."""
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
 
 def is_sharded(module: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
@@ -62,8 +66,7 @@ def whole_rows(module: torch.nn.Module, sharding: str) -> bool:
     PPO test, the shared-prefix forward gave process 1 wrong updates for the first weights of its part of the
     gradients (layer 1's q/k/v projections of tiny-llama moved by up to 2 × lr against one process's update; with
     whole rows, the same update)."""
-    several = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-    return is_sharded(module) or is_partitioned(module) or (several and sharding.startswith("zero"))
+    return is_sharded(module) or is_partitioned(module) or (several_processes() and sharding.startswith("zero"))
 
 
 def transformer_blocks(module: torch.nn.Module) -> torch.nn.ModuleList:
@@ -298,8 +301,9 @@ def zero3_state_dict(module: torch.nn.Module, strip: str) -> dict[str, torch.Ten
                 state |= {f"{prefix}.{n}".lstrip("."): p.detach().cpu().clone() for n, p in own}
     if not main:
         return None
-    state |= {n: b.detach().cpu() for n, b in module.named_buffers() if n in module.state_dict()}  # persistent ones
-    return {k.removeprefix(strip): state[k] for k in module.state_dict()}
+    keys = module.state_dict().keys()  # the parameters and the persistent buffers
+    state |= {n: b.detach().cpu() for n, b in module.named_buffers() if n in keys}
+    return {k.removeprefix(strip): state[k] for k in keys}
 
 
 def save_shards(path: Path, model: torch.nn.Module, optimizer) -> None:
@@ -335,7 +339,7 @@ def sharding_of(net) -> str | None:
         return f"zero{net.zero_optimization_stage()}"
     if is_sharded(net):
         return "fsdp2"
-    return None if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1 else "ddp"
+    return "ddp" if several_processes() else None
 
 
 def report(net, params: list[torch.Tensor], optimizer, accelerator) -> dict:
@@ -442,9 +446,8 @@ def accelerate_launch(argv: list[str]) -> list[str] | None:
         raise UsageError(f"--accelerate-config {name}: no such file {path} (the names: {names})")
     config = yaml.safe_load(path.read_text()) or {}
     kind = config.get("distributed_type", "NO")
-    wanted = {"FSDP": "fsdp2", "DEEPSPEED": None}.get(kind)
-    if kind == "DEEPSPEED":
-        wanted = zero_sharding(config.get("deepspeed_config") or {})
+    wanted = "fsdp2" if kind == "FSDP" else zero_sharding(config.get("deepspeed_config") or {}) \
+        if kind == "DEEPSPEED" else None
     sharding = [a for j, a in enumerate(rest) if j and rest[j - 1] == "--sharding" or a.startswith("--sharding=")]
     if wanted and any(s.removeprefix("--sharding=") != wanted for s in sharding):
         raise UsageError(f"--accelerate-config {name} shards with {wanted}: drop --sharding or pass {wanted}")

@@ -365,7 +365,7 @@ def data_parallel(net: torch.nn.ModuleDict, sharding: str, accelerator, pad_id: 
     if accelerator.num_processes == 1:
         return dict(net.items())
     if sharding == "zero2":  # the engine around them both (`distributed.prepare_optimizer`) reduces
-        return dict(net.to(accelerator.device).items())
+        return dict(net.items())
     if sharding == "fsdp2":
         rows = first_rows(pad_id, accelerator.device)
         for m in net.values():
@@ -549,9 +549,10 @@ def experience(cfg: PPOConfig, roles: Roles, samples: Samples, scores: torch.Ten
                 ref_logprobs = in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature,
                                                                   share=share)[0], rollout, cfg.batch_size)
         t2 = time.perf_counter()
-        with gathered(*([net["critic"]] if "critic" in net else [])):
-            values = in_chunks(lambda b: token_values(net["critic"], b, share), rollout, cfg.batch_size) \
-                if "critic" in net else None
+        values = None
+        if "critic" in net:
+            with gathered(net["critic"]):
+                values = in_chunks(lambda b: token_values(net["critic"], b, share), rollout, cfg.batch_size)
     timing.update({"time/logprobs": t1 - t0, "time/reference": t2 - t1, "time/values": time.perf_counter() - t2})
     width = rollout.response_mask.shape[1]
     g = shard.gather
@@ -659,10 +660,11 @@ def train(cfg: PPOConfig) -> dict:
     tok = models.load_tokenizer(cfg.policy)
     prompt_set = load_prompts(cfg, tok)
     prompts, metadata = prompt_set.messages, prompt_set.metadata
-    roles = build_roles(cfg, tok, prompt_set, device, precision, frozen_sharded=cfg.shard_frozen and world > 1)
+    frozen_sharded = cfg.shard_frozen and world > 1
+    roles = build_roles(cfg, tok, prompt_set, device, precision, frozen_sharded)
     net = roles.net
     trained = data_parallel(net, cfg.sharding, accelerator, tok.pad_token_id)
-    if cfg.shard_frozen and world > 1:
+    if frozen_sharded:
         shard_frozen(roles, accelerator, tok.pad_token_id)
     ptx_rows = load_ptx(cfg, tok)
 
