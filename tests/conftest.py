@@ -40,6 +40,19 @@ def tok():
     return models.load_tokenizer("tiny-llama")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def deterministic_cuda():
+    """On a GPU, the bit-exact tests (resume = uninterrupted run) need deterministic kernels: the memory-efficient
+    attention backward and some scatter-adds accumulate in whatever order their threads finish. The CPU kernels
+    are deterministic already, so this changes nothing there."""
+    import torch
+
+    if torch.cuda.is_available():
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # an op with no such kernel warns, not fails
+    yield
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps process-wide singletons; each in-process run starts from a clean one."""
@@ -72,9 +85,19 @@ def run_cli(*args: str, check: bool = True, timeout: int = 300, env: dict | None
     return proc
 
 
+def needs_devices(processes: int) -> None:
+    """Skip where `processes` processes would share one CUDA device: NCCL refuses that ('Duplicate GPU
+    detected'). On the CPU (gloo) any number of processes run."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < processes:
+        pytest.skip(f"{processes} processes need {processes} GPUs; this machine has {torch.cuda.device_count()}")
+
+
 def torchrun(processes: int, args) -> list[str]:
     """The command line of `rlhfkit ARGS` on `processes` processes of this machine (gloo on the CPU), as a user
     would launch it; --standalone picks a free rendezvous port, so tests may run side by side."""
+    needs_devices(processes)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
             "-m", "rlhfkit.cli", *args]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import rewind, run_cli, run_distributed, train_losses
+from tests.conftest import needs_devices, rewind, run_cli, run_distributed, train_losses
 
 DATA = {"sft": "sample:conversations", "dpo": "sample:pairs", "rm": "sample:pairs"}
 
@@ -103,6 +103,7 @@ def test_deepspeed_zero_skips_or_stops_on_a_nonfinite_gradient(tmp_path):
 
 @pytest.mark.parametrize("config,sharding", [("fsdp2", "fsdp2"), ("zero2", "zero2")])
 def test_accelerate_config_launches_sharded_processes(tmp_path, config, sharding):
+    needs_devices(2)
     proc = run_cli("sft", "--model", "tiny-llama", "--data", "sample:conversations", "--max-steps", "1", "--dtype",
                    "fp32", "--val-fraction", "0", "--accelerate-config", config, "--num-processes", "2",
                    "--output", str(tmp_path / "out"))

@@ -19,7 +19,7 @@ from rlhfkit import TrainingError, models
 from rlhfkit.algos import sft
 from rlhfkit.tracking import read_metrics
 
-from tests.conftest import launch_and_kill, needs_native_bf16, rewind, run_cli, run_distributed, train_losses
+from tests.conftest import launch_and_kill, needs_devices, needs_native_bf16, rewind, run_cli, run_distributed, train_losses
 
 
 def base_cfg(tmp_path: Path, **kw) -> sft.SFTConfig:
@@ -141,6 +141,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     run_cli("sft", *common, "--batch-size", "4", "--output", str(tmp_path / "one"))
     # on a CPU-only machine accelerate starts several processes (torchrun, gloo) only with --multi_gpu;
     # --cpu or no flag at all silently runs one process
+    needs_devices(2)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "-m", "rlhfkit.cli", "sft", *common, "--batch-size", "2", "--output", str(tmp_path / "two")]
