@@ -99,3 +99,37 @@ def test_discounted_returns_stop_at_the_mask():
     r = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     torch.testing.assert_close(rl.discounted_returns(r, mask, gamma=0.5), torch.tensor([[2.75, 3.5, 3.0, 0.0]]))
+
+
+def test_rollout_correction_by_hand():
+    # two rows of two tokens; log ρ = log π_trainer − log π_engine
+    # row 0: ρ = (2, 0.5) -> token-tis with cap 1.5: (1.5, 0.5); sequence ρ = 1 ≤ 1.5 -> seq-mask (1, 1)
+    # row 1: ρ = (4, e^0 = 1) but token 2 is padding -> token-tis (1.5, 0); sequence ρ = 4 > 1.5 -> masked: (0, 0)
+    engine = torch.tensor([[-1.0, -2.0], [-3.0, -0.5]])
+    trainer = engine + torch.tensor([[math.log(2.0), math.log(0.5)], [math.log(4.0), 0.7]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    torch.testing.assert_close(rl.rollout_correction(trainer, engine, mask, "token-tis", 1.5),
+                               torch.tensor([[1.5, 0.5], [1.5, 0.0]]))
+    torch.testing.assert_close(rl.rollout_correction(trainer, engine, mask, "seq-mask", 1.5),
+                               torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    # below the cap the sequence keeps its ratio as the weight: row 1's ρ = 4 with cap 5
+    torch.testing.assert_close(rl.rollout_correction(trainer, engine, mask, "seq-mask", 5.0)[1],
+                               torch.tensor([4.0, 0.0]))
+    torch.testing.assert_close(rl.rollout_correction(trainer, engine, mask, "none", 1.5), mask)
+    with pytest.raises(ValueError, match="token-tis"):
+        rl.rollout_correction(trainer, engine, mask, "tis", 1.5)
+
+
+@pytest.mark.parametrize("mode", rl.CORRECTIONS)
+def test_rollout_correction_with_identical_logprobs_changes_nothing(mode):
+    logps = torch.log_softmax(torch.randn(3, 5, 7), -1)[..., 0]  # (3, 5)
+    mask = torch.ones(3, 5)
+    mask[1, 3:] = 0
+    torch.testing.assert_close(rl.rollout_correction(logps, logps.clone(), mask, mode, 2.0), mask)
+    torch.testing.assert_close(rl.engine_mismatch_kl(logps, logps.clone()), torch.zeros(3, 5))
+
+
+def test_engine_mismatch_kl_by_hand():
+    # ρ = 2: (2 − 1) − log 2 = 0.30685; ρ = 0.5: −0.5 + log 2 = 0.19315
+    kl = rl.engine_mismatch_kl(torch.tensor([math.log(2.0), math.log(0.5)]), torch.zeros(2))
+    torch.testing.assert_close(kl, torch.tensor([1 - math.log(2.0), math.log(2.0) - 0.5]))

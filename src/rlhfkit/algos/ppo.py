@@ -11,13 +11,15 @@ and core/losses.py; every detail with its line: docs/algorithms/ppo.md.
      data, built in algos/ppo_setup.py; the optimizer, resume
   then each iteration:
   2. 2.1 this iteration's prompts (the next --rollout-prompts of a seeded permutation per pass over the prompt
-     set, running on into the next pass: every iteration has as many); 2.2 generate n responses
-     per prompt with the actor (rollout engine; no log-probs taken from sampling)
+     set, running on into the next pass: every iteration has as many); 2.2 load the actor's weights into the
+     rollout engine (vLLM; nothing to do for the hf engine, which samples with the actor itself), and generate n
+     responses per prompt (vLLM also returns its sampling log-probs)
   3. score: reward model and/or reward function; a response that never ended gets the missing-EOS penalty
   4. forward passes with the training numerics: old log-probs (actor), reference log-probs, values (critic)
   5. rewards and advantages: per-token −β·KL plus the score on the last token, then GAE / GRPO / RLOO / REINFORCE++
-  6. PPO epochs over minibatches: clipped surrogate (+ clipped value loss, + entropy bonus, + GRPO's KL term,
-     + the PPO-ptx pre-training loss), clipping, optimizer step; optional early stop on approximate KL
+  6. PPO epochs over minibatches: clipped surrogate, weighted by π_trainer/π_engine where the engine's numerics
+     differ (--rollout-correction) (+ clipped value loss, + entropy bonus, + GRPO's KL term, + the PPO-ptx
+     pre-training loss), clipping, optimizer step; optional early stop on approximate KL
   7. adaptive β, logs (per phase timings, --monitor scores such as a held-out RM or the gold score), sample
      table, checkpoint
   8. after the last iteration: the final policy as a Hugging Face directory
@@ -38,6 +40,9 @@ Departures, and why:
   them), so that each forward runs a shared prompt once (`--shared-prefix`).
 - PPO-ptx's γ multiplies the token-mean pre-training NLL of a ptx batch; InstructGPT's γ = 27.8 was tuned for its
   own loss scaling, so the default here is 1.
+- With --engine vllm the old log-probs are still the trainer's own (step 4), not the engine's: the engine's are
+  kept only to weight the loss by their ratio (--rollout-correction, as TRL, OpenRLHF and veRL do) and to log the
+  mismatch; vLLM runs in one process (several processes are refused for now).
 """
 
 from __future__ import annotations
@@ -60,14 +65,14 @@ from rlhfkit.core import rl
 from rlhfkit.core.losses import gae, kl_estimate, kl_penalized_rewards, masked_mean, masked_whiten
 from rlhfkit.data import formats
 from rlhfkit.reward_fn import call_reward_fn
-from rlhfkit.rollout import Samples, SamplingParams
+from rlhfkit.rollout import EngineConfig, Samples, SamplingParams
 from rlhfkit.tracking import release_output, truncate_jsonl
 from rlhfkit.training import (RunConfig, adamw, begin, global_batch_rows, make_schedule, micro_batches,
                               skip_nonfinite, start_run)
 
 
 @dataclass
-class PPOConfig(RunConfig):
+class PPOConfig(RunConfig, EngineConfig):
     """rlhfkit ppo: RLHF with PPO against a reward model and/or a reward function, KL-penalised to the SFT model."""
 
     policy: str = "smollm2-135m"
@@ -170,6 +175,12 @@ class PPOConfig(RunConfig):
     shard_frozen: bool = False
     """With --sharding fsdp2 on several processes, shard the frozen reference and reward model too (FSDP2), each
     gathered whole only for its own pass of an iteration; else they are whole on every process."""
+    rollout_correction: str = "auto"
+    """Weight the policy loss by π_trainer/π_engine where the rollout engine's numerics differ from the
+    trainer's: token-tis (per-token ratio truncated at the cap), seq-mask (the sequence's ratio, 0 above the cap),
+    none, or auto (seq-mask with --engine vllm, none with hf, whose samples are the trainer's own numerics)."""
+    rollout_correction_cap: float = 3.0
+    """The cap of --rollout-correction (TRL's default for seq-mask: 3)."""
 
 
 # --- rollout ------------------------------------------------------------------------------------------------
@@ -184,6 +195,7 @@ class Rollout:
     pad_id: the token the model inputs are padded with
     response_mask: (B, R) float, 1 on sampled tokens (the stop token included)
     logprobs, ref_logprobs: (B, R) log-probs of the sampled tokens under the actor and the reference (at τ)
+    engine_logprobs: (B, R) the rollout engine's log-probs of the sampled tokens, or None (hf engine)
     values: (B, R) critic values, or None without a critic
     scores: (B,) the reward after the missing-EOS rule and clipping
     advantages: (B, R); returns: (B, R) critic targets, or None without a critic
@@ -202,6 +214,7 @@ class Rollout:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     on_policy: bool = False
+    engine_logprobs: torch.Tensor | None = None
 
     def rows(self, idx: torch.Tensor) -> Rollout:
         take = lambda t: t[idx] if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -442,6 +455,8 @@ def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: floa
                                     entropy_grad=cfg.entropy_coef != 0)
     old = logps.detach() if mb.on_policy else mb.logprobs
     pg, ratio = rl.clipped_policy_loss(logps, old, mb.advantages, cfg.clip_eps)
+    if mb.engine_logprobs is not None:  # the tokens came from another engine's numerics (TRL: after the clip)
+        pg = pg * rl.rollout_correction(old, mb.engine_logprobs, mask, correction(cfg), cfg.rollout_correction_cap)
     loss = (pg * mask).sum() / n_tokens - cfg.entropy_coef * (entropy * mask).sum() / n_tokens
     outside = ((ratio - 1).abs() > cfg.clip_eps).float()
     stats = UpdateStats((pg * mask).sum(), (entropy * mask).sum(), (outside * mask).sum(),
@@ -455,6 +470,27 @@ def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: floa
         loss = loss + cfg.vf_coef * (vl * mask).sum() / n_tokens
         stats = stats._replace(value_loss=(vl * mask).sum(), value_clipfrac=(clipped.float() * mask).sum())
     return loss, logps.detach(), UpdateStats(*(None if v is None else v.detach() for v in stats))
+
+
+def correction(cfg: PPOConfig) -> str:
+    """--rollout-correction with auto resolved: seq-mask for an engine that reports its log-probs (vLLM)."""
+    return "seq-mask" if cfg.rollout_correction == "auto" else cfg.rollout_correction
+
+
+def engine_mismatch(cfg: PPOConfig, trainer: torch.Tensor, engine: torch.Tensor, mask: torch.Tensor
+                    ) -> dict[str, float]:
+    """The iteration's rollout/engine_* metrics: how far the engine's sampling log-probs are from the trainer's
+    old log-probs over the batch's response tokens (B, R each): the token ratio π_trainer/π_engine (mean, max),
+    KL(π_engine ‖ π_trainer) per token (k3), the largest |Δ log π|, and the share of tokens --rollout-correction
+    weights 0 (seq-mask) or truncates (token-tis)."""
+    on, mode = mask > 0, correction(cfg)
+    ratio = (trainer - engine).exp()[on]
+    weights = rl.rollout_correction(trainer, engine, mask, mode, cfg.rollout_correction_cap)[on]
+    cut = {"seq-mask": weights == 0, "token-tis": weights < ratio}.get(mode, torch.zeros_like(on[on]))
+    return {"rollout/engine_ratio_mean": float(ratio.mean()), "rollout/engine_ratio_max": float(ratio.max()),
+            "rollout/engine_kl": float(rl.engine_mismatch_kl(trainer, engine)[on].mean()),
+            "rollout/engine_logp_diff_max": float((trainer - engine).abs()[on].max()),
+            "rollout/engine_corrected_fraction": float(cut.float().mean())}
 
 
 def iteration_prompts(it: int, n_prompts: int, per_iteration: int, seed: int) -> list[int]:
@@ -530,7 +566,8 @@ def experience(cfg: PPOConfig, roles: Roles, samples: Samples, scores: torch.Ten
                       prompt_index=samples.prompt_index.to(device), pad_id=samples.pad_id,
                       response_mask=samples.response_mask.float().to(device),
                       logprobs=None, ref_logprobs=None, values=None, scores=scores,
-                      on_policy=on_policy(cfg, len(scores) * shard.world))
+                      on_policy=on_policy(cfg, len(scores) * shard.world),
+                      engine_logprobs=None if samples.logprobs is None else samples.logprobs.to(device))
     t0 = time.perf_counter()
     share = cfg.shared_prefix  # no gradients here, so checkpointed layers keep their cache
     gathered = distributed.gathered
@@ -702,8 +739,11 @@ def train(cfg: PPOConfig) -> dict:
         params_s = SamplingParams(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + it,
                                   first_prompt=shard.first)
+        timing["time/sync"] = roles.engine.sync(roles.actor)  # vLLM: the weights of the last update
+        t0 = time.perf_counter()
         with distributed.gathered(net["actor"]):  # a sharded actor samples whole
             samples = roles.engine.generate(batch_prompts, params_s)
+        roles.engine.sleep()  # vLLM on CUDA frees its memory for the trainer until the next sync
         timing["time/generate"] = time.perf_counter() - t0
         # 3. score
         t0 = time.perf_counter()
@@ -745,6 +785,9 @@ def train(cfg: PPOConfig) -> dict:
             "perf/generate_tokens_per_s": n_gen / max(timing["time/generate"], 1e-9),
             "perf/train_tokens_per_s": train_tokens / max(timing["time/train"], 1e-9), **timing,
         }
+        if rollout.engine_logprobs is not None:
+            metrics.update(engine_mismatch(cfg, shard.gather(policy_logprobs), shard.gather(rollout.engine_logprobs),
+                                           mask))
         if "critic" in net:
             values = shard.gather(rollout.values)
             metrics["ppo/explained_variance"] = float(rl.explained_variance(values, shard.gather(rollout.returns),

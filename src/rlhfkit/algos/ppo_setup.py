@@ -4,6 +4,7 @@ rollout engine. In one process they are plain objects, built here once."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,8 @@ from rlhfkit import DataError, UsageError, distributed, forward, models
 from rlhfkit.data import chat, formats, sources
 from rlhfkit.reward_fn import call_reward_fn, load_reward_fn
 from rlhfkit.reward_model import RewardModel, reward_model_dir
-from rlhfkit.rollout.hf import HFEngine
+from rlhfkit.core import rl
+from rlhfkit.rollout import Engine, engine_kind, make_engine
 from rlhfkit.training import for_training
 
 if TYPE_CHECKING:
@@ -48,6 +50,18 @@ def check(cfg: PPOConfig) -> None:
         raise UsageError(f"--kl-estimator {cfg.kl_estimator!r}: expected k1 or k3")
     for spec in cfg.monitor:  # before any model loads
         sources.parse(spec, "--monitor", ("rm", "fn"))
+    if cfg.rollout_correction not in ("auto", *rl.CORRECTIONS):
+        raise UsageError(f"--rollout-correction {cfg.rollout_correction!r}: expected auto, "
+                         f"{', '.join(rl.CORRECTIONS)}")
+    if cfg.rollout_correction_cap <= 0:
+        raise UsageError(f"--rollout-correction-cap must be > 0, got {cfg.rollout_correction_cap}")
+    if engine_kind(cfg) == "vllm":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by torchrun and accelerate launch
+            raise UsageError("--engine vllm runs PPO in one process for now; use --engine hf with several")
+    elif cfg.rollout_correction not in ("auto", "none"):
+        raise UsageError(f"--rollout-correction {cfg.rollout_correction} weights vLLM's samples: the hf engine "
+                         "samples with the trainer's own model and numerics, so there is nothing to correct "
+                         "(--engine vllm, or --rollout-correction none)")
 
 
 class PromptSet(NamedTuple):
@@ -134,7 +148,8 @@ def build_critic(cfg: PPOConfig, tok):
 class Roles:
     """PPO's models, built once (step 1). `net` holds what trains: "actor" (`forward.SelectedLogits` around the
     policy) and, for GAE, "critic" (`forward.ValueModel`). `ref` is the frozen reference; None with --lora, where the
-    reference is the actor with its adapter disabled. The engine samples with the actor's own weights."""
+    reference is the actor with its adapter disabled. The engine samples with the actor's own weights (hf), or with
+    a copy of them that each iteration refreshes (vllm)."""
 
     net: torch.nn.ModuleDict
     actor: Any  # the policy's causal LM (a peft model with --lora)
@@ -142,7 +157,7 @@ class Roles:
     reward_model: RewardModel | None
     reward_fn: Callable | None
     monitors: dict[str, Callable]
-    engine: HFEngine
+    engine: Engine
     critic_init: str | None  # where the critic's weights came from (GAE)
 
 
@@ -166,6 +181,6 @@ def build_roles(cfg: PPOConfig, tok, prompts: PromptSet, device, precision: str,
         ref.to(device).eval()
     reward_model = RewardModel.load(cfg.reward_model, device, frozen_precision) if cfg.reward_model else None
     reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
-    engine = HFEngine(actor, tok, batch_size=cfg.generate_batch_size, precision=precision)
+    engine = make_engine(cfg, actor, tok, cfg.generate_batch_size, precision, seed=cfg.seed)
     engine.check_fits(prompts.lengths, cfg.max_new_tokens)
     return Roles(net, actor, ref, reward_model, reward_fn, load_monitors(cfg, device), engine, critic_init)

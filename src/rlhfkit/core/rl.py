@@ -91,3 +91,38 @@ def reinforce_pp_advantages(scores: Tensor, logprobs: Tensor, ref_logprobs: Tens
     whitened over the valid tokens of the whole batch; (B, R)."""
     rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator)
     return masked_whiten(discounted_returns(rewards, mask), mask)
+
+
+# --- rollouts sampled by another engine ---------------------------------------------------------------------
+
+CORRECTIONS = ("none", "token-tis", "seq-mask")
+
+
+def rollout_correction(trainer_logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor, mode: str, cap: float
+                       ) -> Tensor:
+    """Importance weights (B, R) for the policy loss when the tokens were sampled by an engine (vLLM) whose
+    numerics differ from the trainer's: the sampling distribution is π_engine, the loss assumes π_trainer.
+    ρ = π_trainer / π_engine per token; in "seq-mask" the sequence's ρ = exp(Σ_t (log π_trainer − log π_engine)).
+
+      none:      1
+      token-tis: min(ρ_t, cap), truncated importance sampling per token (Yao et al. 2025; OpenRLHF's and veRL's
+                 token-level correction)
+      seq-mask:  ρ_seq where ρ_seq ≤ cap, else 0 for the whole sequence (TRL GRPO's default "sequence_mask")
+
+    Inputs (B, R); the log-probs carry no gradient (they are the old policy's). Off-mask tokens get weight 0."""
+    if mode == "none":
+        return mask.to(trainer_logprobs.dtype)
+    diff = (trainer_logprobs - engine_logprobs) * mask  # (B, R) log ρ_t, 0 off the mask
+    if mode == "token-tis":
+        return diff.exp().clamp(max=cap) * mask
+    if mode == "seq-mask":
+        ratio = diff.sum(-1, keepdim=True).exp()  # (B, 1)
+        return ratio.masked_fill(ratio > cap, 0.0) * mask
+    raise ValueError(f"rollout correction {mode!r}: expected one of {', '.join(CORRECTIONS)}")
+
+
+def engine_mismatch_kl(trainer_logprobs: Tensor, engine_logprobs: Tensor) -> Tensor:
+    """Per token k3 estimate of KL(π_engine ‖ π_trainer) from tokens the engine sampled: (ρ − 1) − log ρ with
+    ρ = π_trainer / π_engine; ≥ 0, and 0 exactly where the two agree. (B, R)."""
+    log_ratio = trainer_logprobs - engine_logprobs
+    return log_ratio.exp() - 1 - log_ratio

@@ -30,14 +30,13 @@ from rlhfkit.config import write_run_json
 from rlhfkit.core.losses import elo_bootstrap, elo_ratings
 from rlhfkit.data import formats, io, sources
 from rlhfkit.evaluate import winrates
-from rlhfkit.rollout import Samples, SamplingParams
-from rlhfkit.rollout.hf import HFEngine
+from rlhfkit.rollout import EngineConfig, Samples, SamplingParams, make_engine
 from rlhfkit.sim import tasks
 from rlhfkit.tracking import check_output
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(EngineConfig):
     """rlhfkit eval: win rates, Elo, mean scores and KL of several models on held-out prompts."""
 
     models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
@@ -213,7 +212,9 @@ def evaluate(cfg: EvalConfig) -> dict:
             tok = models.load_tokenizer(spec)
             model = models.load_causal_lm(spec, tokenizer=tok).to(models.device()).eval()
             models.inference_weights(model, precision)
-            samples = HFEngine(model, tok, cfg.batch_size, precision, progress=True).generate(prompts, params)
+            engine = make_engine(cfg, model, tok, cfg.batch_size, precision, progress=True, seed=cfg.seed)
+            samples = engine.generate(prompts, params)
+            del engine  # one model's engine at a time (vLLM holds its own copy of the weights)
             texts = samples.texts
         # 3. judge
         scores[name] = judge_scores(rm, cfg, prompts, task_list, texts, precision)

@@ -9,11 +9,12 @@ from typing import Literal
 
 from rlhfkit import RlhfkitError, UsageError
 from rlhfkit.config import parse_args
+from rlhfkit.rollout import EngineConfig
 from rlhfkit.tracking import check_output
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(EngineConfig):
     """rlhfkit label serve: the human-feedback web app (prompts, demonstrations, rankings, chat A/B, thumbs)."""
 
     db: str = "label.sqlite"
@@ -85,7 +86,7 @@ def serve(cfg: ServeConfig) -> None:
     server, store, _ = _web()
     if not 2 <= cfg.rank_k <= 9:
         raise UsageError(f"--rank-k must be between 2 and 9, got {cfg.rank_k}")
-    models = server.Models(cfg.model, cfg.batch_size)
+    models = server.Models(cfg.model, cfg.batch_size, cfg)
     generation = server.Generation(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.rank_k)
     app = server.create_app(cfg.db, models, generation, cfg.max_body_kb * 1024)
     print(f"rlhfkit label: serving {store.db_url(cfg.db)} on http://{cfg.host}:{cfg.port} "

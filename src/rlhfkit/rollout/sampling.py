@@ -10,12 +10,11 @@ from typing import Any
 
 from rlhfkit import models
 from rlhfkit.data import formats
-from rlhfkit.rollout import Samples, SamplingParams
-from rlhfkit.rollout.hf import HFEngine
+from rlhfkit.rollout import EngineConfig, Samples, SamplingParams, make_engine
 
 
 @dataclass
-class SamplingConfig:
+class SamplingConfig(EngineConfig):
     """Fields that every sampling command shares (generate, best-of-n)."""
 
     prompts: str = "sample:prompts"
@@ -62,7 +61,8 @@ def sample(cfg: SamplingConfig, model_name: str) -> tuple[list[formats.Prompt], 
     tok = models.load_tokenizer(model_name)
     model = models.load_causal_lm(model_name, seed=0, tokenizer=tok).to(models.device())
     # 3. sample
-    engine = HFEngine(model, tok, cfg.batch_size, models.mixed_precision(cfg.dtype), progress=True)
+    engine = make_engine(cfg, model, tok, cfg.batch_size, models.mixed_precision(cfg.dtype), progress=True,
+                         seed=cfg.seed)
     start = time.perf_counter()
     samples = engine.generate([p.messages for p in prompts], params)
     elapsed = time.perf_counter() - start
