@@ -49,6 +49,15 @@ def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return int(np.random.SeedSequence([seed, prompt_index, sample_index]).generate_state(1)[0])
 
 
+def checkpoint_names(model) -> Iterator[tuple[str, str]]:
+    """(checkpoint name, state-dict name) of each tensor `hf_weights` yields: a peft model's names without its
+    prefix and `.base_layer`, its LoRA matrices left out."""
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    for name in base.state_dict():
+        if "lora_" not in name:
+            yield name.replace(".base_layer.", "."), name
+
+
 def hf_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) in Hugging Face checkpoint names, one tensor at a time, as vLLM's loaders read a checkpoint.
 
@@ -57,24 +66,24 @@ def hf_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     process must walk the same names in the same order (they do: one model)."""
     from torch.distributed.tensor import DTensor
 
-    lora = {}
-    base = model
-    if hasattr(model, "peft_config"):  # peft: base_model.model.<name>, LoRA layers around .base_layer
-        base = model.get_base_model()
-        lora = {name: m for name, m in base.named_modules() if hasattr(m, "get_delta_weight") and m.active_adapters}
-    for name, tensor in base.state_dict().items():
-        if "lora_" in name:
-            continue
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    state = base.state_dict()
+    for name, key in checkpoint_names(model):
+        tensor = state[key]
         if isinstance(tensor, DTensor):
             tensor = tensor.full_tensor()
-        layer = name.rsplit(".base_layer.", 1)[0] if ".base_layer." in name else None
-        if layer is not None:
-            module = lora[layer]
-            if name.endswith(".weight") and not module.merged:
+        if key != name and key.endswith(".weight"):  # a LoRA layer's base weight
+            module = base.get_submodule(key.rsplit(".base_layer.", 1)[0])
+            if not module.merged:
                 delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
                 tensor = tensor + (delta.full_tensor() if isinstance(delta, DTensor) else delta)
-            name = name.replace(".base_layer.", ".")
         yield name, tensor.detach()
+
+
+def shapes(model) -> dict[str, tuple[int, ...]]:
+    """Checkpoint name -> shape of what `hf_weights` yields (a DTensor's shape is the whole tensor's)."""
+    state = (model.get_base_model() if hasattr(model, "peft_config") else model).state_dict()
+    return {name: tuple(state[key].shape) for name, key in checkpoint_names(model)}
 
 
 class VLLMEngine:
@@ -105,6 +114,8 @@ class VLLMEngine:
         self.llm = start(self.dir.name, DTYPES[precision], self.max_model_len, gpu_memory_utilization, seed,
                          self.cuda)
         self.asleep = False
+        self.broken: str | None = None  # why the engine cannot be used any more (a sync failed half-way)
+        self.shapes = shapes(model)  # what the engine was built for: each sync must bring exactly these
         self.sync(model)
 
     def encode_prompt(self, messages: Messages) -> list[int]:
@@ -116,6 +127,14 @@ class VLLMEngine:
     def sync(self, model) -> float:
         """Load `model`'s current weights into the engine (step 2 of the module docstring); seconds taken."""
         start_time = time.perf_counter()
+        self._check_usable()
+        mismatch = next(((name, shape, self.shapes.get(name)) for name, shape in shapes(model).items()
+                         if self.shapes.get(name) != shape), None) or \
+            next(((name, None, shape) for name, shape in self.shapes.items() if name not in shapes(model)), None)
+        if mismatch:  # checked before vLLM sees a tensor: a reload that fails half-way leaves the engine unusable
+            name, got, want = mismatch
+            raise SyncError(f"cannot sync the weights into vLLM: parameter {name} is {got or 'missing'} in the "
+                            f"model and {want or 'unknown'} in the engine, which was built for another model")
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
         current = ["(before the first parameter)"]
@@ -137,8 +156,8 @@ class VLLMEngine:
             with torch.no_grad():
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
         except Exception as e:  # vLLM raises what its loader met; say where
-            raise SyncError(f"the weight sync into vLLM failed at parameter {current[0]}: "
-                            f"{type(e).__name__}: {e}") from e
+            self.broken = f"the weight sync failed at parameter {current[0]}: {type(e).__name__}: {e}"
+            raise SyncError(f"{self.broken} (the engine is unusable now; start a new one)") from e
         finally:
             watchdog.cancel()
         self.llm.reset_prefix_cache()  # its keys and values came from the old weights
@@ -146,6 +165,10 @@ class VLLMEngine:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         return time.perf_counter() - start_time
+
+    def _check_usable(self) -> None:
+        if self.broken:
+            raise SyncError(f"this vLLM engine is unusable: {self.broken}")
 
     def sleep(self) -> None:
         """Free the engine's GPU memory until the next sync (CUDA; nothing on the CPU)."""
@@ -159,6 +182,7 @@ class VLLMEngine:
 
         if not prompts:
             raise ValueError("generate needs at least one prompt")
+        self._check_usable()
         if self.asleep:
             raise RuntimeError("the vLLM engine sleeps: sync the weights first")
         encoded = [self.encode_prompt(m) for m in prompts]
@@ -186,7 +210,7 @@ class VLLMEngine:
 def start(path: str, dtype: str, max_model_len: int, gpu_memory_utilization: float, seed: int, cuda: bool):
     """`vllm.LLM` in this process, on the model directory `path` (config and tokenizer, no weights)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: sync hands it tensors, not pickles
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the progress bars
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO and per-sync warnings would bury the progress bars
     if not cuda:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # "auto" would pin the trainer's threads too
