@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from dataclasses import replace
@@ -222,10 +223,23 @@ def test_reward_model_scores_and_initialises_the_critic(tmp_path, sft_policy):
                                     ({"sharding": "fsdp2", "lora": True, "merge": True}, "--merge with --sharding fsdp2"),
                                     ({"sharding": "zero9"}, "--sharding 'zero9': expected one of ddp, fsdp2"),
                                     ({"sharding": "zero3"}, "ppo does not run with --sharding zero3"),
-                                    ({"shard_frozen": True}, "--shard-frozen shards with FSDP2")])
+                                    ({"shard_frozen": True}, "--shard-frozen shards with FSDP2"),
+                                    ({"engine": "vlm"}, "--engine 'vlm': expected one of auto, hf, vllm"),
+                                    ({"engine": "hf", "rollout_correction": "token-tis"},
+                                     "nothing to correct"),
+                                    ({"rollout_correction": "tis"}, "expected auto, none, token-tis, seq-mask"),
+                                    ({"rollout_correction_cap": 0.0}, "--rollout-correction-cap must be > 0")])
 def test_config_errors(tmp_path, kw, msg):
     with pytest.raises(UsageError, match=msg):
         ppo.train(cfg_for(tmp_path, "tiny-llama", **kw))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_engine_vllm_without_vllm_is_one_clear_line(tmp_path):
+    proc = run_cli("ppo", "--policy", "tiny-llama", "--reward-fn", REWARD_FN, "--engine", "vllm",
+                   "--output", str(tmp_path / "out"), check=False)
+    assert proc.returncode != 0 and "--engine vllm: vLLM is not installed here; scripts/setup --with vllm" in \
+        proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_shared_prompt_forwards_give_the_whole_sequences_logprobs_values_and_gradients(tok, sft_policy):
