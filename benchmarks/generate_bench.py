@@ -5,10 +5,13 @@ Both sample one response of at most --max-new-tokens tokens to each of --prompts
 around `generate`, as a user of transformers would write it; the engine uses its own bf16 path). Tokens/s counts
 generated tokens up to and including the stop token, over the wall time of the whole call (prefill included).
 The engine is timed with each of --backends: "llama" (`LlamaBatch`, the default for Llama models) and "hf"
-(transformers' forward, `HFBatch`).
+(transformers' forward, `HFBatch`); "vllm" times `VLLMEngine` (vLLM in this process, bf16, its own batching) on the
+same prompts, where vLLM is installed (scripts/setup --with vllm; run with .venv-vllm/bin/python). Its start-up
+and first weight sync are timed apart (`startup_s`); its generate call is timed like the others.
 
     python benchmarks/generate_bench.py --model smollm2-135m --prompts 128 --batch-size 64 --max-new-tokens 48
     python benchmarks/generate_bench.py --quick     # tiny-llama, 8 prompts, 8 tokens: checks the harness
+    .venv-vllm/bin/python benchmarks/generate_bench.py --backends llama,vllm --prompts 128 --batch-size 64
 """
 
 from __future__ import annotations
@@ -67,12 +70,22 @@ def main() -> None:
               "max_new_tokens": args.max_new_tokens,
               "generate": {"tokens": plain_tokens, "seconds": plain_s, "tokens_per_s": plain_tokens / plain_s}}
     for backend in args.backends.split(","):
-        engine = HFEngine(model, tok, args.batch_size, "bf16", backend=backend)
+        start = time.perf_counter()
+        if backend == "vllm":
+            from rlhfkit.rollout.vllm import VLLMEngine
+
+            engine, name = VLLMEngine(model, tok, "bf16"), "vllm"
+        else:
+            engine, name = HFEngine(model, tok, args.batch_size, "bf16", backend=backend), f"hfengine-{backend}"
+        startup = time.perf_counter() - start
         start = time.perf_counter()
         s = engine.generate(prompts, SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens))
         seconds, tokens = time.perf_counter() - start, int(s.response_lengths.sum())
-        result[f"hfengine-{backend}"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                                         "speedup": tokens / seconds / result["generate"]["tokens_per_s"]}
+        result[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                        "speedup": tokens / seconds / result["generate"]["tokens_per_s"]}
+        if backend == "vllm":
+            result[name]["startup_s"] = startup
+            del engine
     print(json.dumps(result, indent=2))
 
 

