@@ -140,11 +140,11 @@ RANGES: dict[str, Range] = {
                      "pmp_epochs", "online_rounds", "save_total_limit", "seed", "lr", "critic_lr", "pmp_lr",
                      "weight_decay", "max_grad_norm", "kl_coef", "entropy_coef", "vf_coef", "ptx_coef", "temperature",
                      "value_clip", "early_stop_kl"], NON_NEGATIVE),
-    **dict.fromkeys(["beta", "clip_eps", "kl_target", "score_clip"], POSITIVE),
+    **dict.fromkeys(["beta", "clip_eps", "kl_target", "score_clip", "rollout_correction_cap"], POSITIVE),
     **dict.fromkeys(["warmup_ratio", "min_lr_ratio", "gamma", "lam"], FRACTION),
     "val_fraction": Range(0, 1, hi_open=True), "lora_dropout": Range(0, 1, hi_open=True),
     "label_smoothing": Range(0, 0.5, hi_open=True), "top_p": Range(0, 1, lo_open=True),
-    "k": Range(2), "rank_k": Range(2), "port": Range(1, 65535),
+    "k": Range(2), "rank_k": Range(2), "port": Range(1, 65535), "gpu_memory_utilization": Range(0, 1, lo_open=True),
     "max_steps": Range(-1),  # ≤ 0: run `epochs` passes instead
     "missing_eos_penalty": Range(),  # a score: any value
 }

