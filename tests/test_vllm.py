@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (scripts/setup --with vllm)")
 
@@ -29,7 +30,7 @@ from rlhfkit.rollout.hf import HFEngine  # noqa: E402
 from rlhfkit.rollout.vllm import SyncError, VLLMEngine, hf_weights  # noqa: E402
 from rlhfkit.tracking import read_metrics  # noqa: E402
 
-from tests.conftest import run_cli  # noqa: E402
+from tests.conftest import run_cli, run_distributed  # noqa: E402
 
 REWARD_FN = str(Path(__file__).parent / "algos" / "reward_fns.py") + ":a_fraction"
 PROMPTS = [[{"role": "user", "content": f"Count to {i}, please."}] for i in range(4)] + \
@@ -226,3 +227,23 @@ def test_eval_samples_each_model_with_its_own_engine(tmp_path, sft_policy, tok):
             "--output", str(tmp_path / "eval"))
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert set(result["models"]) == {"sft", "other"}, result.keys()
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+def test_two_processes_with_their_own_engines_update_as_one(tmp_path, sft_policy, sharding):
+    # each process samples its share of the prompts with its own vLLM engine (per-row seeds: the rows one process
+    # would sample), syncs it from its replica (ddp) or from the shards gathered tensor by tensor (fsdp2)
+    args = ["ppo", "--policy", sft_policy, "--reward-fn", REWARD_FN, "--engine", "vllm", "--advantage", "rloo",
+            "--iterations", "3", "--rollout-prompts", "8", "--n-samples", "2", "--minibatch-size", "8",
+            "--batch-size", "4", "--max-new-tokens", "8", "--dtype", "fp32", "--lr", "1e-3", "--kl-coef", "0.01",
+            "--missing-eos", "none", "--seed", "1", "--sample-every", "0"]
+    run_cli(*args, "--output", str(tmp_path / "one"))
+    run_distributed(2, *args, "--sharding", sharding, "--output", str(tmp_path / "two"))
+    metrics = {run: [m for m in read_metrics(tmp_path / run) if "ppo/score" in m] for run in ("one", "two")}
+    for key in ("ppo/score", "ppo/kl", "ppo/policy_loss", "rollout/engine_kl"):
+        assert [m[key] for m in metrics["two"]] == pytest.approx([m[key] for m in metrics["one"]], rel=1e-4,
+                                                                  abs=1e-6), key
+    assert metrics["one"][-1]["ppo/kl"] > 0  # the policy moved, and the engines followed it
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)

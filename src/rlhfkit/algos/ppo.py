@@ -42,7 +42,7 @@ Departures, and why:
   own loss scaling, so the default here is 1.
 - With --engine vllm the old log-probs are still the trainer's own (step 4), not the engine's: the engine's are
   kept only to weight the loss by their ratio (--rollout-correction, as TRL, OpenRLHF and veRL do) and to log the
-  mismatch; vLLM runs in one process (several processes are refused for now).
+  mismatch. With several processes each runs its own vLLM engine on its share of the prompts.
 """
 
 from __future__ import annotations

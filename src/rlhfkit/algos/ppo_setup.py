@@ -4,7 +4,6 @@ rollout engine. In one process they are plain objects, built here once."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,10 +52,7 @@ def check(cfg: PPOConfig) -> None:
     if cfg.rollout_correction not in ("auto", *rl.CORRECTIONS):
         raise UsageError(f"--rollout-correction {cfg.rollout_correction!r}: expected auto, "
                          f"{', '.join(rl.CORRECTIONS)}")
-    if engine_kind(cfg) == "vllm":
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by torchrun and accelerate launch
-            raise UsageError("--engine vllm runs PPO in one process for now; use --engine hf with several")
-    elif cfg.rollout_correction not in ("auto", "none"):
+    if engine_kind(cfg) == "hf" and cfg.rollout_correction not in ("auto", "none"):
         raise UsageError(f"--rollout-correction {cfg.rollout_correction} weights vLLM's samples: the hf engine "
                          "samples with the trainer's own model and numerics, so there is nothing to correct "
                          "(--engine vllm, or --rollout-correction none)")

@@ -1,7 +1,8 @@
 """VLLMEngine: sampling with vLLM (Kwon et al. 2023, PagedAttention) in this process, beside the trainer.
 
 One engine per process, colocated with the trainer as TRL's `vllm_mode="colocate"` and veRL's hybrid engine run it:
-`vllm.LLM` in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), tensor parallel size 1. Its life, top to bottom:
+`vllm.LLM` in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), tensor parallel size 1; under torchrun each process
+runs its own engine on its own share of the prompts (vLLM's `external_launcher`). Its life, top to bottom:
   1. start: a directory with the policy's config and tokenizer, no weights (`load_format="dummy"`); vLLM builds the
      model from the config, and the first `sync` loads the real weights
   2. `sync(model)`: the trainer's current weights go into the engine, one tensor at a time (a sharded FSDP2
@@ -231,6 +232,10 @@ def start(path: str, dtype: str, max_model_len: int, gpu_memory_utilization: flo
         kwargs.update(enable_chunked_prefill=False)
     if cuda:
         kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # data-parallel trainer processes (torchrun): each runs its own engine on its own prompts; vLLM joins the
+        # process group it finds instead of starting one of its own (TRL's colocate mode does the same)
+        kwargs.update(distributed_executor_backend="external_launcher")
     llm = LLM(**kwargs)
     torch.set_num_threads(threads)
     torch.backends.mkldnn.matmul.fp32_precision = matmul
