@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from rlhfkit import UsageError
+from rlhfkit.data.collate import pad_left
 from rlhfkit.data.formats import Messages
 
 
@@ -182,8 +183,6 @@ def assemble(tok, pad_id: int, encoded: list[list[int]], rows: list[tuple[int, i
              finished: list[bool], n: int, logprobs: list[list[float]] | None = None) -> Samples:
     """The `Samples` of rows (i, j) in prompt-major order: `encoded` prompts (tokens), each row's response tokens
     (its stop token last where it `finished`) and, from an engine that reports them, their log-probs."""
-    from rlhfkit.data.collate import pad_left
-
     prompt_ids, prompt_mask = pad_left([encoded[i] for i, _ in rows], pad_id)
     width = max(len(r) for r in responses)
     response_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
