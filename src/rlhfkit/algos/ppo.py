@@ -741,7 +741,8 @@ def train(cfg: PPOConfig) -> dict:
                                   first_prompt=shard.first)
         timing["time/sync"] = roles.engine.sync(roles.actor)  # vLLM: the weights of the last update
         t0 = time.perf_counter()
-        with distributed.gathered(net["actor"]):  # a sharded actor samples whole
+        whole = [net["actor"]] if roles.engine.samples_with_model else []  # a sharded actor samples whole (hf)
+        with distributed.gathered(*whole):
             samples = roles.engine.generate(batch_prompts, params_s)
         roles.engine.sleep()  # vLLM on CUDA frees its memory for the trainer until the next sync
         timing["time/generate"] = time.perf_counter() - t0

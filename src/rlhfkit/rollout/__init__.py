@@ -98,6 +98,10 @@ class Samples:
 class Engine(Protocol):
     """What generate, best-of-n, eval and PPO need from a generation backend."""
 
+    samples_with_model: bool
+    """True: `generate` runs the model it was given, so a sharded one must be whole meanwhile (HFEngine); False:
+    the engine holds its own copy of the weights (vLLM)."""
+
     def generate(self, prompts: list[Messages], params: SamplingParams) -> Samples:
         """n samples of each prompt (a message list ending with a user turn), rendered by the chat template."""
         ...

@@ -115,6 +115,8 @@ class HFEngine:
     (`llama.LlamaBatch` where the model is a Llama, else `HFBatch`), "hf" or "llama".
     """
 
+    samples_with_model = True
+
     def __init__(self, model, tokenizer, batch_size: int = 16, precision: str = "no",
                  stop_ids: Iterable[int] | None = None, progress: bool = False, backend: str = "auto"):
         if batch_size < 1:

@@ -97,6 +97,8 @@ class VLLMEngine:
     take before the process stops with an error naming the parameter it was on (a stalled gather would
     otherwise hang every process silently)."""
 
+    samples_with_model = False
+
     def __init__(self, model, tokenizer, precision: str = "no", gpu_memory_utilization: float = 0.3,
                  stop_ids: Iterable[int] | None = None, seed: int = 0, progress: bool = False,
                  max_model_len: int | None = None, sync_timeout: float = 600.0):
