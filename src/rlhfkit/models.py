@@ -270,6 +270,11 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
+def base_model(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def inference_weights(model, precision: str) -> None:
     """Store the Linear weights (and biases) of an inference-only model's transformer blocks in the autocast
     dtype of `precision` ("bf16" or "fp16"; "no" changes nothing). For reference and reward models, never for a

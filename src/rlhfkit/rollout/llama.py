@@ -27,13 +27,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhfkit import models
 from rlhfkit.data.collate import pad_right
 from rlhfkit.rollout import distinct_prompts
 
 
 def unsupported(model) -> str | None:
     """Why `LlamaBatch` cannot run `model` (None when it can)."""
-    base = _base(model)
+    base = models.base_model(model)
     config = getattr(base, "config", None)
     if getattr(config, "model_type", None) != "llama":
         return f"model type {getattr(config, 'model_type', type(base).__name__)!r} is not llama"
@@ -45,11 +46,6 @@ def unsupported(model) -> str | None:
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", "linear", "llama3"):
         return f"RoPE type {rope.get('rope_type')!r} (only ones that do not depend on the sequence length)"
     return None
-
-
-def _base(model):
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def projection(linear) -> torch.Tensor:
@@ -73,7 +69,7 @@ class LlamaWeights:
     nothing here writes to them."""
 
     def __init__(self, model, dtype: torch.dtype):
-        model = _base(model)
+        model = models.base_model(model)
         config = model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads

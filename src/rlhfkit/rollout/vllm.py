@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from rlhfkit import RlhfkitError, UsageError
+from rlhfkit import RlhfkitError, UsageError, models
 from rlhfkit.data import chat
 from rlhfkit.data.formats import Messages
 from rlhfkit.rollout import Samples, SamplingParams, assemble, check_fits
@@ -50,13 +50,12 @@ def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return int(np.random.SeedSequence([seed, prompt_index, sample_index]).generate_state(1)[0])
 
 
-def checkpoint_names(model) -> Iterator[tuple[str, str]]:
-    """(checkpoint name, state-dict name) of each tensor `hf_weights` yields: a peft model's names without its
-    prefix and `.base_layer`, its LoRA matrices left out."""
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
-    for name in base.state_dict():
-        if "lora_" not in name:
-            yield name.replace(".base_layer.", "."), name
+def checkpoint_names(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, str]]:
+    """(checkpoint name, key) of each tensor `hf_weights` yields from the state dict of `models.base_model`: a
+    peft model's names without `.base_layer`, its LoRA matrices left out."""
+    for key in state:
+        if "lora_" not in key:
+            yield key.replace(".base_layer.", "."), key
 
 
 def hf_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
@@ -67,9 +66,9 @@ def hf_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     process must walk the same names in the same order (they do: one model)."""
     from torch.distributed.tensor import DTensor
 
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    base = models.base_model(model)
     state = base.state_dict()
-    for name, key in checkpoint_names(model):
+    for name, key in checkpoint_names(state):
         tensor = state[key]
         if isinstance(tensor, DTensor):
             tensor = tensor.full_tensor()
@@ -83,8 +82,8 @@ def hf_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
 
 def shapes(model) -> dict[str, tuple[int, ...]]:
     """Checkpoint name -> shape of what `hf_weights` yields (a DTensor's shape is the whole tensor's)."""
-    state = (model.get_base_model() if hasattr(model, "peft_config") else model).state_dict()
-    return {name: tuple(state[key].shape) for name, key in checkpoint_names(model)}
+    state = models.base_model(model).state_dict()
+    return {name: tuple(state[key].shape) for name, key in checkpoint_names(state)}
 
 
 class VLLMEngine:
@@ -102,7 +101,7 @@ class VLLMEngine:
     def __init__(self, model, tokenizer, precision: str = "no", gpu_memory_utilization: float = 0.3,
                  stop_ids: Iterable[int] | None = None, seed: int = 0, progress: bool = False,
                  max_model_len: int | None = None, sync_timeout: float = 600.0):
-        config = (model.get_base_model() if hasattr(model, "peft_config") else model).config
+        config = models.base_model(model).config
         self.tok = tokenizer
         self.stop_ids = sorted(chat.end_of_turn_ids(tokenizer) if stop_ids is None else stop_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
