@@ -114,10 +114,12 @@ def save_directory(out: Path, write: Callable[[Path], None], need: int, what: st
 
 
 def save(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict, accelerator,
-         keep: int = 2, config: Any = None) -> Path:
+         keep: int = 2, config: Any = None, write: Callable[[Path], int] | None = None) -> Path:
     """Write `root/step-N` atomically and point `root/latest` at it; keep the newest `keep` checkpoints. `config`,
     the run's config dataclass, is kept beside the state so that `--resume` can check it is the same run. A full
-    disk stops the run with one message (`writing`), the earlier checkpoints intact."""
+    disk stops the run with one message (`writing`), the earlier checkpoints intact. Models held by other
+    processes (PPO's Ray workers) write their own files: `write(directory)` does, and returns their bytes; `model`,
+    `optimizer` and `scheduler` are then None."""
     final = root / f"step-{step:07d}"
     tmp = root / f"step-{step:07d}.tmp"
     if accelerator.is_main_process:
@@ -125,18 +127,21 @@ def save(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    model = model if distributed.is_engine(model) else distributed.unwrap(model)  # an engine saves itself
-    sharded = distributed.is_engine(model) or distributed.is_sharded(model)
-    need = checkpoint_bytes(model)
+    if model is not None:
+        model = model if distributed.is_engine(model) else distributed.unwrap(model)  # an engine saves itself
+    sharded = model is not None and (distributed.is_engine(model) or distributed.is_sharded(model))
+    need = checkpoint_bytes(model) if model is not None else 0
     with writing(tmp, f"a checkpoint (step {step})", need if accelerator.is_main_process else 0, keep):
         torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
         if sharded:  # each process its shards of the weights and of AdamW's state (ZeRO: the engine's files)
             distributed.save_shards(tmp / "shards", model, optimizer)
+        if write is not None:
+            write(tmp)
         if accelerator.is_main_process:
-            if not sharded:
-                save_file(trainable_state(model), tmp / "trainable.safetensors")
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if model is not None and not sharded:
+                write_model(tmp, model, optimizer, scheduler)
+            elif model is not None:
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
             if config is not None:
                 (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
@@ -225,17 +230,34 @@ def latest(root: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load(path: Path, model, optimizer, scheduler, accelerator) -> dict:
-    """Restore a checkpoint into already-prepared objects; returns the trainer state."""
-    model = model if distributed.is_engine(model) else distributed.unwrap(model)
-    if distributed.is_engine(model) or distributed.is_sharded(model):
-        distributed.load_shards(path / "shards", model, optimizer)
-    else:
-        weights = load_file(path / "trainable.safetensors")
-        missing = model.load_state_dict(weights, strict=False)
-        if missing.unexpected_keys:
-            raise RuntimeError(f"checkpoint {path} has weights the model lacks: {missing.unexpected_keys[:5]}")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+def write_model(path: Path, model, optimizer, scheduler) -> int:
+    """A whole model's trained weights, its optimizer's state and its schedule into the directory `path`; bytes
+    written."""
+    save_file(trainable_state(model), path / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), path / "optimizer.pt")
+    torch.save(scheduler.state_dict(), path / "scheduler.pt")
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def read_model(path: Path, model, optimizer, scheduler) -> None:
+    """`write_model`'s files back into already-built objects."""
+    weights = load_file(path / "trainable.safetensors")
+    missing = model.load_state_dict(weights, strict=False)
+    if missing.unexpected_keys:
+        raise RuntimeError(f"checkpoint {path} has weights the model lacks: {missing.unexpected_keys[:5]}")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+
+
+def load(path: Path, model, optimizer, scheduler, accelerator) -> dict:
+    """Restore a checkpoint into already-prepared objects; returns the trainer state. `model` None: the models are
+    held by other processes, which read their own files (`save`'s `write`)."""
+    if model is not None:
+        model = model if distributed.is_engine(model) else distributed.unwrap(model)
+        if distributed.is_engine(model) or distributed.is_sharded(model):
+            distributed.load_shards(path / "shards", model, optimizer)
+            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        else:
+            read_model(path, model, optimizer, scheduler)
     set_rng_state(torch.load(path / f"rng_{accelerator.process_index}.pt", weights_only=False))
     return json.loads((path / "trainer_state.json").read_text())

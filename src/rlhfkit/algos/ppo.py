@@ -65,6 +65,7 @@ from rlhfkit.core import rl
 from rlhfkit.core.losses import gae, kl_estimate, kl_penalized_rewards, masked_mean, masked_whiten
 from rlhfkit.data import formats
 from rlhfkit.reward_fn import call_reward_fn
+from rlhfkit.reward_model import RewardModel
 from rlhfkit.rollout import EngineConfig, Samples, SamplingParams
 from rlhfkit.tracking import release_output, truncate_jsonl
 from rlhfkit.training import (RunConfig, adamw, begin, global_batch_rows, make_schedule, micro_batches,
@@ -181,6 +182,17 @@ class PPOConfig(RunConfig, EngineConfig):
     none, or auto (seq-mask with --engine vllm, none with hf, whose samples are the trainer's own numerics)."""
     rollout_correction_cap: float = 3.0
     """The cap of --rollout-correction (TRL's default for seq-mask: 3)."""
+    backend: str = "local"
+    """Where the roles run: local (this process; several with torchrun or accelerate launch) or ray (actor, critic,
+    reference, reward model and rollout engines as Ray actors in placement groups; algos/ppo_ray.py)."""
+    ray_address: str | None = None
+    """--backend ray: the cluster to join (ray.init's address, e.g. auto or ray://HOST:10001); else a local one."""
+    colocate: str = "all"
+    """--backend ray: which roles share devices: all (every role on the same GPUs, as veRL by default), actor-ref,
+    critic-reward (those two pairs, the rest on their own, as OpenRLHF's --colocate_actor_ref/critic_reward) or
+    none (each role its own)."""
+    rollout_engines: int = 1
+    """--backend ray: rollout engines (Ray actors), each sampling an equal share of an iteration's prompts."""
 
 
 # --- rollout ------------------------------------------------------------------------------------------------
@@ -411,14 +423,15 @@ def shard_frozen(roles: Roles, accelerator, pad_id: int) -> None:
 
 class UpdateStats(NamedTuple):
     """An update's statistics, summed over its response tokens (`ratio_dev_max`: the maximum); None where the run
-    has no such term (no critic, no ptx data). Logged divided by the tokens seen."""
+    has no such term (no critic, no ptx data), or where these rows' roles do not compute it (a Ray worker holds
+    the actor or the critic: `merge` joins theirs). Logged divided by the tokens seen."""
 
-    policy_loss: torch.Tensor
-    entropy: torch.Tensor
-    clipfrac: torch.Tensor
-    approx_kl: torch.Tensor
-    ratio: torch.Tensor
-    ratio_dev_max: torch.Tensor
+    policy_loss: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    clipfrac: torch.Tensor | None = None
+    approx_kl: torch.Tensor | None = None
+    ratio: torch.Tensor | None = None
+    ratio_dev_max: torch.Tensor | None = None
     value_loss: torch.Tensor | None = None
     value_clipfrac: torch.Tensor | None = None
     ptx_loss: torch.Tensor | None = None
@@ -443,33 +456,40 @@ class UpdateStats(NamedTuple):
 
 
 def minibatch_loss(net, mb: Rollout, cfg: PPOConfig, beta: float, n_tokens: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, UpdateStats]:
-    """Step 6 for one micro-batch: the loss scaled by the minibatch's token count, the actor's log-probs of the
-    sampled tokens (B, R) without their graph, and the summed statistics."""
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, UpdateStats]:
+    """Step 6 for one micro-batch of the roles in `net` ("actor" and/or "critic"): the loss scaled by the
+    minibatch's token count, the actor's log-probs of the sampled tokens (B, R) without their graph (None without
+    the actor), and the summed statistics. The actor's and the critic's terms share no parameters, so their sum's
+    gradients are each term's own: a Ray worker holding one role computes its term alone."""
     mask = mb.response_mask
     # checkpointed layers keep no KV cache; compiled ones run eagerly on one (`fast.layers.compile_layers`); a
     # sharded actor runs whole rows (`distributed.whole_rows`)
     share = cfg.shared_prefix and not (cfg.gradient_checkpointing or cfg.compile
-                                       or distributed.whole_rows(net["actor"], cfg.sharding))
-    logps, entropy = token_logprobs(net["actor"], mb, cfg.temperature, with_entropy=True, share=share,
-                                    entropy_grad=cfg.entropy_coef != 0)
-    old = logps.detach() if mb.on_policy else mb.logprobs
-    pg, ratio = rl.clipped_policy_loss(logps, old, mb.advantages, cfg.clip_eps)
-    if mb.engine_logprobs is not None:  # the tokens came from another engine's numerics (TRL: after the clip)
-        pg = pg * rl.rollout_correction(old, mb.engine_logprobs, mask, correction(cfg), cfg.rollout_correction_cap)
-    loss = (pg * mask).sum() / n_tokens - cfg.entropy_coef * (entropy * mask).sum() / n_tokens
-    outside = ((ratio - 1).abs() > cfg.clip_eps).float()
-    stats = UpdateStats((pg * mask).sum(), (entropy * mask).sum(), (outside * mask).sum(),
-                        (rl.approx_kl(logps, old) * mask).sum(), (ratio * mask).sum(), ((ratio - 1).abs() * mask).max())
-    if cfg.advantage == "grpo":
-        kl = kl_estimate(logps, mb.ref_logprobs, "k3")
-        loss = loss + beta * (kl * mask).sum() / n_tokens
+                                       or any(distributed.whole_rows(m, cfg.sharding) for m in net.values()))
+    loss, logps, stats = torch.zeros(()), None, UpdateStats()
+    if "actor" in net:
+        logps, entropy = token_logprobs(net["actor"], mb, cfg.temperature, with_entropy=True, share=share,
+                                        entropy_grad=cfg.entropy_coef != 0)
+        old = logps.detach() if mb.on_policy else mb.logprobs
+        pg, ratio = rl.clipped_policy_loss(logps, old, mb.advantages, cfg.clip_eps)
+        if mb.engine_logprobs is not None:  # the tokens came from another engine's numerics (TRL: after the clip)
+            pg = pg * rl.rollout_correction(old, mb.engine_logprobs, mask, correction(cfg),
+                                            cfg.rollout_correction_cap)
+        loss = (pg * mask).sum() / n_tokens - cfg.entropy_coef * (entropy * mask).sum() / n_tokens
+        outside = ((ratio - 1).abs() > cfg.clip_eps).float()
+        stats = UpdateStats((pg * mask).sum(), (entropy * mask).sum(), (outside * mask).sum(),
+                            (rl.approx_kl(logps, old) * mask).sum(), (ratio * mask).sum(),
+                            ((ratio - 1).abs() * mask).max())
+        if cfg.advantage == "grpo":
+            kl = kl_estimate(logps, mb.ref_logprobs, "k3")
+            loss = loss + beta * (kl * mask).sum() / n_tokens
+        logps = logps.detach()
     if "critic" in net:
         values = token_values(net["critic"], mb, share)
         vl, clipped = rl.clipped_value_loss(values, mb.values, mb.returns, cfg.value_clip)
         loss = loss + cfg.vf_coef * (vl * mask).sum() / n_tokens
         stats = stats._replace(value_loss=(vl * mask).sum(), value_clipfrac=(clipped.float() * mask).sum())
-    return loss, logps.detach(), UpdateStats(*(None if v is None else v.detach() for v in stats))
+    return loss, logps, UpdateStats(*(None if v is None else v.detach() for v in stats))
 
 
 def correction(cfg: PPOConfig) -> str:
@@ -520,7 +540,226 @@ def ptx_loss(net, rows, pad_id: int, device, n_tokens: int | None = None) -> tor
     return -logps.sum() / max(len(logps) if n_tokens is None else n_tokens, 1)
 
 
-# --- training -----------------------------------------------------------------------------------------------
+# --- the roles' work, where they are held ---------------------------------------------------------------------
+# The same functions run in this process (`InProcess`, one per torchrun/accelerate process) and in the Ray workers
+# (algos/ppo_ray.py), which each hold one role.
+
+
+def reward_scores(cfg: PPOConfig, reward_model: RewardModel | None, reward_fn, row_prompts: list[formats.Messages],
+                  texts: list[str], row_meta: list[dict], groups: list[int], precision: str) -> torch.Tensor:
+    """Step 3's raw scores of these samples, (b,) float64: the reward model's and the function's, summed."""
+    scores = torch.zeros(len(texts), dtype=torch.float64)
+    if reward_model is not None:
+        with distributed.gathered(reward_model.model):  # whole for its pass, if --shard-frozen sharded it
+            scores += reward_model.score(row_prompts, texts, cfg.rm_batch_size, cfg.max_length + cfg.max_new_tokens,
+                                         precision, groups=groups)[0]
+    if reward_fn is not None:
+        scores += call_reward_fn(reward_fn, cfg.reward_fn, row_prompts, texts, row_meta)
+    return scores
+
+
+def logprob_pass(cfg: PPOConfig, model, rollout: Rollout) -> torch.Tensor:
+    """Step 4's log-probs (B, R) of the sampled tokens under `model` (the actor, or the reference), no gradient;
+    a sharded model whole for its pass only, so that one whole model at a time is held besides the shards. No
+    gradients here, so checkpointed layers keep their cache: prompts are shared by default."""
+    with distributed.gathered(model):
+        return in_chunks(lambda b: token_logprobs(model, b, cfg.temperature, share=cfg.shared_prefix)[0], rollout,
+                         cfg.batch_size)
+
+
+def value_pass(cfg: PPOConfig, critic, rollout: Rollout) -> torch.Tensor:
+    """Step 4's values (B, R) of the critic."""
+    with distributed.gathered(critic):
+        return in_chunks(lambda b: token_values(critic, b, cfg.shared_prefix), rollout, cfg.batch_size)
+
+
+class Minibatch(NamedTuple):
+    """What one minibatch's backward passes left (step 6), before the optimizer step."""
+
+    stats: UpdateStats  # summed over this process's rows (`UpdateStats.across` sums the processes')
+    train_tokens: float  # prompt and response tokens this process ran forward and backward
+    rows: torch.Tensor  # (k,) this process's rows of the minibatch, indices into its share of the batch
+    logprobs: torch.Tensor | None  # (k, R) the actor's log-probs of those rows before the step (None: no actor)
+
+
+@dataclass
+class Learner:
+    """The trained roles of this process, with their optimizer and schedule: "actor" and, for GAE, "critic" in one
+    process, or one of them in a Ray worker. `net` holds them as built (`forward.SelectedLogits`,
+    `forward.ValueModel`); `trained` as `data_parallel` wraps them for the update; `engine` is the DeepSpeed engine
+    around both under ZeRO, which takes the backward passes and the step, else `net`."""
+
+    cfg: PPOConfig
+    net: torch.nn.ModuleDict
+    trained: dict[str, torch.nn.Module]
+    engine: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: list[torch.Tensor]
+    accelerator: Any
+    ptx_rows: list
+    pad_id: int
+
+    @classmethod
+    def build(cls, cfg: PPOConfig, net: torch.nn.ModuleDict, accelerator, pad_id: int, ptx_rows: list) -> Learner:
+        """Spread the roles over the processes (`data_parallel`), then AdamW (the actor's and the critic's learning
+        rates as parameter groups) and the schedule on their parameters."""
+        trained = data_parallel(net, cfg.sharding, accelerator, pad_id)
+        lrs = {"actor": cfg.lr, "critic": cfg.critic_lr}
+        groups = [{"params": [p for p in net[r].parameters() if p.requires_grad], "lr": lrs[r]} for r in net]
+        params = [p for g in groups for p in g["params"]]
+        optimizer = adamw(groups, cfg)
+        scheduler = make_schedule(optimizer, cfg, cfg.iterations)
+        engine, optimizer = distributed.prepare_optimizer(net, optimizer, cfg, accelerator)  # ZeRO's, else net
+        return cls(cfg, net, trained, engine, optimizer, scheduler, params, accelerator, ptx_rows, pad_id)
+
+    def minibatch(self, rollout: Rollout, mb_rows: torch.Tensor, n_tokens: float, beta: float, ptx_step: int,
+                  shard: Shard) -> Minibatch:
+        """The backward passes of one minibatch (`mb_rows`, global rows): this process's rows of it in micro-batches,
+        then, with PPO-ptx and an actor, a batch of pre-training rows (batch `ptx_step`). The loss is normalised by
+        the minibatch's `n_tokens` over all processes, and every process runs as many micro-batches as the busiest
+        (an idle one runs a weight-0 row), so the DDP all-reduce of the last one sums the minibatch's gradient."""
+        cfg, accelerator, world, net = self.cfg, self.accelerator, shard.world, self.trained
+        ptx = bool(self.ptx_rows) and "actor" in net
+        mine = shard.local(mb_rows)
+        n_micro = max(1, max(math.ceil(int((shard.owner(mb_rows) == p).sum()) / cfg.batch_size)
+                             for p in range(world)))
+        stats, train_tokens, logprobs = UpdateStats(), 0.0, []
+        for u in range(n_micro):
+            idx = mine[u * cfg.batch_size:(u + 1) * cfg.batch_size]
+            real = len(idx) > 0
+            idx = idx if real else torch.zeros(1, dtype=torch.long)  # a stand-in row, weight 0
+            train_tokens += float(rollout.attention_mask[idx].sum()) * real  # prompt + response, fwd + bwd
+            # each role's gradients are reduced in its last backward of the step; the actor's is PPO-ptx's, if any
+            synced = ({"critic"} | (set() if ptx else {"actor"})) if u == n_micro - 1 else set()
+            with distributed.gradient_sync([net[r] for r in net if r in synced], True), \
+                    distributed.gradient_sync([net[r] for r in net if r not in synced], False):
+                with accelerator.autocast():
+                    loss, logps, st = minibatch_loss(net, rollout.rows(idx), cfg, beta, n_tokens)
+                # DDP averages the processes' gradients: × world makes that their sum
+                distributed.backward(loss * (world if real else 0.0), self.engine, accelerator)
+            if real and logps is not None:
+                logprobs.append(logps.float())
+            stats = stats.merge(st if real else UpdateStats(*(None if v is None else v * 0 for v in st)))
+        if ptx:
+            rows = [self.ptx_rows[i] for i in global_batch_rows(ptx_step, len(self.ptx_rows), cfg.ptx_batch_size,
+                                                                cfg.seed)]
+            ptx_tokens = len(forward.rows(rows, self.pad_id).targets)
+            (mine_ptx, real), = micro_batches(rows, accelerator, len(rows))  # one: this process's share
+            with accelerator.autocast():  # the last backward of the step: DDP all-reduces
+                loss = ptx_loss(net, mine_ptx, self.pad_id, accelerator.device, ptx_tokens) * real
+            distributed.backward(cfg.ptx_coef * loss * world, self.engine, accelerator)
+            stats = stats._replace(ptx_loss=loss.detach() * n_tokens)
+        return Minibatch(stats, train_tokens, mine, torch.cat(logprobs) if logprobs else None)
+
+    def step(self, clip: float, skip) -> float | None:
+        """Clip the gradients to `clip`, step unless `skip(norm)`, clear them; the norm, or None when skipped."""
+        return distributed.step(self.engine, self.params, self.optimizer, clip, self.accelerator, skip)
+
+    def grad_norm(self) -> float:
+        """The norm of this learner's gradients (a Ray worker's share of the norm `step` clips by)."""
+        return float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+
+    def step_with_norm(self, clip: float, total_norm: float | None) -> None:
+        """`step` where the norm is of more roles than these (Ray: the actor's and the critic's, as one process
+        clips them together); None: the step is skipped, the gradients cleared."""
+        if total_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, clip, torch.tensor(total_norm))
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr_step(self) -> float:
+        """The learning rate this iteration used; the schedule moves on."""
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return lr
+
+
+@dataclass
+class InProcess:
+    """PPO's roles held in this process (one of several under torchrun/accelerate, each with its share of the
+    prompts): what the loop in `train` calls. algos/ppo_ray.py's `RayRoles` is the same interface over Ray
+    actors."""
+
+    cfg: PPOConfig
+    roles: Roles
+    learner: Learner
+    shard: Shard
+    precision: str
+
+    @property
+    def monitors(self) -> dict:
+        return self.roles.monitors
+
+    @property
+    def critic_init(self) -> str | None:
+        return self.roles.critic_init
+
+    def sync(self) -> float:
+        return self.roles.engine.sync(self.roles.actor)  # vLLM: the weights of the last update
+
+    def generate(self, prompts: list[formats.Messages], params: SamplingParams) -> Samples:
+        engine = self.roles.engine
+        whole = [self.roles.net["actor"]] if engine.samples_with_model else []  # a sharded actor samples whole (hf)
+        with distributed.gathered(*whole):
+            samples = engine.generate(prompts, params)
+        engine.sleep()  # vLLM on CUDA frees its memory for the trainer until the next sync
+        return samples
+
+    def reward(self, row_prompts, texts, row_meta, groups) -> torch.Tensor:
+        return reward_scores(self.cfg, self.roles.reward_model, self.roles.reward_fn, row_prompts, texts, row_meta,
+                             groups, self.precision)
+
+    def passes(self, rollout: Rollout, timing: dict[str, float]):
+        """Step 4: (old log-probs, or None on-policy; reference log-probs; values, or None), each (b, R)."""
+        net, accelerator = self.roles.net, self.learner.accelerator
+        t0 = time.perf_counter()
+        with accelerator.autocast():
+            logprobs = None if rollout.on_policy else logprob_pass(self.cfg, net["actor"], rollout)
+            t1 = time.perf_counter()
+            if self.roles.ref is not None:
+                ref_logprobs = logprob_pass(self.cfg, self.roles.ref, rollout)
+            else:
+                with self.roles.actor.disable_adapter():
+                    ref_logprobs = logprob_pass(self.cfg, net["actor"], rollout)
+            t2 = time.perf_counter()
+            values = value_pass(self.cfg, net["critic"], rollout) if "critic" in net else None
+        timing.update({"time/logprobs": t1 - t0, "time/reference": t2 - t1, "time/values": time.perf_counter() - t2})
+        return logprobs, ref_logprobs, values
+
+    def minibatch(self, rollout, mb_rows, n_tokens, beta, ptx_step) -> Minibatch:
+        return self.learner.minibatch(rollout, mb_rows, n_tokens, beta, ptx_step, self.shard)
+
+    def step(self, clip: float, skip) -> float | None:
+        return self.learner.step(clip, skip)
+
+    def lr_step(self) -> float:
+        return self.learner.lr_step()
+
+    @property
+    def checkpointed(self) -> tuple:
+        """What `training.start_run` restores on --resume: (model, optimizer, schedule)."""
+        return self.learner.engine, self.learner.optimizer, self.learner.scheduler
+
+    def restore(self, path: Path) -> None:
+        """Nothing left to load: `training.start_run` restored `checkpointed`."""
+
+    def save(self, root: Path, step: int, state: dict) -> None:
+        learner = self.learner
+        checkpoint.save(root, step, learner.engine, learner.optimizer, learner.scheduler, state, learner.accelerator,
+                        self.cfg.save_total_limit, self.cfg)
+
+    def finish(self, out: Path, tok, final: dict) -> None:
+        """Step 8: the final policy as a Hugging Face directory, and run.json."""
+        cfg, roles, learner = self.cfg, self.roles, self.learner
+        weights = distributed.full_state_dict(roles.net["actor"], strip="lm.")  # every process (None: unsharded)
+        if learner.accelerator.is_main_process:
+            models.save_pretrained(roles.actor, tok, out, merge=cfg.lora and cfg.merge, state_dict=weights)
+            held = [*(roles.ref.parameters() if roles.ref else []),
+                    *(roles.reward_model.model.parameters() if roles.reward_model else [])]
+            write_run_json(out, cfg, "ppo", final, {
+                **distributed.report(learner.engine, learner.params, learner.optimizer, learner.accelerator),
+                "backend": "in-process", "frozen_bytes_per_process": distributed.bytes_held(held)})
 
 
 class Scores(NamedTuple):
@@ -531,36 +770,27 @@ class Scores(NamedTuple):
     monitored: dict[str, float]  # "monitor/NAME": the mean of each --monitor over the whole batch
 
 
-def score(cfg: PPOConfig, roles: Roles, row_prompts: list[formats.Messages], row_meta: list[dict],
-          samples: Samples, precision: str, shard: Shard) -> Scores:
+def score(cfg: PPOConfig, team, row_prompts: list[formats.Messages], row_meta: list[dict], samples: Samples,
+          shard: Shard) -> Scores:
     """Step 3 on this process's samples (row_prompts and row_meta: each sample's prompt and prompt row); the rules
     that scale by the batch see the whole batch."""
-    scores = torch.zeros(len(samples.texts), dtype=torch.float64)
     groups = samples.prompt_index.tolist()  # a prompt's samples share its tokens (`RewardModel.score`)
-    if roles.reward_model is not None:
-        with distributed.gathered(roles.reward_model.model):  # whole for its pass, if --shard-frozen sharded it
-            scores += roles.reward_model.score(row_prompts, samples.texts, cfg.rm_batch_size,
-                                               cfg.max_length + cfg.max_new_tokens, precision,
-                                               groups=groups)[0]
-    if roles.reward_fn is not None:
-        scores += call_reward_fn(roles.reward_fn, cfg.reward_fn, row_prompts, samples.texts, row_meta)
+    scores = team.reward(row_prompts, samples.texts, row_meta, groups)
     device = shard.accelerator.device
     raw = shard.gather(scores.float().to(device)).cpu()
     finished = shard.gather(samples.finished.to(device, torch.long)).cpu().bool()
     monitored = {}
-    for name, fn in roles.monitors.items():
+    for name, fn in team.monitors.items():
         values = torch.as_tensor(fn(row_prompts, samples.texts, row_meta, groups), dtype=torch.float64)
         monitored[f"monitor/{name}"] = float(shard.gather(values.to(device)).mean())
     return Scores(raw, finished, shard.mine(apply_score_rules(raw, finished, cfg)).to(device), monitored)
 
 
-def experience(cfg: PPOConfig, roles: Roles, samples: Samples, scores: torch.Tensor, beta: float, accelerator,
+def experience(cfg: PPOConfig, team, samples: Samples, scores: torch.Tensor, beta: float, device,
                timing: dict[str, float], shard: Shard) -> Rollout:
     """Steps 4–5: the old log-probs (unless on-policy), the reference's log-probs and the values of this process's
-    samples, computed with the training forward's numerics, then rewards and advantages over the whole batch
-    (gathered: whitening and the estimators see every row). Adds the phases' times to `timing`. A sharded model is
-    gathered whole for its own pass only, so that one whole model at a time is held besides the shards."""
-    device, net = accelerator.device, roles.net
+    samples, computed with the training forward's numerics (`team.passes`), then rewards and advantages over the
+    whole batch (gathered: whitening and the estimators see every row). Adds the phases' times to `timing`."""
     input_ids, attention_mask = samples.sequences()
     rollout = Rollout(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                       prompt_index=samples.prompt_index.to(device), pad_id=samples.pad_id,
@@ -568,29 +798,7 @@ def experience(cfg: PPOConfig, roles: Roles, samples: Samples, scores: torch.Ten
                       logprobs=None, ref_logprobs=None, values=None, scores=scores,
                       on_policy=on_policy(cfg, len(scores) * shard.world),
                       engine_logprobs=None if samples.logprobs is None else samples.logprobs.to(device))
-    t0 = time.perf_counter()
-    share = cfg.shared_prefix  # no gradients here, so checkpointed layers keep their cache
-    gathered = distributed.gathered
-    with accelerator.autocast():
-        with gathered(net["actor"]):
-            logprobs = None if rollout.on_policy else \
-                in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature, share=share)[0], rollout,
-                          cfg.batch_size)
-        t1 = time.perf_counter()
-        if roles.ref is not None:
-            with gathered(roles.ref):
-                ref_logprobs = in_chunks(lambda b: token_logprobs(roles.ref, b, cfg.temperature, share=share)[0],
-                                         rollout, cfg.batch_size)
-        else:
-            with gathered(net["actor"]), roles.actor.disable_adapter():
-                ref_logprobs = in_chunks(lambda b: token_logprobs(net["actor"], b, cfg.temperature,
-                                                                  share=share)[0], rollout, cfg.batch_size)
-        t2 = time.perf_counter()
-        values = None
-        if "critic" in net:
-            with gathered(net["critic"]):
-                values = in_chunks(lambda b: token_values(net["critic"], b, share), rollout, cfg.batch_size)
-    timing.update({"time/logprobs": t1 - t0, "time/reference": t2 - t1, "time/values": time.perf_counter() - t2})
+    logprobs, ref_logprobs, values = team.passes(rollout, timing)
     width = rollout.response_mask.shape[1]
     g = shard.gather
     advantages, returns = compute_advantages(cfg, beta, g(scores), g(rollout.response_mask), g(logprobs),
@@ -610,20 +818,15 @@ class Updated(NamedTuple):
     policy_logprobs: torch.Tensor  # (b, R) the sampling policy's log-probs (on-policy: the update's own forward)
 
 
-def update_policy(cfg: PPOConfig, net: dict, engine, rollout: Rollout, beta: float, it: int, optimizer, params,
-                  state: dict, ptx_rows: list, pad_id: int, shard: Shard, ckpt_root: Path) -> Updated:
+def update_policy(cfg: PPOConfig, team, rollout: Rollout, beta: float, it: int, state: dict, shard: Shard,
+                  ckpt_root: Path) -> Updated:
     """Step 6: PPO epochs over minibatches of whole prompt groups, each minibatch one optimizer step over its
-    micro-batches (and, with PPO-ptx, a batch of pre-training rows). `net`: the roles as `data_parallel` wraps
-    them; `engine`: the DeepSpeed engine around them under ZeRO, which takes the backward passes and the step. A
-    minibatch is drawn from the whole batch, as one process would, and each process runs its own rows of it: the
-    loss is normalised by the minibatch's tokens over all processes, and every process runs as many micro-batches
-    as the busiest (an idle one runs a weight-0 row), so the DDP all-reduce of the last one sums the minibatch's
-    gradient."""
-    accelerator, world = shard.accelerator, shard.world
-    mask = rollout.response_mask  # (b, R)
-    mask_all = shard.gather(mask)  # (B, R'): the token counts of minibatches
+    micro-batches (and, with PPO-ptx, a batch of pre-training rows: `Learner.minibatch`). A minibatch is drawn from
+    the whole batch, as one process would, and each process runs its own rows of it."""
+    accelerator = shard.accelerator
+    mask_all = shard.gather(rollout.response_mask)  # (B, R'): the token counts of minibatches
     n_rows = len(mask_all)
-    policy_logprobs = torch.zeros_like(mask) if rollout.on_policy else rollout.logprobs  # (b, R)
+    policy_logprobs = torch.zeros_like(rollout.response_mask) if rollout.on_policy else rollout.logprobs  # (b, R)
     sums: UpdateStats | None = None
     tokens_seen, train_tokens, updates, stopped_early = 0.0, 0.0, 0, False
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
@@ -634,43 +837,18 @@ def update_policy(cfg: PPOConfig, net: dict, engine, rollout: Rollout, beta: flo
         for m in range(0, len(perm), cfg.minibatch_size):
             mb_rows = perm[m:m + cfg.minibatch_size]  # global rows
             n_tokens = float(mask_all[mb_rows].sum().clamp(min=1))
-            mine = shard.local(mb_rows)
-            n_micro = max(1, max(math.ceil(int((shard.owner(mb_rows) == p).sum()) / cfg.batch_size)
-                                 for p in range(world)))
-            mb_stats: UpdateStats | None = None
-            for u in range(n_micro):
-                idx = mine[u * cfg.batch_size:(u + 1) * cfg.batch_size]
-                real = len(idx) > 0
-                idx = idx if real else torch.zeros(1, dtype=torch.long)  # a stand-in row, weight 0
-                train_tokens += float(rollout.attention_mask[idx].sum()) * real  # prompt + response, fwd + bwd
-                # each role's gradients are reduced in its last backward of the step; the actor's is PPO-ptx's, if any
-                synced = ({"critic"} | (set() if ptx_rows else {"actor"})) if u == n_micro - 1 else set()
-                with distributed.gradient_sync([net[r] for r in net if r in synced], True), \
-                        distributed.gradient_sync([net[r] for r in net if r not in synced], False):
-                    with accelerator.autocast():
-                        loss, logps, st = minibatch_loss(net, rollout.rows(idx), cfg, beta, n_tokens)
-                    # DDP averages the processes' gradients: × world makes that their sum
-                    distributed.backward(loss * (world if real else 0.0), engine, accelerator)
-                if rollout.on_policy and real:  # the update's own forward is the sampling policy's
-                    policy_logprobs[idx] = logps.float()
-                st = st if real else UpdateStats(*(None if v is None else v * 0 for v in st))
-                mb_stats = st if mb_stats is None else mb_stats.merge(st)
-            if ptx_rows:
-                rows = [ptx_rows[i] for i in global_batch_rows(state["ptx_step"], len(ptx_rows),
-                                                               cfg.ptx_batch_size, cfg.seed)]
-                ptx_tokens = len(forward.rows(rows, pad_id).targets)
-                (mine_ptx, real), = micro_batches(rows, accelerator, len(rows))  # one: this process's share
-                with accelerator.autocast():  # the last backward of the step: DDP all-reduces
-                    ptx = ptx_loss(net, mine_ptx, pad_id, accelerator.device, ptx_tokens) * real
-                distributed.backward(cfg.ptx_coef * ptx * world, engine, accelerator)
-                mb_stats = mb_stats._replace(ptx_loss=ptx.detach() * n_tokens)
+            mb = team.minibatch(rollout, mb_rows, n_tokens, beta, state["ptx_step"])
+            train_tokens += mb.train_tokens
+            if cfg.ptx_data:
                 state["ptx_step"] += 1
-            mb_stats = mb_stats.across(accelerator)
+            if rollout.on_policy and mb.logprobs is not None:  # the update's own forward is the sampling policy's
+                policy_logprobs[mb.rows] = mb.logprobs
+            mb_stats = mb.stats.across(accelerator)
             clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
             loss_value = float(mb_stats.policy_loss / n_tokens)
             skip = lambda norm: skip_nonfinite(loss_value, norm, state, cfg, ckpt_root,  # noqa: E731
                                                f"iteration {it + 1}", accelerator.is_main_process)
-            if distributed.step(engine, params, optimizer, clip, accelerator, skip) is None:
+            if team.step(clip, skip) is None:
                 continue
             updates += 1
             tokens_seen += n_tokens
@@ -686,7 +864,7 @@ def update_policy(cfg: PPOConfig, net: dict, engine, rollout: Rollout, beta: flo
 def train(cfg: PPOConfig) -> dict:
     check(cfg)
     # 1. set-up: processes and this one's share of each iteration, precision, the roles (actor, reference, critic,
-    # reward)
+    # reward; in this process, or as Ray actors with --backend ray)
     accelerator, out = begin(cfg)
     main, world = accelerator.is_main_process, accelerator.num_processes
     if cfg.rollout_prompts % world:
@@ -697,28 +875,26 @@ def train(cfg: PPOConfig) -> dict:
     tok = models.load_tokenizer(cfg.policy)
     prompt_set = load_prompts(cfg, tok)
     prompts, metadata = prompt_set.messages, prompt_set.metadata
-    frozen_sharded = cfg.shard_frozen and world > 1
-    roles = build_roles(cfg, tok, prompt_set, device, precision, frozen_sharded)
-    net = roles.net
-    trained = data_parallel(net, cfg.sharding, accelerator, tok.pad_token_id)
-    if frozen_sharded:
-        shard_frozen(roles, accelerator, tok.pad_token_id)
-    ptx_rows = load_ptx(cfg, tok)
+    if cfg.backend == "ray":
+        from rlhfkit.algos.ppo_ray import RayRoles
 
-    groups = [{"params": [p for p in net["actor"].parameters() if p.requires_grad], "lr": cfg.lr}]
-    if "critic" in net:
-        groups.append({"params": list(net["critic"].parameters()), "lr": cfg.critic_lr})
-    params = [p for g in groups for p in g["params"]]
-    optimizer = adamw(groups, cfg)
-    scheduler = make_schedule(optimizer, cfg, cfg.iterations)
-    engine, optimizer = distributed.prepare_optimizer(net, optimizer, cfg, accelerator)  # ZeRO's engine, else net
+        team = RayRoles.start(cfg, prompt_set, accelerator)
+    else:
+        frozen_sharded = cfg.shard_frozen and world > 1
+        roles = build_roles(cfg, tok, prompt_set, device, precision, frozen_sharded)
+        learner = Learner.build(cfg, roles.net, accelerator, tok.pad_token_id, load_ptx(cfg, tok))
+        if frozen_sharded:
+            shard_frozen(roles, accelerator, tok.pad_token_id)
+        team = InProcess(cfg, roles, learner, shard, precision)
 
     # resume: weights, optimizer, schedule, β and the ptx position live in the checkpoint
     ckpt_root = out / "checkpoints"
     start = start_run(out, cfg, "ppo", {"step": 0, "beta": cfg.kl_coef, "ptx_step": 0, "nonfinite_skipped": 0,
-                                        "episodes": 0}, engine, optimizer, scheduler, accelerator, cfg.iterations)
+                                        "episodes": 0}, *team.checkpointed, accelerator, cfg.iterations)
     if start.finished is not None:
         return start.finished
+    if start.resumed_from is not None:
+        team.restore(start.resumed_from)
     state, tracker = start.state, start.tracker
     samples_path = out / "samples.jsonl"
     if main and start.resumed_from is None:
@@ -739,35 +915,30 @@ def train(cfg: PPOConfig) -> dict:
         params_s = SamplingParams(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + it,
                                   first_prompt=shard.first)
-        timing["time/sync"] = roles.engine.sync(roles.actor)  # vLLM: the weights of the last update
+        timing["time/sync"] = team.sync()
         t0 = time.perf_counter()
-        whole = [net["actor"]] if roles.engine.samples_with_model else []  # a sharded actor samples whole (hf)
-        with distributed.gathered(*whole):
-            samples = roles.engine.generate(batch_prompts, params_s)
-        roles.engine.sleep()  # vLLM on CUDA frees its memory for the trainer until the next sync
+        samples = team.generate(batch_prompts, params_s)
         timing["time/generate"] = time.perf_counter() - t0
         # 3. score
         t0 = time.perf_counter()
         row_prompts = [batch_prompts[i] for i in samples.prompt_index.tolist()]
         row_meta = [metadata[idx[i]] for i in samples.prompt_index.tolist()]
-        raw_scores, finished, scores, monitored = score(cfg, roles, row_prompts, row_meta, samples, precision, shard)
+        raw_scores, finished, scores, monitored = score(cfg, team, row_prompts, row_meta, samples, shard)
         if (notice := missing_eos_notice(finished, cfg, it + 1, eos_warned)) and main:
             tqdm.write(notice)
             eos_warned = True
         timing["time/score"] = time.perf_counter() - t0
         # 4.–5. old and reference log-probs, values, rewards and advantages
-        rollout = experience(cfg, roles, samples, scores, beta, accelerator, timing, shard)
+        rollout = experience(cfg, team, samples, scores, beta, device, timing, shard)
         # 6. PPO epochs over minibatches
         t0 = time.perf_counter()
         sums, tokens_seen, train_tokens, updates, stopped_early, policy_logprobs = update_policy(
-            cfg, trained, engine, rollout, beta, it, optimizer, params, state, ptx_rows, tok.pad_token_id, shard,
-            ckpt_root)
+            cfg, team, rollout, beta, it, state, shard, ckpt_root)
         timing["time/train"] = time.perf_counter() - t0
         # (B, R) over the whole batch from here on
         mask, ref_logprobs = shard.gather(rollout.response_mask), shard.gather(rollout.ref_logprobs)
         kl_seq = ((shard.gather(policy_logprobs) - ref_logprobs) * mask).sum(1)  # (B,) k1 per sequence
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        lr = team.lr_step()
         # 7. adaptive β, logs, samples, checkpoint
         kl_mean = float(kl_seq.mean())
         if cfg.adaptive_kl:
@@ -789,7 +960,7 @@ def train(cfg: PPOConfig) -> dict:
         if rollout.engine_logprobs is not None:
             metrics.update(engine_mismatch(cfg, shard.gather(policy_logprobs), shard.gather(rollout.engine_logprobs),
                                            mask))
-        if "critic" in net:
+        if rollout.values is not None:
             values = shard.gather(rollout.values)
             metrics["ppo/explained_variance"] = float(rl.explained_variance(values, shard.gather(rollout.returns),
                                                                             mask))
@@ -805,21 +976,13 @@ def train(cfg: PPOConfig) -> dict:
         bar.update(1)
         bar.set_postfix(score=f"{metrics['ppo/score']:.3f}", kl=f"{kl_mean:.3f}")
         if cfg.save_steps and (state["step"] % cfg.save_steps == 0 or state["step"] == cfg.iterations):
-            checkpoint.save(ckpt_root, state["step"], engine, optimizer, scheduler, state, accelerator,
-                            cfg.save_total_limit, cfg)
+            team.save(ckpt_root, state["step"], state)
     bar.close()
 
     # 8. the final policy as a Hugging Face directory
     final = {**metrics, "train/iterations": state["step"], "train/nonfinite_skipped": state["nonfinite_skipped"],
-             "ppo/critic_init": roles.critic_init}
-    weights = distributed.full_state_dict(net["actor"], strip="lm.")  # gathered by every process (None: not sharded)
-    if main:
-        models.save_pretrained(roles.actor, tok, out, merge=cfg.lora and cfg.merge, state_dict=weights)
-        write_run_json(out, cfg, "ppo", final, {**distributed.report(engine, params, optimizer, accelerator),
-                                                "frozen_bytes_per_process": distributed.bytes_held(
-                                                    [*(roles.ref.parameters() if roles.ref else []),
-                                                     *(roles.reward_model.model.parameters()
-                                                       if roles.reward_model else [])])})
+             "ppo/critic_init": team.critic_init}
+    team.finish(out, tok, final)
     tracker.close()
     release_output(out)
     accelerator.wait_for_everyone()

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from rlhfkit.algos.ppo import PPOConfig
 
 ADVANTAGES = ("gae", "grpo", "rloo", "reinforce++")
+BACKENDS = ("local", "ray")
 
 
 def check(cfg: PPOConfig) -> None:
@@ -52,6 +53,15 @@ def check(cfg: PPOConfig) -> None:
     if cfg.rollout_correction not in ("auto", *rl.CORRECTIONS):
         raise UsageError(f"--rollout-correction {cfg.rollout_correction!r}: expected auto, "
                          f"{', '.join(rl.CORRECTIONS)}")
+    if cfg.backend not in BACKENDS:
+        raise UsageError(f"--backend {cfg.backend!r}: expected one of {', '.join(BACKENDS)}")
+    if cfg.backend == "ray":
+        from rlhfkit.algos import ppo_ray
+
+        ppo_ray.check(cfg)
+    elif cfg.ray_address or cfg.colocate != "all" or cfg.rollout_engines != 1:
+        raise UsageError("--ray-address, --colocate and --rollout-engines place the roles of --backend ray; "
+                         "add --backend ray")
     if engine_kind(cfg) == "hf" and cfg.rollout_correction not in ("auto", "none"):
         raise UsageError(f"--rollout-correction {cfg.rollout_correction} weights vLLM's samples: the hf engine "
                          "samples with the trainer's own model and numerics, so there is nothing to correct "

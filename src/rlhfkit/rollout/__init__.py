@@ -215,3 +215,28 @@ def distinct_prompts(prompts: list[list[int]], device) -> tuple[list[list[int]],
     index: dict[tuple[int, ...], int] = {}
     row_of = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompts], device=device)
     return [list(p) for p in index], row_of
+
+
+def concat(parts: list[Samples]) -> Samples:
+    """The samples of several `generate` calls on consecutive shares of one batch's prompts (several engines), as
+    one call on the whole batch would return them: prompts left-padded and responses right-padded to the widest,
+    prompt_index counting on across the parts."""
+    if len(parts) == 1:
+        return parts[0]
+    pad, width_p, width_r = parts[0].pad_id, max(p.prompt_ids.shape[1] for p in parts), \
+        max(p.response_ids.shape[1] for p in parts)
+    left = lambda t, v: torch.nn.functional.pad(t, (width_p - t.shape[1], 0), value=v)  # noqa: E731
+    right = lambda t, v: torch.nn.functional.pad(t, (0, width_r - t.shape[1]), value=v)  # noqa: E731
+    offsets, total = [], 0
+    for p in parts:
+        offsets.append(total)
+        total += len(p.prompt_ids) // p.n
+    with_logprobs = all(p.logprobs is not None for p in parts)
+    return Samples(prompt_ids=torch.cat([left(p.prompt_ids, pad) for p in parts]),
+                   prompt_mask=torch.cat([left(p.prompt_mask, 0) for p in parts]),
+                   response_ids=torch.cat([right(p.response_ids, pad) for p in parts]),
+                   response_mask=torch.cat([right(p.response_mask, 0) for p in parts]),
+                   finished=torch.cat([p.finished for p in parts]), texts=[t for p in parts for t in p.texts],
+                   prompt_index=torch.cat([p.prompt_index + o for p, o in zip(parts, offsets)]),
+                   sample_index=torch.cat([p.sample_index for p in parts]), n=parts[0].n, pad_id=pad,
+                   logprobs=torch.cat([right(p.logprobs, 0.0) for p in parts]) if with_logprobs else None)
