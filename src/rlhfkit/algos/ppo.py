@@ -656,9 +656,11 @@ class Learner:
         """Clip the gradients to `clip`, step unless `skip(norm)`, clear them; the norm, or None when skipped."""
         return distributed.step(self.engine, self.params, self.optimizer, clip, self.accelerator, skip)
 
-    def grad_norm(self) -> float:
-        """The norm of this learner's gradients (a Ray worker's share of the norm `step` clips by)."""
-        return float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+    def grad_norms(self) -> torch.Tensor:
+        """(k,) the norm of each parameter's gradient, in `params` order: a Ray worker's share of the global norm
+        `step` clips by (torch's, the norm of these norms)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return torch.stack(torch._foreach_norm(grads)).cpu() if grads else torch.zeros(0)
 
     def step_with_norm(self, clip: float, total_norm: float | None) -> None:
         """`step` where the norm is of more roles than these (Ray: the actor's and the critic's, as one process

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from rlhfkit.algos.ppo import PPOConfig, Rollout
 
 COLOCATE = ("all", "actor-ref", "critic-reward", "none")
+NAMESPACE = "rlhfkit"  # the workers' names (`worker_name`), for `ray.get_actor(name, namespace=NAMESPACE)`
 INSTALL = "pip install 'rlhfkit[ray]' (scripts/setup installs it)"
 
 
@@ -196,8 +197,8 @@ class RoleWorker:
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
         return Minibatch(type(mb.stats)(*map(cpu, mb.stats)), mb.train_tokens, mb.rows, cpu(mb.logprobs))
 
-    def grad_norm(self) -> float:
-        return self.learner.grad_norm()
+    def grad_norms(self) -> torch.Tensor:
+        return self.learner.grad_norms()
 
     def step_with_norm(self, clip: float, total_norm: float | None) -> None:
         self.learner.step_with_norm(clip, total_norm)
@@ -273,7 +274,7 @@ class RayRoles:
             share = 1.0 / len(names)
             for name in names:
                 workers[name] = remote.options(
-                    name=worker_name(cfg, name), num_cpus=share, num_gpus=share if gpus else 0,
+                    name=worker_name(cfg, name), namespace=NAMESPACE, num_cpus=share, num_gpus=share if gpus else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=b),
                 ).remote(cfg, name.rstrip("0123456789") if name.startswith("rollout") else name, os.getcwd(),
                          torch.get_num_threads(), prompts.lengths)
@@ -373,8 +374,9 @@ class RayRoles:
 
     def step(self, clip: float, skip) -> float | None:
         """One optimizer step of the actor and the critic, clipped by the norm of both roles' gradients."""
-        norms = self.get({n: w.grad_norm.remote() for n, w in self.learners.items()}, "update")
-        total = float(torch.linalg.vector_norm(torch.tensor(list(norms.values()), dtype=torch.float32)))
+        # the actor's parameters' norms, then the critic's: the order of one process's parameters, hence its norm
+        norms = self.get({n: w.grad_norms.remote() for n, w in self.learners.items()}, "update")
+        total = float(torch.linalg.vector_norm(torch.cat(list(norms.values()))))
         applied = None if skip(total) else total
         self.get({n: w.step_with_norm.remote(clip, applied) for n, w in self.learners.items()}, "update")
         return applied

@@ -1,0 +1,109 @@
+"""PPO with --backend ray on a local Ray cluster: the roles as Ray actors make the in-process run's updates, in any
+placement; a role that dies stops the run with one message, and --resume then finishes the uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit.algos import ppo, ppo_ray
+from rlhfkit.tracking import read_metrics
+
+from tests.algos.test_ppo import cfg_for, sft_policy  # noqa: F401 (a fixture)
+
+ray = pytest.importorskip("ray")
+
+# GAE (actor, critic, reference, reward and the rollout engine: every role), with clipping and 2 minibatches
+SETTINGS = dict(advantage="gae", n_samples=2, rollout_prompts=4, iterations=5, minibatch_size=4, batch_size=2,
+                max_grad_norm=0.5, save_steps=1)
+COMPARED = ("ppo/score", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/explained_variance")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster the test process drives, as `ray start --head` would give a user."""
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory, sft_policy):  # noqa: F811
+    cfg = cfg_for(tmp_path_factory.mktemp("local"), sft_policy, **SETTINGS)
+    ppo.train(cfg)
+    return Path(cfg.output)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ma, mb = read_metrics(a), read_metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(1, SETTINGS["iterations"] + 1))
+    for x, y in zip(ma, mb):
+        for key in COMPARED:
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), (x["step"], key)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_placement_groups_follow_colocate():
+    cfg = ppo.PPOConfig(reward_fn="m:f", rollout_engines=2)
+    assert ppo_ray.bundles(cfg) == [["actor", "critic", "ref", "reward", "rollout0", "rollout1"]]
+    assert ppo_ray.bundles(replace(cfg, colocate="actor-ref")) == [
+        ["actor", "ref"], ["critic"], ["reward"], ["rollout0"], ["rollout1"]]
+    assert ppo_ray.bundles(replace(cfg, colocate="critic-reward", advantage="rloo", lora=True)) == [
+        ["reward"], ["actor"], ["rollout0"], ["rollout1"]]  # no critic, and the actor is its own reference
+    assert len(ppo_ray.bundles(replace(cfg, colocate="none"))) == 6
+
+
+def test_every_role_on_its_own_with_two_engines_makes_the_in_process_run(tmp_path, sft_policy, in_process,  # noqa: F811
+                                                                        cluster):
+    # the most spread placement: six workers, the prompts split over two engines, every step's norm joined from two
+    cfg = cfg_for(tmp_path, sft_policy, **SETTINGS, backend="ray", colocate="none", rollout_engines=2)
+    ppo.train(cfg)
+    assert_same_run(in_process, Path(cfg.output))
+    assert {tuple(b) for b in ppo_ray.bundles(cfg)} == {(r,) for r in ppo_ray.role_names(cfg)}
+
+
+def test_a_role_that_dies_stops_the_run_and_resume_finishes_it(tmp_path, sft_policy, in_process, cluster):  # noqa: F811
+    # every role in one bundle; the CLI joins the test's cluster, which kills the critic's worker mid-run
+    cfg = cfg_for(tmp_path, sft_policy, **SETTINGS, backend="ray", colocate="all", ray_address=cluster)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(cfg).items()
+            if v is not None and k in ("policy", "reward_fn", "output", "backend", "colocate", "ray_address", "seed",
+                                       *SETTINGS, "max_new_tokens", "dtype", "lr", "critic_lr", "missing_eos",
+                                       "kl_coef", "sample_every")]
+    proc = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", "ppo", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
+    metrics, deadline = Path(cfg.output) / "metrics.jsonl", time.time() + 240
+    while not (metrics.is_file() and len(read_metrics(Path(cfg.output))) >= 2) and proc.poll() is None:
+        assert time.time() < deadline, "the run never logged 2 iterations"
+        time.sleep(0.05)
+    ray.kill(ray.get_actor(ppo_ray.worker_name(cfg, "critic"), namespace=ppo_ray.NAMESPACE))
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0, err[-2000:]
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("error: --backend ray: the critic role's worker died"), message
+    assert "last checkpoint:" in message and "step-000000" in message and "--resume" in message, message
+    logged = [m["step"] for m in read_metrics(Path(cfg.output))]
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) < SETTINGS["iterations"]
+
+    ppo.train(replace(cfg, resume=True))
+    assert_same_run(in_process, Path(cfg.output))
+
+
+def test_without_ray_the_backend_says_how_to_install_it(tmp_path):
+    code = ("import sys; sys.modules['ray'] = None; from rlhfkit.cli import main; "  # Ray absent: import fails
+            f"sys.exit(main(['ppo', '--backend', 'ray', '--policy', 'tiny-llama', '--reward-fn', 'm:f', "
+            f"'--output', {str(tmp_path / 'out')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --backend ray needs Ray, which is not installed here: pip install 'rlhfkit[ray]' (scripts/setup "
+        "installs it)")
