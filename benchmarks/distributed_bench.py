@@ -82,7 +82,7 @@ def main() -> None:
                            "--iterations", str(steps), "--rollout-prompts", "8", "--n-samples", "2",
                            "--max-new-tokens", "32", "--minibatch-size", "16", "--batch-size", "8", "--sharding",
                            sharding, "--sample-every", "0", *ppo_extra], n, ppo_out)
-            iteration_s = [sum(m[k] for k in m if k.startswith("time/"))
+            iteration_s = [sum(m[k] for k in m if k.startswith("time/") and k != "time/iteration")
                            for m in map(json.loads, (ppo_out / "metrics.jsonl").read_text().splitlines())
                            if "ppo/score" in m]
             run_json = json.loads((ppo_out / "run.json").read_text())

@@ -81,6 +81,7 @@ ALGORITHMS = {
                 "win rates, Elo, mean scores and KL of several models on held-out prompts"),
     ("pipeline",): ("pipeline", "PipelineConfig", "pipeline",
                     "the whole recipe end to end on the built-in task, with a report"),
+    ("plan",): ("plan", "PlanConfig", "plan", "what fits on which GPUs, and how long PPO takes, before renting them"),
 }
 # commands that train, and so take `--accelerate-config NAME|PATH [--num-processes N]` (`distributed.accelerate_launch`)
 TRAINERS = {("sft",), ("rm",), ("dpo",), ("ppo",)}

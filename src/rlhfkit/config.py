@@ -135,7 +135,9 @@ RANGES: dict[str, Range] = {
                      "max_new_tokens", "max_length", "minibatch_size", "generate_batch_size", "ptx_batch_size",
                      "rm_batch_size", "ppo_epochs", "lora_r", "lora_alpha", "calibration_bins", "norm_samples",
                      "log_steps", "bootstrap", "kl_horizon", "tiny_hidden_size", "max_body_kb", "bon_n",
-                     "suite_size", "sft_prompts", "rm_prompts", "rl_prompts", "eval_prompts"], COUNT),
+                     "suite_size", "sft_prompts", "rm_prompts", "rl_prompts", "eval_prompts", "rollout_engines",
+                     "gpus", "actor_gpus", "critic_gpus", "ref_gpus", "reward_gpus", "rollout_gpus", "rollout_tp",
+                     "tokens"], COUNT),
     **dict.fromkeys(["save_steps", "eval_steps", "skip_nonfinite", "freeze_layers", "limit", "sample_every",
                      "pmp_epochs", "online_rounds", "save_total_limit", "seed", "lr", "critic_lr", "pmp_lr",
                      "weight_decay", "max_grad_norm", "kl_coef", "entropy_coef", "vf_coef", "ptx_coef", "temperature",
@@ -145,6 +147,7 @@ RANGES: dict[str, Range] = {
     "val_fraction": Range(0, 1, hi_open=True), "lora_dropout": Range(0, 1, hi_open=True),
     "label_smoothing": Range(0, 0.5, hi_open=True), "top_p": Range(0, 1, lo_open=True),
     "k": Range(2), "rank_k": Range(2), "port": Range(1, 65535), "gpu_memory_utilization": Range(0, 1, lo_open=True),
+    "mfu": Range(0, 1, lo_open=True), "decode_efficiency": Range(0, 1, lo_open=True),
     "max_steps": Range(-1),  # ≤ 0: run `epochs` passes instead
     "missing_eos_penalty": Range(),  # a score: any value
 }

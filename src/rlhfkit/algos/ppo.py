@@ -908,7 +908,7 @@ def train(cfg: PPOConfig) -> dict:
     eos_warned = False
 
     while state["step"] < cfg.iterations:
-        it, beta, timing = state["step"], state["beta"], {}
+        it, beta, timing, t_iteration = state["step"], state["beta"], {}, time.perf_counter()
         # 2.1 this iteration's prompts, and this process's share of them
         idx = iteration_prompts(it, len(prompts), cfg.rollout_prompts, cfg.seed)[shard.first:shard.first + shard.count]
         batch_prompts = [prompts[i] for i in idx]
@@ -967,6 +967,7 @@ def train(cfg: PPOConfig) -> dict:
             metrics["ppo/explained_variance"] = float(rl.explained_variance(values, shard.gather(rollout.returns),
                                                                             mask))
             metrics["ppo/value_mean"] = float(masked_mean(values, mask))
+        metrics["time/iteration"] = time.perf_counter() - t_iteration  # the phases above, and what joins them
         if it % cfg.log_steps == 0 or state["step"] == cfg.iterations:
             tracker.log(state["step"], metrics)
         if main and cfg.sample_every and (it % cfg.sample_every == 0 or state["step"] == cfg.iterations):

@@ -313,6 +313,19 @@ class RayRoles:
                 raise
         return out
 
+    def in_turns(self, calls: dict[str, tuple[str, Any]], doing: str) -> dict[str, Any]:
+        """Make the calls {key: (role, fn() -> its future)}: roles that share a bundle (a device) take turns, as
+        veRL's colocated roles do, and roles on different bundles run side by side."""
+        bundle = {role: b for b, names in enumerate(self.placement) for role in names}
+        queues: dict[int, list[tuple[str, Any]]] = {}
+        for key, (role, fn) in calls.items():
+            queues.setdefault(bundle[role], []).append((key, fn))
+        out: dict[str, Any] = {}
+        while any(queues.values()):
+            wave = {key: fn() for key, fn in (q.pop(0) for q in queues.values() if q)}
+            out |= self.get(wave, doing)
+        return {key: out[key] for key in calls}
+
     @property
     def learners(self) -> dict[str, Any]:
         return {n: self.workers[n] for n in ("actor", "critic") if n in self.workers}
@@ -335,10 +348,9 @@ class RayRoles:
 
     def generate(self, prompts, params: SamplingParams) -> Samples:
         per = len(prompts) // len(self.engines)
-        calls = {n: w.generate.remote(prompts[k * per:(k + 1) * per],
-                                      replace(params, first_prompt=params.first_prompt + k * per))
-                 for k, (n, w) in enumerate(self.engines.items())}
-        return concat(list(self.get(calls, "generate").values()))
+        calls = {n: (n, lambda k=k, w=w: w.generate.remote(prompts[k * per:(k + 1) * per], replace(
+            params, first_prompt=params.first_prompt + k * per))) for k, (n, w) in enumerate(self.engines.items())}
+        return concat(list(self.in_turns(calls, "generate").values()))
 
     def reward(self, row_prompts, texts, row_meta, groups) -> torch.Tensor:
         return self.get({"reward": self.workers["reward"].score.remote(row_prompts, texts, row_meta, groups)},
@@ -347,14 +359,14 @@ class RayRoles:
     def passes(self, rollout: Rollout, timing: dict[str, float]):
         """Step 4, the roles' passes side by side."""
         ref = self.put(rollout)
-        calls = {}
+        w, calls = self.workers, {}
         if not rollout.on_policy:
-            calls["actor"] = self.workers["actor"].logprobs.remote(ref)
-        calls["ref"] = self.workers["ref"].logprobs.remote(ref) if "ref" in self.workers else \
-            self.workers["actor"].logprobs.remote(ref, adapter_off=True)
-        if "critic" in self.workers:
-            calls["critic"] = self.workers["critic"].values.remote(ref)
-        done = self.get(calls, "log-prob and value passes")
+            calls["actor"] = ("actor", lambda: w["actor"].logprobs.remote(ref))
+        calls["ref"] = ("ref", lambda: w["ref"].logprobs.remote(ref)) if "ref" in w else \
+            ("actor", lambda: w["actor"].logprobs.remote(ref, adapter_off=True))
+        if "critic" in w:
+            calls["critic"] = ("critic", lambda: w["critic"].values.remote(ref))
+        done = self.in_turns(calls, "log-prob and value passes")
         device = self.accelerator.device
         out = {k: v[0].to(device) for k, v in done.items()}
         timing.update({"time/logprobs": done["actor"][1] if "actor" in done else 0.0,
@@ -364,8 +376,8 @@ class RayRoles:
 
     def minibatch(self, rollout, mb_rows, n_tokens, beta, ptx_step):
         ref = self.put(rollout)
-        parts = self.get({n: w.minibatch.remote(ref, mb_rows, n_tokens, beta, ptx_step)
-                          for n, w in self.learners.items()}, "update")
+        parts = self.in_turns({n: (n, lambda w=w: w.minibatch.remote(ref, mb_rows, n_tokens, beta, ptx_step))
+                               for n, w in self.learners.items()}, "update")
         actor = parts["actor"]
         stats = actor.stats.merge(parts["critic"].stats) if "critic" in parts else actor.stats
         device = self.accelerator.device
@@ -378,7 +390,8 @@ class RayRoles:
         norms = self.get({n: w.grad_norms.remote() for n, w in self.learners.items()}, "update")
         total = float(torch.linalg.vector_norm(torch.cat(list(norms.values()))))
         applied = None if skip(total) else total
-        self.get({n: w.step_with_norm.remote(clip, applied) for n, w in self.learners.items()}, "update")
+        self.in_turns({n: (n, lambda w=w: w.step_with_norm.remote(clip, applied)) for n, w in self.learners.items()},
+                      "update")
         return applied
 
     def lr_step(self) -> float:
