@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhfkit import UsageError, forward, models
-from rlhfkit.algos import ppo, reward, sft
+from rlhfkit.algos import ppo, reward
 from rlhfkit.core import rl
 from rlhfkit.data import chat
 from rlhfkit.data.collate import collate
@@ -23,19 +23,6 @@ from tests.conftest import launch_and_kill, rewind, run_cli, run_distributed, wr
 
 REWARD_FN = str(Path(__file__).parent / "reward_fns.py") + ":a_fraction"
 RECORDED_FN = str(Path(__file__).parent / "reward_fns.py") + ":recorded_a_fraction"
-
-
-@pytest.fixture(scope="module")
-def sft_policy(tmp_path_factory) -> str:
-    """PPO starts from an SFT model, as in the recipe: 40 SFT steps concentrate the random tiny model on
-    common words, so a reward over its samples has something to select from."""
-    from accelerate.state import AcceleratorState
-
-    out = tmp_path_factory.mktemp("sft")
-    sft.train(sft.SFTConfig(model="tiny-llama", output=str(out), max_steps=40, batch_size=8, lr=1e-2,
-                            schedule="constant", warmup_ratio=0.0, dtype="fp32", val_fraction=0.0, max_length=256))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return str(out)
 
 
 def cfg_for(tmp_path: Path, policy: str, **kw) -> ppo.PPOConfig:

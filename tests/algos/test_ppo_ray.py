@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from rlhfkit.algos import ppo, ppo_ray
 from rlhfkit.tracking import read_metrics
 
-from tests.algos.test_ppo import cfg_for, sft_policy  # noqa: F401 (a fixture)
+from tests.algos.test_ppo import cfg_for
 
 ray = pytest.importorskip("ray")
 
@@ -36,7 +36,7 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def in_process(tmp_path_factory, sft_policy):  # noqa: F811
+def in_process(tmp_path_factory, sft_policy):
     cfg = cfg_for(tmp_path_factory.mktemp("local"), sft_policy, **SETTINGS)
     ppo.train(cfg)
     return Path(cfg.output)
@@ -63,7 +63,7 @@ def test_placement_groups_follow_colocate():
     assert len(ppo_ray.bundles(replace(cfg, colocate="none"))) == 6
 
 
-def test_every_role_on_its_own_with_two_engines_makes_the_in_process_run(tmp_path, sft_policy, in_process,  # noqa: F811
+def test_every_role_on_its_own_with_two_engines_makes_the_in_process_run(tmp_path, sft_policy, in_process,
                                                                         cluster):
     # the most spread placement: six workers, the prompts split over two engines, every step's norm joined from two
     cfg = cfg_for(tmp_path, sft_policy, **SETTINGS, backend="ray", colocate="none", rollout_engines=2)
@@ -72,7 +72,7 @@ def test_every_role_on_its_own_with_two_engines_makes_the_in_process_run(tmp_pat
     assert {tuple(b) for b in ppo_ray.bundles(cfg)} == {(r,) for r in ppo_ray.role_names(cfg)}
 
 
-def test_a_role_that_dies_stops_the_run_and_resume_finishes_it(tmp_path, sft_policy, in_process, cluster):  # noqa: F811
+def test_a_role_that_dies_stops_the_run_and_resume_finishes_it(tmp_path, sft_policy, in_process, cluster):
     # every role in one bundle; the CLI joins the test's cluster, which kills the critic's worker mid-run
     cfg = cfg_for(tmp_path, sft_policy, **SETTINGS, backend="ray", colocate="all", ray_address=cluster)
     args = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(cfg).items()

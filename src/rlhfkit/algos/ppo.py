@@ -8,7 +8,9 @@ and core/losses.py; every detail with its line: docs/algorithms/ppo.md.
 
 `train`, top to bottom (the code's step comments and docs/algorithms/ppo.md use these numbers):
   1. set-up: the roles (actor, reference, critic, reward model and/or function, monitors, rollout engine) and the
-     data, built in algos/ppo_setup.py; the optimizer, resume
+     data, built in algos/ppo_setup.py; the optimizer, resume. The loop calls the roles through one interface:
+     `InProcess` (this process's, one of several under torchrun) or, with --backend ray, `RayRoles`
+     (algos/ppo_ray.py: each role a Ray actor running this file's functions on it)
   then each iteration:
   2. 2.1 this iteration's prompts (the next --rollout-prompts of a seeded permutation per pass over the prompt
      set, running on into the next pass: every iteration has as many); 2.2 load the actor's weights into the
