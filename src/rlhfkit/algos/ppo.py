@@ -843,7 +843,7 @@ def update_policy(cfg: PPOConfig, team, rollout: Rollout, beta: float, it: int, 
             n_tokens = float(mask_all[mb_rows].sum().clamp(min=1))
             mb = team.minibatch(rollout, mb_rows, n_tokens, beta, state["ptx_step"])
             train_tokens += mb.train_tokens
-            if cfg.ptx_data:
+            if mb.stats.ptx_loss is not None:  # a PPO-ptx batch was used
                 state["ptx_step"] += 1
             if rollout.on_policy and mb.logprobs is not None:  # the update's own forward is the sampling policy's
                 policy_logprobs[mb.rows] = mb.logprobs
