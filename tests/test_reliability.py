@@ -54,9 +54,14 @@ CASES = [
     ("generate n 0", ["generate", "--n", "0"], 2, r"error: --n 0: must be ≥ 1"),
     ("negative temperature", ["eval", "--temperature", "-0.5"], 2, r"error: --temperature -0.5: must be ≥ 0"),
     ("port out of range", ["label", "serve", "--port", "70000"], 2, r"error: --port 70000: must be in \[1, 65535\]"),
+    ("no tensor parallelism (plan)", ["plan", "--rollout-tp", "0"], 2, r"error: --rollout-tp 0: must be ≥ 1"),
     # other settings: one line naming the key
     ("unknown dtype", [*SFT, "--dtype", "bogus"], 2,
      r"error: --dtype 'bogus': expected auto, bf16, bfloat16, fp16, float16, half, fp32, float32, float"),
+    ("unknown GPU (plan)", ["plan", "--gpu", "v100"], 2,
+     r"error: --gpu 'v100': unknown; known: a100-40g, a100-80g, h100-80g, h200, l40s, a10g, rtx4090"),
+    ("Ray placement without --backend ray", [*PPO, "--colocate", "none", "--output", "{tmp}/p"], 2,
+     r"error: --ray-address, --colocate and --rollout-engines place the roles of --backend ray; add --backend ray"),
     ("YAML syntax error", [*SFT, "--config", "{tmp}/broken.yaml"], 2,
      r"error: \S+/broken.yaml:3: not valid YAML \(expected ',' or '\]', but got '<stream end>'\)"),
     # paths

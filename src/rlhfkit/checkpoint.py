@@ -172,10 +172,11 @@ def written(path: Path) -> int:
         return 0
 
 
-# what a resumed run may change: where its directory now is, how long it runs and how it logs and saves; anything
-# else would make it another run
+# what a resumed run may change: where its directory now is, how long it runs and how it logs and saves, and where
+# PPO's Ray roles are placed (the same run, tested); anything else would make it another run
 CHANGEABLE_ON_RESUME = {"output", "resume", "overwrite", "max_steps", "epochs", "iterations", "save_steps",
-                        "save_total_limit", "log_steps", "eval_steps", "sample_every", "skip_nonfinite"}
+                        "save_total_limit", "log_steps", "eval_steps", "sample_every", "skip_nonfinite",
+                        "ray_address", "colocate", "rollout_engines"}
 
 
 def resume_from(root: Path, config: Any = None) -> Path | None:

@@ -7,10 +7,10 @@ import pytest
 from rlhfkit.algos import sft
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sft_policy(tmp_path_factory) -> str:
     """PPO starts from an SFT model, as in the recipe: 40 SFT steps concentrate the random tiny model on
-    common words, so a reward over its samples has something to select from."""
+    common words, so a reward over its samples has something to select from. Made once, read by every PPO test."""
     from accelerate.state import AcceleratorState
 
     out = tmp_path_factory.mktemp("sft")

@@ -1,5 +1,6 @@
 """PPO with --backend ray on a local Ray cluster: the roles as Ray actors make the in-process run's updates, in any
-placement; a role that dies stops the run with one message, and --resume then finishes the uninterrupted run."""
+placement; a role that dies stops the run with one message, and --resume then finishes the uninterrupted run (one
+run tests all three: Ray workers start slowly, and the default tier has a time budget)."""
 
 from __future__ import annotations
 
@@ -63,22 +64,18 @@ def test_placement_groups_follow_colocate():
     assert len(ppo_ray.bundles(replace(cfg, colocate="none"))) == 6
 
 
-def test_every_role_on_its_own_with_two_engines_makes_the_in_process_run(tmp_path, sft_policy, in_process,
-                                                                        cluster):
-    # the most spread placement: six workers, the prompts split over two engines, every step's norm joined from two
-    cfg = cfg_for(tmp_path, sft_policy, **SETTINGS, backend="ray", colocate="none", rollout_engines=2)
-    ppo.train(cfg)
-    assert_same_run(in_process, Path(cfg.output))
+def test_a_role_that_dies_stops_the_run_and_resume_in_another_placement_finishes_the_in_process_run(
+        tmp_path, sft_policy, in_process, cluster):
+    # iterations 1-2 with every role on its own (six workers, the prompts split over two engines, every step's
+    # clipping norm joined from two) until the critic's worker is killed, the rest with every role in one bundle: the
+    # whole run is the in-process one, so each placement makes its iterations as one process does
+    cfg = cfg_for(tmp_path, sft_policy, **SETTINGS, backend="ray", colocate="none", rollout_engines=2,
+                  ray_address=cluster)
     assert {tuple(b) for b in ppo_ray.bundles(cfg)} == {(r,) for r in ppo_ray.role_names(cfg)}
-
-
-def test_a_role_that_dies_stops_the_run_and_resume_finishes_it(tmp_path, sft_policy, in_process, cluster):
-    # every role in one bundle; the CLI joins the test's cluster, which kills the critic's worker mid-run
-    cfg = cfg_for(tmp_path, sft_policy, **SETTINGS, backend="ray", colocate="all", ray_address=cluster)
     args = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(cfg).items()
             if v is not None and k in ("policy", "reward_fn", "output", "backend", "colocate", "ray_address", "seed",
                                        *SETTINGS, "max_new_tokens", "dtype", "lr", "critic_lr", "missing_eos",
-                                       "kl_coef", "sample_every")]
+                                       "kl_coef", "sample_every", "rollout_engines")]
     proc = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", "ppo", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
     metrics, deadline = Path(cfg.output) / "metrics.jsonl", time.time() + 240
@@ -94,7 +91,7 @@ def test_a_role_that_dies_stops_the_run_and_resume_finishes_it(tmp_path, sft_pol
     logged = [m["step"] for m in read_metrics(Path(cfg.output))]
     assert logged == list(range(1, len(logged) + 1)) and len(logged) < SETTINGS["iterations"]
 
-    ppo.train(replace(cfg, resume=True))
+    ppo.train(replace(cfg, resume=True, colocate="all", rollout_engines=1))
     assert_same_run(in_process, Path(cfg.output))
 
 

@@ -241,6 +241,7 @@ class RayRoles:
     accelerator: Any
     critic_init: str | None
     started_cluster: bool
+    group: Any  # the placement group
     checkpointed: tuple = (None, None, None)  # the driver holds no model: the workers read their own files
     _rollout: tuple = field(default=(None, None))  # (the Rollout, its object ref): put once per iteration
 
@@ -279,7 +280,7 @@ class RayRoles:
                 ).remote(cfg, name.rstrip("0123456789") if name.startswith("rollout") else name, os.getcwd(),
                          torch.get_num_threads(), prompts.lengths)
         team = cls(cfg, workers, placement, ppo_setup.load_monitors(cfg, accelerator.device), accelerator, None,
-                   started)
+                   started, group)
         team.get({name: w.ready.remote() for name, w in workers.items()}, "start")
         if "critic" in workers:
             team.critic_init = team.get({"critic": workers["critic"].critic_init_of.remote()})["critic"]
@@ -416,9 +417,13 @@ class RayRoles:
         self.close()
 
     def close(self) -> None:
-        """Stop every worker (and the cluster this run started), after the run or on an error."""
+        """Stop every worker, free the placement group (and stop the cluster this run started), after the run or on
+        an error."""
+        from ray.util.placement_group import remove_placement_group
+
         rt = ray()
         for w in self.workers.values():
             rt.kill(w)
+        remove_placement_group(self.group)
         if self.started_cluster:
             rt.shutdown()
