@@ -59,3 +59,13 @@ def test_distributed_quick_runs_one_and_two_processes(tmp_path):
     assert rows[2]["sft_held"]["parameters"] < rows[1]["sft_held"]["parameters"]
     assert rows[3]["ppo_frozen"] < rows[2]["ppo_frozen"]  # --shard-frozen
     assert rows[5]["sft_held"]["parameters"] < rows[4]["sft_held"]["parameters"]  # zero3 splits the weights
+
+
+def test_ray_quick_runs_each_placement_with_the_in_process_scores(tmp_path):
+    out = tmp_path / "r.json"
+    run(str(BENCH / "ray_bench.py"), "--quick", "--workdir", str(tmp_path / "w"), "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [r["config"].split(",")[0] for r in rows] == ["in-process (--backend local)", "Ray", "Ray", "Ray"]
+    assert all(r["iteration_s"] > 0 for r in rows)
+    # one engine samples as the in-process run does, in any placement (two batch otherwise: bf16 rounds otherwise)
+    assert [r["differs_at"] for r in rows[:3]] == [None, None, None]
