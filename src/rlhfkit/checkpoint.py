@@ -114,12 +114,12 @@ def save_directory(out: Path, write: Callable[[Path], None], need: int, what: st
 
 
 def save(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict, accelerator,
-         keep: int = 2, config: Any = None, write: Callable[[Path], int] | None = None) -> Path:
+         keep: int = 2, config: Any = None, write: Callable[[Path], None] | None = None) -> Path:
     """Write `root/step-N` atomically and point `root/latest` at it; keep the newest `keep` checkpoints. `config`,
     the run's config dataclass, is kept beside the state so that `--resume` can check it is the same run. A full
     disk stops the run with one message (`writing`), the earlier checkpoints intact. Models held by other
-    processes (PPO's Ray workers) write their own files: `write(directory)` does, and returns their bytes; `model`,
-    `optimizer` and `scheduler` are then None."""
+    processes (PPO's Ray workers) write their own files: `write(directory)` has them write; `model`, `optimizer`
+    and `scheduler` are then None."""
     final = root / f"step-{step:07d}"
     tmp = root / f"step-{step:07d}.tmp"
     if accelerator.is_main_process:
@@ -231,13 +231,11 @@ def latest(root: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def write_model(path: Path, model, optimizer, scheduler) -> int:
-    """A whole model's trained weights, its optimizer's state and its schedule into the directory `path`; bytes
-    written."""
+def write_model(path: Path, model, optimizer, scheduler) -> None:
+    """A whole model's trained weights, its optimizer's state and its schedule into the directory `path`."""
     save_file(trainable_state(model), path / "trainable.safetensors")
     torch.save(optimizer.state_dict(), path / "optimizer.pt")
     torch.save(scheduler.state_dict(), path / "scheduler.pt")
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
 def read_model(path: Path, model, optimizer, scheduler) -> None:

@@ -28,6 +28,7 @@ Departures from OpenRLHF and veRL, and why:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -39,10 +40,8 @@ import torch
 from rlhfkit import RlhfkitError, TrainingError, UsageError, checkpoint, forward, models
 from rlhfkit.algos import ppo_setup
 from rlhfkit.config import write_run_json
-from rlhfkit.reward_fn import load_reward_fn
-from rlhfkit.reward_model import RewardModel
-from rlhfkit.rollout import Samples, SamplingParams, concat, make_engine
-from rlhfkit.training import accelerator_for, for_training
+from rlhfkit.rollout import Samples, SamplingParams, concat
+from rlhfkit.training import accelerator_for
 
 if TYPE_CHECKING:
     from rlhfkit.algos.ppo import PPOConfig, Rollout
@@ -114,10 +113,10 @@ class RoleWorker:
         torch.manual_seed(cfg.seed)
         tok = self.tok = models.load_tokenizer(cfg.policy)
         device = self.accelerator.device
-        self.learner = None
+        self.learner, self._rollout = None, (None, None)
         if role in ("actor", "critic"):
             if role == "actor":
-                self.model = for_training(models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok), cfg)
+                self.model = ppo_setup.build_actor(cfg, tok)
                 net = torch.nn.ModuleDict({"actor": forward.SelectedLogits(self.model)})
                 ptx = ppo_setup.load_ptx(cfg, tok)
             else:
@@ -126,19 +125,12 @@ class RoleWorker:
             net.to(device).eval()  # dropout off; gradients still flow
             self.learner = Learner.build(cfg, net, self.accelerator, tok.pad_token_id, ptx)
         elif role == "ref":
-            self.model = forward.SelectedLogits(models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok))
-            self.model.requires_grad_(False)
-            models.inference_weights(self.model.lm, self.precision)
-            self.model.to(device).eval()
+            self.model = ppo_setup.build_reference(cfg, tok, device, self.precision)
         elif role == "reward":
-            self.reward_model = RewardModel.load(cfg.reward_model, device, self.precision) if cfg.reward_model \
-                else None
-            self.reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
+            self.reward_model, self.reward_fn = ppo_setup.build_reward(cfg, device, self.precision)
         else:  # a rollout engine, on a copy of the actor that `sync` keeps up to date
-            self.model = for_training(models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok), cfg)
-            self.model.requires_grad_(False).to(device).eval()
-            self.engine = make_engine(cfg, self.model, tok, cfg.generate_batch_size, self.precision, seed=cfg.seed)
-            self.engine.check_fits(prompt_lengths, cfg.max_new_tokens)
+            self.model = ppo_setup.build_actor(cfg, tok).requires_grad_(False).to(device).eval()
+            self.engine = ppo_setup.build_engine(cfg, self.model, tok, self.precision, prompt_lengths)
 
     def ready(self) -> str:
         return self.role
@@ -166,34 +158,30 @@ class RoleWorker:
                              self.precision)
 
     # step 4's passes: (B, R) and the seconds taken
-    def logprobs(self, rollout: Rollout, adapter_off: bool = False) -> tuple[torch.Tensor, float]:
+    def logprobs(self, rollout: list, adapter_off: bool = False) -> tuple[torch.Tensor, float]:
         from rlhfkit.algos.ppo import logprob_pass
 
         t0 = time.perf_counter()
         model = self.learner.net["actor"] if self.learner is not None else self.model
-        rollout = self.on_device(rollout)
-        with self.accelerator.autocast():
-            if adapter_off:  # --lora: the reference is the actor without its adapter
-                with self.model.disable_adapter():
-                    out = logprob_pass(self.cfg, model, rollout)
-            else:
-                out = logprob_pass(self.cfg, model, rollout)
+        # --lora: the reference is the actor without its adapter
+        with self.accelerator.autocast(), self.model.disable_adapter() if adapter_off else contextlib.nullcontext():
+            out = logprob_pass(self.cfg, model, self.local(rollout))
         return out.cpu(), time.perf_counter() - t0
 
-    def values(self, rollout: Rollout) -> tuple[torch.Tensor, float]:
+    def values(self, rollout: list) -> tuple[torch.Tensor, float]:
         from rlhfkit.algos.ppo import value_pass
 
         t0 = time.perf_counter()
         with self.accelerator.autocast():
-            out = value_pass(self.cfg, self.learner.net["critic"], self.on_device(rollout))
+            out = value_pass(self.cfg, self.learner.net["critic"], self.local(rollout))
         return out.cpu(), time.perf_counter() - t0
 
     # step 6
-    def minibatch(self, rollout: Rollout, mb_rows: torch.Tensor, n_tokens: float, beta: float, ptx_step: int):
+    def minibatch(self, rollout: list, mb_rows: torch.Tensor, n_tokens: float, beta: float, ptx_step: int):
         from rlhfkit.algos.ppo import Minibatch, Shard
 
         shard = Shard.of(self.accelerator, self.cfg.rollout_prompts, self.cfg.n_samples)
-        mb = self.learner.minibatch(self.on_device(rollout), mb_rows, n_tokens, beta, ptx_step, shard)
+        mb = self.learner.minibatch(self.local(rollout), mb_rows, n_tokens, beta, ptx_step, shard)
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
         return Minibatch(type(mb.stats)(*map(cpu, mb.stats)), mb.train_tokens, mb.rows, cpu(mb.logprobs))
 
@@ -210,11 +198,11 @@ class RoleWorker:
         return self.critic_init
 
     # checkpoints and the final save
-    def write(self, directory: str) -> int:
+    def write(self, directory: str) -> None:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         learner = self.learner
-        return checkpoint.write_model(path, learner.net, learner.optimizer, learner.scheduler)
+        checkpoint.write_model(path, learner.net, learner.optimizer, learner.scheduler)
 
     def read(self, directory: str) -> None:
         learner = self.learner
@@ -223,10 +211,15 @@ class RoleWorker:
     def save_final(self, out: str) -> None:
         models.save_pretrained(self.model, self.tok, Path(out), merge=self.cfg.lora and self.cfg.merge)
 
-    def on_device(self, rollout: Rollout) -> Rollout:
-        device = self.accelerator.device
-        return replace(rollout, **{k: v.to(device) for k, v in vars(rollout).items()
-                                   if isinstance(v, torch.Tensor)})
+    def local(self, ref: list) -> Rollout:
+        """The iteration's rollout on this worker's device, from `[its object ref]` (in a list, so that Ray passes
+        the ref rather than a fresh copy each call): fetched and moved once, then reused by every pass and minibatch
+        of the iteration."""
+        if self._rollout[0] != ref[0]:
+            rollout, device = ray().get(ref[0]), self.accelerator.device
+            self._rollout = (ref[0], replace(rollout, **{k: v.to(device) for k, v in vars(rollout).items()
+                                                         if isinstance(v, torch.Tensor)}))
+        return self._rollout[1]
 
 
 @dataclass
@@ -243,7 +236,7 @@ class RayRoles:
     started_cluster: bool
     group: Any  # the placement group
     checkpointed: tuple = (None, None, None)  # the driver holds no model: the workers read their own files
-    _rollout: tuple = field(default=(None, None))  # (the Rollout, its object ref): put once per iteration
+    _rollout: tuple = field(default=(None, None))  # (the Rollout, [its object ref]): put once per iteration
 
     @classmethod
     def start(cls, cfg: PPOConfig, prompts: ppo_setup.PromptSet, accelerator) -> RayRoles:
@@ -335,10 +328,11 @@ class RayRoles:
     def engines(self) -> dict[str, Any]:
         return {n: w for n, w in self.workers.items() if n.startswith("rollout")}
 
-    def put(self, rollout: Rollout):
-        """The rollout's object ref: put into the object store once, then passed to every worker that reads it."""
+    def put(self, rollout: Rollout) -> list:
+        """[the rollout's object ref]: put into the object store once an iteration; each worker fetches it once
+        (`RoleWorker.local`)."""
         if self._rollout[0] is not rollout:
-            self._rollout = (rollout, ray().put(rollout))
+            self._rollout = (rollout, [ray().put(rollout)])
         return self._rollout[1]
 
     def sync(self) -> float:
@@ -402,9 +396,8 @@ class RayRoles:
         self.get({n: w.read.remote(str(path / n)) for n, w in self.learners.items()}, "resume")
 
     def save(self, root: Path, step: int, state: dict) -> None:
-        def write(tmp: Path) -> int:
-            return sum(self.get({n: w.write.remote(str(tmp / n)) for n, w in self.learners.items()},
-                                "checkpoint").values())
+        def write(tmp: Path) -> None:
+            self.get({n: w.write.remote(str(tmp / n)) for n, w in self.learners.items()}, "checkpoint")
 
         checkpoint.save(root, step, None, None, None, state, self.accelerator, self.cfg.save_total_limit, self.cfg,
                         write=write)

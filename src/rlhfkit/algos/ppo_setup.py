@@ -165,26 +165,47 @@ class Roles:
     critic_init: str | None  # where the critic's weights came from (GAE)
 
 
+def build_actor(cfg: PPOConfig, tok):
+    """The policy's causal LM as the actor trains it (LoRA, frozen blocks, checkpointing: `for_training`); also the
+    shape of a Ray rollout engine's copy, which the actor's weights then load into."""
+    return for_training(models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok), cfg)
+
+
+def build_reference(cfg: PPOConfig, tok, device, precision: str) -> forward.SelectedLogits:
+    """The frozen reference: a copy of the policy, its blocks' Linear weights stored in `precision`
+    (`models.inference_weights`)."""
+    ref = forward.SelectedLogits(models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok)).requires_grad_(False)
+    models.inference_weights(ref.lm, precision)
+    return ref.to(device).eval()
+
+
+def build_reward(cfg: PPOConfig, device, precision: str) -> tuple[RewardModel | None, Callable | None]:
+    """--reward-model and --reward-fn, either of which may be absent."""
+    return (RewardModel.load(cfg.reward_model, device, precision) if cfg.reward_model else None,
+            load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None)
+
+
+def build_engine(cfg: PPOConfig, model, tok, precision: str, prompt_lengths: list[int]) -> Engine:
+    """The rollout engine on `model`, checked against the longest prompt and response before any work."""
+    engine = make_engine(cfg, model, tok, cfg.generate_batch_size, precision, seed=cfg.seed)
+    engine.check_fits(prompt_lengths, cfg.max_new_tokens)
+    return engine
+
+
 def build_roles(cfg: PPOConfig, tok, prompts: PromptSet, device, precision: str, frozen_sharded: bool = False
                 ) -> Roles:
     """`frozen_sharded` (--shard-frozen with several processes): the reference and reward model keep fp32 weights
     (`models.inference_weights` would store their blocks' Linear weights in bf16 beside fp32 norms, and FSDP2 shards
     only uniform dtypes); 1/N of 4 bytes is no more than 2 bytes whole from 2 processes on."""
     frozen_precision = "no" if frozen_sharded else precision
-    actor = for_training(models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok), cfg)
+    actor = build_actor(cfg, tok)
     net = torch.nn.ModuleDict({"actor": forward.SelectedLogits(actor)})
-    ref = None if cfg.lora else forward.SelectedLogits(
-        models.load_causal_lm(cfg.policy, seed=cfg.seed, tokenizer=tok)).requires_grad_(False)
+    ref = None if cfg.lora else build_reference(cfg, tok, device, frozen_precision)
     critic_init = None
     if cfg.advantage == "gae":
         critic, critic_init = build_critic(cfg, tok)
         net["critic"] = forward.ValueModel(critic)
     net.to(device).eval()  # dropout off everywhere; gradients still flow
-    if ref is not None:
-        models.inference_weights(ref.lm, frozen_precision)
-        ref.to(device).eval()
-    reward_model = RewardModel.load(cfg.reward_model, device, frozen_precision) if cfg.reward_model else None
-    reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
-    engine = make_engine(cfg, actor, tok, cfg.generate_batch_size, precision, seed=cfg.seed)
-    engine.check_fits(prompts.lengths, cfg.max_new_tokens)
+    reward_model, reward_fn = build_reward(cfg, device, frozen_precision)
+    engine = build_engine(cfg, actor, tok, precision, prompts.lengths)
     return Roles(net, actor, ref, reward_model, reward_fn, load_monitors(cfg, device), engine, critic_init)
