@@ -1,7 +1,7 @@
 """PPO's in-process backend against --backend ray on the same run: seconds per iteration, by phase, and the overhead.
 
 Each configuration is one real run of `rlhfkit ppo` (GAE: actor, critic, reference, reward function, one or two hf
-rollout engines) on a fresh local Ray cluster that the run starts itself; the same seed, so the same samples and
+rollout engines; the actor and the critic one worker each, or a group of two) on a fresh local Ray cluster that the run starts itself; the same seed, so the same samples and
 updates (tests/algos/test_ppo_ray.py checks that they agree). Reported: the median wall time of an iteration after
 the first (`time/iteration`), its phases (generate, the log-prob/value passes, train), the start-up (process start
 to the first iteration's end, less that iteration), and the overhead of Ray against the in-process run.
@@ -29,7 +29,10 @@ CONFIGS = [("in-process (--backend local)", []),
            ("Ray, --colocate all", ["--backend", "ray", "--colocate", "all"]),
            ("Ray, --colocate none", ["--backend", "ray", "--colocate", "none"]),
            ("Ray, --colocate none, 2 rollout engines", ["--backend", "ray", "--colocate", "none",
-                                                         "--rollout-engines", "2"])]
+                                                         "--rollout-engines", "2"]),
+           *((f"Ray, --colocate all, actor and critic {sharding} groups of 2 workers",
+              ["--backend", "ray", "--colocate", "all", "--actor-workers", "2", "--critic-workers", "2", "--sharding",
+               sharding]) for sharding in ("ddp", "fsdp2"))]
 
 
 def main() -> None:

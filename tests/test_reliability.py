@@ -60,8 +60,12 @@ CASES = [
      r"error: --dtype 'bogus': expected auto, bf16, bfloat16, fp16, float16, half, fp32, float32, float"),
     ("unknown GPU (plan)", ["plan", "--gpu", "v100"], 2,
      r"error: --gpu 'v100': unknown; known: a100-40g, a100-80g, h100-80g, h200, l40s, a10g, rtx4090"),
-    ("Ray placement without --backend ray", [*PPO, "--colocate", "none", "--output", "{tmp}/p"], 2,
-     r"error: --ray-address, --colocate and --rollout-engines place the roles of --backend ray; add --backend ray"),
+    ("Ray placement without --backend ray", [*PPO, "--actor-workers", "2", "--output", "{tmp}/p"], 2,
+     r"error: --ray-address, --colocate, --rollout-engines, --actor-workers and --critic-workers place the roles of "
+     r"--backend ray; add --backend ray"),
+    ("ZeRO in a Ray role group", [*PPO, "--backend", "ray", "--sharding", "zero2", "--output", "{tmp}/p"], 2,
+     r"error: --backend ray trains a role group with --sharding ddp or fsdp2, not zero2 .*use --backend local for "
+     r"ZeRO"),
     ("YAML syntax error", [*SFT, "--config", "{tmp}/broken.yaml"], 2,
      r"error: \S+/broken.yaml:3: not valid YAML \(expected ',' or '\]', but got '<stream end>'\)"),
     # paths

@@ -127,21 +127,14 @@ def save(root: Path, step: int, model, optimizer, scheduler, trainer_state: dict
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    if model is not None:
-        model = model if distributed.is_engine(model) else distributed.unwrap(model)  # an engine saves itself
-    sharded = model is not None and (distributed.is_engine(model) or distributed.is_sharded(model))
-    need = checkpoint_bytes(model) if model is not None else 0
+    need = checkpoint_bytes(trained(model)) if model is not None else 0
     with writing(tmp, f"a checkpoint (step {step})", need if accelerator.is_main_process else 0, keep):
         torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-        if sharded:  # each process its shards of the weights and of AdamW's state (ZeRO: the engine's files)
-            distributed.save_shards(tmp / "shards", model, optimizer)
+        if model is not None:
+            write_trained(tmp, model, optimizer, scheduler, accelerator.is_main_process)
         if write is not None:
             write(tmp)
         if accelerator.is_main_process:
-            if model is not None and not sharded:
-                write_model(tmp, model, optimizer, scheduler)
-            elif model is not None:
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
             if config is not None:
                 (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
@@ -248,15 +241,38 @@ def read_model(path: Path, model, optimizer, scheduler) -> None:
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
 
 
+def trained(model):
+    """The model a checkpoint holds: inside DDP, or a DeepSpeed engine (which saves itself)."""
+    return model if distributed.is_engine(model) else distributed.unwrap(model)
+
+
+def write_trained(path: Path, model, optimizer, scheduler, main: bool) -> None:
+    """A trained model's files in the checkpoint directory `path`, every process calling: spread over the processes
+    (FSDP2, a ZeRO engine), each its shards of the weights and of AdamW's state and the main process the schedule;
+    else the main process all of them (`write_model`)."""
+    model = trained(model)
+    if distributed.is_engine(model) or distributed.is_sharded(model):
+        distributed.save_shards(path / "shards", model, optimizer)
+        if main:
+            torch.save(scheduler.state_dict(), path / "scheduler.pt")
+    elif main:
+        write_model(path, model, optimizer, scheduler)
+
+
+def read_trained(path: Path, model, optimizer, scheduler) -> None:
+    """`write_trained`'s files back into the already-prepared objects (every process)."""
+    model = trained(model)
+    if distributed.is_engine(model) or distributed.is_sharded(model):
+        distributed.load_shards(path / "shards", model, optimizer)
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    else:
+        read_model(path, model, optimizer, scheduler)
+
+
 def load(path: Path, model, optimizer, scheduler, accelerator) -> dict:
     """Restore a checkpoint into already-prepared objects; returns the trainer state. `model` None: the models are
-    held by other processes, which read their own files (`save`'s `write`)."""
+    held by other processes, which read their own files (`read_trained`)."""
     if model is not None:
-        model = model if distributed.is_engine(model) else distributed.unwrap(model)
-        if distributed.is_engine(model) or distributed.is_sharded(model):
-            distributed.load_shards(path / "shards", model, optimizer)
-            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        else:
-            read_model(path, model, optimizer, scheduler)
+        read_trained(path, model, optimizer, scheduler)
     set_rng_state(torch.load(path / f"rng_{accelerator.process_index}.pt", weights_only=False))
     return json.loads((path / "trainer_state.json").read_text())

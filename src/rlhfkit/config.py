@@ -136,6 +136,7 @@ RANGES: dict[str, Range] = {
                      "rm_batch_size", "ppo_epochs", "lora_r", "lora_alpha", "calibration_bins", "norm_samples",
                      "log_steps", "bootstrap", "kl_horizon", "tiny_hidden_size", "max_body_kb", "bon_n",
                      "suite_size", "sft_prompts", "rm_prompts", "rl_prompts", "eval_prompts", "rollout_engines",
+                     "actor_workers", "critic_workers",
                      "gpus", "actor_gpus", "critic_gpus", "ref_gpus", "reward_gpus", "rollout_gpus", "rollout_tp",
                      "tokens"], COUNT),
     **dict.fromkeys(["save_steps", "eval_steps", "skip_nonfinite", "freeze_layers", "limit", "sample_every",

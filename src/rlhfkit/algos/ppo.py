@@ -195,6 +195,11 @@ class PPOConfig(RunConfig, EngineConfig):
     none (each role its own)."""
     rollout_engines: int = 1
     """--backend ray: rollout engines (Ray actors), each sampling an equal share of an iteration's prompts."""
+    actor_workers: int = 1
+    """--backend ray: Ray workers of the actor, one process group (torch.distributed) that trains it data-parallel,
+    each on its share of the rows: replicated (--sharding ddp) or sharded (fsdp2); one device each."""
+    critic_workers: int = 1
+    """--backend ray: Ray workers of the critic, as --actor-workers."""
 
 
 # --- rollout ------------------------------------------------------------------------------------------------
@@ -659,16 +664,30 @@ class Learner:
         return distributed.step(self.engine, self.params, self.optimizer, clip, self.accelerator, skip)
 
     def grad_norms(self) -> torch.Tensor:
-        """(k,) the norm of each parameter's gradient, in `params` order: a Ray worker's share of the global norm
-        `step` clips by (torch's, the norm of these norms)."""
+        """(k,) the norm of each parameter's whole gradient, in `params` order: a Ray worker's share of the global
+        norm `step` clips by (torch's, the norm of these norms). Sharded (FSDP2), each process holds a part of each
+        gradient: the parts' squared norms are summed over the processes (every one must call this)."""
+        from torch.distributed.tensor import DTensor
+
         grads = [p.grad for p in self.params if p.grad is not None]
-        return torch.stack(torch._foreach_norm(grads)).cpu() if grads else torch.zeros(0)
+        if not grads:
+            return torch.zeros(0)
+        if not isinstance(grads[0], DTensor):
+            return torch.stack(torch._foreach_norm(grads)).cpu()
+        squares = torch.stack(torch._foreach_norm([g.to_local() for g in grads])).double() ** 2
+        torch.distributed.all_reduce(squares)
+        return squares.sqrt().float().cpu()
 
     def step_with_norm(self, clip: float, total_norm: float | None) -> None:
         """`step` where the norm is of more roles than these (Ray: the actor's and the critic's, as one process
-        clips them together); None: the step is skipped, the gradients cleared."""
+        clips them together); None: the step is skipped, the gradients cleared. The gradients are scaled as
+        `torch.nn.utils.clip_grads_with_norm_` scales them, by a float32 factor (a number, which sharded gradients
+        take too)."""
         if total_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.params, clip, torch.tensor(total_norm))
+            factor = (torch.tensor(clip) / (torch.tensor(total_norm) + 1e-6)).clamp(max=1.0)
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, float(factor))
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -9,15 +9,25 @@ and/or function, and K rollout engines (hf or vLLM), each sampling an equal shar
 rollout batch goes to the workers through Ray's object store (`ray.put` once per iteration), the actor's weights to
 the engines the same way after every update.
 
-Placement (OpenRLHF's and veRL's design): one placement group whose bundles are device groups. --colocate all puts
-every role in one bundle (veRL's default: they take turns on the same GPUs), actor-ref and critic-reward put those
-pairs together (OpenRLHF's --colocate_actor_ref / --colocate_critic_reward) and the rest in bundles of their own,
-none gives every role its own. A bundle is one GPU where the cluster has GPUs (its roles share it, num_gpus 1/k),
-else one CPU; a local cluster (no --ray-address) is started with as many CPUs as there are bundles.
+The actor and the critic may each be a group of workers (--actor-workers, --critic-workers: OpenRLHF's
+--actor_num_gpus_per_node, veRL's n_gpus_per_node): one torch.distributed process group per role (gloo on CPUs,
+NCCL on GPUs), whose members train it as the processes of `torchrun` do (`ppo.Learner` with the member's `Shard`
+of the rows), replicated (--sharding ddp) or sharded (fsdp2). Every call to such a role goes to all its members
+at once (their collectives must meet); each works on its share of the rows, and the driver joins the shares.
+
+Placement (OpenRLHF's and veRL's design): one placement group whose bundles are devices, in device groups. --colocate
+all puts every role in one device group (veRL's default: they take turns on the same GPUs), actor-ref and
+critic-reward put those pairs together (OpenRLHF's --colocate_actor_ref / --colocate_critic_reward) and the rest in
+groups of their own, none gives every role its own. A device group has as many bundles as its largest role has
+workers; member k of a role is on bundle k of its group. A bundle is one GPU where the cluster has GPUs (the workers
+on it share it, num_gpus 1/k), else one CPU; a local cluster (no --ray-address) is started with as many CPUs as
+there are bundles.
 
 Departures from OpenRLHF and veRL, and why:
-- A role is one Ray worker: a role spread over a data-parallel/FSDP2 group of workers is not built yet (torchrun
-  and --sharding do that for the local backend, docs/distributed.md).
+- The reference, the reward model and each rollout engine are one worker (one device) each; a frozen model too big
+  for one device runs with the local backend (torchrun and --shard-frozen, docs/distributed.md).
+- DeepSpeed ZeRO (--sharding zero2/zero3) is not offered for a role group: its engine clips and steps its model on
+  its own, and the two roles here clip by their joint norm.
 - The actor and the critic clip their gradients together, as one process does (`ppo.Learner.step`): each worker
   reports its gradients' norm and the driver clips both by the joint norm, so that the two backends make the same
   update (OpenRLHF clips each model on its own).
@@ -37,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlhfkit import RlhfkitError, TrainingError, UsageError, checkpoint, forward, models
+from rlhfkit import RlhfkitError, TrainingError, UsageError, checkpoint, distributed, forward, models
 from rlhfkit.algos import ppo_setup
 from rlhfkit.config import write_run_json
 from rlhfkit.rollout import Samples, SamplingParams, concat
@@ -70,10 +80,18 @@ def check(cfg: PPOConfig) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--backend ray places the roles itself: run it as one process, not under torchrun or "
                          "accelerate launch")
-    if cfg.sharding != "ddp" or cfg.shard_frozen:
-        raise UsageError(f"--backend ray runs each role as one Ray worker: --sharding {cfg.sharding}"
-                         f"{' and --shard-frozen' if cfg.shard_frozen else ''} spread a role over the processes of "
-                         "the local backend (torchrun); drop them, or use --backend local")
+    for role, n in (("actor", cfg.actor_workers), ("critic", cfg.critic_workers)):
+        if n < 1 or cfg.rollout_prompts % n:
+            raise UsageError(f"--{role}-workers {n}: must be ≥ 1 and divide --rollout-prompts {cfg.rollout_prompts} "
+                             "(each worker trains on an equal share of the rows)")
+    if cfg.sharding not in ("ddp", "fsdp2"):
+        raise UsageError(f"--backend ray trains a role group with --sharding ddp or fsdp2, not {cfg.sharding} "
+                         "(DeepSpeed's engine clips and steps its model alone; the actor and the critic clip by "
+                         "their joint norm); use --backend local for ZeRO")
+    if cfg.shard_frozen:
+        raise UsageError("--backend ray runs the reference and the reward model as one worker each: --shard-frozen "
+                         "shards them over the processes of the local backend (torchrun); drop it, or use "
+                         "--backend local")
 
 
 def role_names(cfg: PPOConfig) -> list[str]:
@@ -83,8 +101,13 @@ def role_names(cfg: PPOConfig) -> list[str]:
     return names + [f"rollout{i}" for i in range(cfg.rollout_engines)]
 
 
+def workers_of(cfg: PPOConfig, role: str) -> int:
+    """How many Ray workers (devices) hold `role`."""
+    return {"actor": cfg.actor_workers, "critic": cfg.critic_workers}.get(role, 1)
+
+
 def bundles(cfg: PPOConfig) -> list[list[str]]:
-    """--colocate as device groups: the roles of each bundle of the placement group."""
+    """--colocate as device groups: the roles of each (a group has as many bundles as its largest role workers)."""
     names = role_names(cfg)
     if cfg.colocate == "all":
         return [names]
@@ -93,22 +116,44 @@ def bundles(cfg: PPOConfig) -> list[list[str]]:
     return ([together] if together else []) + [[n] for n in names if n not in pair]
 
 
-def worker_name(cfg: PPOConfig, role: str) -> str:
-    """A role's Ray actor name (`ray.get_actor`): the run's output directory and the role."""
-    return f"rlhfkit-ppo:{Path(cfg.output).resolve()}:{role}"
+def worker_name(cfg: PPOConfig, role: str, rank: int = 0) -> str:
+    """The Ray actor name (`ray.get_actor`) of a role's worker `rank`: the run's output directory, the role, and the
+    rank after a slash for all but the first."""
+    return f"rlhfkit-ppo:{Path(cfg.output).resolve()}:{role}{f'/{rank}' if rank else ''}"
+
+
+def sharing(cfg: PPOConfig, names: list[str], k: int) -> int:
+    """How many workers share bundle k of the device group of roles `names` (they split its CPU and GPU)."""
+    return sum(workers_of(cfg, n) > k for n in names)
+
+
+def free_address() -> tuple[str, int]:
+    """This node's address and a free port: where a role group's first worker serves its process group's store."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray().util.get_node_ip_address(), s.getsockname()[1]
 
 
 class RoleWorker:
     """One of PPO's roles in a Ray worker process, built as `ppo_setup.build_roles` builds it in one process (the
-    same seeds, so the same weights), on the device Ray gave the worker (a GPU, or the CPU)."""
+    same seeds, so the same weights), on the device Ray gave the worker (a GPU, or the CPU). Worker `rank` of a
+    role's `world` workers joins their process group at `store` (the first worker's address and port), as a
+    torchrun process would, and holds the rows of its `Shard`."""
 
-    def __init__(self, cfg: PPOConfig, role: str, cwd: str, threads: int, prompt_lengths: list[int]):
-        from rlhfkit.algos.ppo import Learner
+    def __init__(self, cfg: PPOConfig, role: str, cwd: str, threads: int, prompt_lengths: list[int], rank: int = 0,
+                 world: int = 1, store: tuple[str, int] | None = None):
+        from rlhfkit.algos.ppo import Learner, Shard
 
         os.chdir(cwd)  # the driver's relative paths (model, data, reward function files)
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in its workers
-        self.cfg, self.role = cfg, role
+        if world > 1:  # torchrun's variables, which accelerate reads; Ray shows the worker its GPU alone: local 0
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                              MASTER_ADDR=store[0], MASTER_PORT=str(store[1]))
+        self.cfg, self.role, self.rank = cfg, role, rank
         self.accelerator = accelerator_for(cfg.dtype)
+        self.shard = Shard.of(self.accelerator, cfg.rollout_prompts, cfg.n_samples)
         self.precision = models.mixed_precision(cfg.dtype)
         torch.manual_seed(cfg.seed)
         tok = self.tok = models.load_tokenizer(cfg.policy)
@@ -136,9 +181,13 @@ class RoleWorker:
         return self.role
 
     # the rollout engines
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The actor's weights (its adapter's and the base's with --lora), on the CPU, for the engines."""
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+    def weights(self) -> dict[str, torch.Tensor] | None:
+        """The actor's weights (its adapter's and the base's with --lora), whole on the CPU, for the engines: the
+        first worker's (sharded, every worker takes part in gathering them); None from the others."""
+        whole = distributed.full_state_dict(self.learner.net["actor"], strip="lm.")  # None: not sharded
+        if self.rank:
+            return None
+        return whole if whole is not None else {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
     def sync(self, weights: dict[str, torch.Tensor]) -> float:
         t0 = time.perf_counter()
@@ -157,7 +206,7 @@ class RoleWorker:
         return reward_scores(self.cfg, self.reward_model, self.reward_fn, row_prompts, texts, row_meta, groups,
                              self.precision)
 
-    # step 4's passes: (B, R) and the seconds taken
+    # step 4's passes over this worker's rows: (b, R) and the seconds taken
     def logprobs(self, rollout: list, adapter_off: bool = False) -> tuple[torch.Tensor, float]:
         from rlhfkit.algos.ppo import logprob_pass
 
@@ -178,12 +227,16 @@ class RoleWorker:
 
     # step 6
     def minibatch(self, rollout: list, mb_rows: torch.Tensor, n_tokens: float, beta: float, ptx_step: int):
-        from rlhfkit.algos.ppo import Minibatch, Shard
+        """The backward passes of this worker's rows of a minibatch; the statistics summed over the role's workers,
+        the rows as indices into the whole batch."""
+        from rlhfkit.algos.ppo import Minibatch
 
-        shard = Shard.of(self.accelerator, self.cfg.rollout_prompts, self.cfg.n_samples)
+        shard = self.shard
         mb = self.learner.minibatch(self.local(rollout), mb_rows, n_tokens, beta, ptx_step, shard)
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
-        return Minibatch(type(mb.stats)(*map(cpu, mb.stats)), mb.train_tokens, mb.rows, cpu(mb.logprobs))
+        stats = mb.stats.across(self.accelerator)
+        return Minibatch(type(stats)(*map(cpu, stats)), mb.train_tokens, mb.rows + shard.first * shard.n,
+                         cpu(mb.logprobs))
 
     def grad_norms(self) -> torch.Tensor:
         return self.learner.grad_norms()
@@ -202,21 +255,26 @@ class RoleWorker:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         learner = self.learner
-        checkpoint.write_model(path, learner.net, learner.optimizer, learner.scheduler)
+        checkpoint.write_trained(path, learner.engine, learner.optimizer, learner.scheduler, self.rank == 0)
 
     def read(self, directory: str) -> None:
         learner = self.learner
-        checkpoint.read_model(Path(directory), learner.net, learner.optimizer, learner.scheduler)
+        checkpoint.read_trained(Path(directory), learner.engine, learner.optimizer, learner.scheduler)
 
     def save_final(self, out: str) -> None:
-        models.save_pretrained(self.model, self.tok, Path(out), merge=self.cfg.lora and self.cfg.merge)
+        whole = distributed.full_state_dict(self.learner.net["actor"], strip="lm.")  # every worker; None: unsharded
+        if self.rank == 0:
+            models.save_pretrained(self.model, self.tok, Path(out), merge=self.cfg.lora and self.cfg.merge,
+                                   state_dict=whole)
 
     def local(self, ref: list) -> Rollout:
-        """The iteration's rollout on this worker's device, from `[its object ref]` (in a list, so that Ray passes
-        the ref rather than a fresh copy each call): fetched and moved once, then reused by every pass and minibatch
-        of the iteration."""
+        """This worker's rows of the iteration's rollout (`Shard`; all of them for a role of one worker) on its
+        device, from `[its object ref]` (in a list, so that Ray passes the ref rather than a fresh copy each call):
+        fetched and moved once, then reused by every pass and minibatch of the iteration."""
         if self._rollout[0] != ref[0]:
-            rollout, device = ray().get(ref[0]), self.accelerator.device
+            rollout, device, shard = ray().get(ref[0]), self.accelerator.device, self.shard
+            if shard.world > 1:
+                rollout = rollout.rows(torch.arange(shard.first * shard.n, (shard.first + shard.count) * shard.n))
             self._rollout = (ref[0], replace(rollout, **{k: v.to(device) for k, v in vars(rollout).items()
                                                          if isinstance(v, torch.Tensor)}))
         return self._rollout[1]
@@ -225,11 +283,12 @@ class RoleWorker:
 @dataclass
 class RayRoles:
     """The roles as Ray actors: what the loop in `ppo.train` calls (the interface of `ppo.InProcess`). The driver
-    is one process (`Shard` of 1): the rows it hands a worker are the whole batch."""
+    is one process (`Shard` of 1): the rows it hands a role are the whole batch, which a role group's workers
+    split."""
 
     cfg: PPOConfig
-    workers: dict[str, Any]  # role name -> Ray actor handle
-    placement: list[list[str]]
+    workers: dict[str, list[Any]]  # role name -> its workers' Ray actor handles, in rank order
+    placement: list[list[str]]  # the device groups' roles (`bundles`)
     monitors: dict
     accelerator: Any
     critic_init: str | None
@@ -240,55 +299,70 @@ class RayRoles:
 
     @classmethod
     def start(cls, cfg: PPOConfig, prompts: ppo_setup.PromptSet, accelerator) -> RayRoles:
-        """Join (--ray-address) or start a Ray cluster, reserve the placement group, start every role's worker and
+        """Join (--ray-address) or start a Ray cluster, reserve the placement group, start every role's workers and
         wait until each is built."""
         rt = ray()
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         placement = bundles(cfg)
+        sizes = [max(workers_of(cfg, r) for r in names) for names in placement]  # bundles of each device group
         started = not rt.is_initialized()
         if started:
             if cfg.ray_address:
                 rt.init(address=cfg.ray_address, log_to_driver=True)
             else:  # one logical CPU per bundle: the roles take turns on the machine's cores
-                rt.init(num_cpus=max(len(placement), os.cpu_count() or 1), include_dashboard=False,
-                        log_to_driver=True)
+                rt.init(num_cpus=max(sum(sizes), os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
         gpus = rt.cluster_resources().get("GPU", 0) >= 1
         device = {"GPU": 1, "CPU": 1} if gpus else {"CPU": 1}
-        group = placement_group([dict(device) for _ in placement], strategy="PACK")
+        group = placement_group([dict(device) for _ in range(sum(sizes))], strategy="PACK")
         try:
             rt.get(group.ready(), timeout=300)
         except rt.exceptions.GetTimeoutError:
-            raise UsageError(f"--backend ray: the cluster cannot hold {len(placement)} bundles of {device} "
-                             f"(--colocate {cfg.colocate}: {placement}); it has {rt.cluster_resources()}") from None
+            raise UsageError(f"--backend ray: the cluster cannot hold {sum(sizes)} bundles of {device} "
+                             f"(--colocate {cfg.colocate}: {placement}, {sizes} device(s) each); it has "
+                             f"{rt.cluster_resources()}") from None
+        on = lambda b: PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=b)  # noqa: E731
         remote = rt.remote(RoleWorker)
-        workers = {}
-        for b, names in enumerate(placement):
-            share = 1.0 / len(names)
+        workers: dict[str, list[Any]] = {}
+        first = 0  # the device group's first bundle
+        for names, size in zip(placement, sizes):
             for name in names:
-                workers[name] = remote.options(
-                    name=worker_name(cfg, name), namespace=NAMESPACE, num_cpus=share, num_gpus=share if gpus else 0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=b),
-                ).remote(cfg, name.rstrip("0123456789") if name.startswith("rollout") else name, os.getcwd(),
-                         torch.get_num_threads(), prompts.lengths)
+                world = workers_of(cfg, name)
+                store = rt.get(rt.remote(free_address).options(num_cpus=0.01, scheduling_strategy=on(first)).remote()
+                               ) if world > 1 else None
+                role = name.rstrip("0123456789") if name.startswith("rollout") else name
+                workers[name] = [remote.options(
+                    name=worker_name(cfg, name, k), namespace=NAMESPACE,
+                    num_cpus=1 / sharing(cfg, names, k), num_gpus=1 / sharing(cfg, names, k) if gpus else 0,
+                    scheduling_strategy=on(first + k),
+                ).remote(cfg, role, os.getcwd(), torch.get_num_threads(), prompts.lengths, k, world, store)
+                    for k in range(world)]
+            first += size
         team = cls(cfg, workers, placement, ppo_setup.load_monitors(cfg, accelerator.device), accelerator, None,
                    started, group)
-        team.get({name: w.ready.remote() for name, w in workers.items()}, "start")
+        team.get({name: [w.ready.remote() for w in ws] for name, ws in workers.items()}, "start")
         if "critic" in workers:
-            team.critic_init = team.get({"critic": workers["critic"].critic_init_of.remote()})["critic"]
-        print(f"ray {rt.__version__}: {len(workers)} roles in {len(placement)} "
-              f"{'GPU' if gpus else 'CPU'} bundle(s): {' | '.join(' + '.join(b) for b in placement)}")
+            team.critic_init = team.get({"critic": team.call("critic", "critic_init_of")})["critic"][0]
+        shown = lambda n: f"{n}×{len(workers[n])}" if len(workers[n]) > 1 else n  # noqa: E731
+        groups = f" ({cfg.sharding} in a group)" if max(sizes) > 1 else ""
+        print(f"ray {rt.__version__}: {sum(map(len, workers.values()))} workers in {sum(sizes)} "
+              f"{'GPU' if gpus else 'CPU'} bundle(s){groups}: "
+              f"{' | '.join(' + '.join(map(shown, b)) for b in placement)}")
         return team
 
-    def get(self, futures: dict[str, Any], doing: str = "") -> dict[str, Any]:
-        """Each role's result; a role whose worker died stops the run with one message naming it and the last
-        checkpoint, and an error raised inside a worker is raised here as it was."""
+    def call(self, role: str, method: str, *args, **kwargs) -> list[Any]:
+        """`method` on every worker of `role` at once (a group's collectives need all its members): the futures."""
+        return [getattr(w, method).remote(*args, **kwargs) for w in self.workers[role]]
+
+    def get(self, futures: dict[str, list[Any]], doing: str = "") -> dict[str, list[Any]]:
+        """Each role's results (one per worker); a role whose worker died stops the run with one message naming it
+        and the last checkpoint, and an error raised inside a worker is raised here as it was."""
         rt = ray()
         out = {}
-        for name, future in futures.items():
+        for name, each in futures.items():
             try:
-                out[name] = rt.get(future)
+                out[name] = rt.get(each)
             except rt.exceptions.RayActorError as e:
                 self.close()
                 if isinstance(getattr(e, "cause", None), rt.exceptions.RayTaskError) and \
@@ -307,26 +381,26 @@ class RayRoles:
                 raise
         return out
 
-    def in_turns(self, calls: dict[str, tuple[str, Any]], doing: str) -> dict[str, Any]:
-        """Make the calls {key: (role, fn() -> its future)}: roles that share a bundle (a device) take turns, as
-        veRL's colocated roles do, and roles on different bundles run side by side."""
-        bundle = {role: b for b, names in enumerate(self.placement) for role in names}
+    def in_turns(self, calls: dict[str, tuple[str, Any]], doing: str) -> dict[str, list[Any]]:
+        """Make the calls {key: (role, fn() -> its workers' futures)}: roles that share a device group take turns,
+        as veRL's colocated roles do, and roles on different device groups run side by side."""
+        group = {role: g for g, names in enumerate(self.placement) for role in names}
         queues: dict[int, list[tuple[str, Any]]] = {}
         for key, (role, fn) in calls.items():
-            queues.setdefault(bundle[role], []).append((key, fn))
-        out: dict[str, Any] = {}
+            queues.setdefault(group[role], []).append((key, fn))
+        out: dict[str, list[Any]] = {}
         while any(queues.values()):
             wave = {key: fn() for key, fn in (q.pop(0) for q in queues.values() if q)}
             out |= self.get(wave, doing)
         return {key: out[key] for key in calls}
 
     @property
-    def learners(self) -> dict[str, Any]:
-        return {n: self.workers[n] for n in ("actor", "critic") if n in self.workers}
+    def learners(self) -> list[str]:
+        return [n for n in ("actor", "critic") if n in self.workers]
 
     @property
-    def engines(self) -> dict[str, Any]:
-        return {n: w for n, w in self.workers.items() if n.startswith("rollout")}
+    def engines(self) -> list[str]:
+        return [n for n in self.workers if n.startswith("rollout")]
 
     def put(self, rollout: Rollout) -> list:
         """[the rollout's object ref]: put into the object store once an iteration; each worker fetches it once
@@ -336,77 +410,80 @@ class RayRoles:
         return self._rollout[1]
 
     def sync(self) -> float:
-        weights = self.workers["actor"].weights.remote()  # the engines fetch it from the object store
         t0 = time.perf_counter()
-        self.get({n: w.sync.remote(weights) for n, w in self.engines.items()}, "weight sync")
+        weights = self.call("actor", "weights")  # the first worker's; the engines fetch it from the object store
+        self.get({"actor": weights, **{n: self.call(n, "sync", weights[0]) for n in self.engines}}, "weight sync")
         return time.perf_counter() - t0
 
     def generate(self, prompts, params: SamplingParams) -> Samples:
         per = len(prompts) // len(self.engines)
-        calls = {n: (n, lambda k=k, w=w: w.generate.remote(prompts[k * per:(k + 1) * per], replace(
-            params, first_prompt=params.first_prompt + k * per))) for k, (n, w) in enumerate(self.engines.items())}
-        return concat(list(self.in_turns(calls, "generate").values()))
+        calls = {n: (n, lambda k=k, n=n: self.call(n, "generate", prompts[k * per:(k + 1) * per], replace(
+            params, first_prompt=params.first_prompt + k * per))) for k, n in enumerate(self.engines)}
+        return concat([parts[0] for parts in self.in_turns(calls, "generate").values()])
 
     def reward(self, row_prompts, texts, row_meta, groups) -> torch.Tensor:
-        return self.get({"reward": self.workers["reward"].score.remote(row_prompts, texts, row_meta, groups)},
-                        "score")["reward"]
+        return self.get({"reward": self.call("reward", "score", row_prompts, texts, row_meta, groups)}, "score")[
+            "reward"][0]
 
     def passes(self, rollout: Rollout, timing: dict[str, float]):
-        """Step 4, the roles' passes side by side."""
-        ref = self.put(rollout)
-        w, calls = self.workers, {}
+        """Step 4, the roles' passes side by side; a role group's workers each pass their rows."""
+        ref, calls = self.put(rollout), {}
         if not rollout.on_policy:
-            calls["actor"] = ("actor", lambda: w["actor"].logprobs.remote(ref))
-        calls["ref"] = ("ref", lambda: w["ref"].logprobs.remote(ref)) if "ref" in w else \
-            ("actor", lambda: w["actor"].logprobs.remote(ref, adapter_off=True))
-        if "critic" in w:
-            calls["critic"] = ("critic", lambda: w["critic"].values.remote(ref))
+            calls["actor"] = ("actor", lambda: self.call("actor", "logprobs", ref))
+        calls["ref"] = ("ref", lambda: self.call("ref", "logprobs", ref)) if "ref" in self.workers else \
+            ("actor", lambda: self.call("actor", "logprobs", ref, adapter_off=True))
+        if "critic" in self.workers:
+            calls["critic"] = ("critic", lambda: self.call("critic", "values", ref))
         done = self.in_turns(calls, "log-prob and value passes")
         device = self.accelerator.device
-        out = {k: v[0].to(device) for k, v in done.items()}
-        timing.update({"time/logprobs": done["actor"][1] if "actor" in done else 0.0,
-                       "time/reference": done["ref"][1],
-                       "time/values": done["critic"][1] if "critic" in done else 0.0})
+        out = {k: torch.cat([part[0] for part in parts]).to(device) for k, parts in done.items()}
+        seconds = {k: max(part[1] for part in parts) for k, parts in done.items()}
+        timing.update({"time/logprobs": seconds.get("actor", 0.0), "time/reference": seconds["ref"],
+                       "time/values": seconds.get("critic", 0.0)})
         return out.get("actor"), out["ref"], out.get("critic")
 
     def minibatch(self, rollout, mb_rows, n_tokens, beta, ptx_step):
+        from rlhfkit.algos.ppo import Minibatch
+
         ref = self.put(rollout)
-        parts = self.in_turns({n: (n, lambda w=w: w.minibatch.remote(ref, mb_rows, n_tokens, beta, ptx_step))
-                               for n, w in self.learners.items()}, "update")
-        actor = parts["actor"]
-        stats = actor.stats.merge(parts["critic"].stats) if "critic" in parts else actor.stats
-        device = self.accelerator.device
-        return actor._replace(stats=type(stats)(*(None if v is None else v.to(device) for v in stats)),
-                              logprobs=None if actor.logprobs is None else actor.logprobs.to(device))
+        parts = self.in_turns({n: (n, lambda n=n: self.call(n, "minibatch", ref, mb_rows, n_tokens, beta, ptx_step))
+                               for n in self.learners}, "update")
+        actor = parts["actor"]  # each worker's rows; the statistics are the role's (every worker has them)
+        stats = actor[0].stats.merge(parts["critic"][0].stats) if "critic" in parts else actor[0].stats
+        device, logprobs = self.accelerator.device, [p.logprobs for p in actor if p.logprobs is not None]
+        return Minibatch(type(stats)(*(None if v is None else v.to(device) for v in stats)),
+                         sum(p.train_tokens for p in actor), torch.cat([p.rows for p in actor]),
+                         torch.cat(logprobs).to(device) if logprobs else None)
 
     def step(self, clip: float, skip) -> float | None:
         """One optimizer step of the actor and the critic, clipped by the norm of both roles' gradients."""
         # the actor's parameters' norms, then the critic's: the order of one process's parameters, hence its norm
-        norms = self.get({n: w.grad_norms.remote() for n, w in self.learners.items()}, "update")
-        total = float(torch.linalg.vector_norm(torch.cat(list(norms.values()))))
+        norms = self.get({n: self.call(n, "grad_norms") for n in self.learners}, "update")
+        total = float(torch.linalg.vector_norm(torch.cat([norms[n][0] for n in self.learners])))
         applied = None if skip(total) else total
-        self.in_turns({n: (n, lambda w=w: w.step_with_norm.remote(clip, applied)) for n, w in self.learners.items()},
+        self.in_turns({n: (n, lambda n=n: self.call(n, "step_with_norm", clip, applied)) for n in self.learners},
                       "update")
         return applied
 
     def lr_step(self) -> float:
-        return self.get({n: w.lr_step.remote() for n, w in self.learners.items()})["actor"]
+        return self.get({n: self.call(n, "lr_step") for n in self.learners})["actor"][0]
 
     def restore(self, path: Path) -> None:
-        self.get({n: w.read.remote(str(path / n)) for n, w in self.learners.items()}, "resume")
+        self.get({n: self.call(n, "read", str(path / n)) for n in self.learners}, "resume")
 
     def save(self, root: Path, step: int, state: dict) -> None:
         def write(tmp: Path) -> None:
-            self.get({n: w.write.remote(str(tmp / n)) for n, w in self.learners.items()}, "checkpoint")
+            self.get({n: self.call(n, "write", str(tmp / n)) for n in self.learners}, "checkpoint")
 
         checkpoint.save(root, step, None, None, None, state, self.accelerator, self.cfg.save_total_limit, self.cfg,
                         write=write)
 
     def finish(self, out: Path, tok, final: dict) -> None:
         rt = ray()
-        self.get({"actor": self.workers["actor"].save_final.remote(str(out))}, "final save")
-        write_run_json(out, self.cfg, "ppo", final, {"backend": "ray", "ray": rt.__version__,
-                                                     "placement": self.placement})
+        self.get({"actor": self.call("actor", "save_final", str(out))}, "final save")
+        write_run_json(out, self.cfg, "ppo", final, {
+            "backend": "ray", "ray": rt.__version__, "placement": self.placement, "sharding": self.cfg.sharding,
+            "workers": {n: len(ws) for n, ws in self.workers.items()}})
         self.close()
 
     def close(self) -> None:
@@ -415,8 +492,9 @@ class RayRoles:
         from ray.util.placement_group import remove_placement_group
 
         rt = ray()
-        for w in self.workers.values():
-            rt.kill(w)
+        for ws in self.workers.values():
+            for w in ws:
+                rt.kill(w)
         remove_placement_group(self.group)
         if self.started_cluster:
             rt.shutdown()

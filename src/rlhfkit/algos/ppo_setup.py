@@ -59,9 +59,10 @@ def check(cfg: PPOConfig) -> None:
         from rlhfkit.algos import ppo_ray
 
         ppo_ray.check(cfg)
-    elif cfg.ray_address or cfg.colocate != "all" or cfg.rollout_engines != 1:
-        raise UsageError("--ray-address, --colocate and --rollout-engines place the roles of --backend ray; "
-                         "add --backend ray")
+    elif cfg.ray_address or cfg.colocate != "all" or (cfg.rollout_engines, cfg.actor_workers,
+                                                       cfg.critic_workers) != (1, 1, 1):
+        raise UsageError("--ray-address, --colocate, --rollout-engines, --actor-workers and --critic-workers place "
+                         "the roles of --backend ray; add --backend ray")
     if engine_kind(cfg) == "hf" and cfg.rollout_correction not in ("auto", "none"):
         raise UsageError(f"--rollout-correction {cfg.rollout_correction} weights vLLM's samples: the hf engine "
                          "samples with the trainer's own model and numerics, so there is nothing to correct "
