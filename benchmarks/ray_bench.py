@@ -56,7 +56,9 @@ def main() -> None:
                                str(out), "--overwrite", *extra], capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
-            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            (args.workdir / f"ppo-{i}.stderr").write_text(proc.stderr)
+            raise SystemExit(f"{name} failed (its whole stderr: {args.workdir / f'ppo-{i}.stderr'}):\n"
+                             f"{proc.stderr[-3000:]}")
         logged = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "ppo/score" in m]
         after_first = logged[1:] or logged
         median = lambda key: statistics.median(m[key] for m in after_first)  # noqa: E731
@@ -83,13 +85,17 @@ def main() -> None:
                   "--results-md benchmarks/RESULTS.md"
         text = (f"{model}, PPO with GAE: {iterations} iterations of 8 prompts × 2 samples, 32 new tokens, minibatches "
                 f"of 16, a reward function; medians after the first iteration. Ray runs a fresh local cluster per "
-                f"run, every role a worker process; on the CPU the workers share the machine's cores and mostly take "
-                f"turns (the driver waits on each phase), so the overhead is what moving the rollout batch and the "
-                f"weights through the object store and the extra processes cost, not a speed-up; the log-prob, "
-                f"reference and value passes of Ray run side by side (their sum is shown). The last column compares "
-                f"each iteration's mean score with the in-process run's, bit for bit: in bf16 two engines batch the "
-                f"prompts otherwise than one, and the rounding of a different batch shape changes some sampled "
-                f"tokens (in fp32 they agree: tests/algos/test_ppo_ray.py).\n\n{table}")
+                f"run, every worker a process; the actor and the critic are one worker each, or a group of two (one "
+                f"torch.distributed process group each, gloo). The workers of different bundles compute at once, so "
+                f"a run that starts its own cluster gives each worker this machine's threads divided by the bundles "
+                f"(every role in one bundle keeps them all): without that division, on 2 cores, --colocate none took "
+                f"about 50 s an iteration and the ddp groups 48 s, their threads oversubscribing the cores. The "
+                f"overhead is what moving the rollout batch and the weights through the object store and the extra "
+                f"processes cost, not a speed-up; the log-prob, reference and value passes of Ray run side by side "
+                f"(their sum is shown). The last column compares each iteration's mean score with the in-process "
+                f"run's, bit for bit: in bf16 a kernel run with another thread count or batch shape, or gradients "
+                f"summed over a group in another order, round differently and change some sampled tokens (in fp32 "
+                f"they agree: tests/algos/test_ppo_ray.py).\n\n{table}")
         write_section(args.results_md, "ray", "PPO in one process against --backend ray", command, machine_info(),
                       text)
 

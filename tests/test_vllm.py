@@ -250,3 +250,23 @@ def test_two_processes_with_their_own_engines_update_as_one(tmp_path, sft_policy
     # step per iteration, on a handful of weights, while every logged statistic above agrees to 1e-4
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert diff.max() <= 3 * 1e-3 and int((diff > 1e-4).sum()) < 1e-4 * len(diff), (diff.max(), (diff > 1e-4).sum())
+
+
+def test_ray_engines_and_an_fsdp2_actor_group_update_as_one_process(tmp_path, sft_policy):
+    # --backend ray: two vLLM engines, each a Ray worker sampling half of the prompts, synced from an actor sharded
+    # over two Ray workers (FSDP2, gathered for the sync): the run one process makes with its own vLLM engine
+    pytest.importorskip("ray", reason="Ray is not installed here (pip install 'rlhfkit[ray]')")
+    args = ["ppo", "--policy", sft_policy, "--reward-fn", REWARD_FN, "--engine", "vllm", "--advantage", "rloo",
+            "--iterations", "3", "--rollout-prompts", "8", "--n-samples", "2", "--minibatch-size", "8",
+            "--batch-size", "4", "--max-new-tokens", "8", "--dtype", "fp32", "--lr", "1e-3", "--kl-coef", "0.01",
+            "--missing-eos", "none", "--seed", "1", "--sample-every", "0"]
+    run_cli(*args, "--output", str(tmp_path / "one"))
+    run_cli(*args, "--backend", "ray", "--rollout-engines", "2", "--actor-workers", "2", "--sharding", "fsdp2",
+            "--output", str(tmp_path / "ray"))
+    metrics = {run: [m for m in read_metrics(tmp_path / run) if "ppo/score" in m] for run in ("one", "ray")}
+    for key in ("ppo/score", "ppo/kl", "ppo/policy_loss", "rollout/engine_kl"):
+        assert [m[key] for m in metrics["ray"]] == pytest.approx([m[key] for m in metrics["one"]], rel=1e-4,
+                                                                  abs=1e-6), key
+    assert metrics["one"][-1]["ppo/kl"] > 0  # the policy moved, and the engines followed it
+    run = json.loads((tmp_path / "ray" / "run.json").read_text())
+    assert run["workers"] == {"actor": 2, "ref": 1, "reward": 1, "rollout0": 1, "rollout1": 1}

@@ -323,6 +323,12 @@ class RayRoles:
                              f"(--colocate {cfg.colocate}: {placement}, {sizes} device(s) each); it has "
                              f"{rt.cluster_resources()}") from None
         on = lambda b: PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=b)  # noqa: E731
+        # on a cluster this run started without GPUs every bundle is this machine's, and the workers of different
+        # bundles compute at once: each gets its share of the cores (more threads than cores, and OpenMP's waits
+        # spin against each other: benchmarks/RESULTS.md, "PPO in one process against --backend ray")
+        threads = torch.get_num_threads()
+        if started and not cfg.ray_address and not gpus:
+            threads = max(1, threads // sum(sizes))
         remote = rt.remote(RoleWorker)
         workers: dict[str, list[Any]] = {}
         first = 0  # the device group's first bundle
@@ -336,7 +342,7 @@ class RayRoles:
                     name=worker_name(cfg, name, k), namespace=NAMESPACE,
                     num_cpus=1 / sharing(cfg, names, k), num_gpus=1 / sharing(cfg, names, k) if gpus else 0,
                     scheduling_strategy=on(first + k),
-                ).remote(cfg, role, os.getcwd(), torch.get_num_threads(), prompts.lengths, k, world, store)
+                ).remote(cfg, role, os.getcwd(), threads, prompts.lengths, k, world, store)
                     for k in range(world)]
             first += size
         team = cls(cfg, workers, placement, ppo_setup.load_monitors(cfg, accelerator.device), accelerator, None,
@@ -411,8 +417,9 @@ class RayRoles:
 
     def sync(self) -> float:
         t0 = time.perf_counter()
-        weights = self.call("actor", "weights")  # the first worker's; the engines fetch it from the object store
-        self.get({"actor": weights, **{n: self.call(n, "sync", weights[0]) for n in self.engines}}, "weight sync")
+        # the first worker's weights go from the object store to the engines, not through the driver
+        weights = self.call("actor", "weights")
+        self.get({"actor": weights[1:], **{n: self.call(n, "sync", weights[0]) for n in self.engines}}, "weight sync")
         return time.perf_counter() - t0
 
     def generate(self, prompts, params: SamplingParams) -> Samples:
