@@ -33,6 +33,11 @@ FILES = {
     "empty_prompt.jsonl": b'{"prompt": "Hello?"}\n{"prompt": "  "}\n',
     "long_prompt.jsonl": json.dumps({"prompt": "word " * 3000}).encode() + b"\n",
     "short_and_long.jsonl": json.dumps({"prompt": "word " * 600}).encode() + b"\n",
+    "kto.jsonl": b'{"prompt": "Say hi.", "completion": "Hi!", "label": true}\n'
+                 b'{"prompt": "Say hi.", "completion": "Go away.", "label": false}\n',
+    "hh_no_prompt.jsonl": json.dumps({"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!",
+                                      "rejected": "\n\nHuman: Hey\n\nAssistant: Yo."}).encode() + b"\n",
+    "ranked_and_scored.jsonl": b'{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "scores": [2, 1]}\n',
 }
 
 # (case, ARGV, exit code, the error line (stderr) or, for a success, a line of stdout, as a regex)
@@ -97,6 +102,18 @@ CASES = [
      r"error: \S+/latin1.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 16\); save the file as UTF-8"),
     ("NaN margin", ["rm", "--model", "tiny-llama", "--data", "{tmp}/nan_margin.jsonl", "--output", "{tmp}/rm"], 1,
      r"error: \S+/nan_margin.jsonl:2: margin must be a finite number, got nan"),
+    ("KTO label column (sft)", [*SFT, "--data", "{tmp}/kto.jsonl", "--output", "{tmp}/k"], 1,
+     r"error: \S+/kto.jsonl:1: the column 'label' holds unpaired feedback \(KTO-style: whether the completion is "
+     r"good\), which this command does not use; .*"),
+    ("HH pair without a shared prompt", ["rm", "--model", "tiny-llama", "--data", "{tmp}/hh_no_prompt.jsonl",
+                                         "--output", "{tmp}/rm"], 1,
+     r"error: \S+/hh_no_prompt.jsonl:1: chosen and rejected share no prefix that ends at an '\\n\\nAssistant:' "
+     r"turn \(they differ from character 10\)"),
+    ("ranking and scores in one row", ["dpo", "--model", "tiny-llama", "--data", "{tmp}/ranked_and_scored.jsonl",
+                                       "--output", "{tmp}/d"], 1,
+     r"error: \S+/ranked_and_scored.jsonl:1: the columns \['prompt', 'ranking', 'responses', 'scores'\] fit more "
+     r"than one format: rankings \(prompt, responses, ranking\) and scored \(prompt, responses, scores\); name the "
+     r"one meant with --format"),
     ("empty prompt", ["generate", "--model", "tiny-llama", "--prompts", "{tmp}/empty_prompt.jsonl", "--output",
                       "{tmp}/g.jsonl"], 1,
      r"error: \S+/empty_prompt.jsonl:2: the prompt is empty"),

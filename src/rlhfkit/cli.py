@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Literal
 
 from rlhfkit import RlhfkitError
 from rlhfkit.config import parse_args
@@ -26,32 +27,63 @@ class PreviewConfig:
     """Data file (any supported format) or sample:NAME."""
     format: str | None = None
     """Data format; detected from the columns when not given."""
+    view: Literal["auto", "sft", "preference"] = "auto"
+    """sft: the conversation SFT trains on; preference: each response after the prompt the comparisons share (the
+    trained tokens are the response's), with the pairs; auto: preference for comparison formats, else sft."""
+    skip_invalid: bool = False
+    """Skip the rows that cannot be converted instead of stopping at the first; they are counted and the first few
+    named."""
+    min_score_gap: float = 0.0
+    """Scored responses: drop a pair whose scores differ by less than this (as rm and dpo do)."""
     max_length: int = 512
     """Truncation length, as in training."""
     limit: int = 3
     """How many examples to show (0: all)."""
     json: bool = False
-    """Print one JSON object per example: tokens, input_ids and loss_mask."""
+    """Print one JSON object per sequence: format, tokens, input_ids and loss_mask (and the response and pairs in the
+    preference view); with --skip-invalid, a last one with the count and the first errors."""
 
 
 def preview(cfg: PreviewConfig) -> None:
     from rlhfkit import models
-    from rlhfkit.data import chat, formats
+    from rlhfkit.data import chat, formats, io
 
     tok = models.load_tokenizer(cfg.model)
-    convs, _ = formats.read(cfg.data, formats.to_conversation, cfg.format)
-    for conv in convs[: cfg.limit or None]:
-        ex = chat.tokenize_conversation(tok, conv.messages, conv.where, cfg.max_length)
+    rows = io.read_rows(cfg.data)
+    fmt = formats.format_of(rows[0], cfg.format)
+    skipped = formats.Skipped() if cfg.skip_invalid else None
+    shown: list[tuple[chat.TokenizedExample, dict]] = []  # each sequence, with what the preference view adds
+    if cfg.view == "preference" or (cfg.view == "auto" and fmt in formats.COMPARISONS):
+        convert = functools.partial(formats.to_preference, min_score_gap=cfg.min_score_gap)
+        for pref in formats.convert_rows(rows, convert, fmt, skipped, cfg.data)[0][: cfg.limit or None]:
+            names = ["chosen", "rejected"] if len(pref.responses) == 2 else [f"response {i}" for i in
+                                                                             range(len(pref.responses))]
+            for name, response in zip(names, pref.responses):
+                ex = chat.tokenize_response(tok, pref.prompt, response, pref.where, cfg.max_length)
+                shown.append((ex, {"response": name, "pairs": pref.pairs}))
+    else:
+        for conv in formats.convert_rows(rows, formats.to_conversation, fmt, skipped, cfg.data)[0][: cfg.limit or None]:
+            ex = chat.tokenize_text(tok, conv.text, conv.where, cfg.max_length) if conv.text is not None \
+                else chat.tokenize_conversation(tok, conv.messages, conv.where, cfg.max_length)
+            shown.append((ex, {}))
+    if not cfg.json:
+        print(f"format: {fmt}")
+    for ex, extra in shown:
         tokens = tok.convert_ids_to_tokens(ex.input_ids)
         if cfg.json:
-            print(json.dumps({"where": ex.where, "tokens": tokens, "input_ids": ex.input_ids,
+            print(json.dumps({"where": ex.where, "format": fmt, **extra, "tokens": tokens, "input_ids": ex.input_ids,
                               "loss_mask": ex.loss_mask, "truncated": ex.truncated}))
             continue
         color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
         text = "".join(_show(tok.decode([i]), m, color) for i, m in zip(ex.input_ids, ex.loss_mask))
         n = sum(ex.loss_mask)
-        print(f"── {ex.where}: {len(ex.input_ids)} tokens, {n} trained"
+        what = f" {extra['response']}" if extra else ""
+        if extra and extra["response"] == "response 0":  # K > 2: which pairs the ranking or scores make
+            what += f" (pairs, winner first: {extra['pairs']})"
+        print(f"── {ex.where}{what}: {len(ex.input_ids)} tokens, {n} trained"
               f"{' (truncated)' if ex.truncated else ''} ──\n{text}\n")
+    if skipped is not None:
+        print(json.dumps(skipped.as_dict()) if cfg.json else skipped.line())
     if not cfg.json:
         legend = "green" if sys.stdout.isatty() else "[[ ]]"
         print(f"trained tokens are shown in {legend}")

@@ -142,7 +142,7 @@ RANGES: dict[str, Range] = {
     **dict.fromkeys(["save_steps", "eval_steps", "skip_nonfinite", "freeze_layers", "limit", "sample_every",
                      "pmp_epochs", "online_rounds", "save_total_limit", "seed", "lr", "critic_lr", "pmp_lr",
                      "weight_decay", "max_grad_norm", "kl_coef", "entropy_coef", "vf_coef", "ptx_coef", "temperature",
-                     "value_clip", "early_stop_kl"], NON_NEGATIVE),
+                     "value_clip", "early_stop_kl", "min_score_gap"], NON_NEGATIVE),
     **dict.fromkeys(["beta", "clip_eps", "kl_target", "score_clip", "rollout_correction_cap"], POSITIVE),
     **dict.fromkeys(["warmup_ratio", "min_lr_ratio", "gamma", "lam"], FRACTION),
     "val_fraction": Range(0, 1, hi_open=True), "lora_dropout": Range(0, 1, hi_open=True),

@@ -100,6 +100,9 @@ class TrainConfig(RunConfig):
 
     format: str | None = None
     """Data format; detected from the columns when not given."""
+    skip_invalid: bool = False
+    """Skip the rows that cannot be converted (e.g. an HH pair whose transcripts share no prompt) instead of stopping
+    at the first; they are counted, and the first few named (file:line), in the log and in run.json."""
     val_data: str | None = None
     """Validation data; when not given, a seeded `val_fraction` of the training data is held out."""
     val_fraction: float = 0.05

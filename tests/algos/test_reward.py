@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from rlhfkit import DataError, forward, models
 from rlhfkit import reward_model
 from rlhfkit.algos import reward
-from rlhfkit.data import chat, formats
+from rlhfkit.data import chat, formats, messages
 from rlhfkit.data.io import Row
 from rlhfkit.tracking import read_metrics
 
@@ -227,7 +227,7 @@ def test_score_matches_plain_transformers(tmp_path, trained_rm):
     raw = [json.loads(x) for x in (tmp_path / "raw.jsonl").read_text().splitlines()]
     norm = [json.loads(x) for x in (tmp_path / "norm.jsonl").read_text().splitlines()]
     assert [{k: v for k, v in r.items() if k != "reward"} for r in raw] == rows  # every column kept, in order
-    convs = [formats._messages(r["prompt"], "", "prompt") + [{"role": "assistant", "content": r["response"]}]
+    convs = [messages.as_messages(r["prompt"], "", "prompt") + [{"role": "assistant", "content": r["response"]}]
              for r in rows]
     plain = plain_transformers_scores(trained_rm, convs)
     assert [r["reward"] for r in raw] == pytest.approx(plain, abs=1e-4)

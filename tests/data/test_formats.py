@@ -88,3 +88,180 @@ def test_every_command_reads_the_built_in_task_as_sim_split():
     assert formats.to_prompt(rows[0], formats.detect_format(rows)).messages[-1]["role"] == "user"
     with pytest.raises(DataError, match=r"no built-in task split 'bogus'; available: sft, rm, rl, eval"):
         io.read_rows("sim:bogus")
+
+
+# --- formats of other people's data -----------------------------------------------------------------------
+
+# Anthropic HH rows (harmless-base) whose assistant turn holds an inline "Human:" without the blank line: the two
+# transcripts part one turn before the chosen side's last "\n\nAssistant:"
+HH_INLINE = {"chosen": "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour and water. Human: and then?"
+                       "\n\nAssistant: Let it rise, then bake it.",
+             "rejected": "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour and water. Human: and yeast?"
+                         "\n\nAssistant: No idea."}
+# chosen and rejected part in the first human turn: no shared prompt at all
+HH_UNSPLITTABLE = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hey\n\nAssistant: Yo."}
+
+
+def pref(data: dict, fmt: str | None = None, **kw) -> formats.Preference:
+    row = io.Row(data, "f.jsonl:7")
+    return formats.to_preference(row, fmt or formats.format_of(row), **kw)
+
+
+def test_hh_prompt_is_the_longest_shared_prefix_ending_at_an_assistant_turn():
+    p = pref(HH_INLINE)
+    assert p.prompt == [{"role": "user", "content": "How do I bake bread?"}]
+    # the rest of each transcript is the response, turn by turn (the inline "Human:" is no turn)
+    assert p.responses[0] == [{"role": "assistant", "content": "Mix flour and water. Human: and then?"},
+                              {"role": "assistant", "content": "Let it rise, then bake it."}]
+    assert p.responses[1][-1] == {"role": "assistant", "content": "No idea."}
+    # a transcript that goes on after the parting turn keeps its later turns as part of the response
+    later = pref({"chosen": "\n\nHuman: A\n\nAssistant: x\n\nHuman: B\n\nAssistant: y",
+                  "rejected": "\n\nHuman: A\n\nAssistant: z"})
+    assert later.prompt == [{"role": "user", "content": "A"}]
+    assert [m["role"] for m in later.responses[0]] == ["assistant", "user", "assistant"]
+
+
+def test_an_hh_pair_without_a_shared_prompt_names_its_line():
+    with pytest.raises(DataError, match=r"^f\.jsonl:7: chosen and rejected share no prefix that ends at an "
+                                        r"'\\n\\nAssistant:' turn \(they differ from character 10\)$"):
+        pref(HH_UNSPLITTABLE)
+
+
+def test_skip_invalid_counts_the_rows_and_keeps_the_first_errors(tmp_path):
+    rows = [HH_INLINE, HH_UNSPLITTABLE, HH_INLINE] + [HH_UNSPLITTABLE] * 6
+    p = write(tmp_path, "hh.jsonl", [json.dumps(r) for r in rows])
+    with pytest.raises(DataError, match=r"hh\.jsonl:2: chosen and rejected share no prefix"):
+        formats.read(str(p), formats.to_preference)
+    skipped = formats.Skipped()
+    prefs, kept = formats.read(str(p), formats.to_preference, skipped=skipped)
+    assert [r.where for r in kept] == [f"{p}:1", f"{p}:3"] and len(prefs) == 2
+    assert skipped.count == 7 and len(skipped.first) == formats.Skipped.SHOWN
+    assert skipped.first[0].startswith(f"{p}:2: chosen and rejected share no prefix")
+    with pytest.raises(DataError, match=r"no valid rows \(1 skipped as invalid"):
+        formats.read(str(write(tmp_path, "bad.jsonl", [json.dumps(HH_UNSPLITTABLE)])), formats.to_preference,
+                     skipped=formats.Skipped())
+
+
+SYSTEM = {"role": "system", "content": "Be kind."}
+USER = {"role": "user", "content": "Name a colour."}
+
+
+def said(role: str, text: str) -> dict:
+    return {"role": role, "content": text}
+
+
+def test_implicit_prompt_pairs_split_at_the_last_shared_turn_before_an_assistant():
+    chosen = [SYSTEM, USER, said("assistant", "Blue."), said("user", "Another?"), said("assistant", "Green.")]
+    rejected = chosen[:4] + [said("assistant", "No.")]
+    p = pref({"chosen": chosen, "rejected": rejected})
+    assert formats.format_of(io.Row({"chosen": chosen, "rejected": rejected}, "x")) == "implicit_pairs"
+    assert p.prompt == chosen[:4] and p.responses == [[chosen[4]], [rejected[4]]]
+    with pytest.raises(DataError, match=r"f\.jsonl:7: chosen and rejected share no prompt"):
+        pref({"chosen": [USER, said("assistant", "a")], "rejected": [said("user", "Other?"), said("assistant", "b")]})
+
+
+def test_h4_layout_strips_the_prompt_the_responses_repeat():
+    p = pref({"prompt": "Name a colour.", "chosen": [USER, said("assistant", "Blue.")],
+              "rejected": [USER, said("assistant", "No.")]})
+    assert p.prompt == [USER] and p.responses == [[said("assistant", "Blue.")], [said("assistant", "No.")]]
+    with pytest.raises(DataError, match="chosen starts with a user turn but does not repeat the prompt"):
+        pref({"prompt": "Something else.", "chosen": [USER, said("assistant", "Blue.")], "rejected": "No."})
+
+
+def test_sharegpt_conversations_and_preferences():
+    turns = [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Name a colour."},
+             {"from": "gpt", "value": "Blue."}]
+    row = io.Row({"conversations": turns}, "s.jsonl:1")
+    assert formats.format_of(row) == "sharegpt"
+    assert formats.to_conversation(row, "sharegpt").messages == [SYSTEM, USER, said("assistant", "Blue.")]
+    assert formats.to_prompt(row, "sharegpt").messages == [SYSTEM, USER]
+    p = pref({"conversations": turns[:2], "chosen": {"from": "gpt", "value": "Blue."},
+              "rejected": {"from": "gpt", "value": "No."}})
+    assert p.prompt == [SYSTEM, USER] and p.responses[1] == [said("assistant", "No.")]
+    with pytest.raises(DataError, match=r"conversations\[0\] is from 'robot'; expected one of system, human"):
+        formats.to_conversation(io.Row({"conversations": [{"from": "robot", "value": "x"}]}, "s:2"), "sharegpt")
+
+
+def test_scores_give_rankings_with_ties_and_a_minimum_gap():
+    data = {"prompt": "p", "responses": ["a", "b", "c", "d"], "scores": [7, 9, 7, 8.5]}
+    assert pref(data).pairs == [(1, 3), (1, 0), (1, 2), (3, 0), (3, 2)]  # 0 and 2 tie: no pair
+    gapped = pref(data, min_score_gap=1.0)
+    assert gapped.pairs == [(1, 0), (1, 2), (3, 0), (3, 2)] and gapped.below_score_gap == 1
+    completions = {"prompt": "p", "completions": [{"response": "a", "overall_score": 3},
+                                                  {"response": "b", "overall_score": 9}]}
+    assert formats.format_of(io.Row(completions, "x")) == "scored_completions"
+    assert pref(completions).pairs == [(1, 0)]
+    completions["completions"][0]["overall_score"] = "N/A"
+    with pytest.raises(DataError, match=r"f\.jsonl:7: completions\[0\]\.overall_score must be a finite number"):
+        pref(completions)
+    with pytest.raises(DataError, match=r"f\.jsonl:7: scores must be a list of 4 numbers"):
+        pref({**data, "scores": [1, 2]})
+    with pytest.raises(DataError, match=r"scores\[1\] must be a finite number, got 'N/A'"):
+        pref({**data, "scores": [1, "N/A", 2, 3]})
+
+
+def test_two_formats_of_one_kind_fitting_a_row_is_an_error_naming_both():
+    both = io.Row({"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "scores": [1, 2]}, "b.jsonl:1")
+    with pytest.raises(DataError, match=r"b\.jsonl:1: .* fit more than one format: rankings \(prompt, responses, "
+                                        r"ranking\) and scored \(prompt, responses, scores\); name the one meant"):
+        formats.format_of(both)
+    assert formats.format_of(both, "scored") == "scored"
+    # across kinds the comparison wins (H4 files carry messages beside prompt/chosen/rejected), and a structured
+    # format wins over a rendered text column (Alpaca files)
+    assert formats.format_of(io.Row({"prompt": "p", "chosen": "a", "rejected": "b", "messages": []}, "x")) == "pairs"
+    assert formats.format_of(io.Row({"instruction": "i", "input": "", "output": "o", "text": "t"}, "x")) == "alpaca"
+
+
+def test_plain_text_rows_are_trained_whole_and_hh_text_stays_hh(tok):
+    from rlhfkit.data import chat
+
+    plain = io.Row({"text": "Once upon a time there was a cat."}, "t.jsonl:1")
+    assert formats.format_of(plain) == "text"
+    assert formats.format_of(io.Row({"text": "\n\nHuman: Hi\n\nAssistant: Hello."}, "x")) == "hh_text"
+    conv = formats.to_conversation(plain, "text")
+    (ex,), report = chat.tokenize_conversations(tok, [conv], 512)
+    assert ex.input_ids == tok(conv.text)["input_ids"] + [tok.eos_token_id]
+    assert ex.loss_mask == [0] + [1] * (len(ex.input_ids) - 1) and report.examples == 1
+    with pytest.raises(DataError, match="plain text has no prompt"):
+        formats.to_prompt(plain, "text")
+
+
+def test_content_parts_are_joined_and_other_parts_refused():
+    parts = [{"type": "text", "text": "Name "}, {"type": "text", "text": "a colour."}]
+    row = io.Row({"messages": [{"role": "user", "content": parts}, said("assistant", "Blue.")]}, "c.jsonl:2")
+    assert formats.to_conversation(row, "conversations").messages[0] == USER
+    image = io.Row({"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}]}, "c.jsonl:3")
+    with pytest.raises(DataError, match=r"c\.jsonl:3: messages\[0\]\.content\[0\] is a content part of type 'image'"):
+        formats.to_conversation(image, "conversations")
+
+
+def test_a_label_column_is_refused_never_ignored():
+    row = io.Row({"prompt": "p", "completion": "c", "label": False}, "k.jsonl:4")
+    assert formats.format_of(row) == "unpaired"
+    for convert in (formats.to_conversation, formats.to_preference):
+        with pytest.raises(DataError, match=r"^k\.jsonl:4: the column 'label' holds unpaired feedback"):
+            convert(row, "unpaired")
+    with pytest.raises(DataError, match="the column 'label'"):  # whatever the format says
+        formats.to_conversation(io.Row({"messages": [USER, said("assistant", "x")], "label": True}, "k:5"),
+                                "conversations")
+
+
+def test_gzipped_json_lines_and_json_lines_in_a_json_file(tmp_path):
+    import gzip
+
+    import datasets
+
+    lines = [json.dumps({"prompt": "a", "completion": "b"}), '{"prompt": "a", "completion": ']
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    with pytest.raises(DataError, match=r"d\.jsonl\.gz:2: not valid JSON"):
+        io.read_rows(tmp_path / "d.jsonl.gz")
+    (tmp_path / "d.json.gz").write_bytes(gzip.compress(b'[{"prompt": "a"}, {"prompt": "b"}]'))
+    assert [r.data["prompt"] for r in io.read_rows(tmp_path / "d.json.gz")] == ["a", "b"]
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match=r"bad\.jsonl\.gz: not a readable gzip file"):
+        io.read_rows(tmp_path / "bad.jsonl.gz")
+    ds = datasets.Dataset.from_list([{"prompt": "hi", "completion": "hello"}, {"prompt": "yo", "completion": "hey"}])
+    ds.to_json(str(tmp_path / "lines.json"))  # JSON Lines, though named .json
+    rows = io.read_rows(tmp_path / "lines.json")
+    assert [r.where for r in rows] == [f"{tmp_path / 'lines.json'}:1", f"{tmp_path / 'lines.json'}:2"]
+    assert rows[1].data == {"prompt": "yo", "completion": "hey"}

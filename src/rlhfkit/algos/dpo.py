@@ -30,6 +30,7 @@ Departures, and why:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ class DPOConfig(TrainConfig):
     model: str = "smollm2-135m"
     """Policy to train, usually the SFT model: an alias, a Hugging Face directory, a .gguf file or a hub id."""
     data: str = "sample:pairs"
-    """Comparisons: pairs, K-way rankings (all C(K,2) pairs) or HH transcripts; or sample:NAME."""
+    """Comparisons: pairs, K-way rankings (all C(K,2) pairs), scored responses or HH transcripts (docs/data.md);
+    or sample:NAME."""
     output: str = "runs/dpo"
     """Output directory: final model, checkpoints, ref_logps.pt, metrics.jsonl, TensorBoard events, run.json."""
     ref_model: str | None = None
@@ -73,6 +75,9 @@ class DPOConfig(TrainConfig):
     """β: strength of the implicit KL penalty to the reference."""
     label_smoothing: float = 0.0
     """Conservative DPO: the probability ε that a label is flipped (sigmoid loss only)."""
+    min_score_gap: float = 0.0
+    """Scored responses: drop a pair whose scores differ by less than this (a near-tie; counted). Equal scores
+    never make a pair."""
     lr: float = 1e-6
     """Peak learning rate (AdamW)."""
     batch_size: int = 4
@@ -100,6 +105,9 @@ class PairExample:
 class PairReport:
     pairs: int = 0
     identical_pairs: int = 0  # chosen == rejected: nothing to learn, skipped
+    below_score_gap: int = 0  # pairs of scored responses closer than --min-score-gap: dropped
+    skipped_no_pairs: int = 0  # rows whose responses are all tied (or near-ties): no pair
+    skipped_invalid: int = 0  # rows that could not be converted, skipped with --skip-invalid
     truncated: int = 0  # sequences cut to max_length
     skipped_no_response: int = 0  # a response cut away entirely: skipped
 
@@ -107,9 +115,16 @@ class PairReport:
         return {f"data/{k}": v for k, v in vars(self).items()}
 
 
-def load_pairs(path: str, fmt: str | None, tok, max_length: int) -> tuple[list[PairExample], PairReport]:
+def load_pairs(path: str, fmt: str | None, tok, max_length: int, min_score_gap: float = 0.0,
+               skipped: formats.Skipped | None = None) -> tuple[list[PairExample], PairReport]:
+    """Every comparison of a file as a tokenised pair; with `skipped`, rows that cannot be converted are left out
+    and counted there (and in the report)."""
     report, out = PairReport(), []
-    for pref in formats.read(path, formats.to_preference, fmt)[0]:
+    before = skipped.count if skipped else 0
+    convert = functools.partial(formats.to_preference, min_score_gap=min_score_gap)
+    for pref in formats.read(path, convert, fmt, skipped)[0]:
+        report.below_score_gap += pref.below_score_gap
+        report.skipped_no_pairs += not pref.pairs
         for w, l in pref.pairs:
             if pref.responses[w] == pref.responses[l]:
                 report.identical_pairs += 1
@@ -122,6 +137,7 @@ def load_pairs(path: str, fmt: str | None, tok, max_length: int) -> tuple[list[P
                 continue
             out.append(PairExample(c, r, len(out), pref.where))
     report.pairs = len(out)
+    report.skipped_invalid = skipped.count - before if skipped else 0
     return out, report
 
 
@@ -130,22 +146,29 @@ def reindex(pairs: list[PairExample]) -> list[PairExample]:
 
 
 def load_data(cfg: DPOConfig, tok, main: bool) -> tuple[list[PairExample], list[PairExample], PairReport,
-                                                         PairReport | None]:
+                                                         PairReport | None, formats.Skipped | None]:
     """Step 2: training and held-out pairs, and what loading did to them (printed on the main process when it
-    dropped or cut anything); the held-out report is None when they were split off the training data."""
-    pairs, report = load_pairs(cfg.data, cfg.format, tok, cfg.max_length)
+    dropped or cut anything); the held-out report is None when they were split off the training data; the rows
+    skipped as invalid (with --skip-invalid)."""
+    skipped = formats.Skipped() if cfg.skip_invalid else None
+    pairs, report = load_pairs(cfg.data, cfg.format, tok, cfg.max_length, cfg.min_score_gap, skipped)
     if cfg.val_data:
-        val_pairs, val_report = load_pairs(cfg.val_data, None, tok, cfg.max_length)
+        val_pairs, val_report = load_pairs(cfg.val_data, None, tok, cfg.max_length, cfg.min_score_gap, skipped)
     else:
         pairs, val_pairs = split_validation(pairs, cfg.val_fraction, cfg.seed)
         val_report = None
     pairs, val_pairs = reindex(pairs), reindex(val_pairs)
     if not pairs:
         raise TrainingError(f"no usable pairs in {cfg.data} ({report.as_dict()})")
-    if main and (report.identical_pairs or report.truncated or report.skipped_no_response):
+    if main and (report.identical_pairs or report.truncated or report.skipped_no_response or report.below_score_gap
+                 or report.skipped_no_pairs):
         print(f"data: {report.identical_pairs} identical pairs skipped, {report.truncated} sequences truncated "
-              f"to {cfg.max_length} tokens, {report.skipped_no_response} pairs skipped (response cut away)")
-    return pairs, val_pairs, report, val_report
+              f"to {cfg.max_length} tokens, {report.skipped_no_response} pairs skipped (response cut away), "
+              f"{report.below_score_gap} pairs closer than --min-score-gap dropped, {report.skipped_no_pairs} rows "
+              "without a pair (all tied)")
+    if main and skipped and skipped.count:
+        print(skipped.line())
+    return pairs, val_pairs, report, val_report, skipped
 
 
 # --- log-probs ----------------------------------------------------------------------------------------------
@@ -323,7 +346,7 @@ def train(cfg: DPOConfig) -> dict:
     model.eval()
 
     # 2. data: every comparison as (chosen, rejected) with response-only masks; hold out pairs
-    pairs, val_pairs, report, val_report = load_data(cfg, tok, main)
+    pairs, val_pairs, report, val_report, skipped = load_data(cfg, tok, main)
     global_batch, steps_per_epoch, total_steps = plan_steps(cfg, len(pairs), world)
 
     # 3. the policy spread over the processes (--sharding), optimizer, schedule, reference
@@ -404,7 +427,8 @@ def train(cfg: DPOConfig) -> dict:
         models.save_pretrained(distributed.unwrap(net).lm, tok, out, merge=cfg.lora and cfg.merge,
                                state_dict=weights)
         data = {**report.as_dict(), "data/val_pairs": len(val_pairs),
-                **({f"val_{k}": v for k, v in val_report.as_dict().items()} if val_report else {})}
+                **({f"val_{k}": v for k, v in val_report.as_dict().items()} if val_report else {}),
+                **(skipped.as_dict() if skipped else {})}
         write_run_json(out, cfg, "dpo", final, {**distributed.report(net, params, optimizer, accelerator),
                                                 "data": data})
     tracker.close()

@@ -33,6 +33,7 @@ Departures, and why (details in docs/algorithms/reward.md):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -60,7 +61,8 @@ class RMConfig(TrainConfig):
     """rlhfkit rm: a reward model from comparisons (pairs, K-way rankings, HH transcripts)."""
 
     RETOLD: ClassVar[dict[str, str]] = {
-        "format": "Data format; detected from the columns when not given (pairs, rankings, hh).",
+        "format": "Data format; detected from the columns when not given (pairs, rankings, scored, hh, ...: "
+                  "docs/data.md).",
         "val_data": "Held-out comparisons; when not given, a seeded `val_fraction` of the prompts is held out.",
         "val_fraction": "Fraction of the prompts held out for evaluation when `val_data` is not given (0 disables).",
         "max_length": "Longest prompt + response in tokens; longer ones keep their start and lose their end "
@@ -79,7 +81,8 @@ class RMConfig(TrainConfig):
     model: str = "smollm2-135m"
     """Backbone: alias (smollm2-135m, tiny-llama), Hugging Face directory (e.g. the SFT output), .gguf or hub id."""
     data: str = "sample:rankings"
-    """Comparisons (pairs, rankings or hh; .jsonl/.json/.parquet/.csv/save_to_disk dir, or sample:NAME)."""
+    """Comparisons (pairs, rankings, scored responses or hh; .jsonl/.json/.parquet/.csv/save_to_disk dir, or
+    sample:NAME)."""
     output: str = "runs/rm"
     """Output directory: reward model, checkpoints, metrics.jsonl, TensorBoard events, reliability.png, run.json."""
     pmp_data: str | None = None
@@ -102,6 +105,9 @@ class RMConfig(TrainConfig):
     """Equal-width bins on [0.5, 1] for the ECE and the reliability diagram."""
     lr: float = 1e-5
     """Peak learning rate (AdamW) of the main phase."""
+    min_score_gap: float = 0.0
+    """Scored responses: drop a pair whose scores differ by less than this (a near-tie; counted). Equal scores
+    never make a pair."""
     tiny_hidden_size: int = 64
     """Hidden size of the random tiny-llama backbone (tests; ignored for real models)."""
     shared_prefix: bool = True
@@ -135,7 +141,8 @@ class DataReport:
     examples: int = 0
     truncated: int = 0
     identical_pairs: int = 0  # chosen and rejected are the same response: the pair is skipped
-    skipped_no_pairs: int = 0  # nothing left to compare (all identical or all tied)
+    below_score_gap: int = 0  # pairs of scored responses closer than --min-score-gap: dropped
+    skipped_no_pairs: int = 0  # nothing left to compare (all identical, all tied or all near-ties)
 
     def as_dict(self, prefix: str = "data") -> dict[str, int]:
         return {f"{prefix}/{k}": v for k, v in vars(self).items()}
@@ -146,6 +153,7 @@ def encode_preferences(tok, prefs: list[formats.Preference], max_length: int
     report = DataReport()
     out = []
     for pref in prefs:
+        report.below_score_gap += pref.below_score_gap
         pairs = [(w, l) for w, l in pref.pairs if pref.responses[w] != pref.responses[l]]
         report.identical_pairs += len(pref.pairs) - len(pairs)
         if not pairs:
@@ -291,6 +299,9 @@ def reference_messages(cfg: RMConfig, train_prefs: list[formats.Preference]) -> 
     """The normalisation reference: SFT demonstrations when given, else the best response of each prompt."""
     if cfg.norm_data:
         convs = [c.messages for c in formats.read(cfg.norm_data, formats.to_conversation)[0]]
+        if not all(convs):
+            raise UsageError(f"--norm-data {cfg.norm_data}: plain text has no responses to score; give "
+                             "conversations or prompt/completion rows")
     else:
         convs = [p.prompt + p.responses[p.pairs[0][0]] for p in train_prefs if p.pairs]
     keep = torch.randperm(len(convs), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.norm_samples]
@@ -326,26 +337,38 @@ class Phase:
 
 
 def load_data(cfg: RMConfig, tok, main: bool):
-    prefs = formats.read(cfg.data, formats.to_preference, cfg.format)[0]
+    """Step 2: the encoded training, held-out and PMP comparisons, the training preferences (for the normalisation
+    reference), what loading did (logged at step 0) and the same for run.json, with the invalid rows named."""
+    skipped = formats.Skipped() if cfg.skip_invalid else None
+    convert = functools.partial(formats.to_preference, min_score_gap=cfg.min_score_gap)
+    prefs = formats.read(cfg.data, convert, cfg.format, skipped)[0]
     if cfg.val_data:
-        train_prefs, val_prefs = prefs, formats.read(cfg.val_data, formats.to_preference)[0]
+        train_prefs, val_prefs = prefs, formats.read(cfg.val_data, convert, None, skipped)[0]
     else:
         train_prefs, val_prefs = split_validation(prefs, cfg.val_fraction, cfg.seed)
     train_rows, report = encode_preferences(tok, train_prefs, cfg.max_length)
     val_rows, val_report = encode_preferences(tok, val_prefs, cfg.max_length)
-    pmp_prefs = formats.read(cfg.pmp_data, formats.to_preference)[0] if cfg.pmp_data else []
+    pmp_prefs = formats.read(cfg.pmp_data, convert, None, skipped)[0] if cfg.pmp_data else []
     pmp_rows, pmp_report = encode_preferences(tok, pmp_prefs, cfg.max_length)
     if not train_rows:
         raise TrainingError(f"no comparisons left in {cfg.data}: {report.identical_pairs} identical pairs, "
+                            f"{report.below_score_gap} pairs closer than --min-score-gap, "
                             f"{report.skipped_no_pairs} rows without any pair")
     logged = {**report.as_dict(), **val_report.as_dict("data_val"), **pmp_report.as_dict("data_pmp")}
+    recorded = dict(logged)
+    if skipped:
+        logged["data/skipped_invalid"] = skipped.count
+        recorded.update(skipped.as_dict())
     if main:
         for what, r in (("train", report), ("validation", val_report), ("pmp", pmp_report)):
-            if r.truncated or r.identical_pairs or r.skipped_no_pairs:
+            if r.truncated or r.identical_pairs or r.skipped_no_pairs or r.below_score_gap:
                 print(f"data ({what}): {r.truncated} responses truncated to {cfg.max_length} tokens, "
                       f"{r.identical_pairs} identical chosen/rejected pairs skipped, "
+                      f"{r.below_score_gap} pairs closer than --min-score-gap dropped, "
                       f"{r.skipped_no_pairs} rows left without a pair")
-    return train_prefs, train_rows, val_rows, pmp_rows, logged
+        if skipped and skipped.count:
+            print(skipped.line())
+    return train_prefs, train_rows, val_rows, pmp_rows, logged, recorded
 
 
 def train(cfg: RMConfig) -> dict:
@@ -358,7 +381,7 @@ def train(cfg: RMConfig) -> dict:
     model.train()
 
     # 2. data: render prompt + response, truncate (counted), drop identical pairs (counted), hold out prompts
-    train_prefs, train_rows, val_rows, pmp_rows, data_report = load_data(cfg, tok, main)
+    train_prefs, train_rows, val_rows, pmp_rows, data_report, data_record = load_data(cfg, tok, main)
     main_steps = plan_steps(cfg, len(train_rows), world).total_steps
     pmp_steps = cfg.pmp_epochs * plan_steps(cfg, len(pmp_rows), world).steps_per_epoch if pmp_rows else 0
     phases = [Phase("pmp", pmp_rows, cfg.pmp_lr, 0, pmp_steps),
@@ -416,7 +439,7 @@ def train(cfg: RMConfig) -> dict:
         tracker.log(state["step"], {k: v for k, v in final.items() if k.startswith("rm/")})
         save_model(unwrapped, tok, out, cfg, offset, scale, final.get("rm/temperature"), weights)
         write_run_json(out, cfg, "rm", final, {**distributed.report(trained, params, optimizer, accelerator),
-                                               "data": data_report})
+                                               "data": data_record})
         if val_rows:  # drawn once the model is safe
             bins = calibration.reliability_bins(*calibration.oriented(diffs), cfg.calibration_bins)
             calibration.plot_reliability(bins, out / "reliability.png")

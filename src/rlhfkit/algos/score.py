@@ -49,7 +49,11 @@ def to_messages(row: io.Row, fmt: str) -> formats.Messages:
         if missing:
             raise DataError(f"{row.where}: missing column(s) {', '.join(missing)} for prompt/response rows")
         d, fmt = {"prompt": d["prompt"], "completion": d["response"]}, "prompt_completion"
-    return formats.to_conversation(io.Row(d, row.where), fmt).messages
+    conv = formats.to_conversation(io.Row(d, row.where), fmt)
+    if conv.text is not None:
+        raise DataError(f"{row.where}: plain text has no prompt and response to score; give prompt/response rows or "
+                        "conversations")
+    return conv.messages
 
 
 def score(cfg: ScoreConfig) -> dict:

@@ -57,12 +57,15 @@ class SFTConfig(TrainConfig):
 # --- data -------------------------------------------------------------------------------------------------
 
 
-def load_data(cfg: SFTConfig, tok, main: bool) -> tuple[list, list, chat.TokenizeReport, chat.TokenizeReport]:
-    """Step 2: training and validation rows (`chat.TokenizedExample`, packed with --packing) and what tokenising did
-    to each set (printed on the main process when it dropped or cut anything)."""
-    convs = formats.read(cfg.data, formats.to_conversation, cfg.format)[0]
+def load_data(cfg: SFTConfig, tok, main: bool) -> tuple[list, list, chat.TokenizeReport, chat.TokenizeReport,
+                                                         formats.Skipped | None]:
+    """Step 2: training and validation rows (`chat.TokenizedExample`, packed with --packing), what tokenising did
+    to each set (printed on the main process when it dropped or cut anything) and the rows skipped as invalid
+    (with --skip-invalid)."""
+    skipped = formats.Skipped() if cfg.skip_invalid else None
+    convs = formats.read(cfg.data, formats.to_conversation, cfg.format, skipped)[0]
     if cfg.val_data:
-        train_convs, val_convs = convs, formats.read(cfg.val_data, formats.to_conversation)[0]
+        train_convs, val_convs = convs, formats.read(cfg.val_data, formats.to_conversation, None, skipped)[0]
     else:
         train_convs, val_convs = split_validation(convs, cfg.val_fraction, cfg.seed)
     train_rows, report = chat.tokenize_conversations(tok, train_convs, cfg.max_length)
@@ -74,7 +77,9 @@ def load_data(cfg: SFTConfig, tok, main: bool) -> tuple[list, list, chat.Tokeniz
         train_rows = pack(train_rows, cfg.max_length)
     if main and (report.truncated or report.skipped_no_loss or report.skipped_empty):
         print(f"data: {report.truncated} examples truncated to {cfg.max_length} tokens, {report.skipped()}")
-    return train_rows, val_rows, report, val_report
+    if main and skipped and skipped.count:
+        print(skipped.line())
+    return train_rows, val_rows, report, val_report, skipped
 
 
 # --- one forward ------------------------------------------------------------------------------------------
@@ -116,7 +121,9 @@ def train(cfg: SFTConfig) -> dict:
     model.train()
 
     # 2. data: render, mask, truncate (counted), hold out validation, optionally pack
-    train_rows, val_rows, report, val_report = load_data(cfg, tok, main)
+    train_rows, val_rows, report, val_report, skipped = load_data(cfg, tok, main)
+    data_report = {**report.as_dict(), "data/val_examples": val_report.examples,
+                   **({"data/skipped_invalid": skipped.count} if skipped else {})}
     world = accelerator.num_processes
     global_batch, steps_per_epoch, total_steps = plan_steps(cfg, len(train_rows), world)
 
@@ -131,7 +138,7 @@ def train(cfg: SFTConfig) -> dict:
     # 4. resume
     ckpt_root = out / "checkpoints"
     start = start_run(out, cfg, "sft", {"step": 0, "tokens": 0, "nonfinite_skipped": 0}, net, optimizer, scheduler,
-                      accelerator, total_steps, {**report.as_dict(), "data/val_examples": val_report.examples})
+                      accelerator, total_steps, data_report)
     if start.finished is not None:
         return start.finished
     state, tracker = start.state, start.tracker
@@ -190,7 +197,7 @@ def train(cfg: SFTConfig) -> dict:
         models.save_pretrained(distributed.unwrap(net).lm, tok, out, merge=cfg.lora and cfg.merge,
                                state_dict=weights)
         write_run_json(out, cfg, "sft", final, {**distributed.report(net, params, optimizer, accelerator),
-                                                "data": {**report.as_dict(), "data/val_examples": val_report.examples}})
+                                                "data": {**data_report, **(skipped.as_dict() if skipped else {})}})
     tracker.close()
     release_output(out)
     accelerator.wait_for_everyone()

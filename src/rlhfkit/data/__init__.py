@@ -1,2 +1,2 @@
-"""Data: reading files (io), formats and canonical records (formats), chat rendering and loss masks (chat),
-batches and packing (collate)."""
+"""Data: reading files (io), formats and canonical records (formats), a row's values as messages (messages), chat
+rendering and loss masks (chat), batches and packing (collate)."""

@@ -129,6 +129,19 @@ def tokenize_response(tok, prompt: Messages, response: Messages, where: str = ""
     return TokenizedExample(ids, mask, where, truncated)
 
 
+def tokenize_text(tok, text: str, where: str = "", max_length: int | None = None) -> TokenizedExample:
+    """Plain text as a language-modelling example: no chat template, the tokenizer's own special tokens (BOS where it
+    adds one) and eos at the end, every token trained but the first (nothing before it predicts it)."""
+    ids = tok(text, add_special_tokens=True)["input_ids"]
+    if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
+        ids.append(tok.eos_token_id)  # the model learns where a text ends
+    mask = [0] + [1] * (len(ids) - 1)
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids, mask = ids[:max_length], mask[:max_length]
+    return TokenizedExample(ids, mask, where, truncated)
+
+
 @dataclass
 class TokenizeReport:
     """What tokenisation did to a data set; printed and logged so nothing is dropped silently."""
@@ -136,7 +149,7 @@ class TokenizeReport:
     examples: int = 0
     truncated: int = 0
     skipped_no_loss: int = 0  # prompt alone filled max_length: nothing left to train on
-    skipped_empty: int = 0  # every assistant turn empty: it would only teach to stop at once
+    skipped_empty: int = 0  # every assistant turn (or a plain text) empty: it would only teach to stop at once
 
     def as_dict(self) -> dict[str, int]:
         return {"data/examples": self.examples, "data/truncated": self.truncated,
@@ -152,10 +165,16 @@ def tokenize_conversations(tok, conversations, max_length: int) -> tuple[list[To
     report = TokenizeReport()
     out = []
     for conv in conversations:
-        if not any(m["content"].strip() for m in conv.messages if m["role"] == "assistant"):
+        if conv.text is not None:  # plain text: trained whole
+            if not conv.text.strip():
+                report.skipped_empty += 1
+                continue
+            ex = tokenize_text(tok, conv.text, conv.where, max_length)
+        elif not any(m["content"].strip() for m in conv.messages if m["role"] == "assistant"):
             report.skipped_empty += 1
             continue
-        ex = tokenize_conversation(tok, conv.messages, conv.where, max_length)
+        else:
+            ex = tokenize_conversation(tok, conv.messages, conv.where, max_length)
         report.truncated += ex.truncated
         if not any(ex.loss_mask):
             report.skipped_no_loss += 1

@@ -1,78 +1,73 @@
 """Detect the data formats of SPEC §3 by their columns and convert rows to canonical records.
 
-Canonical records are message lists (`[{"role": ..., "content": ...}]`), so every format goes through the
-model's chat template the same way:
-- `Conversation`: the messages of one SFT example (every assistant turn is trained).
-- `Preference`: a prompt, K responses and the comparison pairs a ranking implies (pairs are K=2).
+Canonical records are message lists (`[{"role": ..., "content": ...}]`, parsed by `messages`), so every format
+goes through the model's chat template the same way:
+- `Conversation`: the messages of one SFT example (every assistant turn is trained), or a plain text, trained
+  whole without the template.
+- `Preference`: a prompt, K responses and the comparison pairs a ranking or scores imply (pairs are K=2).
 - `Prompt`: the messages up to and including the last user turn.
+`read` converts every row of a data source and stops at the first bad one (file:line), unless it is given a
+`Skipped`, which counts the rows left out and keeps the first few errors for the log and run.json.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 from rlhfkit import DataError
 from rlhfkit.core.losses import ranking_pairs
 from rlhfkit.data.io import Row, read_rows
+from rlhfkit.data.messages import (ROLES, Messages, as_messages, as_response, looks_like_hh, parse_hh, sharegpt,
+                                   score_pairs, split_conversations, split_hh_pair)
+
+__all__ = ["ROLES", "Messages", "parse_hh"]  # re-exported: callers name them as formats.*
 
 T = TypeVar("T")
 
-Messages = list[dict[str, str]]
-ROLES = ("system", "user", "assistant")
-
-# format name -> the columns that identify it, tried in this order (the most specific first)
+# format name -> the columns that identify it, tried in this order (the most specific first within each kind)
 FORMATS: dict[str, tuple[str, ...]] = {
     "rankings": ("prompt", "responses", "ranking"),
+    "scored": ("prompt", "responses", "scores"),
+    "scored_completions": ("prompt", "completions"),
     "pairs": ("prompt", "chosen", "rejected"),
+    "sharegpt_pairs": ("conversations", "chosen", "rejected"),
     "hh": ("chosen", "rejected"),
+    "implicit_pairs": ("chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "conversations": ("messages",),
+    "sharegpt": ("conversations",),
     "hh_text": ("text",),
+    "text": ("text",),
     "prompts": ("prompt",),
 }
+# formats with the same columns, told apart by the first row's values
+SHAPES: dict[str, Callable[[dict], bool]] = {
+    "hh": lambda d: isinstance(d["chosen"], str),
+    "implicit_pairs": lambda d: not isinstance(d["chosen"], str),
+    "hh_text": lambda d: looks_like_hh(d["text"]),
+    "text": lambda d: not looks_like_hh(d["text"]),
+}
+# Formats of one kind are alternatives: two that both fit a row (and neither's columns hold the other's) make it
+# ambiguous. Across kinds the earlier kind wins: comparisons hold their demonstrations, and a structured format wins
+# over a plain `text` column (Alpaca files often carry a rendered one).
+KINDS = {"comparisons": ("rankings", "scored", "scored_completions", "pairs", "sharegpt_pairs", "hh", "implicit_pairs"),
+         "demonstrations": ("prompt_completion", "alpaca", "conversations", "sharegpt"),
+         "text": ("hh_text", "text")}
+COMPARISONS = KINDS["comparisons"]
 PROMPT_LIKE = ("prompts", "conversations")
-
-
-def read(path: str, convert: Callable[[Row, str], T], fmt: str | None = None) -> tuple[list[T], list[Row]]:
-    """The rows of a data source (`io.read_rows`: a file, sample:NAME or sim:SPLIT), each converted by `convert`
-    (`to_conversation`, `to_prompt` or `to_preference`) from its format, detected from the columns unless `fmt`
-    names it; and the rows themselves (their own columns, where they came from)."""
-    rows = read_rows(path)
-    fmt = detect_format(rows, fmt)
-    return [convert(r, fmt) for r in rows], rows
-
-
-def detect_format(rows: list[Row], override: str | None = None) -> str:
-    """The format of a file, from the columns of its first row (or `--format`); every row must have them."""
-    if override:
-        if override not in FORMATS:
-            raise DataError(f"unknown --format {override!r}; valid: {', '.join(FORMATS)}")
-        fmt = override
-    else:
-        keys = set(rows[0].data)
-        found = next((name for name, cols in FORMATS.items() if set(cols) <= keys), None)
-        if found is None:
-            raise DataError(f"{rows[0].where}: cannot tell the data format from the columns {sorted(keys)}; "
-                            f"expected one of: " + "; ".join(f"{n} ({', '.join(c)})" for n, c in FORMATS.items()))
-        fmt = found
-    for row in rows:
-        if fmt in PROMPT_LIKE and any(k in row.data for k in ("prompt", "messages")):
-            continue  # prompt files may mix {"prompt"} and {"messages"} rows (SPEC §3)
-        missing = [c for c in FORMATS[fmt] if c not in row.data]
-        if missing:
-            raise DataError(f"{row.where}: missing column(s) {', '.join(missing)} for the {fmt} format")
-    return fmt
+MAX_RESPONSES = 9
 
 
 @dataclass(frozen=True)
 class Conversation:
     messages: Messages
     where: str
+    text: str | None = None  # plain text (the `text` format): trained whole, without the chat template
 
 
 @dataclass(frozen=True)
@@ -84,6 +79,7 @@ class Preference:
     pairs: list[tuple[int, int]]
     margin: float | None
     where: str
+    below_score_gap: int = 0  # pairs of scored responses dropped by `min_score_gap`
 
 
 @dataclass(frozen=True)
@@ -92,62 +88,110 @@ class Prompt:
     where: str
 
 
-def _messages(value: Any, where: str, what: str) -> Messages:
-    """A message list from a list of {role, content} dicts (validated) or a plain string (one user turn)."""
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: {what} must be a string or a non-empty list of messages")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: {what}[{i}] must be an object with 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: {what}[{i}] has role {m['role']!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise DataError(f"{where}: {what}[{i}].content must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+@dataclass
+class Skipped:
+    """Rows left out by --skip-invalid: how many, and the errors of the first few (`file:line: why`)."""
+
+    SHOWN: ClassVar[int] = 5
+
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+
+    def add(self, error: DataError) -> None:
+        self.count += 1
+        if len(self.first) < self.SHOWN:
+            self.first.append(str(error))
+
+    def as_dict(self) -> dict[str, Any]:
+        """For run.json's data section."""
+        return {"data/skipped_invalid": self.count, "data/skipped_invalid_first": self.first}
+
+    def line(self) -> str:
+        """For the log."""
+        if not self.count:
+            return "data: no invalid rows (--skip-invalid)"
+        return f"data: {self.count} invalid rows skipped (--skip-invalid); the first: " + " | ".join(self.first)
 
 
-def _response(value: Any, where: str, what: str) -> Messages:
-    if isinstance(value, str):
-        return [{"role": "assistant", "content": value}]
-    msgs = _messages(value, where, what)
-    if any(m["role"] != "assistant" for m in msgs):
-        raise DataError(f"{where}: {what} may only hold assistant messages")
-    return msgs
+def read(path: str, convert: Callable[[Row, str], T], fmt: str | None = None, skipped: Skipped | None = None
+         ) -> tuple[list[T], list[Row]]:
+    """The rows of a data source (`io.read_rows`: a file, sample:NAME or sim:SPLIT), each converted by `convert`
+    (`to_conversation`, `to_prompt` or `to_preference`) from its format, detected from the columns unless `fmt`
+    names it; and the rows themselves (their own columns, where they came from). A bad row stops with its
+    file:line, or, given `skipped`, is left out and counted there."""
+    return convert_rows(read_rows(path), convert, fmt, skipped, str(path))
 
 
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+def convert_rows(rows: list[Row], convert: Callable[[Row, str], T], fmt: str | None = None,
+                 skipped: Skipped | None = None, source: str = "the data") -> tuple[list[T], list[Row]]:
+    """`read` on rows read already (`source` names them in the error when every row is invalid)."""
+    fmt = format_of(rows[0], fmt)
+    out, kept, before = [], [], skipped.count if skipped else 0
+    for row in rows:
+        try:
+            check_columns(row, fmt)
+            out.append(convert(row, fmt))
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.add(e)
+            continue
+        kept.append(row)
+    if not out:
+        raise DataError(f"{source}: no valid rows ({skipped.count - before} skipped as invalid; the first: "
+                        f"{skipped.first[0] if skipped.first else '?'})")
+    return out, kept
 
 
-def parse_hh(text: str, where: str) -> Messages:
-    """An Anthropic HH transcript ("\\n\\nHuman: …\\n\\nAssistant: …") as a message list."""
-    if not isinstance(text, str):
-        raise DataError(f"{where}: an HH transcript must be a string")
-    parts = _HH_TURN.split(text)
-    if parts[0].strip() or len(parts) < 3:
-        raise DataError(f"{where}: not an HH transcript (expected it to start with '\\n\\nHuman:')")
-    roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+def detect_format(rows: list[Row], override: str | None = None) -> str:
+    """The format of a file, from the columns of its first row (or `--format`); every row must have them."""
+    fmt = format_of(rows[0], override)
+    for row in rows:
+        check_columns(row, fmt)
+    return fmt
 
 
-def _split_hh_pair(row: Row) -> tuple[Messages, Messages, Messages]:
-    """HH chosen/rejected: the shared prefix up to the last "\\n\\nAssistant:" is the prompt."""
-    chosen, rejected = row.data["chosen"], row.data["rejected"]
-    if not isinstance(chosen, str) or not isinstance(rejected, str):
-        raise DataError(f"{row.where}: HH chosen and rejected must be strings")
-    cut = chosen.rfind("\n\nAssistant:")
-    if cut < 0:
-        raise DataError(f"{row.where}: chosen has no '\\n\\nAssistant:' turn")
-    prefix = chosen[:cut + len("\n\nAssistant:")]
-    if not rejected.startswith(prefix):
-        raise DataError(f"{row.where}: chosen and rejected do not share the prompt up to the last "
-                        "'\\n\\nAssistant:'")
-    prompt = parse_hh(chosen[:cut], row.where)
-    as_reply = lambda s: [{"role": "assistant", "content": s.strip()}]  # noqa: E731
-    return prompt, as_reply(chosen[len(prefix):]), as_reply(rejected[len(prefix):])
+def format_of(row: Row, override: str | None = None) -> str:
+    """The format `override` names (checked), or the one the row's columns (and, where formats share columns, its
+    values) identify; an error naming the formats when two of one kind fit."""
+    if override:
+        if override not in FORMATS:
+            raise DataError(f"unknown --format {override!r}; valid: {', '.join(FORMATS)}")
+        return override
+    keys = set(row.data)
+    fits = [name for name, cols in FORMATS.items()
+            if set(cols) <= keys and (name not in SHAPES or SHAPES[name](row.data))]
+    if not fits:
+        raise DataError(f"{row.where}: cannot tell the data format from the columns {sorted(keys)}; "
+                        f"expected one of: " + "; ".join(f"{n} ({', '.join(c)})" for n, c in FORMATS.items()))
+    kind = next((k for k, names in KINDS.items() if fits[0] in names), fits[0])
+    rivals = [n for n in fits[1:] if n in KINDS.get(kind, ()) and not set(FORMATS[n]) <= set(FORMATS[fits[0]])]
+    if rivals:
+        both = " and ".join(f"{n} ({', '.join(FORMATS[n])})" for n in (fits[0], *rivals))
+        raise DataError(f"{row.where}: the columns {sorted(keys)} fit more than one format: {both}; name the one "
+                        "meant with --format")
+    return fits[0]
+
+
+def check_columns(row: Row, fmt: str) -> None:
+    """A DataError naming the row when it lacks a column of `fmt`."""
+    if fmt in PROMPT_LIKE and any(k in row.data for k in ("prompt", "messages")):
+        return  # prompt files may mix {"prompt"} and {"messages"} rows (SPEC §3)
+    missing = [c for c in FORMATS[fmt] if c not in row.data]
+    if missing:
+        raise DataError(f"{row.where}: missing column(s) {', '.join(missing)} for the {fmt} format")
+
+
+def refuse_label(row: Row) -> None:
+    """A `label` column is unpaired feedback (KTO: is this completion good?). No command here learns from it, and
+    ignoring it would train the bad completions as good ones, so it is an error rather than dropped."""
+    if "label" in row.data:
+        raise DataError(f"{row.where}: the column 'label' holds unpaired feedback (KTO-style: whether the completion "
+                        "is good), which this command does not use; keep the rows with a good label and drop the "
+                        "column to train on them, or give comparisons (pairs, rankings, scores) to rm or dpo")
+
+
+# --- comparisons ------------------------------------------------------------------------------------------
 
 
 def checked_ranking_pairs(ranking: Any, k: int, where: str) -> list[tuple[int, int]]:
@@ -165,38 +209,115 @@ def checked_ranking_pairs(ranking: Any, k: int, where: str) -> list[tuple[int, i
     return ranking_pairs(ranking)
 
 
-def to_preference(row: Row, fmt: str) -> Preference:
+def _after_prompt(value: Any, prompt: Messages, where: str, what: str) -> Messages:
+    """A response of a pairs row. In the H4 layout (UltraFeedback binarized) it is the whole conversation, which
+    repeats the prompt's turns before the response; they are stripped here."""
+    if isinstance(value, list) and value and isinstance(value[0], dict) and value[0].get("role") != "assistant":
+        msgs = as_messages(value, where, what)
+        head = [(m["role"], m["content"].strip()) for m in msgs[:len(prompt)]]
+        if head != [(m["role"], m["content"].strip()) for m in prompt]:
+            raise DataError(f"{where}: {what} starts with a {msgs[0]['role']} turn but does not repeat the prompt; "
+                            "a response is assistant messages, or the whole conversation with the prompt first")
+        value = msgs[len(prompt):]
+    return as_response(value, where, what)
+
+
+def _pair(d: dict, where: str) -> tuple[Messages, Messages, Messages]:
+    prompt = as_messages(d["prompt"], where, "prompt")
+    return prompt, _after_prompt(d["chosen"], prompt, where, "chosen"), _after_prompt(d["rejected"], prompt, where,
+                                                                                      "rejected")
+
+
+def _implicit_pair(d: dict, where: str) -> tuple[Messages, Messages, Messages]:
+    if not isinstance(d["chosen"], list) or not isinstance(d["rejected"], list):
+        raise DataError(f"{where}: chosen and rejected must both be lists of messages (whole conversations)")
+    chosen = as_messages(d["chosen"], where, "chosen")
+    return split_conversations(chosen, as_messages(d["rejected"], where, "rejected"), where)
+
+
+def _sharegpt_pair(d: dict, where: str) -> tuple[Messages, Messages, Messages]:
+    prompt = sharegpt(d["conversations"], where, "conversations")
+    chosen, rejected = sharegpt(d["chosen"], where, "chosen"), sharegpt(d["rejected"], where, "rejected")
+    if any(m["role"] != "assistant" for m in chosen + rejected):
+        raise DataError(f"{where}: chosen and rejected may only hold assistant ('gpt') turns")
+    return prompt, chosen, rejected
+
+
+# pair formats -> (prompt, chosen, rejected) of a row
+PAIR_SPLITS: dict[str, Callable[[dict, str], tuple[Messages, Messages, Messages]]] = {
+    "pairs": _pair,
+    "hh": lambda d, where: split_hh_pair(d["chosen"], d["rejected"], where),
+    "implicit_pairs": _implicit_pair,
+    "sharegpt_pairs": _sharegpt_pair,
+}
+
+
+def _completions(d: dict, where: str) -> tuple[Any, Any]:
+    """UltraFeedback's completions, [{"response": ..., "overall_score": ...}], as (responses, scores)."""
+    comps = d["completions"]
+    if not isinstance(comps, list) or not all(isinstance(c, dict) and "response" in c and "overall_score" in c
+                                               for c in comps):
+        raise DataError(f"{where}: completions must be a list of objects with 'response' and 'overall_score'")
+    for i, c in enumerate(comps):  # named here, as the person sees them in the file
+        s = c["overall_score"]
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise DataError(f"{where}: completions[{i}].overall_score must be a finite number, got {s!r}")
+    return [c["response"] for c in comps], [c["overall_score"] for c in comps]
+
+
+# formats of K responses -> (responses, ranking or scores) of a row
+RESPONSE_SETS: dict[str, Callable[[dict, str], tuple[Any, Any]]] = {
+    "rankings": lambda d, where: (d["responses"], d["ranking"]),
+    "scored": lambda d, where: (d["responses"], d["scores"]),
+    "scored_completions": _completions,
+}
+
+
+def to_preference(row: Row, fmt: str, min_score_gap: float = 0.0) -> Preference:
+    """Comparison view of a row; scored responses give the pairs of their scores, less those closer than
+    `min_score_gap`."""
     d, where = row.data, row.where
+    refuse_label(row)
     margin = d.get("margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
                                or not math.isfinite(margin)):
         raise DataError(f"{where}: margin must be a finite number, got {margin!r}")
-    if fmt == "hh":
-        prompt, chosen, rejected = _split_hh_pair(row)
+    if fmt in PAIR_SPLITS:
+        prompt, chosen, rejected = PAIR_SPLITS[fmt](d, where)
         return Preference(prompt, [chosen, rejected], [(0, 1)], margin, where)
-    if fmt == "pairs":
-        prompt = _messages(d["prompt"], where, "prompt")
-        return Preference(prompt, [_response(d["chosen"], where, "chosen"), _response(d["rejected"], where, "rejected")],
-                          [(0, 1)], margin, where)
-    if fmt == "rankings":
-        prompt = _messages(d["prompt"], where, "prompt")
-        responses = d["responses"]
-        if not isinstance(responses, list) or not 2 <= len(responses) <= 9:
-            raise DataError(f"{where}: responses must be a list of 2 to 9 responses")
-        resp = [_response(r, where, f"responses[{i}]") for i, r in enumerate(responses)]
-        return Preference(prompt, resp, checked_ranking_pairs(d["ranking"], len(resp), where), margin, where)
-    raise DataError(f"{where}: the {fmt} format holds no comparisons (need pairs, rankings or HH chosen/rejected)")
+    if fmt in RESPONSE_SETS:
+        prompt = as_messages(d["prompt"], where, "prompt")
+        responses, order = RESPONSE_SETS[fmt](d, where)
+        if not isinstance(responses, list) or not 2 <= len(responses) <= MAX_RESPONSES:
+            raise DataError(f"{where}: responses must be a list of 2 to {MAX_RESPONSES} responses")
+        resp = [as_response(r, where, f"responses[{i}]") for i, r in enumerate(responses)]
+        if fmt == "rankings":
+            return Preference(prompt, resp, checked_ranking_pairs(order, len(resp), where), margin, where)
+        pairs, dropped = score_pairs(order, len(resp), min_score_gap, where)
+        return Preference(prompt, resp, pairs, margin, where, dropped)
+    raise DataError(f"{where}: the {fmt} format holds no comparisons (need pairs, rankings, scores or HH "
+                    "chosen/rejected)")
+
+
+# --- demonstrations and prompts ---------------------------------------------------------------------------
 
 
 def to_conversation(row: Row, fmt: str) -> Conversation:
     """SFT view of any format. Comparison formats contribute their best response."""
     d, where = row.data, row.where
+    refuse_label(row)
+    if fmt == "text":
+        if not isinstance(d["text"], str):
+            raise DataError(f"{where}: text must be a string")
+        return Conversation([], where, text=d["text"])
     if fmt == "conversations":
         if "messages" not in d:
             raise DataError(f"{where}: missing column messages for the conversations format")
-        msgs = _messages(d["messages"], where, "messages")
+        msgs = as_messages(d["messages"], where, "messages")
+    elif fmt == "sharegpt":
+        msgs = sharegpt(d["conversations"], where, "conversations")
     elif fmt == "prompt_completion":
-        msgs = _messages(d["prompt"], where, "prompt") + _response(d["completion"], where, "completion")
+        msgs = as_messages(d["prompt"], where, "prompt") + as_response(d["completion"], where, "completion")
     elif fmt == "alpaca":
         if not isinstance(d["instruction"], str) or not isinstance(d["output"], str):
             raise DataError(f"{where}: instruction and output must be strings")
@@ -205,7 +326,7 @@ def to_conversation(row: Row, fmt: str) -> Conversation:
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": d["output"]}]
     elif fmt == "hh_text":
         msgs = parse_hh(d["text"], where)
-    elif fmt in ("hh", "pairs", "rankings"):
+    elif fmt in COMPARISONS:
         pref = to_preference(row, fmt)
         best = pref.pairs[0][0] if pref.pairs else 0
         msgs = pref.prompt + pref.responses[best]
@@ -216,24 +337,28 @@ def to_conversation(row: Row, fmt: str) -> Conversation:
     return Conversation(msgs, where)
 
 
+def _without_reply(msgs: Messages) -> Messages:
+    return msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+
+
 def to_prompt(row: Row, fmt: str) -> Prompt:
     d, where = row.data, row.where
     if fmt in PROMPT_LIKE:
         fmt = "conversations" if "messages" in d else "prompts"
     if fmt == "conversations":
-        msgs = _messages(d["messages"], where, "messages")
-        if msgs[-1]["role"] == "assistant":
-            msgs = msgs[:-1]
-    elif fmt in ("hh", "pairs", "rankings"):
+        msgs = _without_reply(as_messages(d["messages"], where, "messages"))
+    elif fmt == "sharegpt":
+        msgs = _without_reply(sharegpt(d["conversations"], where, "conversations"))
+    elif fmt == "hh_text":
+        msgs = _without_reply(parse_hh(d["text"], where))
+    elif fmt in COMPARISONS:
         msgs = to_preference(row, fmt).prompt
     elif fmt == "alpaca":
         msgs = to_conversation(row, fmt).messages[:-1]
-    elif fmt == "hh_text":
-        msgs = parse_hh(d["text"], where)
-        if msgs[-1]["role"] == "assistant":
-            msgs = msgs[:-1]
+    elif fmt == "text":
+        raise DataError(f"{where}: plain text has no prompt (give prompts, conversations or comparisons)")
     else:
-        msgs = _messages(d["prompt"], where, "prompt")
+        msgs = as_messages(d["prompt"], where, "prompt")
     if not msgs or msgs[-1]["role"] != "user":
         raise DataError(f"{where}: a prompt must end with a user turn")
     if not any(m["content"].strip() for m in msgs):

@@ -1,14 +1,18 @@
-"""Read rows from `.jsonl`, `.json`, `.parquet`, `.csv` or a `datasets` directory saved with `save_to_disk`.
+"""Read rows from `.jsonl`, `.json` (either gzipped: `.jsonl.gz`, `.json.gz`), `.parquet`, `.csv` or a `datasets`
+directory saved with `save_to_disk`.
 
 Every row keeps where it came from (`file:line` for text formats, `file:row N` otherwise), so that a malformed
-row is reported where a person can find it. JSON Lines are parsed here, line by line, for exact line numbers;
+row is reported where a person can find it. JSON Lines are parsed here, line by line, for exact line numbers
+(also inside a gzipped file, and in a `.json` file that holds JSON Lines, as `Dataset.to_json` writes them);
 the other formats go through `datasets`. Outputs are written as JSON Lines (`write_jsonl`).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,15 +55,25 @@ def read_rows(path: str | Path) -> list[Row]:
             raise DataError(f"data file not found: {p}")
     if p.is_dir():
         return _read_datasets_dir(p)
-    suffix = p.suffix.lower()
-    if suffix == ".jsonl":
+    suffix = "".join(p.suffixes[-2:]).lower() if p.suffix.lower() == ".gz" else p.suffix.lower()
+    if suffix in (".jsonl", ".jsonl.gz"):
         return _read_jsonl(p)
-    if suffix == ".json":
+    if suffix in (".json", ".json.gz"):
         return _read_json(p)
     if suffix in (".parquet", ".csv"):
         return _read_with_datasets(p, suffix[1:])
-    raise DataError(f"{p}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .csv or a "
-                    "save_to_disk directory)")
+    raise DataError(f"{p}: unsupported file type {suffix!r} (use .jsonl, .json, .jsonl.gz, .json.gz, .parquet, .csv "
+                    "or a save_to_disk directory)")
+
+
+def _read_bytes(p: Path) -> bytes:
+    """The file's bytes, gunzipped when its name ends in .gz."""
+    if p.suffix.lower() != ".gz":
+        return p.read_bytes()
+    try:
+        return gzip.decompress(p.read_bytes())
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{p}: not a readable gzip file ({e})") from None
 
 
 def _utf8(raw: bytes, p: Path, first_line: int = 1) -> str:
@@ -73,29 +87,32 @@ def _utf8(raw: bytes, p: Path, first_line: int = 1) -> str:
                         "file as UTF-8") from None
 
 
-def _read_jsonl(p: Path) -> list[Row]:
+def _read_jsonl(p: Path, raw: bytes | None = None) -> list[Row]:
+    """JSON Lines from the file (or from its bytes `raw`, read already), one object a line."""
     rows = []
-    with p.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = _utf8(raw, p, lineno)
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append(Row(obj, f"{p}:{lineno}"))
+    for lineno, line_bytes in enumerate((_read_bytes(p) if raw is None else raw).split(b"\n"), 1):
+        line = _utf8(line_bytes, p, lineno)
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(Row(obj, f"{p}:{lineno}"))
     if not rows:
         raise DataError(f"{p}: no rows")
     return rows
 
 
 def _read_json(p: Path) -> list[Row]:
+    raw = _read_bytes(p)
     try:
-        obj = json.loads(_utf8(p.read_bytes(), p))
+        obj = json.loads(_utf8(raw, p))
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and raw.lstrip().startswith(b"{"):
+            return _read_jsonl(p, raw)  # one object a line, as `Dataset.to_json` writes a .json file
         raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
         obj = next(iter(obj.values()))  # {"data": [...]}
