@@ -88,6 +88,7 @@ def test_deepspeed_zero_trains_as_ddp_splits_adamw_and_resumes(tmp_path, command
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
+@pytest.mark.slow  # the default run keeps the in-process non-finite tests and ZeRO's training tests
 def test_deepspeed_zero_skips_or_stops_on_a_nonfinite_gradient(tmp_path):
     # lr 1e30 blows the weights up in step 1, so steps 2–4 have non-finite gradients: DeepSpeed's step skips them
     # (counted), and without --skip-nonfinite the run stops at step 2
@@ -101,7 +102,8 @@ def test_deepspeed_zero_skips_or_stops_on_a_nonfinite_gradient(tmp_path):
     assert proc.returncode != 0 and re.search(r"non-finite .* at step 2", proc.stderr), proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("config,sharding", [("fsdp2", "fsdp2"), ("zero2", "zero2")])
+@pytest.mark.parametrize("config,sharding", [("fsdp2", "fsdp2"),
+                                             pytest.param("zero2", "zero2", marks=pytest.mark.slow)])
 def test_accelerate_config_launches_sharded_processes(tmp_path, config, sharding):
     needs_devices(2)
     proc = run_cli("sft", "--model", "tiny-llama", "--data", "sample:conversations", "--max-steps", "1", "--dtype",

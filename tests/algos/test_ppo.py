@@ -345,7 +345,8 @@ def scored_rows(record: Path) -> list[list]:
     return [sorted(row for rank in per_call for row in rank) for per_call in zip(*calls, strict=True)]
 
 
-@pytest.mark.parametrize("advantage,sharding", [("gae", "ddp"), ("gae", "fsdp2"), ("gae", "zero2"),
+@pytest.mark.parametrize("advantage,sharding", [("gae", "ddp"), ("gae", "fsdp2"),
+                                               pytest.param("gae", "zero2", marks=pytest.mark.slow),
                                                pytest.param("rloo", "ddp", marks=pytest.mark.slow)])
 def test_two_processes_update_as_one(tmp_path, sft_policy, advantage, sharding):
     # 8 prompts × 2 samples, minibatches of 8 rows drawn across both processes' rows, micro-batches of 3: the
