@@ -23,15 +23,64 @@ def test_yaml_then_overrides(tmp_path):
 def test_unknown_key_suggests_nearest(tmp_path):
     with pytest.raises(UsageError, match=r"^unknown config key 'lerning_rate'; did you mean --lr\?$"):
         parse_args(SFTConfig, ["--lerning-rate", "1"])  # transformers' name, misspelt
-    with pytest.raises(UsageError, match=r"^unknown config key 'per_device_train_batch_size'; did you mean "
-                                         r"--batch-size\?$"):
-        parse_args(SFTConfig, ["--per-device-train-batch-size", "4"])
+    with pytest.raises(UsageError, match=r"^unknown config key 'gradient_checkpointin'; did you mean "
+                                         r"--gradient-checkpointing\?$"):
+        parse_args(SFTConfig, ["--gradient-checkpointin"])
     with pytest.raises(UsageError, match=r"did you mean --batch-size\?"):
         parse_args(SFTConfig, ["--batch-sise", "2"])
     p = tmp_path / "c.yaml"
     p.write_text("epoch: 3\n")
     with pytest.raises(UsageError, match=r"c\.yaml: unknown config key 'epoch'; did you mean --epochs\?"):
         parse_args(SFTConfig, ["--config", str(p)])
+
+
+def test_transformers_and_trl_names_are_read_as_ours_and_said_once(tmp_path, capsys):
+    from rlhfkit.algos.dpo import DPOConfig
+    from rlhfkit.algos.ppo import PPOConfig
+
+    p = tmp_path / "trl.yaml"  # the shape of TRL's example configs
+    p.write_text("model_name_or_path: tiny-llama\nlearning_rate: 2.0e-4\nnum_train_epochs: 3\npacking: true\n"
+                 "per_device_train_batch_size: 2\ngradient_accumulation_steps: 8\ngradient-checkpointing: true\n"
+                 "logging_steps: 5\nuse_peft: true\nlora_r: 8\nbf16: true\nfp16: false\noutput_dir: out\n")
+    cfg = parse_args(SFTConfig, ["--config", str(p), "--learning_rate", "1e-4", "--max-seq-length", "128"])
+    assert (cfg.model, cfg.lr, cfg.epochs, cfg.batch_size, cfg.grad_accum, cfg.log_steps, cfg.lora, cfg.dtype,
+            cfg.output, cfg.max_length) == ("tiny-llama", 1e-4, 3, 2, 8, 5, True, "bf16", "out", 128)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"note: {p}: read transformers/TRL names as rlhfkit options: model_name_or_path as --model; "
+                   "learning_rate as --lr; num_train_epochs as --epochs; per_device_train_batch_size as --batch-size; "
+                   "gradient_accumulation_steps as --grad-accum; logging_steps as --log-steps; use_peft as --lora; "
+                   "output_dir as --output; bf16 true, fp16 false as --dtype bf16",
+                   "note: read transformers/TRL names as rlhfkit options: --learning-rate as --lr; --max-seq-length "
+                   "as --max-length"]
+    assert parse_args(PPOConfig, ["--model-name-or-path", "x", "--num_ppo_epochs", "2"]).policy == "x"
+    dpo = parse_args(DPOConfig, ["--loss_type", "ipo", "--beta", "0.3", "--fp16", "false"])
+    assert (dpo.loss, dpo.beta, dpo.dtype) == ("ipo", 0.3, "fp32")  # neither bf16 nor fp16: fp32, as transformers
+    with pytest.raises(UsageError, match=r"^--gradient-accumulation-steps and --grad-accum both set --grad-accum; "
+                                         r"give one$"):
+        parse_args(SFTConfig, ["--gradient-accumulation-steps", "2", "--grad-accum", "3"])
+    with pytest.raises(UsageError, match=r"^--bf16 and --fp16 are both true; give one --dtype$"):
+        parse_args(SFTConfig, ["--bf16", "--fp16"])
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--gradient_accumulation_steps", "4"], "ppo has no --grad-accum: an optimizer step takes --minibatch-size rows"),
+    (["--per-device-train-batch-size", "4"], "ppo's --batch-size is the micro-batch of its training passes, as TRL's, "
+                                             "but a rollout is --rollout-prompts × --n-samples rows"),
+    (["--num-train-epochs", "1"], "ppo runs --iterations rollouts of --rollout-prompts prompts each"),
+    (["--beta", "0.1"], "ppo's KL penalty is --kl-coef"),
+    (["--lr_scheduler_type", "cosine"], "--schedule cosine, linear or constant decays to --min-lr-ratio × the peak"),
+])
+def test_a_trl_name_whose_meaning_differs_names_ours_and_the_difference(argv, hint):
+    from rlhfkit.algos.ppo import PPOConfig
+
+    with pytest.raises(UsageError) as e:
+        parse_args(PPOConfig, argv)
+    assert str(e.value).startswith(f"unknown config key {argv[0][2:].replace('-', '_')!r}; {hint}")
+
+
+def test_an_unknown_last_flag_is_named_as_unknown():
+    with pytest.raises(UsageError, match=r"^unknown config key 'bogus'$"):
+        parse_args(SFTConfig, ["--lr", "1e-4", "--bogus"])
 
 
 def test_a_yaml_syntax_error_names_file_and_line(tmp_path):

@@ -311,3 +311,15 @@ def test_a_gguf_file_is_cached_by_its_contents_not_its_path(tmp_path):
     assert models._gguf_cache_name(a) == models._gguf_cache_name(b)
     b.write_bytes(data[:-1] + b"\x01")  # another file: the last byte differs
     assert models._gguf_cache_name(a) != models._gguf_cache_name(b)
+
+
+def test_a_lora_base_is_recorded_portably(tmp_path, monkeypatch):
+    # no GGUF conversion: an alias maps to its hub id by name
+    assert models.adapter_base("smollm2-135m", 0) == {
+        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "rlhfkit_model": "smollm2-135m",
+        "loaded_from": models.ALIAS_SOURCES["smollm2-135m"]}
+    assert models.adapter_base("tiny-llama", 7)["base_model_name_or_path"] == "tiny-llama"
+    assert models.adapter_base("org/name", 0)["base_model_name_or_path"] == "org/name"
+    (tmp_path / "m.gguf").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert models.adapter_base("m.gguf", 0)["rlhfkit_model"] == str((tmp_path / "m.gguf").resolve())

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import yaml
 
 from rlhfkit import UsageError, __version__
+from rlhfkit.hf_names import ALIASES, MEANINGS
 
 C = TypeVar("C")
 
@@ -161,20 +162,73 @@ def check_range(key: str, value: Any) -> None:
         raise UsageError(f"--{key.replace('_', '-')} {value!r}: must be {allowed}")
 
 
-# transformers' TrainingArguments names (and TRL's) that people type out of habit -> ours
-HF_NAMES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "num_train_epochs": "epochs",
-            "gradient_accumulation_steps": "grad_accum", "output_dir": "output", "logging_steps": "log_steps",
-            "lr_scheduler_type": "schedule", "model_name_or_path": "model", "max_seq_length": "max_length",
-            "resume_from_checkpoint": "resume", "torch_dtype": "dtype"}
+# --- transformers'/TRL's names for our options (`hf_names.ALIASES`) and hints where meanings differ (`MEANINGS`) ---
 
 
-def _unknown(key: str, valid: list[str]) -> UsageError:
-    """The error for an unknown key, suggesting the valid key it is closest to, or whose transformers name it
-    is closest to (`--learning-rate` -> `--lr`)."""
-    names = {**{k: k for k in valid}, **{hf: ours for hf, ours in HF_NAMES.items() if ours in valid}}
+def dashed(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def alias_of(cls: type, name: str) -> str | None:
+    """Our option that transformers'/TRL's `name` is read as in command `cls`, or None."""
+    alias = ALIASES.get(name)
+    if alias is None or (alias.only and cls.__name__ not in alias.only):
+        return None
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return next((o for o in alias.options if o in fields), None)
+
+
+def _unknown(key: str, cls: type) -> UsageError:
+    """The error for an unknown key: our option nearest in meaning and how it differs, for a transformers/TRL name;
+    else the valid key (or the alias of one) it is closest to in spelling (`--lerning-rate` -> `--lr`)."""
+    valid = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    for field, differs in MEANINGS.get(key, ()):
+        if field in valid:
+            return UsageError(f"unknown config key {key!r}; {differs}")
+    names = {k: k for k in valid}
+    names.update({name: ours for name in ALIASES if (ours := alias_of(cls, name))})
     close = [names[c] for c in difflib.get_close_matches(key, list(names), n=1, cutoff=0.5)]
-    hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
+    hint = f"; did you mean {dashed(close[0])}?" if close else ""
     return UsageError(f"unknown config key {key!r}{hint}")
+
+
+def read_names(cls: type, values: dict[str, Any], where: str, spell) -> dict[str, Any]:
+    """`values` (one source: a YAML file, or the command line) under our option names: transformers'/TRL's aliases
+    renamed, bf16/fp16 turned into --dtype, and one note on stderr saying what was read as what. `spell(key)` is how
+    the source writes a key, for messages. Two names for one option in one source are an error, not a silent
+    choice; across sources the command line wins as for any option."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    named: dict[str, str] = {}  # our option -> the name that set it
+    read: list[str] = []
+    precision: dict[str, bool] = {}  # bf16/fp16 flag -> its value
+    for raw, value in values.items():
+        key = raw.replace("-", "_")
+        ours = key if key in hints else alias_of(cls, key)
+        if ours is None:
+            raise UsageError(f"{where}{_unknown(key, cls)}")
+        if ours != key and ALIASES[key].flag_for:  # both may be given (bf16: true, fp16: false), decided below
+            precision[key] = _coerce(key, value, bool)
+            continue
+        if ours in named:
+            raise UsageError(f"{where}{spell(named[ours])} and {spell(key)} both set {dashed(ours)}; give one")
+        named[ours] = key
+        out[ours] = value
+        if ours != key:
+            read.append(f"{spell(key)} as {dashed(ours)}")
+    if precision:  # transformers: bf16 or fp16 mixed precision over fp32 weights, as our --dtype; neither: fp32
+        if "dtype" in named:
+            raise UsageError(f"{where}{spell(named['dtype'])} and {spell(next(iter(precision)))} both set --dtype; "
+                             "give one")
+        chosen = [ALIASES[k].flag_for for k, on in precision.items() if on]
+        if len(chosen) > 1:
+            raise UsageError(f"{where}{' and '.join(spell(k) for k in precision)} are both true; give one --dtype")
+        out["dtype"] = chosen[0] if chosen else "fp32"
+        flags = ", ".join(f"{spell(k)} {str(on).lower()}" for k, on in precision.items())
+        read.append(f"{flags} as --dtype {out['dtype']}")
+    if read and int(os.environ.get("RANK", "0")) == 0:  # launched on several processes, one says it
+        print(f"note: {where}read transformers/TRL names as rlhfkit options: {'; '.join(read)}", file=sys.stderr)
+    return out
 
 
 def from_dict(cls: type[C], values: dict[str, Any], source: str = "") -> C:
@@ -185,7 +239,7 @@ def from_dict(cls: type[C], values: dict[str, Any], source: str = "") -> C:
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
         if key not in fields:
-            err = _unknown(key, list(fields))
+            err = _unknown(key, cls)
             raise UsageError(f"{source}: {err}" if source else str(err))
         kwargs[key] = _coerce(key, value, hints[key])
         try:
@@ -196,7 +250,8 @@ def from_dict(cls: type[C], values: dict[str, Any], source: str = "") -> C:
 
 
 def parse_args(cls: type[C], argv: list[str], prog: str = "rlhfkit") -> C:
-    """`--config FILE.yaml` first, then `--key value` / `--key=value` / bare `--flag` overrides."""
+    """`--config FILE.yaml` first, then `--key value` / `--key=value` / bare `--flag` overrides. transformers'/TRL's
+    names for our options (`ALIASES`) are read as ours, in the file and on the command line."""
     if "-h" in argv or "--help" in argv:
         print(help_text(cls, prog))
         raise SystemExit(0)
@@ -210,9 +265,13 @@ def parse_args(cls: type[C], argv: list[str], prog: str = "rlhfkit") -> C:
             raise UsageError(f"unexpected argument {arg!r} (options look like --key value)")
         key, eq, val = arg[2:].partition("=")
         key = key.replace("-", "_")
+        ours = "config" if key == "config" else key if key in hints else alias_of(cls, key)
+        if ours is None:  # before looking for its value: an unknown last flag is unknown, not one lacking a value
+            raise _unknown(key, cls)
         if not eq:
-            is_flag = hints.get(key) is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
-            is_list = typing.get_origin(hints.get(key)) is list
+            is_bool = hints.get(ours) is bool or (ours != key and ALIASES[key].flag_for is not None)
+            is_flag = is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+            is_list = typing.get_origin(hints.get(ours)) is list
             if is_flag:
                 val = "true"
             elif is_list and i + 1 < len(argv):  # --models A B C: every value up to the next option
@@ -225,30 +284,28 @@ def parse_args(cls: type[C], argv: list[str], prog: str = "rlhfkit") -> C:
                 i += 1
                 val = argv[i]
             else:
-                raise UsageError(f"--{key.replace('_', '-')} needs a value")
+                raise UsageError(f"{dashed(key)} needs a value")
         if key == "config":
-            path = Path(val)
-            if not path.is_file():
-                raise UsageError(f"config file not found: {path}")
-            try:
-                loaded = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as e:
-                mark = getattr(e, "problem_mark", None)
-                where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-                raise UsageError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-            if not isinstance(loaded, dict):
-                raise UsageError(f"{path}: expected a mapping of keys to values")
-            for k, v in loaded.items():
-                if k.replace("-", "_") not in hints:
-                    raise UsageError(f"{path}: {_unknown(k.replace('-', '_'), list(hints))}")
-            values.update(loaded)
+            values.update(read_names(cls, _load_yaml(Path(val)), f"{val}: ", str))
         else:
-            if key not in hints:
-                raise _unknown(key, list(hints))
             overrides[key] = val
         i += 1
-    values.update(overrides)
+    values.update(read_names(cls, overrides, "", dashed))
     return from_dict(cls, values)
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise UsageError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(loaded, dict):
+        raise UsageError(f"{path}: expected a mapping of keys to values")
+    return loaded
 
 
 def help_text(cls: type, prog: str) -> str:

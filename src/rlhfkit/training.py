@@ -320,7 +320,9 @@ def for_training(model, cfg: RunConfig, task_type: str = "CAUSAL_LM"):
     if cfg.gradient_checkpointing:
         layers.checkpoint_layers(model)
     if cfg.lora:
-        model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type)
+        trained = getattr(cfg, "policy", None) or getattr(cfg, "model")  # ppo's --policy, the others' --model
+        model = models.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type,
+                                  models.adapter_base(trained, cfg.seed))
     return model
 
 

@@ -70,6 +70,36 @@ def test_lora_trains_every_adapter_weight_and_merges(tmp_path, tok):
     assert torch.equal(merged.state_dict()["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
 
 
+def test_a_lora_adapter_records_a_base_that_loads_elsewhere(tmp_path, tok, monkeypatch):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    short = dict(max_steps=2, lora=True, lora_r=4, batch_size=2, max_length=64)
+    sft.train(base_cfg(tmp_path, **short))  # tiny-llama has no hub id: the alias, and how rlhfkit builds it
+    record = json.loads((tmp_path / "out" / models.BASE_RECORD).read_text())
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
+    assert record["rlhfkit_model"] == "tiny-llama" and record["seed"] == 0
+    # a relative --model directory is recorded as its absolute path, so the adapter loads from any directory
+    models.load_causal_lm("tiny-llama", seed=3, tokenizer=tok).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    sft.train(base_cfg(tmp_path, model="base", output="rel", **short))
+    monkeypatch.chdir(tmp_path / "out")
+    adapter = tmp_path / "rel"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        (tmp_path / "base").resolve())
+    ids = torch.tensor([[1, 5, 9, 2]])
+    by_hand = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), adapter).eval()
+    by_itself = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()  # finds the base from the record alone
+    by_rlhfkit = models.load_causal_lm(str(adapter), tokenizer=tok).eval()  # the base as rlhfkit loads it, merged
+    with torch.no_grad():
+        logits = by_hand(ids).logits
+        assert torch.equal(logits, by_itself(ids).logits)
+        assert torch.allclose(logits, by_rlhfkit(ids).logits, atol=1e-5)
+        with by_hand.disable_adapter():
+            assert not torch.allclose(logits, by_hand(ids).logits)  # the trained adapter is in there
+
+
 def test_loss_falls_on_a_tiny_overfit_set(tmp_path):
     data = tmp_path / "tiny.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"Say the word {w}."},
