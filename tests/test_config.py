@@ -79,8 +79,8 @@ def test_a_trl_name_whose_meaning_differs_names_ours_and_the_difference(argv, hi
 
 
 def test_an_unknown_last_flag_is_named_as_unknown():
-    with pytest.raises(UsageError, match=r"^unknown config key 'bogus'$"):
-        parse_args(SFTConfig, ["--lr", "1e-4", "--bogus"])
+    with pytest.raises(UsageError, match=r"^unknown config key 'xyzzy'$"):
+        parse_args(SFTConfig, ["--lr", "1e-4", "--xyzzy"])
 
 
 def test_a_yaml_syntax_error_names_file_and_line(tmp_path):

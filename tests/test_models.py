@@ -260,6 +260,7 @@ def test_inference_weights_give_the_same_bits_under_autocast(tok):
     assert all(p.dtype == torch.float32 for p in untouched.parameters())
 
 
+@pytest.mark.slow  # 20 s of torch.compile on two cores
 def test_compiled_layers_train_like_eager_ones_and_stay_eager_without_gradients(tok):
     # `compile_layers`: Inductor fuses the elementwise work between a block's matmuls; the loss and every gradient
     # must be those of the eager blocks up to rounding, with padding, at two lengths (one graph with dynamic

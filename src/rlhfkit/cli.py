@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from rlhfkit import RlhfkitError
@@ -27,6 +27,9 @@ class PreviewConfig:
     """Data file (any supported format) or sample:NAME."""
     format: str | None = None
     """Data format; detected from the columns when not given."""
+    columns: list[str] = field(default_factory=list)
+    """Rename the file's columns to rlhfkit's, FILE=OURS (`--columns rating=scores answers=responses`), for a layout
+    whose columns are named otherwise; keys inside `completions` objects too."""
     view: Literal["auto", "sft", "preference"] = "auto"
     """sft: the conversation SFT trains on; preference: each response after the prompt the comparisons share (the
     trained tokens are the response's), with the pairs; auto: preference for comparison formats, else sft."""
@@ -49,7 +52,7 @@ def preview(cfg: PreviewConfig) -> None:
     from rlhfkit.data import chat, formats, io
 
     tok = models.load_tokenizer(cfg.model)
-    rows = io.read_rows(cfg.data)
+    rows = formats.rename_columns(io.read_rows(cfg.data), cfg.columns)
     fmt = formats.format_of(rows[0], cfg.format)
     skipped = formats.Skipped() if cfg.skip_invalid else None
     shown: list[tuple[chat.TokenizedExample, dict]] = []  # each sequence, with what the preference view adds
@@ -64,7 +67,7 @@ def preview(cfg: PreviewConfig) -> None:
     else:
         for conv in formats.convert_rows(rows, formats.to_conversation, fmt, skipped, cfg.data)[0][: cfg.limit or None]:
             ex = chat.tokenize_text(tok, conv.text, conv.where, cfg.max_length) if conv.text is not None \
-                else chat.tokenize_conversation(tok, conv.messages, conv.where, cfg.max_length)
+                else chat.tokenize_conversation(tok, conv.messages, conv.where, cfg.max_length, conv.tools)
             shown.append((ex, {}))
     if not cfg.json:
         print(f"format: {fmt}")
@@ -103,7 +106,7 @@ def _preview(argv):
 ALGORITHMS = {
     ("sft",): ("algos.sft", "SFTConfig", "train", "supervised fine-tuning; loss on assistant tokens only"),
     ("rm",): ("algos.reward", "RMConfig", "train", "reward model from pairs or K-way rankings"),
-    ("score",): ("algos.score", "ScoreConfig", "score", "add a reward column to (prompt, response) rows"),
+    ("score",): ("algos.score", "ScoreConfig", "score", "rewards of (prompt, response) rows or of comparisons' responses"),
     ("dpo",): ("algos.dpo", "DPOConfig", "train", "direct preference optimisation (sigmoid, IPO, conservative DPO)"),
     ("ppo",): ("algos.ppo", "PPOConfig", "train", "RLHF with PPO (gae, grpo, rloo, reinforce++), PPO-ptx"),
     ("generate",): ("algos.generate", "GenerateConfig", "generate", "batched sampling: n responses per prompt"),

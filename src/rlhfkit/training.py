@@ -100,6 +100,9 @@ class TrainConfig(RunConfig):
 
     format: str | None = None
     """Data format; detected from the columns when not given."""
+    columns: list[str] = field(default_factory=list)
+    """Rename the file's columns to rlhfkit's, FILE=OURS (`--columns rating=scores answers=responses`), for a layout
+    whose columns are named otherwise; keys inside `completions` objects too."""
     skip_invalid: bool = False
     """Skip the rows that cannot be converted (e.g. an HH pair whose transcripts share no prompt) instead of stopping
     at the first; they are counted, and the first few named (file:line), in the log and in run.json."""

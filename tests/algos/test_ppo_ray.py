@@ -66,6 +66,7 @@ def test_placement_groups_follow_colocate():
     assert len(ppo_ray.bundles(replace(cfg, colocate="none"))) == 6
 
 
+@pytest.mark.slow  # 33 s; the default run keeps the role groups' test, which also resumes
 def test_a_role_that_dies_stops_the_run_and_resume_in_another_placement_finishes_the_in_process_run(
         tmp_path, sft_policy, in_process, cluster):
     # iterations 1-2 with every role on its own (six workers, the prompts split over two engines, every step's

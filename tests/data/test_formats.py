@@ -265,3 +265,135 @@ def test_gzipped_json_lines_and_json_lines_in_a_json_file(tmp_path):
     rows = io.read_rows(tmp_path / "lines.json")
     assert [r.where for r in rows] == [f"{tmp_path / 'lines.json'}:1", f"{tmp_path / 'lines.json'}:2"]
     assert rows[1].data == {"prompt": "yo", "completion": "hey"}
+
+
+def oasst(role: str, text: str, rank: int | None = None, replies: list | None = None, **kw) -> dict:
+    """A message of an OpenAssistant tree export (oasst_data's ExportMessageNode, the fields read here)."""
+    return {"message_id": text[:8], "role": role, "text": text, "rank": rank, "replies": replies or [], "lang": "en",
+            **kw}
+
+
+# Q has two ranked answers (a deleted and an unranked one are not compared); the best one's follow-up question Q2
+# has three, two of them tied for first
+OASST_TREE = {"message_tree_id": "t1", "tree_state": "ready_for_export", "prompt": oasst("prompter", "Q", replies=[
+    oasst("assistant", "A second", 1),
+    oasst("assistant", "A first", 0, [oasst("prompter", "Q2", replies=[
+        oasst("assistant", "B tied", 0), oasst("assistant", "B last", 1), oasst("assistant", "B tied too", 0)])]),
+    oasst("assistant", "A deleted", 2, deleted=True),
+    oasst("assistant", "A unranked")])}
+
+
+def test_openassistant_trees_give_a_ranking_per_ranked_set_of_replies(tmp_path, capsys):
+    lonely = {"message_tree_id": "t2", "prompt": oasst("prompter", "Hi", replies=[oasst("assistant", "Hello", 0)])}
+    data = write(tmp_path, "oasst.trees.jsonl", [json.dumps(OASST_TREE), json.dumps(lonely)])
+    prefs, rows = formats.read(str(data), formats.to_preference)
+    assert formats.format_of(io.Row(OASST_TREE, "x")) == "oasst_trees"
+    assert [p.where for p in prefs] == [f"{data}:1 (message Q)", f"{data}:1 (message Q2)"]
+    first, second = prefs
+    assert first.prompt == [said("user", "Q")]
+    assert first.responses == [[said("assistant", "A first")], [said("assistant", "A second")]]
+    assert first.pairs == [(0, 1)]
+    assert second.prompt == [said("user", "Q"), said("assistant", "A first"), said("user", "Q2")]
+    assert [r[0]["content"] for r in second.responses] == ["B tied", "B tied too", "B last"]
+    assert second.pairs == [(0, 2), (1, 2)]  # the tie gives no pair
+    assert rows[1].data["ranking"] == [[0, 1], 2]
+    # the tree without a ranking is said, not hidden
+    assert f"data: {data}: 1 of 2 OpenAssistant trees hold no ranking" in capsys.readouterr().err
+    # as demonstrations, each ranking gives its best reply after its thread
+    convs, _ = formats.read(str(data), formats.to_conversation)
+    assert convs[1].messages == second.prompt + [said("assistant", "B tied")]
+    only_lonely = write(tmp_path, "lonely.jsonl", [json.dumps(lonely)])
+    with pytest.raises(DataError, match=r"lonely\.jsonl: no rows to train on"):
+        formats.read(str(only_lonely), formats.to_preference)
+    bad = {**OASST_TREE, "prompt": oasst("robot", "Q")}
+    with pytest.raises(DataError, match=r"b\.jsonl:1 \(message Q\): a message of an OpenAssistant tree must be"):
+        formats.read(str(write(tmp_path, "b.jsonl", [json.dumps(bad)])), formats.to_preference)
+
+
+def test_prompt_response_rows_are_demonstrations_as_generate_writes_them():
+    row = io.Row({"prompt": [USER], "response": "Blue.", "finished": True, "sample_index": 0}, "g.jsonl:1")
+    assert formats.format_of(row) == "prompt_response"
+    assert formats.to_conversation(row, "prompt_response").messages == [USER, said("assistant", "Blue.")]
+
+
+def test_columns_rename_a_files_own_names(tmp_path):
+    rows = [{"question": "p", "answers": ["a", "b"], "ratings": [1, 2]},
+            {"question": "p", "completions": [{"response": "a", "fine-grained_score": 3},
+                                              {"response": "b", "fine-grained_score": 1}]}]
+    scored = write(tmp_path, "s.jsonl", [json.dumps(rows[0])])
+    (p,), _ = formats.read(str(scored), formats.to_preference,
+                           columns=["question=prompt", "answers=responses", "ratings=scores"])
+    assert p.pairs == [(1, 0)]
+    completions = write(tmp_path, "c.jsonl", [json.dumps(rows[1])])
+    (p,), _ = formats.read(str(completions), formats.to_preference,
+                           columns=["question=prompt", "fine-grained_score=overall_score"])
+    assert p.pairs == [(0, 1)]
+    with pytest.raises(DataError, match="cannot tell the data format"):
+        formats.read(str(scored), formats.to_preference)
+    from rlhfkit import UsageError
+    with pytest.raises(UsageError, match=r"--columns 'ratings': expected FILE_COLUMN=RLHFKIT_COLUMN"):
+        formats.read(str(scored), formats.to_preference, columns=["ratings"])
+    with pytest.raises(DataError, match=r"s\.jsonl:1: --columns question=prompt answers=prompt gives two of the "):
+        formats.read(str(scored), formats.to_preference, columns=["question=prompt", "answers=prompt"])
+
+
+def test_a_hub_data_set_name_says_how_to_read_it_locally():
+    with pytest.raises(DataError, match=r"'Anthropic/hh-rlhf' looks like a Hugging Face hub data set: rlhfkit reads "
+                                        r"local data only, so save it first \(datasets\.load_dataset"):
+        io.read_rows("Anthropic/hh-rlhf")
+    with pytest.raises(DataError, match=r"data file not found: missing/file\.jsonl$"):
+        io.read_rows("missing/file.jsonl")
+
+
+# a tool-using template in the style of Qwen2.5's: function schemas in the system turn, calls as JSON, results as
+# tool turns; applied to tiny-llama's tokenizer (SmolLM2's own template renders neither tools nor calls)
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<call>{{ c.function | tojson }}</call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CALL = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+TOOL_CONVERSATION = [said("user", "Weather in Paris?"), {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                     {"role": "tool", "content": "Sunny, 21 C", "name": "weather"},
+                     said("assistant", "It is sunny and 21 C in Paris.")]
+
+
+def test_tool_messages_render_through_the_template_and_only_assistant_turns_train(tok):
+    import copy
+
+    from rlhfkit import TemplateError
+    from rlhfkit.data import chat
+
+    row = io.Row({"messages": TOOL_CONVERSATION, "tools": json.dumps([WEATHER])}, "t.jsonl:1")
+    conv = formats.to_conversation(row, "conversations")
+    assert conv.tools == [WEATHER] and conv.messages[1] == {"role": "assistant", "content": "", "tool_calls": [CALL]}
+    assert conv.messages[2] == {"role": "tool", "content": "Sunny, 21 C", "name": "weather"}
+    tool_tok = copy.deepcopy(tok)
+    tool_tok.chat_template = TOOL_TEMPLATE
+    ex = chat.tokenize_conversation(tool_tok, conv.messages, conv.where, tools=conv.tools)
+    text = lambda mask: tool_tok.decode([t for t, m in zip(ex.input_ids, ex.loss_mask) if m == mask])  # noqa: E731
+    assert text(1) == ('<call>{"name": "weather", "arguments": {"city": "Paris"}}</call><|im_end|>'
+                       "It is sunny and 21 C in Paris.<|im_end|>")
+    assert "Tools: " in text(0) and "Sunny, 21 C" in text(0) and "Weather in Paris?" in text(0)
+    # a template that renders neither is an error, not a silent drop
+    with pytest.raises(TemplateError, match=r"t\.jsonl:1: the chat template of .* does not render the 'tools' column"):
+        chat.tokenize_conversation(tok, conv.messages, conv.where, tools=conv.tools)
+    with pytest.raises(TemplateError, match=r"t\.jsonl:1: the chat template of .* does not render tool_calls"):
+        chat.tokenize_conversation(tok, conv.messages, conv.where)
+    # comparisons and prompts are not rendered with tools: the column is refused there
+    pairs = io.Row({"prompt": "q", "chosen": "a", "rejected": "b", "tools": [WEATHER]}, "p.jsonl:2")
+    with pytest.raises(DataError, match=r"p\.jsonl:2: the column 'tools' is read for SFT conversations only"):
+        formats.to_preference(pairs, "pairs")
+    with pytest.raises(DataError, match=r"tool_calls must be a list, on an assistant message"):
+        formats.to_conversation(io.Row({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "x"),
+                                "conversations")
+
+
+def test_llama_factory_sharegpt_function_calls_and_observations():
+    turns = [{"from": "human", "value": "Weather in Paris?"},
+             {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Paris"}}'},
+             {"from": "observation", "value": "Sunny"}, {"from": "gpt", "value": "Sunny."}]
+    conv = formats.to_conversation(io.Row({"conversations": turns, "tools": "[]"}, "l.jsonl:1"), "sharegpt")
+    assert [m["role"] for m in conv.messages] == ["user", "assistant", "tool", "assistant"] and conv.tools is None

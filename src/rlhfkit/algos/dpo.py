@@ -116,13 +116,14 @@ class PairReport:
 
 
 def load_pairs(path: str, fmt: str | None, tok, max_length: int, min_score_gap: float = 0.0,
-               skipped: formats.Skipped | None = None) -> tuple[list[PairExample], PairReport]:
+               skipped: formats.Skipped | None = None, columns: list[str] | None = None
+               ) -> tuple[list[PairExample], PairReport]:
     """Every comparison of a file as a tokenised pair; with `skipped`, rows that cannot be converted are left out
     and counted there (and in the report)."""
     report, out = PairReport(), []
     before = skipped.count if skipped else 0
     convert = functools.partial(formats.to_preference, min_score_gap=min_score_gap)
-    for pref in formats.read(path, convert, fmt, skipped)[0]:
+    for pref in formats.read(path, convert, fmt, skipped, columns)[0]:
         report.below_score_gap += pref.below_score_gap
         report.skipped_no_pairs += not pref.pairs
         for w, l in pref.pairs:
@@ -151,9 +152,11 @@ def load_data(cfg: DPOConfig, tok, main: bool) -> tuple[list[PairExample], list[
     dropped or cut anything); the held-out report is None when they were split off the training data; the rows
     skipped as invalid (with --skip-invalid)."""
     skipped = formats.Skipped() if cfg.skip_invalid else None
-    pairs, report = load_pairs(cfg.data, cfg.format, tok, cfg.max_length, cfg.min_score_gap, skipped)
+    pairs, report = load_pairs(cfg.data, cfg.format, tok, cfg.max_length, cfg.min_score_gap, skipped,
+                                  cfg.columns)
     if cfg.val_data:
-        val_pairs, val_report = load_pairs(cfg.val_data, None, tok, cfg.max_length, cfg.min_score_gap, skipped)
+        val_pairs, val_report = load_pairs(cfg.val_data, None, tok, cfg.max_length, cfg.min_score_gap, skipped,
+                                                  cfg.columns)
     else:
         pairs, val_pairs = split_validation(pairs, cfg.val_fraction, cfg.seed)
         val_report = None

@@ -341,14 +341,14 @@ def load_data(cfg: RMConfig, tok, main: bool):
     reference), what loading did (logged at step 0) and the same for run.json, with the invalid rows named."""
     skipped = formats.Skipped() if cfg.skip_invalid else None
     convert = functools.partial(formats.to_preference, min_score_gap=cfg.min_score_gap)
-    prefs = formats.read(cfg.data, convert, cfg.format, skipped)[0]
+    prefs = formats.read(cfg.data, convert, cfg.format, skipped, cfg.columns)[0]
     if cfg.val_data:
-        train_prefs, val_prefs = prefs, formats.read(cfg.val_data, convert, None, skipped)[0]
+        train_prefs, val_prefs = prefs, formats.read(cfg.val_data, convert, None, skipped, cfg.columns)[0]
     else:
         train_prefs, val_prefs = split_validation(prefs, cfg.val_fraction, cfg.seed)
     train_rows, report = encode_preferences(tok, train_prefs, cfg.max_length)
     val_rows, val_report = encode_preferences(tok, val_prefs, cfg.max_length)
-    pmp_prefs = formats.read(cfg.pmp_data, convert, None, skipped)[0] if cfg.pmp_data else []
+    pmp_prefs = formats.read(cfg.pmp_data, convert, None, skipped, cfg.columns)[0] if cfg.pmp_data else []
     pmp_rows, pmp_report = encode_preferences(tok, pmp_prefs, cfg.max_length)
     if not train_rows:
         raise TrainingError(f"no comparisons left in {cfg.data}: {report.identical_pairs} identical pairs, "

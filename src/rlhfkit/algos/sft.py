@@ -63,9 +63,9 @@ def load_data(cfg: SFTConfig, tok, main: bool) -> tuple[list, list, chat.Tokeniz
     to each set (printed on the main process when it dropped or cut anything) and the rows skipped as invalid
     (with --skip-invalid)."""
     skipped = formats.Skipped() if cfg.skip_invalid else None
-    convs = formats.read(cfg.data, formats.to_conversation, cfg.format, skipped)[0]
+    convs = formats.read(cfg.data, formats.to_conversation, cfg.format, skipped, cfg.columns)[0]
     if cfg.val_data:
-        train_convs, val_convs = convs, formats.read(cfg.val_data, formats.to_conversation, None, skipped)[0]
+        train_convs, val_convs = convs, formats.read(cfg.val_data, formats.to_conversation, None, skipped, cfg.columns)[0]
     else:
         train_convs, val_convs = split_validation(convs, cfg.val_fraction, cfg.seed)
     train_rows, report = chat.tokenize_conversations(tok, train_convs, cfg.max_length)

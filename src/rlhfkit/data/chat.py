@@ -38,11 +38,26 @@ def end_of_turn_ids(tok) -> set[int]:
     return ids
 
 
-def render(tok, messages: Messages, add_generation_prompt: bool = False) -> str:
+def render(tok, messages: Messages, add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
     try:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                       tools=tools)
     except Exception as e:  # jinja raises its own types, e.g. for role-order checks inside templates
         raise TemplateError(f"the chat template of {tok.name_or_path!r} failed to render: {e}") from None
+
+
+def check_tools_rendered(tok, messages: Messages, tools: list[dict] | None, where: str) -> None:
+    """A template that ignores function schemas or an assistant's tool calls would drop them from the training text
+    without a word (SmolLM2's does): an error naming the template instead."""
+    full = render(tok, messages, tools=tools)
+    if tools and render(tok, messages) == full:
+        raise TemplateError(f"{where}: the chat template of {tok.name_or_path!r} does not render the 'tools' column; "
+                            "use a model whose template supports tools, or drop the column")
+    if any("tool_calls" in m for m in messages):
+        bare = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
+        if render(tok, bare, tools=tools) == full:
+            raise TemplateError(f"{where}: the chat template of {tok.name_or_path!r} does not render tool_calls; use a "
+                                "model whose template supports tool calls")
 
 
 def encode(tok, text: str) -> list[int]:
@@ -64,33 +79,38 @@ def _check_prefix(tok, prefix: str, full: str, where: str, turn: int) -> None:
             "rendering, so loss masks cannot be exact. Use a template that renders turns append-only.")
 
 
-def assistant_cuts(tok, messages: Messages, full: str, where: str) -> list[tuple[int, int]]:
+def assistant_cuts(tok, messages: Messages, full: str, where: str, tools: list[dict] | None = None
+                   ) -> list[tuple[int, int]]:
     """[start, end) character spans of every assistant turn in the rendering `full` (its end-of-turn included)."""
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        head = render(tok, messages[:i], add_generation_prompt=True) if i else ""
-        upto = render(tok, messages[: i + 1])
+        head = render(tok, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
+        upto = render(tok, messages[: i + 1], tools=tools)
         _check_prefix(tok, head, upto, where, i)
         _check_prefix(tok, upto, full, where, i)
         spans.append((len(head), len(upto)))
     return spans
 
 
-def _encode_turns(tok, messages: Messages, where: str) -> tuple[list[int], list[int], list[int]]:
+def _encode_turns(tok, messages: Messages, where: str, tools: list[dict] | None = None
+                  ) -> tuple[list[int], list[int], list[int]]:
     """(input_ids, loss_mask, start token of every assistant turn): the rendering encoded piece by piece, cut where
     each assistant turn starts and ends, so a token merge can never straddle a turn boundary (a response that starts
     with a newline would otherwise merge with the template's "assistant\\n"); these are the tokens a model sees when
     it generates the turn after the prompt. Each assistant piece is trained up to and including its last
-    end-of-turn token (the model learns to stop; the template's newline after it stays untrained)."""
-    full = render(tok, messages)
+    end-of-turn token (the model learns to stop; the template's newline after it stays untrained). `tools`: the
+    function schemas the template renders (where it renders them: `check_tools_rendered`)."""
+    if tools or any("tool_calls" in m for m in messages):
+        check_tools_rendered(tok, messages, tools, where)
+    full = render(tok, messages, tools=tools)
     eot = end_of_turn_ids(tok)
     ids: list[int] = []
     mask: list[int] = []
     starts: list[int] = []
     pos = 0
-    for start, end in assistant_cuts(tok, messages, full, where):
+    for start, end in assistant_cuts(tok, messages, full, where, tools):
         context = encode(tok, full[pos:start])
         piece = encode(tok, full[start:end])
         stops = [t for t, x in enumerate(piece) if x in eot]
@@ -104,10 +124,11 @@ def _encode_turns(tok, messages: Messages, where: str) -> tuple[list[int], list[
     return ids + rest, mask + [0] * len(rest), starts
 
 
-def tokenize_conversation(tok, messages: Messages, where: str = "", max_length: int | None = None
-                          ) -> TokenizedExample:
-    """Tokens and loss mask of one conversation; truncation keeps the start and cuts the end."""
-    ids, mask, _ = _encode_turns(tok, messages, where)
+def tokenize_conversation(tok, messages: Messages, where: str = "", max_length: int | None = None,
+                          tools: list[dict] | None = None) -> TokenizedExample:
+    """Tokens and loss mask of one conversation (rendered with `tools`, the row's function schemas); truncation keeps
+    the start and cuts the end."""
+    ids, mask, _ = _encode_turns(tok, messages, where, tools)
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, mask = ids[:max_length], mask[:max_length]
@@ -170,11 +191,11 @@ def tokenize_conversations(tok, conversations, max_length: int) -> tuple[list[To
                 report.skipped_empty += 1
                 continue
             ex = tokenize_text(tok, conv.text, conv.where, max_length)
-        elif not any(m["content"].strip() for m in conv.messages if m["role"] == "assistant"):
+        elif not any(m["content"].strip() or m.get("tool_calls") for m in conv.messages if m["role"] == "assistant"):
             report.skipped_empty += 1
             continue
         else:
-            ex = tokenize_conversation(tok, conv.messages, conv.where, max_length)
+            ex = tokenize_conversation(tok, conv.messages, conv.where, max_length, conv.tools)
         report.truncated += ex.truncated
         if not any(ex.loss_mask):
             report.skipped_no_loss += 1

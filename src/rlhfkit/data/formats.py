@@ -13,15 +13,17 @@ goes through the model's chat template the same way:
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from rlhfkit import DataError
+from rlhfkit import DataError, UsageError
 from rlhfkit.core.losses import ranking_pairs
 from rlhfkit.data.io import Row, read_rows
-from rlhfkit.data.messages import (ROLES, Messages, as_messages, as_response, looks_like_hh, parse_hh, sharegpt,
-                                   score_pairs, split_conversations, split_hh_pair)
+from rlhfkit.data.messages import (ROLES, Messages, as_messages, as_response, as_tools, looks_like_hh, oasst_rankings,
+                                   parse_hh, sharegpt, score_pairs, split_conversations, split_hh_pair)
 
 __all__ = ["ROLES", "Messages", "parse_hh"]  # re-exported: callers name them as formats.*
 
@@ -36,8 +38,10 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "sharegpt_pairs": ("conversations", "chosen", "rejected"),
     "hh": ("chosen", "rejected"),
     "implicit_pairs": ("chosen", "rejected"),
+    "oasst_trees": ("message_tree_id", "prompt"),
     "unpaired": ("prompt", "completion", "label"),
     "prompt_completion": ("prompt", "completion"),
+    "prompt_response": ("prompt", "response"),
     "alpaca": ("instruction", "output"),
     "conversations": ("messages",),
     "sharegpt": ("conversations",),
@@ -55,8 +59,9 @@ SHAPES: dict[str, Callable[[dict], bool]] = {
 # Formats of one kind are alternatives: two that both fit a row (and neither's columns hold the other's) make it
 # ambiguous. Across kinds the earlier kind wins: comparisons hold their demonstrations, and a structured format wins
 # over a plain `text` column (Alpaca files often carry a rendered one).
-KINDS = {"comparisons": ("rankings", "scored", "scored_completions", "pairs", "sharegpt_pairs", "hh", "implicit_pairs"),
-         "demonstrations": ("prompt_completion", "alpaca", "conversations", "sharegpt"),
+KINDS = {"comparisons": ("rankings", "scored", "scored_completions", "pairs", "sharegpt_pairs", "hh", "implicit_pairs",
+                         "oasst_trees"),
+         "demonstrations": ("prompt_completion", "prompt_response", "alpaca", "conversations", "sharegpt"),
          "text": ("hh_text", "text")}
 COMPARISONS = KINDS["comparisons"]
 PROMPT_LIKE = ("prompts", "conversations")
@@ -68,6 +73,7 @@ class Conversation:
     messages: Messages
     where: str
     text: str | None = None  # plain text (the `text` format): trained whole, without the chat template
+    tools: list[dict] | None = None  # function schemas the template renders (a `tools` column)
 
 
 @dataclass(frozen=True)
@@ -113,20 +119,52 @@ class Skipped:
         return f"data: {self.count} invalid rows skipped (--skip-invalid); the first: " + " | ".join(self.first)
 
 
-def read(path: str, convert: Callable[[Row, str], T], fmt: str | None = None, skipped: Skipped | None = None
-         ) -> tuple[list[T], list[Row]]:
+def read(path: str, convert: Callable[[Row, str], T], fmt: str | None = None, skipped: Skipped | None = None,
+         columns: list[str] | None = None) -> tuple[list[T], list[Row]]:
     """The rows of a data source (`io.read_rows`: a file, sample:NAME or sim:SPLIT), each converted by `convert`
     (`to_conversation`, `to_prompt` or `to_preference`) from its format, detected from the columns unless `fmt`
     names it; and the rows themselves (their own columns, where they came from). A bad row stops with its
-    file:line, or, given `skipped`, is left out and counted there."""
-    return convert_rows(read_rows(path), convert, fmt, skipped, str(path))
+    file:line, or, given `skipped`, is left out and counted there. `columns` renames the file's columns
+    (`rename_columns`) before anything else."""
+    return convert_rows(rename_columns(read_rows(path), columns), convert, fmt, skipped, str(path))
+
+
+def rename_columns(rows: list[Row], columns: list[str] | None) -> list[Row]:
+    """`rows` with their columns renamed by `columns`, entries FILE=OURS (`--columns rating=scores answers=responses`):
+    a file's own names for a format's columns. The keys of the objects in a `completions` list are renamed too
+    (`--columns fine-grained_score=overall_score`)."""
+    if not columns:
+        return rows
+    names: dict[str, str] = {}
+    for entry in columns:
+        theirs, eq, ours = entry.partition("=")
+        if not eq or not theirs or not ours:
+            raise UsageError(f"--columns {entry!r}: expected FILE_COLUMN=RLHFKIT_COLUMN, e.g. rating=scores")
+        names[theirs] = ours
+
+    def renamed(d: dict, where: str) -> dict:
+        out = {names.get(k, k): v for k, v in d.items()}
+        if len(out) < len(d):
+            raise DataError(f"{where}: --columns {' '.join(columns)} gives two of the columns {sorted(d)} one name")
+        return out
+
+    out = []
+    for row in rows:
+        d = renamed(row.data, row.where)
+        if isinstance(d.get("completions"), list):
+            d["completions"] = [renamed(c, row.where) if isinstance(c, dict) else c for c in d["completions"]]
+        out.append(Row(d, row.where))
+    return out
 
 
 def convert_rows(rows: list[Row], convert: Callable[[Row, str], T], fmt: str | None = None,
                  skipped: Skipped | None = None, source: str = "the data") -> tuple[list[T], list[Row]]:
     """`read` on rows read already (`source` names them in the error when every row is invalid)."""
     fmt = format_of(rows[0], fmt)
-    out, kept, before = [], [], skipped.count if skipped else 0
+    before = skipped.count if skipped else 0
+    if fmt == "oasst_trees":
+        rows, fmt = tree_rankings(rows, skipped, source), "rankings"
+    out, kept = [], []
     for row in rows:
         try:
             check_columns(row, fmt)
@@ -137,10 +175,33 @@ def convert_rows(rows: list[Row], convert: Callable[[Row, str], T], fmt: str | N
             skipped.add(e)
             continue
         kept.append(row)
-    if not out:
+    if not out and skipped is not None and skipped.count > before:
         raise DataError(f"{source}: no valid rows ({skipped.count - before} skipped as invalid; the first: "
                         f"{skipped.first[0] if skipped.first else '?'})")
+    if not out:  # every row was valid, and none gave a record (OpenAssistant trees without a ranking)
+        raise DataError(f"{source}: no rows to train on")
     return out, kept
+
+
+def tree_rankings(rows: list[Row], skipped: Skipped | None, source: str) -> list[Row]:
+    """OpenAssistant trees as `rankings` rows, one per ranked set of replies (`messages.oasst_rankings`). A tree
+    that holds no ranking (a single reply, or none ranked) gives none; how many did is printed, not hidden."""
+    out, empty = [], 0
+    for row in rows:
+        try:
+            check_columns(row, "oasst_trees")
+            found = [Row(d, where) for d, where in oasst_rankings(row.data["prompt"], row.where)]
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.add(e)
+            continue
+        empty += not found
+        out += found
+    if empty and int(os.environ.get("RANK", "0")) == 0:
+        print(f"data: {source}: {empty} of {len(rows)} OpenAssistant trees hold no ranking (no message with two "
+              "ranked assistant replies) and give no rows", file=sys.stderr)
+    return out
 
 
 def detect_format(rows: list[Row], override: str | None = None) -> str:
@@ -180,6 +241,14 @@ def check_columns(row: Row, fmt: str) -> None:
     missing = [c for c in FORMATS[fmt] if c not in row.data]
     if missing:
         raise DataError(f"{row.where}: missing column(s) {', '.join(missing)} for the {fmt} format")
+
+
+def refuse_tools(row: Row, what: str) -> None:
+    """Function schemas (`tools`) are rendered for SFT conversations; comparisons and prompts are not rendered with
+    them, so a `tools` column there is an error, not dropped."""
+    if as_tools(row.data.get("tools"), row.where):
+        raise DataError(f"{row.where}: the column 'tools' is read for SFT conversations only; {what} are rendered "
+                        "without function schemas (drop the column to use the rows without them)")
 
 
 def refuse_label(row: Row) -> None:
@@ -278,6 +347,7 @@ def to_preference(row: Row, fmt: str, min_score_gap: float = 0.0) -> Preference:
     `min_score_gap`."""
     d, where = row.data, row.where
     refuse_label(row)
+    refuse_tools(row, "comparisons")
     margin = d.get("margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
                                or not math.isfinite(margin)):
@@ -316,8 +386,9 @@ def to_conversation(row: Row, fmt: str) -> Conversation:
         msgs = as_messages(d["messages"], where, "messages")
     elif fmt == "sharegpt":
         msgs = sharegpt(d["conversations"], where, "conversations")
-    elif fmt == "prompt_completion":
-        msgs = as_messages(d["prompt"], where, "prompt") + as_response(d["completion"], where, "completion")
+    elif fmt in ("prompt_completion", "prompt_response"):  # prompt_response: what generate and best-of-n write
+        reply = "completion" if fmt == "prompt_completion" else "response"
+        msgs = as_messages(d["prompt"], where, "prompt") + as_response(d[reply], where, reply)
     elif fmt == "alpaca":
         if not isinstance(d["instruction"], str) or not isinstance(d["output"], str):
             raise DataError(f"{where}: instruction and output must be strings")
@@ -334,7 +405,7 @@ def to_conversation(row: Row, fmt: str) -> Conversation:
         raise DataError(f"{where}: the {fmt} format has no responses to train on")
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{where}: the conversation has no assistant turn to train on")
-    return Conversation(msgs, where)
+    return Conversation(msgs, where, tools=as_tools(d.get("tools"), where))
 
 
 def _without_reply(msgs: Messages) -> Messages:
@@ -343,6 +414,7 @@ def _without_reply(msgs: Messages) -> Messages:
 
 def to_prompt(row: Row, fmt: str) -> Prompt:
     d, where = row.data, row.where
+    refuse_tools(row, "prompts")
     if fmt in PROMPT_LIKE:
         fmt = "conversations" if "messages" in d else "prompts"
     if fmt == "conversations":

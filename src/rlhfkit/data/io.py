@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -52,7 +53,11 @@ def read_rows(path: str | Path) -> list[Row]:
     else:
         p = Path(src.value).expanduser()
         if not p.exists():
-            raise DataError(f"data file not found: {p}")
+            hub = re.fullmatch(r"[\w.-]+/[\w.-]+", src.value) and not p.suffix  # owner/name, as the hub names them
+            raise DataError(f"data file not found: {p}" + (
+                f"; {src.value!r} looks like a Hugging Face hub data set: rlhfkit reads local data only, so save it "
+                f"first (datasets.load_dataset({src.value!r}, split='train').save_to_disk(DIR)) and give --data DIR"
+                if hub else ""))
     if p.is_dir():
         return _read_datasets_dir(p)
     suffix = "".join(p.suffixes[-2:]).lower() if p.suffix.lower() == ".gz" else p.suffix.lower()

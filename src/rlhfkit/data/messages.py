@@ -1,20 +1,26 @@
 """Parse the values of a row into message lists (`[{"role": ..., "content": ...}]`), the canonical form of
-`formats`: role/content messages (with text content parts), ShareGPT's from/value turns, Anthropic HH transcripts,
-and the prompt two whole conversations share. Every error names the row (`where`) and the value.
+`formats`: role/content messages (with text content parts, tool calls and tool results), ShareGPT's from/value turns,
+Anthropic HH transcripts, OpenAssistant trees, and the prompt two whole conversations share. Every error names the
+row (`where`) and the value.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
 
 from rlhfkit import DataError
 
-Messages = list[dict[str, str]]
-ROLES = ("system", "user", "assistant")
+Messages = list[dict[str, Any]]  # role and content (a string); tool_calls on assistant turns, tool_call_id/name on tools
+ROLES = ("system", "user", "assistant", "tool")
+# keys a message keeps beside role and content, for the chat template (transformers' tool-use convention)
+TOOL_KEYS = {"assistant": ("tool_calls",), "tool": ("tool_call_id", "name")}
 # ShareGPT's speaker names -> roles; "gpt" and "human" are the original ones, the others are common variants
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# (LLaMA-Factory's "function_call" is an assistant turn whose text is the call, "observation" the tool's result)
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
 ASSISTANT_TURN = "\n\nAssistant:"
 
 
@@ -36,7 +42,9 @@ def _content(value: Any, where: str, what: str) -> str:
 
 
 def as_messages(value: Any, where: str, what: str) -> Messages:
-    """A message list from a list of {role, content} dicts (validated) or a plain string (one user turn)."""
+    """A message list from a list of {role, content} dicts (validated) or a plain string (one user turn). Tool
+    messages and an assistant's `tool_calls` are kept for the template to render; only assistant turns are trained.
+    An assistant turn that only calls tools may have no content (read as "")."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
@@ -47,8 +55,28 @@ def as_messages(value: Any, where: str, what: str) -> Messages:
             raise DataError(f"{where}: {what}[{i}] must be an object with 'role' and 'content'")
         if m["role"] not in ROLES:
             raise DataError(f"{where}: {what}[{i}] has role {m['role']!r}; expected one of {', '.join(ROLES)}")
-        out.append({"role": m["role"], "content": _content(m["content"], where, f"{what}[{i}].content")})
+        calls = m.get("tool_calls")
+        if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list)):
+            raise DataError(f"{where}: {what}[{i}].tool_calls must be a list, on an assistant message")
+        content = "" if m["content"] is None and calls else _content(m["content"], where, f"{what}[{i}].content")
+        out.append({"role": m["role"], "content": content,
+                    **{k: m[k] for k in TOOL_KEYS.get(m["role"], ()) if m.get(k) is not None}})
     return out
+
+
+def as_tools(value: Any, where: str) -> list[dict] | None:
+    """A row's `tools` column: the JSON schemas of the functions the conversation may call, as a list or as the JSON
+    text of one (LLaMA-Factory's ShareGPT files); handed to the chat template as `tools`."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: tools is a string but not JSON ({e.msg})") from None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise DataError(f"{where}: tools must be a list of function schemas (objects)")
+    return value or None
 
 
 def as_response(value: Any, where: str, what: str) -> Messages:
@@ -151,3 +179,37 @@ def score_pairs(scores: Any, k: int, min_gap: float, where: str) -> tuple[Pairs,
     ordered = [(w, l) for a, w in enumerate(order) for l in order[a + 1:] if scores[w] > scores[l]]
     kept = [(w, l) for w, l in ordered if scores[w] - scores[l] >= min_gap]
     return kept, len(ordered) - len(kept)
+
+
+# OpenAssistant's message trees: a prompter ("user") message, its assistant replies, their prompter replies, ...
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+
+
+def oasst_rankings(root: Any, where: str) -> list[tuple[dict, str]]:
+    """The rankings of an OpenAssistant message tree (oasst1/oasst2 `*.trees.jsonl`, whose `prompt` is the root
+    message): one `rankings` row ({prompt, responses, ranking}) per user message with two or more ranked assistant
+    replies, the prompt being the thread from the root to it; with where each came from (`where (message ID)`).
+    Replies that are deleted, failed review or have no rank are not compared; equal ranks are ties."""
+    out: list[tuple[dict, str]] = []
+
+    def visit(node: Any, thread: Messages, path: str) -> None:
+        if not isinstance(node, dict) or not isinstance(node.get("text"), str) or node.get("role") not in OASST_ROLES:
+            raise DataError(f"{path}: a message of an OpenAssistant tree must be an object with a string 'text' and "
+                            f"a role of {' or '.join(OASST_ROLES)}")
+        thread = thread + [{"role": OASST_ROLES[node["role"]], "content": node["text"]}]
+        replies = node.get("replies") or []
+        if not isinstance(replies, list):
+            raise DataError(f"{path}: replies must be a list of messages")
+        ranked = [r for r in replies if isinstance(r, dict) and r.get("role") == "assistant"
+                  and isinstance(r.get("rank"), int) and not r.get("deleted") and r.get("review_result") is not False]
+        if node["role"] == "prompter" and len(ranked) >= 2:
+            ranked.sort(key=lambda r: r["rank"])  # rank 0 is the best
+            ranks = sorted({r["rank"] for r in ranked})
+            ranking = [[i for i, r in enumerate(ranked) if r["rank"] == k] for k in ranks]
+            out.append(({"prompt": thread, "responses": [r["text"] for r in ranked],
+                         "ranking": [g[0] if len(g) == 1 else g for g in ranking]}, path))
+        for r in replies:
+            visit(r, thread, f"{where} (message {r.get('message_id', '?') if isinstance(r, dict) else '?'})")
+
+    visit(root, [], f"{where} (message {root.get('message_id', '?') if isinstance(root, dict) else '?'})")
+    return out

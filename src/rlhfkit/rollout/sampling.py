@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rlhfkit import models
@@ -22,6 +22,9 @@ class SamplingConfig(EngineConfig):
     (pairs, rankings, hh, alpaca); or sample:NAME."""
     format: str | None = None
     """Prompt file format; detected from the columns when not given."""
+    columns: list[str] = field(default_factory=list)
+    """Rename the file's columns to rlhfkit's, FILE=OURS (`--columns rating=scores answers=responses`), for a layout
+    whose columns are named otherwise; keys inside `completions` objects too."""
     n: int = 1
     """Samples per prompt."""
     temperature: float = 1.0
@@ -45,9 +48,10 @@ def sampling_params(cfg: SamplingConfig) -> SamplingParams:
                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
 
-def load_prompts(path: str, fmt: str | None) -> tuple[list[formats.Prompt], list[dict[str, Any]]]:
+def load_prompts(path: str, fmt: str | None, columns: list[str] | None = None
+                 ) -> tuple[list[formats.Prompt], list[dict[str, Any]]]:
     """The prompts of a file and each prompt row's own columns (passed on to reward functions as metadata)."""
-    prompts, rows = formats.read(path, formats.to_prompt, fmt)
+    prompts, rows = formats.read(path, formats.to_prompt, fmt, columns=columns)
     return prompts, [r.data for r in rows]
 
 
@@ -55,7 +59,7 @@ def sample(cfg: SamplingConfig, model_name: str) -> tuple[list[formats.Prompt], 
                                                           dict[str, float]]:
     """Steps 1–3: prompts, prompt-row columns, n samples per prompt, and rollout metrics."""
     # 1. prompts (a malformed row is an error naming file and line)
-    prompts, columns = load_prompts(cfg.prompts, cfg.format)
+    prompts, columns = load_prompts(cfg.prompts, cfg.format, cfg.columns)
     params = sampling_params(cfg)
     # 2. model and tokenizer
     tok = models.load_tokenizer(model_name)
