@@ -106,9 +106,11 @@ def _preview(argv):
 ALGORITHMS = {
     ("sft",): ("algos.sft", "SFTConfig", "train", "supervised fine-tuning; loss on assistant tokens only"),
     ("rm",): ("algos.reward", "RMConfig", "train", "reward model from pairs or K-way rankings"),
-    ("score",): ("algos.score", "ScoreConfig", "score", "rewards of (prompt, response) rows or of comparisons' responses"),
+    ("score",): ("algos.score", "ScoreConfig", "score", "rewards of prompt/response rows or of comparisons' responses"),
     ("dpo",): ("algos.dpo", "DPOConfig", "train", "direct preference optimisation (sigmoid, IPO, conservative DPO)"),
     ("ppo",): ("algos.ppo", "PPOConfig", "train", "RLHF with PPO (gae, grpo, rloo, reinforce++), PPO-ptx"),
+    ("distill-context",): ("algos.distill", "DistillConfig", "train",
+                           "context distillation: answer without a long (HHH) prompt as with it"),
     ("generate",): ("algos.generate", "GenerateConfig", "generate", "batched sampling: n responses per prompt"),
     ("best-of-n",): ("algos.best_of_n", "BestOfNConfig", "best_of_n",
                      "rejection sampling: best of n samples by reward; SFT and DPO data out"),
@@ -119,7 +121,7 @@ ALGORITHMS = {
     ("plan",): ("plan", "PlanConfig", "plan", "what fits on which GPUs, and how long PPO takes, before renting them"),
 }
 # commands that train, and so take `--accelerate-config NAME|PATH [--num-processes N]` (`distributed.accelerate_launch`)
-TRAINERS = {("sft",), ("rm",), ("dpo",), ("ppo",)}
+TRAINERS = {("sft",), ("rm",), ("dpo",), ("ppo",), ("distill-context",)}
 
 
 def run_algorithm(key: tuple[str, ...], argv: list[str]) -> None:
@@ -150,6 +152,7 @@ COMMANDS = {
     ("data", "preview"): (_preview, "show rendering, tokens and loss masks of a data file"),
     ("label", "serve"): (functools.partial(_label, "serve"), "the human-feedback web app (needs the web extra)"),
     ("label", "users", "add"): (functools.partial(_label, "users add"), "add a labeller and print their token"),
+    ("label", "users", "revoke"): (functools.partial(_label, "users revoke"), "cut a labeller off; records kept"),
     ("label", "export"): (functools.partial(_label, "export"), "SFT/pairs/rankings data from collected feedback"),
 }
 

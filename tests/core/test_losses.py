@@ -296,3 +296,17 @@ def test_best_of_n_value_matches_enumerating_every_subset():
         want = [sum(value[p, max(c, key=lambda k: proxy[p, k])].item() for c in itertools.combinations(range(7), n))
                 / math.comb(7, n) for p in range(4)]
         assert best_of_n_value(proxy, value, n).tolist() == pytest.approx(want)
+
+
+def test_token_kl_is_the_exact_forward_kl_of_the_two_softmaxes():
+    from rlhfkit.core.losses import token_kl
+
+    # teacher p = (1/2, 1/2); student p = (3/4, 1/4): KL = ½ ln(½ / ¾) + ½ ln(½ / ¼) = ½ ln(4/3)
+    teacher = torch.tensor([[0.0, 0.0], [2.0, -1.0]])
+    student = torch.tensor([[math.log(3.0), 0.0], [7.0, 4.0]])  # row 2: the teacher's logits shifted by 5
+    kl = token_kl(student, teacher)
+    assert kl.dtype == torch.float32 and kl.shape == (2,)
+    assert kl[0].item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-7)
+    assert kl[1].item() == pytest.approx(0.0, abs=1e-7)  # the same distribution
+    # forward, not reverse: KL(student-as-teacher ‖ teacher-as-student) = ¾ ln(3/2) + ¼ ln(1/2) differs
+    assert token_kl(teacher[:1], student[:1]).item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5))

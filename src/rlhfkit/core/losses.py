@@ -143,6 +143,18 @@ def ranking_loss(scores: Tensor, ranking: Ranking) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Context distillation (Askell et al. 2021, §3.4)
+
+
+def token_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """(M,) fp32 KL(p_teacher ‖ p_student) at each of M positions, over the whole vocabulary, from logits (M, V):
+    Σ_v p_T(v) (log p_T(v) − log p_S(v)). Exact, not a sampled estimate: both distributions are at hand."""
+    teacher = teacher_logits.float().log_softmax(-1)
+    student = student_logits.float().log_softmax(-1)
+    return (teacher.exp() * (teacher - student)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
 # PPO: per-token rewards and advantages (Ziegler et al. 2019; InstructGPT Eq. 2; Schulman et al. 2016)
 
 
