@@ -144,7 +144,8 @@ RANGES: dict[str, Range] = {
                      "pmp_epochs", "online_rounds", "save_total_limit", "seed", "lr", "critic_lr", "pmp_lr",
                      "weight_decay", "max_grad_norm", "kl_coef", "entropy_coef", "vf_coef", "ptx_coef", "temperature",
                      "value_clip", "early_stop_kl", "min_score_gap"], NON_NEGATIVE),
-    **dict.fromkeys(["beta", "clip_eps", "kl_target", "score_clip", "rollout_correction_cap"], POSITIVE),
+    **dict.fromkeys(["beta", "clip_eps", "kl_target", "score_clip", "rollout_correction_cap", "session_hours"],
+                    POSITIVE),
     **dict.fromkeys(["warmup_ratio", "min_lr_ratio", "gamma", "lam"], FRACTION),
     "val_fraction": Range(0, 1, hi_open=True), "lora_dropout": Range(0, 1, hi_open=True),
     "label_smoothing": Range(0, 0.5, hi_open=True), "top_p": Range(0, 1, lo_open=True),
@@ -269,7 +270,8 @@ def parse_args(cls: type[C], argv: list[str], prog: str = "rlhfkit") -> C:
         if ours is None:  # before looking for its value: an unknown last flag is unknown, not one lacking a value
             raise _unknown(key, cls)
         if not eq:
-            is_bool = hints.get(ours) is bool or (ours != key and ALIASES[key].flag_for is not None)
+            # a bare flag: a bool option (`bool | None` too: the pipeline's, whose None means the preset's value)
+            is_bool = hints.get(ours) in (bool, bool | None) or (ours != key and ALIASES[key].flag_for is not None)
             is_flag = is_bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
             is_list = typing.get_origin(hints.get(ours)) is list
             if is_flag:

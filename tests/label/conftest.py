@@ -1,9 +1,15 @@
-"""Fixtures for the labelling app: a database with people in it, the app over it, clients signed in as them."""
+"""Fixtures for the labelling app: a database with people in it, the app over it, clients signed in as them, and
+a real server in its own process."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 import uuid
 
+import httpx
 import pytest
 
 
@@ -65,3 +71,26 @@ def count(engine, table) -> int:
 
     with engine.connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(db: str, port: int, *options: str) -> subprocess.Popen:
+    """`rlhfkit label serve --db DB --port PORT OPTIONS…`, once it answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", "label", "serve", "--db", db, "--port", str(port),
+                             *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/me", timeout=1).status_code == 401:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the server did not start within 60 s")

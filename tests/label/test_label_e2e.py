@@ -1,5 +1,5 @@
 """From people to a model: A/B comparisons made through the API are exported (by the CLI, as a user would) and
-train a reward model; the CLI's users add / export / serve --help behave."""
+train a reward model; the CLI's users add / users revoke / export / serve --help behave."""
 
 from __future__ import annotations
 
@@ -61,6 +61,8 @@ def test_cli_users_add_and_errors(tmp_path):
     assert again.returncode == 1 and "exists already" in again.stderr and "Traceback" not in again.stderr
     nameless = run_cli("label", "users", "add", "--db", db, check=False)
     assert nameless.returncode == 2 and "--name is required" in nameless.stderr
+    stranger = run_cli("label", "users", "revoke", "zed", "--db", db, check=False)
+    assert stranger.returncode == 1 and stranger.stderr.splitlines() == ["error: no user named 'zed'"]
     bad = run_cli("label", "export", "--db", db, "--kind", "essays", check=False)
     assert bad.returncode == 2 and "essays" in bad.stderr
     helped = run_cli("label", "serve", "--help")

@@ -40,8 +40,24 @@ def test_schema_version_migrations_and_sqlite_settings(tmp_path, monkeypatch):
     # a later release appends a migration: an existing database runs it once, keeping its data
     ran = []
     monkeypatch.setattr(store, "MIGRATIONS", schema.MIGRATIONS + [lambda conn: ran.append(1)])
-    assert store.migrate(store.open_engine(path)) == 2 and ran == [1]
-    assert store.migrate(store.open_engine(path)) == 2 and ran == [1]
+    assert store.migrate(store.open_engine(path)) == len(schema.MIGRATIONS) + 1 and ran == [1]
+    assert store.migrate(store.open_engine(path)) == len(schema.MIGRATIONS) + 1 and ran == [1]
+
+
+def test_a_database_from_before_revocation_is_upgraded_in_place(tmp_path):
+    path = str(tmp_path / "old.sqlite")
+    engine = store.open_engine(path)
+    token = store.add_user(engine, "ann")
+    pid = store.submit(engine, store.user_by_token(engine, token), "prompt", sub(text="kept"))
+    with engine.begin() as conn:  # what version 1 left: no users.revoked
+        conn.execute(sa.text("ALTER TABLE users DROP COLUMN revoked"))
+        conn.execute(sa.text("UPDATE schema_version SET version = 1"))
+    engine.dispose()
+    engine = store.open_engine(path)
+    assert store.user_by_token(engine, token).name == "ann"  # everyone stays active
+    assert store.revoke_user(engine, "ann") == 0 and store.user_by_token(engine, token) is None
+    assert store.get(engine, schema.prompts, pid, "prompt")["text"] == "kept"
+    engine.dispose()
 
 
 def test_tokens_are_stored_only_as_hashes(engine):

@@ -14,13 +14,14 @@ users = sa.Table(
     sa.Column("token_hash", sa.String(64), unique=True, nullable=False),  # sha256 of the token, never the token
     sa.Column("is_admin", sa.Boolean, nullable=False, default=False),
     sa.Column("created", sa.String(32), nullable=False),
+    sa.Column("revoked", sa.String(32), nullable=True),  # when `label users revoke` cut them off; None: active
 )
 sessions = sa.Table(
     "sessions", metadata,
     sa.Column("token_hash", sa.String(64), primary_key=True),
     sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
     sa.Column("csrf", sa.String(64), nullable=False),
-    sa.Column("created", sa.String(32), nullable=False),
+    sa.Column("created", sa.String(32), nullable=False),  # the session expires `--session-hours` after this
 )
 submissions = sa.Table(
     "submissions", metadata,
@@ -116,5 +117,12 @@ def _v1(conn: sa.Connection) -> None:
     metadata.create_all(conn)
 
 
+def _v2(conn: sa.Connection) -> None:
+    """users.revoked. _v1 creates today's tables, so a database made since has the column already; one made
+    before gets it here, in place, NULL (active) for everyone."""
+    if "revoked" not in {c["name"] for c in sa.inspect(conn).get_columns("users")}:
+        conn.execute(sa.text("ALTER TABLE users ADD COLUMN revoked VARCHAR(32)"))
+
+
 # Migration i brings the schema from version i to i + 1. Append, never edit: databases in use have run them.
-MIGRATIONS = [_v1]
+MIGRATIONS = [_v1, _v2]

@@ -17,7 +17,7 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -116,37 +116,74 @@ def migrate(engine: sa.Engine) -> int:
 # --- users and sessions -----------------------------------------------------------------------------------
 
 def add_user(engine: sa.Engine, name: str, admin: bool = False) -> str:
-    """Create a user and return their sign-in token (shown once; only its hash is stored)."""
+    """Create a user and return their sign-in token (shown once; only its hash is stored). A revoked user is
+    reinstated under a new token: same user, same records, and the old token stays dead."""
     name = name.strip()
     if not name or len(name) > 100:
         raise Invalid("a user name must have 1 to 100 characters")
     token = secrets.token_urlsafe(24)
     with engine.begin() as conn:
-        if conn.execute(sa.select(users.c.id).where(users.c.name == name)).first():
+        row = conn.execute(sa.select(users.c.id, users.c.revoked).where(users.c.name == name)).first()
+        if row is not None and row.revoked is None:
             raise Conflict(f"user {name!r} exists already")
-        conn.execute(users.insert().values(name=name, token_hash=token_hash(token), is_admin=admin, created=now()))
+        values = {"token_hash": token_hash(token), "is_admin": admin}
+        if row is None:
+            conn.execute(users.insert().values(name=name, created=now(), **values))
+        else:
+            conn.execute(users.update().where(users.c.id == row.id).values(revoked=None, **values))
     return token
 
 
+def revoked_at(engine: sa.Engine, name: str) -> str | None:
+    """When user `name` was revoked; None for an active or unknown user."""
+    with engine.connect() as conn:
+        return conn.execute(sa.select(users.c.revoked).where(users.c.name == name.strip())).scalar()
+
+
+def revoke_user(engine: sa.Engine, name: str) -> int:
+    """Cut `name` off at once: their token stops working and their sessions are deleted, so their next request
+    gets 401. Their records stay (exports and agreement keep them). Returns how many open sessions ended."""
+    with engine.begin() as conn:
+        row = conn.execute(sa.select(users.c.id, users.c.revoked).where(users.c.name == name.strip())).first()
+        if row is None:
+            raise NotFound(f"no user named {name.strip()!r}")
+        conn.execute(users.update().where(users.c.id == row.id).values(revoked=row.revoked or now()))
+        return conn.execute(sessions.delete().where(sessions.c.user_id == row.id)).rowcount
+
+
+# Tokens and session cookies are looked up by their SHA-256, never compared in Python: what a lookup's timing could
+# reveal is how much of a hash matched, and choosing a hash prefix means inverting SHA-256.
+
 def user_by_token(engine: sa.Engine, token: str) -> User | None:
     with engine.connect() as conn:
-        row = conn.execute(sa.select(users).where(users.c.token_hash == token_hash(token))).first()
+        row = conn.execute(sa.select(users).where(users.c.token_hash == token_hash(token),
+                                                  users.c.revoked.is_(None))).first()
     return User(row.id, row.name, row.is_admin) if row else None
 
 
-def new_session(engine: sa.Engine, user: User) -> tuple[str, str]:
-    """A session cookie value and its CSRF token."""
+def _cutoff(lifetime: timedelta) -> str:
+    """The `created` of sessions that expire now: ISO strings of one format in UTC compare as the times do."""
+    return (datetime.now(timezone.utc) - lifetime).isoformat(timespec="microseconds")
+
+
+def new_session(engine: sa.Engine, user: User, lifetime: timedelta) -> tuple[str, str]:
+    """A session cookie value and its CSRF token. Sessions older than `lifetime` are deleted on the way, so a
+    server that runs for weeks keeps only the live ones."""
     cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     with engine.begin() as conn:
+        conn.execute(sessions.delete().where(sessions.c.created <= _cutoff(lifetime)))
         conn.execute(sessions.insert().values(token_hash=token_hash(cookie), user_id=user.id, csrf=csrf,
                                               created=now()))
     return cookie, csrf
 
 
-def session_user(engine: sa.Engine, cookie: str) -> tuple[User, str] | None:
+def session_user(engine: sa.Engine, cookie: str, lifetime: timedelta) -> tuple[User, str] | None:
+    """The user of a session made less than `lifetime` ago, and its CSRF token; None for an expired or unknown
+    session, or a revoked user."""
     with engine.connect() as conn:
         row = conn.execute(sa.select(users, sessions.c.csrf).join(sessions, sessions.c.user_id == users.c.id)
-                           .where(sessions.c.token_hash == token_hash(cookie))).first()
+                           .where(sessions.c.token_hash == token_hash(cookie), sessions.c.created > _cutoff(lifetime),
+                                  users.c.revoked.is_(None))).first()
     return (User(row.id, row.name, row.is_admin), row.csrf) if row else None
 
 

@@ -3,7 +3,7 @@ compare two responses per chat turn and give thumbs up/down; rlhfkit turns what 
 
 - server.py:   the Starlette app (server-rendered pages and a JSON API that mirrors them) and `serve`
 - pages.py:    the HTML templates, CSS and the little JavaScript the pages need
-- commands.py: the configs and entry points of `rlhfkit label serve | users add | export`
+- commands.py: the configs and entry points of `rlhfkit label serve | users add | users revoke | export`
 The database (users, sessions, prompts, responses and one append-only table per kind of feedback) and the export
 to training data live in rlhfkit/feedback/, which evaluation reads too.
 

@@ -1,4 +1,5 @@
-"""`rlhfkit label serve | users add | export`: configs (field docstrings are the --help) and entry points."""
+"""`rlhfkit label serve | users add | users revoke | export`: configs (field docstrings are the --help) and entry
+points."""
 
 from __future__ import annotations
 
@@ -23,9 +24,14 @@ class ServeConfig(EngineConfig):
     """Models that answer (alias, HF directory, .gguf or hub id); repeat --model or list several. None: the
     pages that need generated responses say so, the others work."""
     host: str = "127.0.0.1"
-    """Address to bind; the default lets only this machine in. Use 0.0.0.0 to serve a network (behind TLS)."""
+    """Address to bind; the default lets only this machine in. To serve colleagues, put a TLS reverse proxy on
+    this machine in front of it (docs/label.md) and pass --behind-https."""
     port: int = 8000
     """Port to listen on."""
+    behind_https: bool = False
+    """A TLS reverse proxy serves the app: mark the session cookie Secure, so browsers send it over https only."""
+    session_hours: float = 12.0
+    """A sign-in lasts this long; then the person signs in again with their token (bearer tokens do not expire)."""
     temperature: float = 1.0
     """Sampling temperature of the served models."""
     top_p: float = 0.9
@@ -50,6 +56,17 @@ class UsersAddConfig:
     """The person's name, unique; shown to admins next to their records."""
     admin: bool = False
     """Admins also see everyone's progress and the agreement between labellers."""
+
+
+@dataclass
+class UsersRevokeConfig:
+    """rlhfkit label users revoke: cut a person off at once (their token and every open session stop working); their
+    records stay and are still exported. `users add` with the same name later reinstates them under a new token."""
+
+    db: str = "label.sqlite"
+    """Database: a path to an SQLite file or any SQLAlchemy URL."""
+    name: str = ""
+    """The person's name, as given to `users add`."""
 
 
 @dataclass
@@ -88,21 +105,36 @@ def serve(cfg: ServeConfig) -> None:
         raise UsageError(f"--rank-k must be between 2 and 9, got {cfg.rank_k}")
     models = server.Models(cfg.model, cfg.batch_size, cfg)
     generation = server.Generation(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.rank_k)
-    app = server.create_app(cfg.db, models, generation, cfg.max_body_kb * 1024)
+    app = server.create_app(cfg.db, models, generation, cfg.max_body_kb * 1024, cfg.session_hours, cfg.behind_https)
     print(f"rlhfkit label: serving {store.db_url(cfg.db)} on http://{cfg.host}:{cfg.port} "
-          f"(models: {', '.join(cfg.model) or 'none'})", file=sys.stderr, flush=True)
+          f"(models: {', '.join(cfg.model) or 'none'}; sign-ins last {cfg.session_hours:g} h"
+          f"{'; Secure cookies for a TLS proxy' if cfg.behind_https else ''})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
 
 
 def users_add(cfg: UsersAddConfig) -> None:
     _, store, _ = _web()
     try:
-        token = store.add_user(store.open_engine(cfg.db), cfg.name, cfg.admin)
+        engine = store.open_engine(cfg.db)
+        revoked = store.revoked_at(engine, cfg.name)
+        token = store.add_user(engine, cfg.name, cfg.admin)
     except store.StoreError as e:
         raise RlhfkitError(str(e)) from None
-    print(f"{'admin' if cfg.admin else 'labeller'} {cfg.name!r} added; their sign-in token (shown only now):",
+    when = revoked[:16].replace("T", " ") + " UTC" if revoked else ""
+    done = f"reinstated (revoked {when}; their earlier records are theirs again)" if revoked else "added"
+    print(f"{'admin' if cfg.admin else 'labeller'} {cfg.name!r} {done}; their sign-in token (shown only now):",
           file=sys.stderr)
     print(token)
+
+
+def users_revoke(cfg: UsersRevokeConfig) -> None:
+    _, store, _ = _web()
+    try:
+        ended = store.revoke_user(store.open_engine(cfg.db, create=False), cfg.name)
+    except store.StoreError as e:
+        raise RlhfkitError(str(e)) from None
+    print(f"{cfg.name!r} revoked: their token and {ended} open session(s) no longer work; their records are kept",
+          file=sys.stderr)
 
 
 def export(cfg: ExportConfig) -> None:
@@ -132,14 +164,17 @@ def repeated_as_list(argv: list[str], key: str) -> list[str]:
     return rest + ([f"--{key}", *values] if values else [])
 
 
-COMMANDS = {"serve": (ServeConfig, serve), "users add": (UsersAddConfig, users_add), "export": (ExportConfig, export)}
+COMMANDS = {"serve": (ServeConfig, serve), "users add": (UsersAddConfig, users_add),
+            "users revoke": (UsersRevokeConfig, users_revoke), "export": (ExportConfig, export)}
 
 
 def main(command: str, argv: list[str]) -> None:
     cls, run = COMMANDS[command]
     if cls is ServeConfig:
         argv = repeated_as_list(argv, "model")
+    if command.startswith("users ") and argv and not argv[0].startswith("-"):
+        argv = ["--name", *argv]  # `users revoke ann` reads as `users revoke --name ann`
     cfg = parse_args(cls, argv, f"rlhfkit label {command}")
-    if cls is UsersAddConfig and not cfg.name.strip():
+    if command.startswith("users ") and not cfg.name.strip():
         raise UsageError("--name is required")
     run(cfg)

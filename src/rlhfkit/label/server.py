@@ -1,11 +1,12 @@
 """The labelling web app: Starlette, server-rendered pages, and a JSON API that mirrors them.
 
 Every page and API call needs a session cookie (from signing in with a token at /login) or an
-`Authorization: Bearer TOKEN` header; otherwise 401. Posts made with the cookie must also carry the session's
-CSRF token (form field `csrf` or header `X-CSRF-Token`); bearer calls need none, since a browser never adds that
-header by itself. Feedback endpoints take JSON (the API; 201 with the new id) or a form (the pages; 303 back to
-the page). Bad input stores nothing and gets a clear 4xx: malformed body 400, unknown item 404, invalid field 422,
-replayed submission id 409, body over the size limit 413.
+`Authorization: Bearer TOKEN` header; otherwise 401, also for a session older than its lifetime and for a revoked
+user. Posts made with the cookie must also carry the session's CSRF token (form field `csrf` or header
+`X-CSRF-Token`); bearer calls need none, since a browser never adds that header by itself. Feedback endpoints
+take JSON (the API; 201 with the new id) or a form (the pages; 303 back to the page). Bad input stores nothing and
+gets a clear 4xx: malformed body 400, unknown item 404, invalid field 422, replayed submission id 409, body over
+the size limit 413.
 
 The database is used from the event loop thread only (short transactions; SQLite serialises writers anyway);
 generation runs in a worker thread, one at a time, so pages stay responsive while a model samples.
@@ -14,11 +15,13 @@ generation runs in a worker thread, one at a time, so pages stay responsive whil
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import random
 import re
 import uuid
 from dataclasses import asdict
+from datetime import timedelta
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -84,7 +87,7 @@ def authenticate(request: Request) -> tuple[User, str | None]:
         if user:
             return user, None
     elif request.cookies.get(COOKIE):
-        found = store.session_user(engine, request.cookies[COOKIE])
+        found = store.session_user(engine, request.cookies[COOKIE], request.app.state.session_lifetime)
         if found:
             return found
     raise HTTPException(401, "sign in first: a session cookie or an 'Authorization: Bearer TOKEN' header")
@@ -143,7 +146,8 @@ async def read_body(request: Request, csrf: str | None) -> tuple[dict, bool]:
                     raise HTTPException(400, f"{key}'s JSON is nested too deeply") from None
     else:
         raise HTTPException(415, "send application/json or a form")
-    if csrf is not None and sent_csrf != csrf:
+    # in constant time, so a wrong guess's answer time says nothing about how much of it was right
+    if csrf is not None and not hmac.compare_digest((sent_csrf or "").encode("utf-8", "replace"), csrf.encode()):
         raise HTTPException(403, "missing or wrong CSRF token; reload the page")
     check_values(body)
     return body, is_form
@@ -173,9 +177,12 @@ async def login(request: Request) -> Response:
     user = store.user_by_token(request.app.state.db, str(form.get("token", "")).strip())
     if user is None:
         return pages.render("login.html", status=401, error="Unknown token.", user=None, csrf="")
-    cookie, _ = store.new_session(request.app.state.db, user)
+    app = request.app.state
+    cookie, _ = store.new_session(app.db, user, app.session_lifetime)
     response = RedirectResponse("/", 303)
-    response.set_cookie(COOKIE, cookie, httponly=True, samesite="strict", path="/")
+    # Secure only when a TLS proxy fronts us: a browser would not send a Secure cookie back over plain http
+    response.set_cookie(COOKIE, cookie, max_age=int(app.session_lifetime.total_seconds()), httponly=True,
+                        samesite="strict", path="/", secure=app.behind_https)
     return response
 
 
@@ -184,7 +191,7 @@ async def logout(request: Request) -> Response:
     await read_body(request, csrf)
     store.end_session(request.app.state.db, request.cookies.get(COOKIE, ""))
     response = RedirectResponse("/login", 303)
-    response.delete_cookie(COOKIE, path="/")
+    response.delete_cookie(COOKIE, path="/", secure=request.app.state.behind_https)
     return response
 
 
@@ -379,8 +386,9 @@ class SecurityHeaders:
 
 
 def create_app(db: str, models: Models | None = None, generation: Generation | None = None,
-               max_body_bytes: int = 64 * 1024) -> Starlette:
-    """The app over database `db` (a path or SQLAlchemy URL), sampling from `models` (none: no generation)."""
+               max_body_bytes: int = 64 * 1024, session_hours: float = 12.0, behind_https: bool = False) -> Starlette:
+    """The app over database `db` (a path or SQLAlchemy URL), sampling from `models` (none: no generation).
+    Sessions last `session_hours`; `behind_https` marks the session cookie Secure (a TLS proxy serves us)."""
     from starlette.middleware import Middleware
 
     routes = [
@@ -403,6 +411,8 @@ def create_app(db: str, models: Models | None = None, generation: Generation | N
     app.state.db = store.open_engine(db)
     app.state.models = models or Models([])
     app.state.generation = generation or Generation()
+    app.state.session_lifetime = timedelta(hours=session_hours)
+    app.state.behind_https = behind_https
     app.state.generate_lock = asyncio.Lock()
     app.state.queue_lock = asyncio.Lock()
     return app
