@@ -17,14 +17,17 @@ from tests.conftest import run_cli
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "run"
-    proc = run_cli("pipeline", "--preset", "tiny", "--output", str(out), timeout=600)
+    proc = run_cli("pipeline", "--preset", "tiny", "--context-distill", "--output", str(out), timeout=600)
     return out, proc
 
 
 def test_tiny_pipeline_runs_every_stage_and_writes_the_report(tiny_run):
     out, proc = tiny_run
-    for stage in ("data", "sft", "comparisons", "rm", "rm_heldout", "ppo", "dpo", "best_of_n", "eval"):
+    for stage in ("data", "distill", "sft", "comparisons", "rm", "rm_heldout", "ppo", "dpo", "best_of_n", "eval"):
         assert json.loads((out / stage / "stage.json").read_text())["key"], stage
+    # SFT started from the context-distilled model, distilled on the SFT prompts
+    assert json.loads((out / "sft" / "run.json").read_text())["config"]["model"] == str(out / "distill")
+    assert json.loads((out / "distill" / "run.json").read_text())["config"]["prompts"] == str(out / "data" / "sft.jsonl")
     # comparisons: K ranked responses per RM prompt, a labeller id each, indices forming a valid ranking
     rows = [json.loads(line) for line in (out / "comparisons" / "rankings.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and all(len(r["responses"]) == 3 for r in rows)
@@ -74,9 +77,10 @@ def test_an_online_round_samples_new_comparisons_retrains_and_is_evaluated(tmp_p
 def test_rerun_skips_complete_stages_and_a_changed_stage_reruns_with_what_follows(tiny_run):
     out, _ = tiny_run
     before = (out / "eval" / "eval.json").read_text()
-    stages = ("data", "sft", "comparisons", "rm", "dpo", "best_of_n", "eval")
+    stages = ("data", "distill", "sft", "comparisons", "rm", "dpo", "best_of_n", "eval")
     written = {s: (out / s / "stage.json").stat().st_mtime_ns for s in stages}
-    proc = run_cli("pipeline", "--preset", "tiny", "--output", str(out), "--skip", "ppo", check=False)
+    proc = run_cli("pipeline", "--preset", "tiny", "--context-distill", "--output", str(out), "--skip", "ppo",
+                   check=False)
     # skipping ppo changes the evaluated models: data..dpo are reused (their records untouched), eval reruns
     assert proc.returncode == 0, proc.stderr
     again = {s: (out / s / "stage.json").stat().st_mtime_ns for s in stages}

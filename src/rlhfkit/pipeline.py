@@ -9,7 +9,9 @@ same comparisons); Gao et al. 2022 (over-optimisation: proxy and gold reward aga
 Stages, top to bottom; each writes OUTPUT/STAGE/ and a stage.json, and a rerun skips a stage whose stage.json
 matches its settings and inputs (and says so):
   1. data         the built-in task's disjoint splits: SFT demonstrations, RM, RL and evaluation prompts
-  2. sft          supervised fine-tuning of the base model on the demonstrations
+  1b. distill     `--context-distill`: the base model context-distilled from the HHH prompt on the SFT prompts (as
+                  Bai et al. 2022 began), the model SFT then starts from
+  2. sft          supervised fine-tuning of the base model (or the distilled one) on the demonstrations
   3. comparisons  K responses per RM prompt from the SFT model, each set ranked by one simulated labeller
   4. rm           the reward model on the rankings, initialised from the SFT model; with `robustness`, a second RM
                   on a disjoint half of the prompts (the first then sees the other half only)
@@ -98,6 +100,9 @@ class PipelineConfig:
     """Train two RMs on disjoint halves of the prompts; PPO optimises one and is scored by the other."""
     ptx: bool | None = None
     """PPO-ptx: mix the SFT demonstrations' log-likelihood into PPO's updates."""
+    context_distill: bool | None = None
+    """First distil the HHH context into the base model on the SFT prompts (`rlhfkit distill-context`, as Anthropic's
+    HH assistant began); SFT then starts from the distilled model."""
     temperature: float | None = None
     """Sampling temperature of the evaluation and of best-of-n."""
     system_prompt: str | None = None
@@ -107,6 +112,8 @@ class PipelineConfig:
     """Stages to leave out: dpo, best_of_n, ppo (the rest are needed by later stages)."""
     sft: dict = field(default_factory=dict)
     """Overrides of `rlhfkit sft` options, e.g. {lr: 5e-5, epochs: 2}."""
+    distill: dict = field(default_factory=dict)
+    """Overrides of `rlhfkit distill-context` options (with --context-distill)."""
     rm: dict = field(default_factory=dict)
     """Overrides of `rlhfkit rm` options."""
     ppo: dict = field(default_factory=dict)
@@ -142,6 +149,7 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
 
 def check_stage_options(cfg: PipelineConfig) -> None:
     """A typo in a stage's overrides fails before any stage runs, naming the stage and the key."""
+    from rlhfkit.algos.distill import DistillConfig
     from rlhfkit.algos.dpo import DPOConfig
     from rlhfkit.rollout.sampling import SamplingConfig
     from rlhfkit.algos.ppo import PPOConfig
@@ -149,7 +157,7 @@ def check_stage_options(cfg: PipelineConfig) -> None:
     from rlhfkit.algos.sft import SFTConfig
     from rlhfkit.evaluate.evaluation import EvalConfig
 
-    for name, cls in (("sft", SFTConfig), ("rm", RMConfig), ("ppo", PPOConfig), ("dpo", DPOConfig),
+    for name, cls in (("sft", SFTConfig), ("distill", DistillConfig), ("rm", RMConfig), ("ppo", PPOConfig), ("dpo", DPOConfig),
                       ("sample", SamplingConfig), ("eval", EvalConfig)):
         from_dict(cls, getattr(cfg, name), f"pipeline.{name}")
 
@@ -302,10 +310,18 @@ def stage_best_of_n(cfg: PipelineConfig, sft_dir: str, rm_dir: str, d: Path) -> 
     return {k: v for k, v in final.items() if k.startswith("bon/")}
 
 
-def train_sft(cfg: PipelineConfig, d: Path) -> dict:
+def train_distill(cfg: PipelineConfig, d: Path) -> dict:
+    from rlhfkit.algos import distill
+
+    values = {"seed": cfg.seed, **cfg.distill, "model": cfg.model, "prompts": str(cfg_out(cfg) / "data" / "sft.jsonl"),
+              "output": str(d)}
+    return run_trainer(distill.train, distill.DistillConfig, values, "pipeline.distill", ("val/kl", "train/steps"))
+
+
+def train_sft(cfg: PipelineConfig, start: str, d: Path) -> dict:
     from rlhfkit.algos import sft
 
-    values = {"seed": cfg.seed, **cfg.sft, "model": cfg.model, "data": str(cfg_out(cfg) / "data" / "sft.jsonl"),
+    values = {"seed": cfg.seed, **cfg.sft, "model": start, "data": str(cfg_out(cfg) / "data" / "sft.jsonl"),
               "output": str(d)}
     return run_trainer(sft.train, sft.SFTConfig, values, "pipeline.sft", ("train/loss", "val/", "train/steps"))
 
@@ -368,9 +384,14 @@ def pipeline(cfg: PipelineConfig) -> dict:
     run.stage("data", {**common, "suite": cfg.suite_size, "system": cfg.system_prompt,
                        "limits": [cfg.sft_prompts, cfg.rm_prompts, cfg.rl_prompts, cfg.eval_prompts]}, [],
               lambda d: stage_data(cfg, d))
-    # 2. SFT
+    # 1b. context distillation, 2. SFT (from the distilled model, where there is one)
+    start_model = cfg.model
+    if cfg.context_distill:
+        run.stage("distill", {**common, "distill": cfg.distill}, ["data"], lambda d: train_distill(cfg, d))
+        start_model = str(out / "distill")
     sft_dir = str(out / "sft")
-    run.stage("sft", {**common, "sft": cfg.sft}, ["data"], lambda d: train_sft(cfg, d))
+    run.stage("sft", {**common, "sft": cfg.sft}, ["distill" if cfg.context_distill else "data"],
+              lambda d: train_sft(cfg, start_model, d))
     # 3. comparisons from the SFT model
     run.stage("comparisons", {"k": cfg.k, "sample": cfg.sample, "seed": cfg.seed}, ["sft"],
               lambda d: label(cfg, sft_dir, d, cfg.seed))

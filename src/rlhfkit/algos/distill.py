@@ -184,10 +184,10 @@ def evaluate(net, teacher_net, rows: list[DistillExample], cfg: DistillConfig, p
 
 
 def train(cfg: DistillConfig) -> dict:
-    # 1. setup
+    # 1. setup (a missing context is an error before OUTPUT is claimed)
+    context = read_context(cfg.context)
     accelerator, out = begin(cfg)
     main = accelerator.is_main_process
-    context = read_context(cfg.context)
     tok = models.load_tokenizer(cfg.model)
 
     # 2–3. samples from the prompted model, each seen with and without the context; prompts held out for the KL

@@ -185,7 +185,7 @@ def convert_rows(rows: list[Row], convert: Callable[[Row, str], T], fmt: str | N
 
 def tree_rankings(rows: list[Row], skipped: Skipped | None, source: str) -> list[Row]:
     """OpenAssistant trees as `rankings` rows, one per ranked set of replies (`messages.oasst_rankings`). A tree
-    that holds no ranking (a single reply, or none ranked) gives none; how many did is printed, not hidden."""
+    that holds no ranking (a single reply, or none ranked) gives none; how many gave none is printed, not hidden."""
     out, empty = [], 0
     for row in rows:
         try:
