@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -46,6 +48,7 @@ def link_torch(site: Path, into: Path) -> None:
     (site / "torch-from-host.pth").write_text(f"{into}\n")
 
 
+@pytest.mark.slow  # 64 s; CI's own run installs from scratch through scripts/setup (with the dev extra)
 def test_plain_install_runs_sft_rm_dpo_and_eval(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

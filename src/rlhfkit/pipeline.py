@@ -12,7 +12,8 @@ matches its settings and inputs (and says so):
   1b. distill     `--context-distill`: the base model context-distilled from the HHH prompt on the SFT prompts (as
                   Bai et al. 2022 began), the model SFT then starts from
   2. sft          supervised fine-tuning of the base model (or the distilled one) on the demonstrations
-  3. comparisons  K responses per RM prompt from the SFT model, each set ranked by one simulated labeller
+  3. comparisons  K responses per RM prompt from the SFT model, each set ranked by one simulated labeller (or by
+                  people in the labelling app: --feedback db:FILE)
   4. rm           the reward model on the rankings, initialised from the SFT model; with `robustness`, a second RM
                   on a disjoint half of the prompts (the first then sees the other half only)
   5. ppo          PPO from the SFT model against the RM; the gold score (and the held-out RM) logged per iteration
@@ -25,9 +26,10 @@ matches its settings and inputs (and says so):
                   reward against √KL along PPO and along best-of-n, training curves
 
 Departures, and why:
-- Labels come from simulated labellers; `feedback: db:FILE` is refused: a run asks for labels on demand (every
-  comparisons stage and online round), which people in the labelling app cannot give within it. Human rankings
-  go the other way: `rlhfkit label export`, then `rlhfkit rm`, `rlhfkit dpo`, and `rlhfkit eval --judge db:FILE`.
+- Labels come from simulated labellers, or with `feedback: db:FILE` from people in the labelling app: every
+  comparisons stage (and online round) queues its K responses per prompt there and waits until `min_labels`
+  rankings are in (`feedback.rounds`); a run killed while it waits continues with the items it queued. The
+  evaluation stays the task's gold score: people's A/B Elo is `rlhfkit eval --judge db:FILE`, outside the run.
 - Each online round's PPO starts again from the SFT model (KL to SFT), as the HH paper retrained its policies on
   the newer preference models; the rounds differ in the RM they optimise.
 - Presets (rlhfkit/presets/pipeline_NAME.yaml): `default` fits the 20-minute budget of a 2-core CPU (so fewer prompts and iterations than a real run,
@@ -41,6 +43,7 @@ import hashlib
 import json
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -77,7 +80,12 @@ class PipelineConfig:
     online_rounds: int = 0
     """Iterated online RLHF: rounds of sampling from the latest policy, labelling, retraining the RM, PPO again."""
     feedback: str = "sim"
-    """Where comparisons come from: sim (simulated labellers), the only source a run can ask on demand."""
+    """Who ranks the comparisons: sim (simulated labellers), or db:FILE, people in `rlhfkit label serve --db FILE`:
+    each comparisons stage (and online round) queues its responses there and waits for --min-labels rankings."""
+    min_labels: int = 0
+    """With --feedback db: rankings to wait for in each comparisons stage (0: one per queued prompt)."""
+    label_poll: float = 5.0
+    """With --feedback db: seconds between looks at the database while waiting for rankings."""
     seed: int = 0
     """Seed of the task suite, the labellers and every stage."""
     model: str | None = None
@@ -132,9 +140,12 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
     bad = [s for s in cfg.skip if s not in ("dpo", "best_of_n", "ppo")]
     if bad:
         raise UsageError(f"--skip {bad[0]!r}: only dpo, best_of_n and ppo can be skipped")
-    if cfg.feedback != "sim":
-        raise UsageError(f"--feedback {cfg.feedback!r}: only sim (simulated labellers) is built; human comparisons "
-                         "(db:FILE) are collected outside a run: rlhfkit label export, then rlhfkit rm / dpo")
+    if cfg.feedback != "sim" and not cfg.feedback.startswith("db:"):
+        raise UsageError(f"--feedback {cfg.feedback!r}: expected sim (simulated labellers) or db:FILE (people in "
+                         "`rlhfkit label serve --db FILE`)")
+    if cfg.feedback.startswith("db:") and "://" not in cfg.feedback and not Path(cfg.feedback[3:]).is_file():
+        raise UsageError(f"--feedback {cfg.feedback}: no such database; make it, and the labellers' accounts, with "
+                         "`rlhfkit label users add --db FILE --name NAME`, and serve it with `rlhfkit label serve`")
     values = {}
     for f in fields(cfg):
         mine, theirs = getattr(cfg, f.name), defaults.get(f.name)
@@ -173,9 +184,12 @@ class Run:
     summaries: dict[str, dict] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def stage(self, name: str, settings: dict, inputs: list[str], fn: Callable[[Path], dict]) -> dict:
+    def stage(self, name: str, settings: dict, inputs: list[str], fn: Callable[[Path], dict],
+              resumable: bool = False) -> dict:
         """Run `fn(dir)` unless DIR/stage.json records the same settings and inputs; a changed stage reruns from
-        scratch (its directory is removed first, so no stale checkpoint is resumed)."""
+        scratch (its directory is removed first, so no stale checkpoint is resumed). A `resumable` stage that was
+        interrupted with the same settings and inputs (.DIR.started beside it) keeps its directory: `fn` takes up where it
+        stopped (people's rankings: the items it queued)."""
         d = self.out / name
         key = hashlib.sha1(json.dumps([settings, [self.keys[i] for i in inputs]], sort_keys=True,
                                       default=str).encode()).hexdigest()[:16]
@@ -187,10 +201,16 @@ class Run:
                 print(f"[pipeline] {name}: complete in {d}, skipped")
                 self.summaries[name], self.seconds[name] = done["summary"], done["seconds"]
                 return done["summary"]
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        print(f"[pipeline] {name}: running → {d}")
+        started = d.with_name(f".{d.name}.started")  # beside DIR: a trainer wants its directory to itself
+        if resumable and started.is_file() and started.read_text() == key and d.is_dir():
+            print(f"[pipeline] {name}: interrupted earlier, continuing in {d}")
+        else:
+            if d.exists():
+                shutil.rmtree(d)
+            d.mkdir(parents=True)
+            if resumable:
+                started.write_text(key)
+            print(f"[pipeline] {name}: running → {d}")
         start = time.perf_counter()
         summary = fn(d)
         self.seconds[name] = time.perf_counter() - start
@@ -252,30 +272,76 @@ def stage_data(cfg: PipelineConfig, d: Path) -> dict:
     return {"prompts": counts}
 
 
-def label(cfg: PipelineConfig, policy: str, d: Path, seed: int) -> dict:
-    """K responses per RM prompt from `policy`, ranked by simulated labellers, as SPEC rankings rows."""
-    from rlhfkit.rollout.sampling import SamplingConfig, sample
+def sample_k(cfg: PipelineConfig, policy: str, seed: int) -> tuple[list[dict], dict]:
+    """K responses per RM prompt from `policy`: rows of prompt, responses, the task (family, params) and each
+    response's gold score; and the sampling settings, with the speed."""
+    from rlhfkit.rollout.sampling import SamplingConfig, generation_settings, sample
 
     sampling = from_dict(SamplingConfig, {**cfg.sample, "prompts": str(cfg_out(cfg) / "data" / "rm_prompts.jsonl"),
                                           "n": cfg.k, "seed": seed}, "pipeline.sample")
     prompts, columns, samples, metrics = sample(sampling, policy)
-    pool, rng = labellers.default_pool(), random.Random(seed)
     rows = []
     for i, (prompt, row) in enumerate(zip(prompts, columns)):
         task = tasks.from_row(row)
         texts = samples.texts[i * cfg.k:(i + 1) * cfg.k]
-        who = pool[i % len(pool)]
-        rows.append({"prompt": prompt.messages, "responses": texts, "ranking": who.rank(task, texts, rng),
-                     "labeller": who.id, "family": task.family, "params": task.params,
+        rows.append({"prompt": prompt.messages, "responses": texts, "family": task.family, "params": task.params,
                      "gold": [tasks.gold_score(task, t) for t in texts]})
+    return rows, {**generation_settings(sampling, policy), "tokens_per_s": metrics["perf/tokens_per_s"]}
+
+
+def people_rank(cfg: PipelineConfig, policy: str, d: Path, seed: int) -> tuple[list[dict], dict]:
+    """The sampled rows queued in the labelling app (once: DIR/queued.json records them, so a rerun after a kill
+    waits for the same items) and, once --min-labels rankings are in, one row per ranking, with who gave it."""
+    from rlhfkit.feedback import rounds
+
+    db, record = cfg.feedback.removeprefix("db:"), d / "queued.json"
+    if record.is_file():
+        queued = json.loads(record.read_text())
+    else:
+        rows, settings = sample_k(cfg, policy, seed)
+        items = rounds.queue(db, rows, policy, model_revision(policy), settings)
+        queued = {"items": items, "rows": rows, "settings": settings}
+        record.with_suffix(".tmp").write_text(json.dumps(queued))
+        record.with_suffix(".tmp").rename(record)
+    wanted = cfg.min_labels or len(queued["items"])
+    print(f"[pipeline] {d.name}: {len(queued['items'])} prompts with {cfg.k} responses each are in the ranking queue "
+          f"of {db}; waiting for {wanted} rankings", file=sys.stderr)
+    got = rounds.wait(db, queued["items"], wanted, cfg.label_poll, d.name)
+    rows = [{**queued["rows"][r.item], "ranking": r.ranking, "labeller": r.labeller} for r in got]
+    return rows, queued["settings"]
+
+
+def model_revision(path: str) -> str:
+    """What the labelling app records as a response's model revision: the start of the weights' SHA-256."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def label(cfg: PipelineConfig, policy: str, d: Path, seed: int) -> dict:
+    """K responses per RM prompt from `policy`, ranked by simulated labellers or, with `feedback: db:FILE`, by
+    people in the labelling app, as SPEC rankings rows (with the gold scores, which only the report reads)."""
+    if cfg.feedback == "sim":
+        rows, settings = sample_k(cfg, policy, seed)
+        pool, rng = labellers.default_pool(), random.Random(seed)
+        for i, row in enumerate(rows):
+            who = pool[i % len(pool)]
+            row.update(ranking=who.rank(tasks.from_row(row), row["responses"], rng), labeller=who.id)
+    else:
+        rows, settings = people_rank(cfg, policy, d, seed)
     write_rows(d / "rankings.jsonl", rows)
     # disjoint halves by prompt, for the two-RM robustness check
-    write_rows(d / "half_a.jsonl", rows[0::2])
-    write_rows(d / "half_b.jsonl", rows[1::2])
+    prompt_of = {json.dumps(r["prompt"]): i for i, r in enumerate({json.dumps(r["prompt"]): r for r in rows}.values())}
+    write_rows(d / "half_a.jsonl", [r for r in rows if prompt_of[json.dumps(r["prompt"])] % 2 == 0])
+    write_rows(d / "half_b.jsonl", [r for r in rows if prompt_of[json.dumps(r["prompt"])] % 2 == 1])
     tied = sum(any(isinstance(g, list) for g in r["ranking"]) for r in rows)
-    return {"rankings": len(rows), "rankings_with_ties": tied, "samples": len(samples.texts),
+    return {"rankings": len(rows), "rankings_with_ties": tied, "labellers": len({r["labeller"] for r in rows}),
+            "samples": cfg.k * len(prompt_of),
             "mean_gold": sum(sum(r["gold"]) for r in rows) / max(1, sum(len(r["gold"]) for r in rows)),
-            "generate_tokens_per_s": metrics["perf/tokens_per_s"]}
+            "generate_tokens_per_s": settings["tokens_per_s"]}
 
 
 def train_rm(cfg: PipelineConfig, sft_dir: str, data: str, d: Path) -> dict:
@@ -343,8 +409,9 @@ def online_rounds(cfg: PipelineConfig, run: Run, sft_dir: str, held_out: str | N
         if "ppo" in cfg.skip:
             raise UsageError("--online-rounds needs the ppo stage")
         rd = f"round{r}"
-        run.stage(f"{rd}/comparisons", {"k": cfg.k, "sample": cfg.sample, "round": r},
-                  ["ppo" if r == 1 else f"round{r - 1}/ppo"], lambda d, p=policy, r=r: label(cfg, p, d, cfg.seed + r))
+        run.stage(f"{rd}/comparisons", {"k": cfg.k, "sample": cfg.sample, "round": r, "feedback": cfg.feedback},
+                  ["ppo" if r == 1 else f"round{r - 1}/ppo"], lambda d, p=policy, r=r: label(cfg, p, d, cfg.seed + r),
+                  resumable=cfg.feedback != "sim")
         all_rankings.append(out / rd / "comparisons" / "rankings.jsonl")
         merged = out / rd / "all_rankings.jsonl"
         merged.write_text("".join(p.read_text() for p in all_rankings))
@@ -393,8 +460,9 @@ def pipeline(cfg: PipelineConfig) -> dict:
     run.stage("sft", {**common, "sft": cfg.sft}, ["distill" if cfg.context_distill else "data"],
               lambda d: train_sft(cfg, start_model, d))
     # 3. comparisons from the SFT model
-    run.stage("comparisons", {"k": cfg.k, "sample": cfg.sample, "seed": cfg.seed}, ["sft"],
-              lambda d: label(cfg, sft_dir, d, cfg.seed))
+    people = cfg.feedback != "sim"  # an interrupted wait for people's rankings continues with the items it queued
+    run.stage("comparisons", {"k": cfg.k, "sample": cfg.sample, "seed": cfg.seed, "feedback": cfg.feedback}, ["sft"],
+              lambda d: label(cfg, sft_dir, d, cfg.seed), resumable=people)
     # 4. reward model(s)
     comparisons = out / "comparisons"
     rm_data = str(comparisons / ("half_a.jsonl" if cfg.robustness else "rankings.jsonl"))

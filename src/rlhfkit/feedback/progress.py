@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from rlhfkit.feedback.schema import KINDS, comparisons, rankings, responses, users
+from rlhfkit.feedback.schema import KINDS, comparisons, rank_items, rankings, responses, users
 from rlhfkit.feedback.store import User, heads, open_engine
 
 
@@ -18,7 +18,8 @@ def history(engine: sa.Engine, user: User, limit: int = 200) -> dict[str, list[d
 
 
 def stats(engine: sa.Engine) -> dict:
-    """Progress (records per kind and labeller) and agreement between labellers on the same items."""
+    """Progress (records per kind and labeller), agreement between labellers on the same items, and the ranking
+    queue by model (`ranking_queue`)."""
     with engine.connect() as conn:
         names = dict(conn.execute(sa.select(users.c.id, users.c.name)).all())
         per_kind = {}
@@ -30,8 +31,31 @@ def stats(engine: sa.Engine) -> dict:
                                                                 rankings.c.ranking)).all()
         compared = conn.execute(heads(comparisons).with_only_columns(
             comparisons.c.response_a, comparisons.c.response_b, comparisons.c.labeller_id, comparisons.c.choice)).all()
+        queued = conn.execute(sa.select(rank_items.c.id, rank_items.c.response_ids)).all()
+        # an item by the model of its first response: a run's round queues one model's samples (items the app makes
+        # itself mix its served models, and count under the first)
+        first = {q.response_ids[0] for q in queued}
+        made = {r.id: r for r in conn.execute(sa.select(responses.c.id, responses.c.model, responses.c.model_revision)
+                                              .where(responses.c.id.in_(first)))}
+        items = [(q.id, made[q.response_ids[0]].model, made[q.response_ids[0]].model_revision) for q in queued]
     return {"records": per_kind, "ranking_agreement": ranking_agreement(ranked),
-            "comparison_agreement": comparison_agreement(compared)}
+            "comparison_agreement": comparison_agreement(compared), "ranking_queue": ranking_queue(items, ranked)}
+
+
+def ranking_queue(items, ranked) -> list[dict]:
+    """The ranking queue by the model (and revision) whose responses it holds: a training run's round queues one
+    model's samples, so this is the round's progress: items, how many have a ranking, rankings in all."""
+    per_item: dict[int, int] = {}
+    for item_id, _, _ in ranked:
+        per_item[item_id] = per_item.get(item_id, 0) + 1
+    groups: dict[tuple[str, str], dict] = {}
+    for item_id, model, revision in items:
+        g = groups.setdefault((model, revision), {"model": model, "revision": revision, "items": 0, "ranked": 0,
+                                                   "rankings": 0})
+        g["items"] += 1
+        g["ranked"] += item_id in per_item
+        g["rankings"] += per_item.get(item_id, 0)
+    return list(groups.values())
 
 
 def _order(ranking: list) -> dict[int, int]:

@@ -1,0 +1,89 @@
+"""A round of people's rankings for a training run: put K sampled responses per prompt into the labelling app's
+ranking queue (each response recording the model and revision that wrote it), wait until enough rankings are in,
+and read them back as rankings rows.
+
+The pipeline calls `queue` once per comparisons stage and records the item ids beside its output, so a run killed
+while it waits and started again waits for the same items instead of queueing them twice. Rankings are read from
+the database the app writes (SQLite serialises the two writers); the app needs nothing from the run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from rlhfkit.feedback import store
+from rlhfkit.feedback.schema import rankings, users
+
+RUN_USER = "rlhfkit-run"  # who the queued prompts and responses are recorded as (it has no usable token)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One person's latest ranking of a queued item."""
+
+    item: int  # index into the queued rows, not the database id
+    ranking: list  # best first, indices into the item's responses, ties as nested lists
+    labeller: str
+
+
+def run_user(engine: sa.Engine) -> store.User:
+    """The account queued items are recorded under; made on first use with a token nobody is shown."""
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(users).where(users.c.name == RUN_USER)).first()
+    if row is None:
+        store.add_user(engine, RUN_USER)  # its token is dropped: nobody signs in as the run
+        return run_user(engine)
+    return store.User(row.id, row.name, row.is_admin)
+
+
+def queue(db: str, rows: list[dict], model: str, revision: str, settings: dict) -> list[int]:
+    """Each row ({"prompt": messages ending with a user turn, "responses": K texts}) as a prompt, its K responses
+    and one rank item in the app's ranking queue; the rank items' ids, in row order."""
+    engine = store.open_engine(db)
+    try:
+        user = run_user(engine)
+        items = []
+        for row in rows:
+            prompt_id = store.submit(engine, user, "prompt", {"submission_id": str(uuid.uuid4()),
+                                                               "text": row["prompt"][-1]["content"]})
+            ids = store.add_responses(engine, user, prompt_id, row["prompt"],
+                                      [(model, revision, settings, text) for text in row["responses"]])
+            items.append(store.add_rank_item(engine, prompt_id, ids))
+        return items
+    finally:
+        engine.dispose()
+
+
+def ranked(db: str, items: list[int]) -> list[Ranked]:
+    """Everyone's latest ranking of `items` (a correction replaces what it corrects), oldest first."""
+    position = {item: i for i, item in enumerate(items)}
+    engine = store.open_engine(db, create=False)
+    try:
+        with engine.connect() as conn:
+            h = store.heads(rankings).subquery()
+            rows = conn.execute(sa.select(h.c.item_id, h.c.ranking, users.c.name)
+                                .join(users, users.c.id == h.c.labeller_id)
+                                .where(h.c.item_id.in_(items)).order_by(h.c.id)).all()
+    finally:
+        engine.dispose()
+    return [Ranked(position[r.item_id], r.ranking, r.name) for r in rows]
+
+
+def wait(db: str, items: list[int], wanted: int, poll_s: float, what: str) -> list[Ranked]:
+    """People's rankings of `items` once `wanted` of them are in, checked every `poll_s` seconds; the count is shown
+    as it grows. Interrupting loses nothing: the rankings stay in the database."""
+    from tqdm.auto import tqdm
+
+    got = ranked(db, items)
+    with tqdm(total=wanted, initial=min(len(got), wanted), desc=f"{what}: rankings in", file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        while len(got) < wanted:
+            time.sleep(poll_s)
+            got = ranked(db, items)
+            bar.update(min(len(got), wanted) - bar.n)
+    return got

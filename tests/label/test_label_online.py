@@ -1,0 +1,100 @@
+"""Iterated online RLHF with people: `rlhfkit pipeline --feedback db:FILE` queues each round's responses in a real
+`rlhfkit label serve`, scripted labellers rank them through its HTTP API, and the run trains on what they gave.
+Killing the run while it waits and starting it again loses nothing and queues nothing twice."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import httpx
+import sqlalchemy as sa
+
+from tests.conftest import run_cli
+from tests.label.conftest import free_port, start_server
+
+
+def rank_until(stop: threading.Event, port: int, token: str, ranked: list) -> None:
+    """A labeller at work: the next ranking item from the queue, ranked shortest response first, until `stop`."""
+    headers = {"Authorization": f"Bearer {token}"}
+    base = f"http://127.0.0.1:{port}"
+    while not stop.is_set():
+        item = httpx.get(f"{base}/api/queue/ranking", headers=headers, timeout=30).json()["item"]
+        if item is None:
+            time.sleep(0.2)
+            continue
+        texts = [r["text"] for r in item["responses"]]
+        ranking = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+        r = httpx.post(f"{base}/api/rankings", headers=headers, timeout=30,
+                       json={"submission_id": str(uuid.uuid4()), "item_id": item["item_id"], "ranking": ranking})
+        assert r.status_code == 201, r.text
+        ranked.append(item["item_id"])
+
+
+def rank_items(db: str) -> int:
+    engine = sa.create_engine(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        n = conn.execute(sa.text("SELECT count(*) FROM rank_items")).scalar_one()
+    engine.dispose()
+    return n
+
+
+def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_loses_nothing(tmp_path):
+    db = str(tmp_path / "people.sqlite")
+    tokens = {n: run_cli("label", "users", "add", "--db", db, "--name", n).stdout.strip() for n in ("ann", "bob")}
+    admin = run_cli("label", "users", "add", "--db", db, "--name", "ada", "--admin").stdout.strip()
+    port, out = free_port(), tmp_path / "run"
+    args = ["pipeline", "--preset", "tiny", "--feedback", f"db:{db}", "--online-rounds", "1", "--skip", "dpo",
+            "best_of_n", "--label-poll", "0.2", "--output", str(out)]
+    server = start_server(db, port)
+    stop, ranked = threading.Event(), []
+    try:
+        # 1. the run samples the first round, queues it and waits; nobody ranks yet, and the run is killed
+        first = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", *args], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while not (out / "comparisons" / "queued.json").is_file():
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the run queued nothing within 300 s"
+            time.sleep(0.2)
+        time.sleep(1)
+        first.kill()
+        first.wait()
+        assert rank_items(db) == 24 and not (out / "comparisons" / "rankings.jsonl").exists()
+        # 2. two people rank through the app while the run, started again, waits for the same items
+        people = [threading.Thread(target=rank_until, args=(stop, port, t, ranked)) for t in tokens.values()]
+        for p in people:
+            p.start()
+        run_cli(*args, timeout=300)
+        # the admin page's queue: each round's 24 items under the model that wrote them, and the rankings in (two
+        # people may rank one item, so fewer than 24 items may be ranked at the moment the 24th ranking arrives)
+        stats = httpx.get(f"http://127.0.0.1:{port}/api/admin/stats", headers={"Authorization": f"Bearer {admin}"},
+                          timeout=30).json()
+        queue = {g["model"]: g for g in stats["ranking_queue"]}
+        assert set(queue) == {str(out / "sft"), str(out / "ppo")}
+        assert all(g["items"] == 24 and 12 <= g["ranked"] <= 24 and g["rankings"] >= 24 for g in queue.values())
+    finally:
+        stop.set()
+        server.terminate()
+        server.wait()
+    assert rank_items(db) == 48  # 24 per round: nothing queued twice
+    queued = {r: json.loads((out / r / "queued.json").read_text()) for r in ("comparisons", "round1/comparisons")}
+    rows = {r: [json.loads(x) for x in (out / r / "rankings.jsonl").read_text().splitlines()] for r in queued}
+    for r, got in rows.items():
+        assert len(got) >= 24 and {x["labeller"] for x in got} <= {"ann", "bob"}
+        assert all(sorted(x["ranking"]) == [0, 1, 2] for x in got)  # K = 3, no ties from these labellers
+        # each ranking is of responses the run sampled, in the order it queued them
+        sampled = {json.dumps(q["prompt"]): q["responses"] for q in queued[r]["rows"]}
+        assert all(sampled[json.dumps(x["prompt"])] == x["responses"] for x in got)
+    assert set(queued["comparisons"]["items"]).isdisjoint(queued["round1/comparisons"]["items"])
+    # round 1's RM trained on both rounds' rankings, old and new mixed
+    both = len(rows["comparisons"]) + len(rows["round1/comparisons"])
+    assert len((out / "round1" / "all_rankings.jsonl").read_text().splitlines()) == both
+    rm = json.loads((out / "round1" / "rm" / "run.json").read_text())["data"]
+    assert rm["data/examples"] + rm["data_val/examples"] == both
+    ev = json.loads((out / "eval" / "eval.json").read_text())
+    assert "ppo" in ev["models"] and "ppo-round1" in ev["models"]
