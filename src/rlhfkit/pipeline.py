@@ -168,8 +168,8 @@ def check_stage_options(cfg: PipelineConfig) -> None:
     from rlhfkit.algos.sft import SFTConfig
     from rlhfkit.evaluate.evaluation import EvalConfig
 
-    for name, cls in (("sft", SFTConfig), ("distill", DistillConfig), ("rm", RMConfig), ("ppo", PPOConfig), ("dpo", DPOConfig),
-                      ("sample", SamplingConfig), ("eval", EvalConfig)):
+    for name, cls in (("sft", SFTConfig), ("distill", DistillConfig), ("rm", RMConfig), ("ppo", PPOConfig),
+                      ("dpo", DPOConfig), ("sample", SamplingConfig), ("eval", EvalConfig)):
         from_dict(cls, getattr(cfg, name), f"pipeline.{name}")
 
 
@@ -188,8 +188,8 @@ class Run:
               resumable: bool = False) -> dict:
         """Run `fn(dir)` unless DIR/stage.json records the same settings and inputs; a changed stage reruns from
         scratch (its directory is removed first, so no stale checkpoint is resumed). A `resumable` stage that was
-        interrupted with the same settings and inputs (.DIR.started beside it) keeps its directory: `fn` takes up where it
-        stopped (people's rankings: the items it queued)."""
+        interrupted with the same settings and inputs (.DIR.started beside it) keeps its directory: `fn` takes up
+        where it stopped (people's rankings: the items it queued)."""
         d = self.out / name
         key = hashlib.sha1(json.dumps([settings, [self.keys[i] for i in inputs]], sort_keys=True,
                                       default=str).encode()).hexdigest()[:16]

@@ -13,7 +13,8 @@ from typing import Any
 
 from rlhfkit import DataError
 
-Messages = list[dict[str, Any]]  # role and content (a string); tool_calls on assistant turns, tool_call_id/name on tools
+# role and content (a string); tool_calls on assistant turns, tool_call_id and name on tool turns
+Messages = list[dict[str, Any]]
 ROLES = ("system", "user", "assistant", "tool")
 # keys a message keeps beside role and content, for the chat template (transformers' tool-use convention)
 TOOL_KEYS = {"assistant": ("tool_calls",), "tool": ("tool_call_id", "name")}
