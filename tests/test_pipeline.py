@@ -94,6 +94,8 @@ def test_rerun_skips_complete_stages_and_a_changed_stage_reruns_with_what_follow
     ({"skip": ["sft"]}, "--skip 'sft': only dpo, best_of_n and ppo can be skipped"),
     ({"feedback": "db:labels.sqlite"}, r"--feedback db:labels\.sqlite: no such database; make it, and the labellers"),
     ({"feedback": "people"}, r"--feedback 'people': expected sim \(simulated labellers\) or db:FILE"),
+    ({"use_thumbs": True}, r"--use-thumbs takes people's thumbs and A/B choices from the labelling app: it needs "
+                           r"--feedback db:FILE"),
 ])
 def test_config_errors(kw, msg):
     with pytest.raises(UsageError, match=msg):

@@ -86,6 +86,9 @@ class PipelineConfig:
     """With --feedback db: rankings to wait for in each comparisons stage (0: one per queued prompt)."""
     label_poll: float = 5.0
     """With --feedback db: seconds between looks at the database while waiting for rankings."""
+    use_thumbs: bool = False
+    """With --feedback db: people's A/B choices in the app's chat, and thumbs (an answer rated up over one to the
+    same conversation rated down), join the rankings of every RM (the held-out one excepted) as pairs."""
     seed: int = 0
     """Seed of the task suite, the labellers and every stage."""
     model: str | None = None
@@ -146,6 +149,9 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
     if cfg.feedback.startswith("db:") and "://" not in cfg.feedback and not Path(cfg.feedback[3:]).is_file():
         raise UsageError(f"--feedback {cfg.feedback}: no such database; make it, and the labellers' accounts, with "
                          "`rlhfkit label users add --db FILE --name NAME`, and serve it with `rlhfkit label serve`")
+    if cfg.use_thumbs and cfg.feedback == "sim":
+        raise UsageError("--use-thumbs takes people's thumbs and A/B choices from the labelling app: it needs "
+                         "--feedback db:FILE")
     values = {}
     for f in fields(cfg):
         mine, theirs = getattr(cfg, f.name), defaults.get(f.name)
@@ -344,6 +350,21 @@ def label(cfg: PipelineConfig, policy: str, d: Path, seed: int) -> dict:
             "generate_tokens_per_s": settings["tokens_per_s"]}
 
 
+def with_thumbs(cfg: PipelineConfig, rankings: str, d: Path) -> str:
+    """The data of the RM trained into `d`: the rankings file, and with --use-thumbs a file beside `d` that adds
+    people's A/B choices and thumbs pairs as they are in the database now (K = 2 rankings)."""
+    if not cfg.use_thumbs:
+        return rankings
+    from rlhfkit.feedback import rounds
+
+    pairs = rounds.pairs(cfg.feedback.removeprefix("db:"))
+    merged = d.with_name(f"{d.name}_data.jsonl")  # not inside d: the trainer wants its directory to itself
+    merged.write_text(Path(rankings).read_text() + "".join(json.dumps(r) + "\n" for r in pairs))
+    print(f"[pipeline] {d.name}: {len(pairs)} pairs from people's A/B choices and thumbs join the rankings",
+          file=sys.stderr)
+    return str(merged)
+
+
 def train_rm(cfg: PipelineConfig, sft_dir: str, data: str, d: Path) -> dict:
     from rlhfkit.algos import reward
 
@@ -415,8 +436,8 @@ def online_rounds(cfg: PipelineConfig, run: Run, sft_dir: str, held_out: str | N
         all_rankings.append(out / rd / "comparisons" / "rankings.jsonl")
         merged = out / rd / "all_rankings.jsonl"
         merged.write_text("".join(p.read_text() for p in all_rankings))
-        run.stage(f"{rd}/rm", {"rm": cfg.rm}, [f"{rd}/comparisons"],
-                  lambda d, m=merged: train_rm(cfg, sft_dir, str(m), d))
+        run.stage(f"{rd}/rm", {"rm": cfg.rm, "thumbs": cfg.use_thumbs}, [f"{rd}/comparisons"],
+                  lambda d, m=merged: train_rm(cfg, sft_dir, with_thumbs(cfg, str(m), d), d))
         run.stage(f"{rd}/ppo", {"ppo": cfg.ppo, "ptx": cfg.ptx}, [f"{rd}/rm"],
                   lambda d, rd=rd: train_ppo(cfg, sft_dir, str(out / rd / "rm"), held_out, d))
         policy = str(out / rd / "ppo")
@@ -466,8 +487,8 @@ def pipeline(cfg: PipelineConfig) -> dict:
     # 4. reward model(s)
     comparisons = out / "comparisons"
     rm_data = str(comparisons / ("half_a.jsonl" if cfg.robustness else "rankings.jsonl"))
-    run.stage("rm", {"rm": cfg.rm, "robustness": cfg.robustness}, ["comparisons"],
-              lambda d: train_rm(cfg, sft_dir, rm_data, d))
+    run.stage("rm", {"rm": cfg.rm, "robustness": cfg.robustness, "thumbs": cfg.use_thumbs}, ["comparisons"],
+              lambda d: train_rm(cfg, sft_dir, with_thumbs(cfg, rm_data, d), d))
     rm_dir, held_out = str(out / "rm"), None
     if cfg.robustness:
         run.stage("rm_heldout", {"rm": cfg.rm}, ["comparisons"],

@@ -76,3 +76,19 @@ def test_serve_takes_repeated_models(argv, models):
     from rlhfkit.label.commands import ServeConfig, repeated_as_list
 
     assert parse_args(ServeConfig, repeated_as_list(argv, "model")).model == models
+
+
+def test_thumbs_export_as_pairs_of_an_up_over_a_down_answer_to_one_conversation(lab, tmp_path):
+    client, people, engine = lab
+    turn = people["ann"].post("/api/chat/turn", {"messages": [{"role": "user", "content": "Hi there"}]}).json()
+    a, b = turn["candidates"]
+    assert people["ann"].submit("ratings", response_id=a["id"], thumbs="up").status_code == 201
+    assert people["bob"].submit("ratings", response_id=b["id"], thumbs="down").status_code == 201
+    other = people["ann"].post("/api/chat/turn", {"messages": [{"role": "user", "content": "Bye"}]}).json()
+    assert people["ann"].submit("ratings", response_id=other["candidates"][0]["id"], thumbs="down").status_code == 201
+    db = str(engine.url).removeprefix("sqlite:///")
+    out = tmp_path / "thumbs"
+    run_cli("label", "export", "--db", db, "--kind", "thumbs", "--output", str(out), "--val-fraction", "0")
+    (row,) = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]  # "Bye" has no answer rated up
+    assert (row["prompt"], row["chosen"], row["rejected"]) == ("Hi there", a["text"], b["text"])
+    assert row["labeller"] == "bob"  # who rated the losing answer down

@@ -18,21 +18,29 @@ from tests.conftest import run_cli
 from tests.label.conftest import free_port, start_server
 
 
-def rank_until(stop: threading.Event, port: int, token: str, ranked: list) -> None:
-    """A labeller at work: the next ranking item from the queue, ranked shortest response first, until `stop`."""
+def label_until(stop: threading.Event, port: int, token: str) -> None:
+    """A labeller at work until `stop`: the next ranking item from the queue, ranked shortest response first, and the
+    next answer to rate, thumbs up when its length is even."""
     headers = {"Authorization": f"Bearer {token}"}
     base = f"http://127.0.0.1:{port}"
+
+    def post(kind: str, **fields) -> None:
+        r = httpx.post(f"{base}/api/{kind}", headers=headers, timeout=30,
+                       json={"submission_id": str(uuid.uuid4()), **fields})
+        assert r.status_code == 201, r.text
+
     while not stop.is_set():
         item = httpx.get(f"{base}/api/queue/ranking", headers=headers, timeout=30).json()["item"]
-        if item is None:
+        if item is not None:
+            texts = [r["text"] for r in item["responses"]]
+            shortest_first = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+            post("rankings", item_id=item["item_id"], ranking=shortest_first)
+        rate = httpx.get(f"{base}/api/queue/rating", headers=headers, timeout=30).json()["item"]
+        if rate is not None:
+            even = len(rate["response"]["text"]) % 2 == 0
+            post("ratings", response_id=rate["response_id"], thumbs="up" if even else "down")
+        if item is None and rate is None:
             time.sleep(0.2)
-            continue
-        texts = [r["text"] for r in item["responses"]]
-        ranking = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
-        r = httpx.post(f"{base}/api/rankings", headers=headers, timeout=30,
-                       json={"submission_id": str(uuid.uuid4()), "item_id": item["item_id"], "ranking": ranking})
-        assert r.status_code == 201, r.text
-        ranked.append(item["item_id"])
 
 
 def rank_items(db: str) -> int:
@@ -49,9 +57,9 @@ def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_l
     admin = run_cli("label", "users", "add", "--db", db, "--name", "ada", "--admin").stdout.strip()
     port, out = free_port(), tmp_path / "run"
     args = ["pipeline", "--preset", "tiny", "--feedback", f"db:{db}", "--online-rounds", "1", "--skip", "dpo",
-            "best_of_n", "--label-poll", "0.2", "--output", str(out)]
+            "best_of_n", "--label-poll", "0.2", "--use-thumbs", "--output", str(out)]
     server = start_server(db, port)
-    stop, ranked = threading.Event(), []
+    stop = threading.Event()
     try:
         # 1. the run samples the first round, queues it and waits; nobody ranks yet, and the run is killed
         first = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", *args], stdout=subprocess.DEVNULL,
@@ -66,7 +74,7 @@ def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_l
         first.wait()
         assert rank_items(db) == 24 and not (out / "comparisons" / "rankings.jsonl").exists()
         # 2. two people rank through the app while the run, started again, waits for the same items
-        people = [threading.Thread(target=rank_until, args=(stop, port, t, ranked)) for t in tokens.values()]
+        people = [threading.Thread(target=label_until, args=(stop, port, t)) for t in tokens.values()]
         for p in people:
             p.start()
         run_cli(*args, timeout=300)
@@ -91,10 +99,14 @@ def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_l
         sampled = {json.dumps(q["prompt"]): q["responses"] for q in queued[r]["rows"]}
         assert all(sampled[json.dumps(x["prompt"])] == x["responses"] for x in got)
     assert set(queued["comparisons"]["items"]).isdisjoint(queued["round1/comparisons"]["items"])
-    # round 1's RM trained on both rounds' rankings, old and new mixed
+    # round 1's RM trained on both rounds' rankings, old and new mixed, and on the thumbs pairs in by then
     both = len(rows["comparisons"]) + len(rows["round1/comparisons"])
     assert len((out / "round1" / "all_rankings.jsonl").read_text().splitlines()) == both
+    data = [json.loads(x) for x in (out / "round1" / "rm_data.jsonl").read_text().splitlines()]
+    thumbs = data[both:]
+    assert thumbs and all(x["ranking"] == [0, 1] and len(x["responses"]) == 2 for x in thumbs)
+    assert all(len(x["responses"][0]) % 2 == 0 and len(x["responses"][1]) % 2 == 1 for x in thumbs)  # up over down
     rm = json.loads((out / "round1" / "rm" / "run.json").read_text())["data"]
-    assert rm["data/examples"] + rm["data_val/examples"] == both
+    assert rm["data/examples"] + rm["data_val/examples"] == len(data)
     ev = json.loads((out / "eval" / "eval.json").read_text())
     assert "ppo" in ev["models"] and "ppo-round1" in ev["models"]

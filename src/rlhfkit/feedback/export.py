@@ -3,6 +3,8 @@
 - sft:      demonstrations -> conversations `{"messages": [user prompt, assistant demonstration]}` (`rlhfkit sft`)
 - pairs:    A/B comparisons (ties left out) -> `{"prompt", "chosen", "rejected"}` (`rlhfkit rm`, `rlhfkit dpo`)
 - rankings: K-way rankings -> `{"prompt", "responses", "ranking"}`, ties as nested lists (`rlhfkit rm`)
+- thumbs:   thumbs up/down -> pairs: each answer rated up over each answer to the same conversation rated down,
+            `{"prompt", "chosen", "rejected"}`; the labeller is whoever gave the down rating
 
 Only the latest version of each record is exported (a correction replaces what it supersedes). A prompt is a
 string when the model saw one user message, else the message list. Each row also says who gave it and the ids
@@ -23,7 +25,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from rlhfkit.feedback import store
-from rlhfkit.feedback.schema import comparisons, demonstrations, prompts, rankings, responses, users
+from rlhfkit.feedback.schema import comparisons, demonstrations, prompts, rankings, ratings, responses, users
 
 
 def _prompt(context: list[dict]):
@@ -68,7 +70,27 @@ def _rankings_rows(conn: sa.Connection) -> list[tuple[int, int, dict]]:
         "ranking": r.ranking, "flags": r.flags, "prompt_id": r.prompt_id, "ranking_id": r.id}) for r in rows]
 
 
-EXPORTERS = {"sft": _sft_rows, "pairs": _pairs_rows, "rankings": _rankings_rows}
+def _thumbs_rows(conn: sa.Connection) -> list[tuple[int, int, dict]]:
+    """Pairs from thumbs: an answer rated up beats every answer to the same conversation rated down (by anyone: a
+    thumb says good or bad in absolute terms, so two people's thumbs compare as one person's would)."""
+    h = store.heads(ratings).subquery()
+    rows = conn.execute(sa.select(h, responses.c.text, responses.c.context, prompts.c.labeller_id.label("author"))
+                        .join(responses, responses.c.id == h.c.response_id)
+                        .join(prompts, prompts.c.id == h.c.prompt_id).order_by(h.c.id)).all()
+    by_context: dict[str, list] = {}
+    for r in rows:
+        by_context.setdefault(json.dumps(r.context, sort_keys=True), []).append(r)
+    out = []
+    for rated in by_context.values():
+        for up in (r for r in rated if r.thumbs > 0):
+            for down in (r for r in rated if r.thumbs < 0 and r.response_id != up.response_id):
+                out.append((down.labeller_id, up.author, {
+                    "prompt": _prompt(up.context), "chosen": up.text, "rejected": down.text,
+                    "prompt_id": up.prompt_id, "rating_ids": [up.id, down.id]}))
+    return out
+
+
+EXPORTERS = {"sft": _sft_rows, "pairs": _pairs_rows, "rankings": _rankings_rows, "thumbs": _thumbs_rows}
 
 
 def split_groups(sizes: dict[str, int], val_fraction: float, seed: int) -> set[str]:

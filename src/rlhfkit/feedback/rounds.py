@@ -74,6 +74,22 @@ def ranked(db: str, items: list[int]) -> list[Ranked]:
     return [Ranked(position[r.item_id], r.ranking, r.name) for r in rows]
 
 
+def pairs(db: str) -> list[dict]:
+    """People's A/B choices (ties left out) and thumbs pairs (`export`'s pairs and thumbs kinds) as K = 2 rankings
+    rows, with who gave each, for a reward model beside the rankings."""
+    from rlhfkit.feedback.export import EXPORTERS
+
+    engine = store.open_engine(db, create=False)
+    try:
+        with engine.connect() as conn:
+            names = dict(conn.execute(sa.select(users.c.id, users.c.name)).all())
+            rows = EXPORTERS["pairs"](conn) + EXPORTERS["thumbs"](conn)
+    finally:
+        engine.dispose()
+    return [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "ranking": [0, 1],
+             "labeller": names[labeller]} for labeller, _, r in rows]
+
+
 def wait(db: str, items: list[int], wanted: int, poll_s: float, what: str) -> list[Ranked]:
     """People's rankings of `items` once `wanted` of them are in, checked every `poll_s` seconds; the count is shown
     as it grows. Interrupting loses nothing: the rankings stay in the database."""

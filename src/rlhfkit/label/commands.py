@@ -75,8 +75,9 @@ class ExportConfig:
 
     db: str = "label.sqlite"
     """Database: a path to an SQLite file or any SQLAlchemy URL."""
-    kind: Literal["sft", "pairs", "rankings"] = "pairs"
-    """sft: demonstrations as conversations; pairs: A/B comparisons; rankings: K-way rankings."""
+    kind: Literal["sft", "pairs", "rankings", "thumbs"] = "pairs"
+    """sft: demonstrations as conversations; pairs: A/B comparisons; rankings: K-way rankings; thumbs: pairs of an
+    answer rated up over one to the same conversation rated down."""
     output: str = "label_export"
     """Directory for train.jsonl, validation.jsonl and export.json."""
     split_by: Literal["labeller", "prompt_author"] = "labeller"
