@@ -350,25 +350,41 @@ def label(cfg: PipelineConfig, policy: str, d: Path, seed: int) -> dict:
             "generate_tokens_per_s": settings["tokens_per_s"]}
 
 
-def with_thumbs(cfg: PipelineConfig, rankings: str, d: Path) -> str:
-    """The data of the RM trained into `d`: the rankings file, and with --use-thumbs a file beside `d` that adds
-    people's A/B choices and thumbs pairs as they are in the database now (K = 2 rankings)."""
-    if not cfg.use_thumbs:
-        return rankings
+def people_data(cfg: PipelineConfig, rankings: str, d: Path, thumbs: bool) -> dict:
+    """The data options of an RM trained on people's labels into `d`, as files beside `d` (a trainer wants its
+    directory to itself): the rankings, with `thumbs` also people's A/B choices and thumbs pairs as they are in the
+    database now (K = 2 rankings); validation is whole labellers, as InstructGPT held out labellers
+    (`export.split_groups`; with a single labeller the RM's own split of rows)."""
+    from rlhfkit.algos.reward import RMConfig
     from rlhfkit.feedback import rounds
+    from rlhfkit.feedback.export import split_groups
 
-    pairs = rounds.pairs(cfg.feedback.removeprefix("db:"))
-    merged = d.with_name(f"{d.name}_data.jsonl")  # not inside d: the trainer wants its directory to itself
-    merged.write_text(Path(rankings).read_text() + "".join(json.dumps(r) + "\n" for r in pairs))
-    print(f"[pipeline] {d.name}: {len(pairs)} pairs from people's A/B choices and thumbs join the rankings",
-          file=sys.stderr)
-    return str(merged)
+    rows = [json.loads(line) for line in Path(rankings).read_text().splitlines()]
+    if thumbs:
+        pairs = rounds.pairs(cfg.feedback.removeprefix("db:"))
+        rows += pairs
+        print(f"[pipeline] {d.name}: {len(pairs)} pairs from people's A/B choices and thumbs join the rankings",
+              file=sys.stderr)
+    sizes: dict[str, int] = {}
+    for r in rows:
+        sizes[r["labeller"]] = sizes.get(r["labeller"], 0) + 1
+    held = split_groups(sizes, cfg.rm.get("val_fraction", RMConfig.val_fraction), cfg.seed)
+    train, val = d.with_name(f"{d.name}_train.jsonl"), d.with_name(f"{d.name}_val.jsonl")
+    write_rows(train, [r for r in rows if r["labeller"] not in held])
+    if not held:
+        return {"data": str(train)}
+    write_rows(val, [r for r in rows if r["labeller"] in held])
+    print(f"[pipeline] {d.name}: validation on the labels of {', '.join(sorted(held))}", file=sys.stderr)
+    return {"data": str(train), "val_data": str(val)}
 
 
-def train_rm(cfg: PipelineConfig, sft_dir: str, data: str, d: Path) -> dict:
+def train_rm(cfg: PipelineConfig, sft_dir: str, data: str, d: Path, thumbs: bool = True) -> dict:
+    """An RM from the SFT model on the rankings file `data` (with people's labels: `people_data`; `thumbs` false
+    keeps the held-out RM to its half of the rankings)."""
     from rlhfkit.algos import reward
 
-    return run_trainer(reward.train, reward.RMConfig, {"seed": cfg.seed, **cfg.rm, "model": sft_dir, "data": data,
+    options = {"data": data} if cfg.feedback == "sim" else people_data(cfg, data, d, thumbs and cfg.use_thumbs)
+    return run_trainer(reward.train, reward.RMConfig, {"seed": cfg.seed, **cfg.rm, "model": sft_dir, **options,
                                                        "output": str(d)}, "pipeline.rm", ("rm/", "val/", "train/loss"))
 
 
@@ -437,7 +453,7 @@ def online_rounds(cfg: PipelineConfig, run: Run, sft_dir: str, held_out: str | N
         merged = out / rd / "all_rankings.jsonl"
         merged.write_text("".join(p.read_text() for p in all_rankings))
         run.stage(f"{rd}/rm", {"rm": cfg.rm, "thumbs": cfg.use_thumbs}, [f"{rd}/comparisons"],
-                  lambda d, m=merged: train_rm(cfg, sft_dir, with_thumbs(cfg, str(m), d), d))
+                  lambda d, m=merged: train_rm(cfg, sft_dir, str(m), d))
         run.stage(f"{rd}/ppo", {"ppo": cfg.ppo, "ptx": cfg.ptx}, [f"{rd}/rm"],
                   lambda d, rd=rd: train_ppo(cfg, sft_dir, str(out / rd / "rm"), held_out, d))
         policy = str(out / rd / "ppo")
@@ -488,11 +504,11 @@ def pipeline(cfg: PipelineConfig) -> dict:
     comparisons = out / "comparisons"
     rm_data = str(comparisons / ("half_a.jsonl" if cfg.robustness else "rankings.jsonl"))
     run.stage("rm", {"rm": cfg.rm, "robustness": cfg.robustness, "thumbs": cfg.use_thumbs}, ["comparisons"],
-              lambda d: train_rm(cfg, sft_dir, with_thumbs(cfg, rm_data, d), d))
+              lambda d: train_rm(cfg, sft_dir, rm_data, d))
     rm_dir, held_out = str(out / "rm"), None
     if cfg.robustness:
         run.stage("rm_heldout", {"rm": cfg.rm}, ["comparisons"],
-                  lambda d: train_rm(cfg, sft_dir, str(comparisons / "half_b.jsonl"), d))
+                  lambda d: train_rm(cfg, sft_dir, str(comparisons / "half_b.jsonl"), d, thumbs=False))
         held_out = str(out / "rm_heldout")
     # 5. PPO, 6. DPO, 7. best-of-n
     entries = [(cfg.model, "base"), (sft_dir, "sft")]

@@ -59,7 +59,7 @@ def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_l
     args = ["pipeline", "--preset", "tiny", "--feedback", f"db:{db}", "--online-rounds", "1", "--skip", "dpo",
             "best_of_n", "--label-poll", "0.2", "--use-thumbs", "--output", str(out)]
     server = start_server(db, port)
-    stop = threading.Event()
+    stop, people = threading.Event(), []
     try:
         # 1. the run samples the first round, queues it and waits; nobody ranks yet, and the run is killed
         first = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", *args], stdout=subprocess.DEVNULL,
@@ -87,6 +87,8 @@ def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_l
         assert all(g["items"] == 24 and 12 <= g["ranked"] <= 24 and g["rankings"] >= 24 for g in queue.values())
     finally:
         stop.set()
+        for p in people:  # before the server goes: a request cut off mid-way would fail the labeller's thread
+            p.join(timeout=60)
         server.terminate()
         server.wait()
     assert rank_items(db) == 48  # 24 per round: nothing queued twice
@@ -99,14 +101,18 @@ def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_l
         sampled = {json.dumps(q["prompt"]): q["responses"] for q in queued[r]["rows"]}
         assert all(sampled[json.dumps(x["prompt"])] == x["responses"] for x in got)
     assert set(queued["comparisons"]["items"]).isdisjoint(queued["round1/comparisons"]["items"])
-    # round 1's RM trained on both rounds' rankings, old and new mixed, and on the thumbs pairs in by then
+    # round 1's RM trained on both rounds' rankings, old and new mixed, and on the thumbs pairs in by then; one
+    # labeller's labels are its validation set, the other's its training set (InstructGPT's held-out labellers)
     both = len(rows["comparisons"]) + len(rows["round1/comparisons"])
     assert len((out / "round1" / "all_rankings.jsonl").read_text().splitlines()) == both
-    data = [json.loads(x) for x in (out / "round1" / "rm_data.jsonl").read_text().splitlines()]
-    thumbs = data[both:]
-    assert thumbs and all(x["ranking"] == [0, 1] and len(x["responses"]) == 2 for x in thumbs)
+    train, val = ([json.loads(x) for x in (out / "round1" / f"rm_{side}.jsonl").read_text().splitlines()]
+                  for side in ("train", "val"))
+    assert {x["labeller"] for x in train}.isdisjoint({x["labeller"] for x in val})
+    thumbs = [x for x in train + val if len(x["responses"]) == 2]  # the rankings rank K = 3
+    assert len(train) + len(val) == both + len(thumbs) and thumbs and all(x["ranking"] == [0, 1] for x in thumbs)
     assert all(len(x["responses"][0]) % 2 == 0 and len(x["responses"][1]) % 2 == 1 for x in thumbs)  # up over down
-    rm = json.loads((out / "round1" / "rm" / "run.json").read_text())["data"]
-    assert rm["data/examples"] + rm["data_val/examples"] == len(data)
+    rm = json.loads((out / "round1" / "rm" / "run.json").read_text())
+    assert rm["config"]["val_data"] == str(out / "round1" / "rm_val.jsonl")
+    assert (rm["data"]["data/examples"], rm["data"]["data_val/examples"]) == (len(train), len(val))
     ev = json.loads((out / "eval" / "eval.json").read_text())
     assert "ppo" in ev["models"] and "ppo-round1" in ev["models"]
