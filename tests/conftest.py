@@ -112,6 +112,17 @@ def run_distributed(processes: int, *args: str, check: bool = True, timeout: int
     return proc
 
 
+def run_accelerate(processes: int, *args: str, timeout: int = 300) -> None:
+    """Run `rlhfkit ARGS` on `processes` processes with `accelerate launch`, as a user would. On a CPU-only machine
+    accelerate starts several processes (torchrun, gloo) only with --multi_gpu; --cpu or no flag at all silently runs
+    one process."""
+    needs_devices(processes)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhfkit.cli", *args]
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def launch_and_kill(processes: int, args: list[str], until: Path, timeout: float = 240) -> None:
     """Start `rlhfkit ARGS` on `processes` processes with torchrun and SIGKILL the launcher and every worker at
     once, as a lost machine would, as soon as `until` exists (a checkpoint directory, say)."""

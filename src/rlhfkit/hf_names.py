@@ -87,12 +87,12 @@ MEANINGS: dict[str, tuple[tuple[str, str], ...]] = {
                               "weights stay fp32, where torch_dtype loads them in that dtype"),),
     "resume_from_checkpoint": (("resume", "--resume is a flag: it continues from OUTPUT/checkpoints/latest, not "
                                           "from a path"),),
-    "adam_beta1": (("adam_betas", "both betas are one option: --adam-betas 0.9 0.95"),),
-    "adam_beta2": (("adam_betas", "both betas are one option: --adam-betas 0.9 0.95"),),
+    **dict.fromkeys(["adam_beta1", "adam_beta2"],
+                    (("adam_betas", "both betas are one option: --adam-betas 0.9 0.95"),)),
     "optim": (("adam_betas", "the optimizer is always AdamW (torch's fused kernel), set by --adam-betas and "
                              "--weight-decay"),),
-    "eval_strategy": (("eval_steps", "--eval-steps N evaluates every N steps (0: only at the end)"),),
-    "evaluation_strategy": (("eval_steps", "--eval-steps N evaluates every N steps (0: only at the end)"),),
+    **dict.fromkeys(["eval_strategy", "evaluation_strategy"],
+                    (("eval_steps", "--eval-steps N evaluates every N steps (0: only at the end)"),)),
     "save_strategy": (("save_steps", "--save-steps N writes a resumable checkpoint every N steps (0: only the "
                                      "final model)"),),
     "report_to": (("log_steps", "metrics always go to OUTPUT/metrics.jsonl and TensorBoard events in OUTPUT; "

@@ -339,10 +339,11 @@ def label(cfg: PipelineConfig, policy: str, d: Path, seed: int) -> dict:
     else:
         rows, settings = people_rank(cfg, policy, d, seed)
     write_rows(d / "rankings.jsonl", rows)
-    # disjoint halves by prompt, for the two-RM robustness check
-    prompt_of = {json.dumps(r["prompt"]): i for i, r in enumerate({json.dumps(r["prompt"]): r for r in rows}.values())}
-    write_rows(d / "half_a.jsonl", [r for r in rows if prompt_of[json.dumps(r["prompt"])] % 2 == 0])
-    write_rows(d / "half_b.jsonl", [r for r in rows if prompt_of[json.dumps(r["prompt"])] % 2 == 1])
+    # disjoint halves by prompt (people may rank one prompt's responses several times), for the two-RM robustness check
+    keys = [json.dumps(r["prompt"]) for r in rows]
+    prompt_of = {k: i for i, k in enumerate(dict.fromkeys(keys))}  # in order of first appearance
+    write_rows(d / "half_a.jsonl", [r for r, k in zip(rows, keys) if prompt_of[k] % 2 == 0])
+    write_rows(d / "half_b.jsonl", [r for r, k in zip(rows, keys) if prompt_of[k] % 2 == 1])
     tied = sum(any(isinstance(g, list) for g in r["ranking"]) for r in rows)
     return {"rankings": len(rows), "rankings_with_ties": tied, "labellers": len({r["labeller"] for r in rows}),
             "samples": cfg.k * len(prompt_of),

@@ -4,8 +4,6 @@ the two views of a sample share their response tokens, resume gives the uninterr
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from rlhfkit import UsageError, models
 from rlhfkit.algos import distill
 from rlhfkit.tracking import read_metrics
 
-from tests.conftest import needs_devices, rewind, train_losses, write_jsonl
+from tests.conftest import rewind, run_accelerate, run_cli, train_losses, write_jsonl
 
 CONTEXT = "You are a pirate. Every answer starts with 'Arr' and ends with 'matey'."
 
@@ -91,16 +89,9 @@ def test_two_processes_give_the_one_process_result(tmp_path):
               "--max-new-tokens", "12", "--max-steps", "3", "--lr", "1e-3", "--warmup-ratio", "0", "--dtype", "fp32",
               "--val-fraction", "0.25", "--engine", "hf"]
     # both sample in batches of 2 (the same samples) and step on 4 samples: 2 micro-batches here, 1 per process there
-    one = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "distill-context", *common, "--batch-size", "2",
-                          "--grad-accum", "2", "--output", str(tmp_path / "one")], capture_output=True, text=True,
-                         timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    needs_devices(2)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "rlhfkit.cli", "distill-context", *common, "--batch-size", "2", "--output", str(tmp_path / "two")]
-    two = subprocess.run(launch, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_cli("distill-context", *common, "--batch-size", "2", "--grad-accum", "2", "--output", str(tmp_path / "one"))
+    # accelerate launch: torchrun's own parser would take --n for an ambiguous abbreviation of its options
+    run_accelerate(2, "distill-context", *common, "--batch-size", "2", "--output", str(tmp_path / "two"))
     assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
     assert (tmp_path / "one" / "samples.jsonl").read_text() == (tmp_path / "two" / "samples.jsonl").read_text()
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from rlhfkit.data import chat, formats, messages
 from rlhfkit.data.io import Row
 from rlhfkit.tracking import read_metrics
 
-from tests.conftest import BF16, needs_devices, polite_pairs, rewind, run_cli, train_losses, write_jsonl
+from tests.conftest import BF16, polite_pairs, rewind, run_accelerate, run_cli, train_losses, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -250,12 +248,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     common = ["--model", "tiny-llama", "--data", data, "--max-steps", "3", "--lr", "1e-3", "--dtype", "fp32",
               "--val-fraction", "0", "--max-length", "128", "--warmup-ratio", "0", "--normalize", "false"]
     run_cli("rm", *common, "--batch-size", "4", "--output", str(tmp_path / "one"))
-    needs_devices(2)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "rlhfkit.cli", "rm", *common, "--batch-size", "2", "--output", str(tmp_path / "two")]
-    proc = subprocess.run(launch, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_accelerate(2, "rm", *common, "--batch-size", "2", "--output", str(tmp_path / "two"))
     assert train_losses(tmp_path / "one") == pytest.approx(train_losses(tmp_path / "two"), rel=1e-5)
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for k in a:  # tolerance as in the SFT test: Adam magnifies rounding where a gradient is ~0

@@ -19,7 +19,8 @@ from rlhfkit import TrainingError, models
 from rlhfkit.algos import sft
 from rlhfkit.tracking import read_metrics
 
-from tests.conftest import launch_and_kill, needs_devices, needs_native_bf16, rewind, run_cli, run_distributed, train_losses
+from tests.conftest import (launch_and_kill, needs_native_bf16, rewind, run_accelerate, run_cli, run_distributed,
+                            train_losses)
 
 
 def base_cfg(tmp_path: Path, **kw) -> sft.SFTConfig:
@@ -169,14 +170,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     common = ["--model", "tiny-llama", "--data", str(data), "--max-steps", "3", "--lr", "1e-3", "--dtype", "fp32",
               "--val-fraction", "0", "--max-length", "128", "--warmup-ratio", "0"]
     run_cli("sft", *common, "--batch-size", "4", "--output", str(tmp_path / "one"))
-    # on a CPU-only machine accelerate starts several processes (torchrun, gloo) only with --multi_gpu;
-    # --cpu or no flag at all silently runs one process
-    needs_devices(2)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "rlhfkit.cli", "sft", *common, "--batch-size", "2", "--output", str(tmp_path / "two")]
-    proc = subprocess.run(launch, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_accelerate(2, "sft", *common, "--batch-size", "2", "--output", str(tmp_path / "two"))
     assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     # Adam divides by sqrt(v): where a gradient is ~0, float rounding of the gradient sum (two partial sums

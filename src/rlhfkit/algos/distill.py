@@ -194,9 +194,9 @@ def train(cfg: DistillConfig) -> dict:
     samples = draw_samples(cfg, context, out / "samples.jsonl", main, accelerator)
     examples, too_long = tokenize(tok, samples, context, cfg.max_length, str(out / "samples.jsonl"))
     prompt_ids = sorted({e.prompt_index for e in examples})
-    train_ids, val_ids = split_validation(prompt_ids, cfg.val_fraction, cfg.seed)
-    train_rows = [e for e in examples if e.prompt_index in set(train_ids)]
-    val_rows = [e for e in examples if e.prompt_index in set(val_ids)]
+    held_out = set(split_validation(prompt_ids, cfg.val_fraction, cfg.seed)[1])
+    train_rows = [e for e in examples if e.prompt_index not in held_out]
+    val_rows = [e for e in examples if e.prompt_index in held_out]
     if not train_rows:
         raise DataError(f"{cfg.prompts}: no sample left to train on ({too_long} longer than --max-length "
                         f"{cfg.max_length} with the context)")

@@ -46,10 +46,9 @@ def render(tok, messages: Messages, add_generation_prompt: bool = False, tools: 
         raise TemplateError(f"the chat template of {tok.name_or_path!r} failed to render: {e}") from None
 
 
-def check_tools_rendered(tok, messages: Messages, tools: list[dict] | None, where: str) -> None:
+def check_tools_rendered(tok, messages: Messages, tools: list[dict] | None, full: str, where: str) -> None:
     """A template that ignores function schemas or an assistant's tool calls would drop them from the training text
-    without a word (SmolLM2's does): an error naming the template instead."""
-    full = render(tok, messages, tools=tools)
+    without a word (SmolLM2's does): an error naming the template instead. `full`: the rendering with both."""
     if tools and render(tok, messages) == full:
         raise TemplateError(f"{where}: the chat template of {tok.name_or_path!r} does not render the 'tools' column; "
                             "use a model whose template supports tools, or drop the column")
@@ -102,9 +101,9 @@ def _encode_turns(tok, messages: Messages, where: str, tools: list[dict] | None 
     it generates the turn after the prompt. Each assistant piece is trained up to and including its last
     end-of-turn token (the model learns to stop; the template's newline after it stays untrained). `tools`: the
     function schemas the template renders (where it renders them: `check_tools_rendered`)."""
-    if tools or any("tool_calls" in m for m in messages):
-        check_tools_rendered(tok, messages, tools, where)
     full = render(tok, messages, tools=tools)
+    if tools or any("tool_calls" in m for m in messages):
+        check_tools_rendered(tok, messages, tools, full, where)
     eot = end_of_turn_ids(tok)
     ids: list[int] = []
     mask: list[int] = []

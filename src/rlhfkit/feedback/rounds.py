@@ -59,18 +59,14 @@ def queue(db: str, rows: list[dict], model: str, revision: str, settings: dict) 
         engine.dispose()
 
 
-def ranked(db: str, items: list[int]) -> list[Ranked]:
+def ranked(engine: sa.Engine, items: list[int]) -> list[Ranked]:
     """Everyone's latest ranking of `items` (a correction replaces what it corrects), oldest first."""
     position = {item: i for i, item in enumerate(items)}
-    engine = store.open_engine(db, create=False)
-    try:
-        with engine.connect() as conn:
-            h = store.heads(rankings).subquery()
-            rows = conn.execute(sa.select(h.c.item_id, h.c.ranking, users.c.name)
-                                .join(users, users.c.id == h.c.labeller_id)
-                                .where(h.c.item_id.in_(items)).order_by(h.c.id)).all()
-    finally:
-        engine.dispose()
+    with engine.connect() as conn:
+        h = store.heads(rankings).subquery()
+        rows = conn.execute(sa.select(h.c.item_id, h.c.ranking, users.c.name)
+                            .join(users, users.c.id == h.c.labeller_id)
+                            .where(h.c.item_id.in_(items)).order_by(h.c.id)).all()
     return [Ranked(position[r.item_id], r.ranking, r.name) for r in rows]
 
 
@@ -95,11 +91,15 @@ def wait(db: str, items: list[int], wanted: int, poll_s: float, what: str) -> li
     as it grows. Interrupting loses nothing: the rankings stay in the database."""
     from tqdm.auto import tqdm
 
-    got = ranked(db, items)
-    with tqdm(total=wanted, initial=min(len(got), wanted), desc=f"{what}: rankings in", file=sys.stderr,
-              dynamic_ncols=True) as bar:
-        while len(got) < wanted:
-            time.sleep(poll_s)
-            got = ranked(db, items)
-            bar.update(min(len(got), wanted) - bar.n)
+    engine = store.open_engine(db, create=False)  # once for the whole wait: opening also checks the schema
+    try:
+        got = ranked(engine, items)
+        with tqdm(total=wanted, initial=min(len(got), wanted), desc=f"{what}: rankings in", file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            while len(got) < wanted:
+                time.sleep(poll_s)
+                got = ranked(engine, items)
+                bar.update(min(len(got), wanted) - bar.n)
+    finally:
+        engine.dispose()
     return got
