@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
 from rlhfkit import UsageError
-from rlhfkit.pipeline import PipelineConfig, resolve
+from rlhfkit.pipeline import PipelineConfig, resolve, slots
 from rlhfkit.sim import tasks
 from rlhfkit.tracking import read_metrics
 
@@ -67,11 +68,15 @@ def test_an_online_round_samples_new_comparisons_retrains_and_is_evaluated(tmp_p
     for stage in ("round1/comparisons", "round1/rm", "round1/ppo", "eval"):
         assert json.loads((out / stage / "stage.json").read_text())["key"], stage
     # the round's comparisons come from the newest policy and its RM trains on old and new ones together
-    new = (out / "round1" / "comparisons" / "rankings.jsonl").read_text().splitlines()
+    new = [json.loads(x) for x in (out / "round1" / "comparisons" / "rankings.jsonl").read_text().splitlines()]
     assert len(new) == 24
+    # with one rival, PPO and SFT take turns within each ranking (K = 3: two of one, one of the other)
+    assert all(sorted(x["models"]) in (["ppo", "ppo", "sft"], ["ppo", "sft", "sft"]) for x in new)
     ev = json.loads((out / "eval" / "eval.json").read_text())
     assert list(ev["models"]) == ["base", "sft", "best-of-4", "dpo", "ppo", "ppo-round1"]
-    assert "| ppo-round1 |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| ppo-round1 |" in md and "| 1 | ppo, sft | 24 (" in md
+    assert "## Elo from the simulated labellers, round by round" in md and "| after round 1 | 48 |" in md
 
 
 def test_rerun_skips_complete_stages_and_a_changed_stage_reruns_with_what_follows(tiny_run):
@@ -94,12 +99,25 @@ def test_rerun_skips_complete_stages_and_a_changed_stage_reruns_with_what_follow
     ({"skip": ["sft"]}, "--skip 'sft': only dpo, best_of_n and ppo can be skipped"),
     ({"feedback": "db:labels.sqlite"}, r"--feedback db:labels\.sqlite: no such database; make it, and the labellers"),
     ({"feedback": "people"}, r"--feedback 'people': expected sim \(simulated labellers\) or db:FILE"),
+    ({"rivals": -1}, r"--rivals -1: expected 0 or more earlier models beside the newest"),
     ({"use_thumbs": True}, r"--use-thumbs takes people's thumbs and A/B choices from the labelling app: it needs "
                            r"--feedback db:FILE"),
 ])
 def test_config_errors(kw, msg):
     with pytest.raises(UsageError, match=msg):
         resolve(PipelineConfig(**kw))
+
+
+def test_slots_give_each_model_its_share_of_a_prompts_responses():
+    rng = random.Random(0)
+    for k, m in ((4, 2), (3, 2), (5, 3), (4, 1)):
+        seen = set()
+        for _ in range(50):
+            who = slots(k, m, rng)
+            counts = sorted(who.count(w) for w in range(m))
+            assert counts[0] == k // m and counts[-1] == -(-k // m) and sum(counts) == k
+            seen.add(tuple(who))
+        assert len(seen) > 1 or m == 1  # positions move between prompts
 
 
 def test_preset_values_sit_under_the_users(tmp_path):

@@ -19,17 +19,20 @@ matches its settings and inputs (and says so):
   5. ppo          PPO from the SFT model against the RM; the gold score (and the held-out RM) logged per iteration
   6. dpo          DPO from the SFT model on the same rankings
   7. best_of_n    n responses per evaluation prompt from the SFT model; the best by the RM
-  8. round1..N    `--online-rounds N`: sample from the latest policy, label, retrain the RM on all comparisons so
-                  far, run PPO again
+  8. round1..N    `--online-rounds N`: sample from the latest policy and `rivals` policies before it (taking turns
+                  within each ranking), label, retrain the RM on all comparisons so far, run PPO again
   9. eval         base, SFT, best-of-n, DPO and PPO (and every round) on held-out prompts, judged by the gold score
- 10. report       report.md and report.html: Elo, win rates, per-family scores, RM calibration, proxy and gold
-                  reward against √KL along PPO and along best-of-n, training curves
+ 10. report       report.md and report.html: Elo, win rates, per-family scores, each online round with the labellers'
+                  Elo from their rankings, RM calibration, proxy and gold reward against √KL along PPO and along
+                  best-of-n, training curves
 
 Departures, and why:
 - Labels come from simulated labellers, or with `feedback: db:FILE` from people in the labelling app: every
   comparisons stage (and online round) queues its K responses per prompt there and waits until `min_labels`
   rankings are in (`feedback.rounds`); a run killed while it waits continues with the items it queued. The
-  evaluation stays the task's gold score: people's A/B Elo is `rlhfkit eval --judge db:FILE`, outside the run.
+  held-out evaluation stays the task's gold score; the labellers' judgement of the models is the report's Elo per
+  online round, from rankings that mix the newest policy's responses with earlier ones' (HH deployed several
+  models side by side for the same reason), and people's chat A/B choices between the run's models.
 - Each online round's PPO starts again from the SFT model (KL to SFT), as the HH paper retrained its policies on
   the newer preference models; the rounds differ in the RM they optimise.
 - Presets (rlhfkit/presets/pipeline_NAME.yaml): `default` fits the 20-minute budget of a 2-core CPU (so fewer prompts and iterations than a real run,
@@ -109,6 +112,10 @@ class PipelineConfig:
     """n of the best-of-n baseline."""
     robustness: bool | None = None
     """Train two RMs on disjoint halves of the prompts; PPO optimises one and is scored by the other."""
+    rivals: int | None = None
+    """Online rounds: how many earlier models (the previous round's policy, then older ones down to SFT) write
+    responses beside the newest policy's in each ranking, the models taking turns; every ranking is then also a vote
+    between models, the labellers' Elo of each round in the report. 0: the newest policy alone."""
     ptx: bool | None = None
     """PPO-ptx: mix the SFT demonstrations' log-likelihood into PPO's updates."""
     context_distill: bool | None = None
@@ -160,6 +167,8 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
         elif mine is None:
             values[f.name] = theirs
     resolved = replace(cfg, **values)
+    if resolved.rivals < 0:
+        raise UsageError(f"--rivals {resolved.rivals}: expected 0 or more earlier models beside the newest")
     check_stage_options(resolved)
     return resolved
 
@@ -278,24 +287,47 @@ def stage_data(cfg: PipelineConfig, d: Path) -> dict:
     return {"prompts": counts}
 
 
-def sample_k(cfg: PipelineConfig, policy: str, seed: int) -> tuple[list[dict], dict]:
-    """K responses per RM prompt from `policy`: rows of prompt, responses, the task (family, params) and each
-    response's gold score; and the sampling settings, with the speed."""
+Policy = tuple[str, str]  # (model directory, its name in the report: sft, ppo, ppo-round1, ...)
+
+
+def slots(k: int, m: int, rng: random.Random) -> list[int]:
+    """Which of m models writes each of a prompt's k responses: the models in turn from a random one, shuffled, so
+    each writes k/m of them (one more for some when m does not divide k) and no position belongs to a model."""
+    start = rng.randrange(m)
+    who = [(start + j) % m for j in range(k)]
+    rng.shuffle(who)
+    return who
+
+
+def sample_k(cfg: PipelineConfig, policies: list[Policy], seed: int) -> tuple[list[dict], dict]:
+    """K responses per RM prompt, the `policies` taking turns (`slots`): rows of prompt, responses, the name of the
+    model that wrote each, the task (family, params) and each response's gold score; and the sampling settings of
+    the first policy (the newest), with the speed over all."""
     from rlhfkit.rollout.sampling import SamplingConfig, generation_settings, sample
 
+    m = len(policies)
     sampling = from_dict(SamplingConfig, {**cfg.sample, "prompts": str(cfg_out(cfg) / "data" / "rm_prompts.jsonl"),
-                                          "n": cfg.k, "seed": seed}, "pipeline.sample")
-    prompts, columns, samples, metrics = sample(sampling, policy)
-    rows = []
+                                          "n": -(-cfg.k // m), "seed": seed}, "pipeline.sample")
+    drawn, tokens_per_s = [], []
+    for path, _ in policies:  # each samples the most responses one prompt can need from it; extras go unused
+        prompts, columns, samples, metrics = sample(sampling, path)
+        drawn.append(samples.texts)
+        tokens_per_s.append(metrics["perf/tokens_per_s"])
+    rows, rng = [], random.Random(seed)
     for i, (prompt, row) in enumerate(zip(prompts, columns)):
-        task = tasks.from_row(row)
-        texts = samples.texts[i * cfg.k:(i + 1) * cfg.k]
-        rows.append({"prompt": prompt.messages, "responses": texts, "family": task.family, "params": task.params,
-                     "gold": [tasks.gold_score(task, t) for t in texts]})
-    return rows, {**generation_settings(sampling, policy), "tokens_per_s": metrics["perf/tokens_per_s"]}
+        task, used = tasks.from_row(row), [0] * m
+        texts, names = [], []
+        for w in slots(cfg.k, m, rng):
+            texts.append(drawn[w][i * sampling.n + used[w]])
+            names.append(policies[w][1])
+            used[w] += 1
+        rows.append({"prompt": prompt.messages, "responses": texts, "models": names, "family": task.family,
+                     "params": task.params, "gold": [tasks.gold_score(task, t) for t in texts]})
+    settings = {k: v for k, v in generation_settings(sampling, policies[0][0]).items() if k != "model"}
+    return rows, {**settings, "n": cfg.k, "tokens_per_s": sum(tokens_per_s) / m}
 
 
-def people_rank(cfg: PipelineConfig, policy: str, d: Path, seed: int) -> tuple[list[dict], dict]:
+def people_rank(cfg: PipelineConfig, policies: list[Policy], d: Path, seed: int) -> tuple[list[dict], dict]:
     """The sampled rows queued in the labelling app (once: DIR/queued.json records them, so a rerun after a kill
     waits for the same items) and, once --min-labels rankings are in, one row per ranking, with who gave it."""
     from rlhfkit.feedback import rounds
@@ -304,8 +336,9 @@ def people_rank(cfg: PipelineConfig, policy: str, d: Path, seed: int) -> tuple[l
     if record.is_file():
         queued = json.loads(record.read_text())
     else:
-        rows, settings = sample_k(cfg, policy, seed)
-        items = rounds.queue(db, rows, policy, model_revision(policy), settings)
+        rows, settings = sample_k(cfg, policies, seed)
+        source = {name: (path, model_revision(path)) for path, name in policies}
+        items = rounds.queue(db, rows, [[source[name] for name in row["models"]] for row in rows], settings)
         queued = {"items": items, "rows": rows, "settings": settings}
         record.with_suffix(".tmp").write_text(json.dumps(queued))
         record.with_suffix(".tmp").rename(record)
@@ -327,17 +360,18 @@ def model_revision(path: str) -> str:
     return digest.hexdigest()[:12]
 
 
-def label(cfg: PipelineConfig, policy: str, d: Path, seed: int) -> dict:
-    """K responses per RM prompt from `policy`, ranked by simulated labellers or, with `feedback: db:FILE`, by
-    people in the labelling app, as SPEC rankings rows (with the gold scores, which only the report reads)."""
+def label(cfg: PipelineConfig, policies: list[Policy], d: Path, seed: int) -> dict:
+    """K responses per RM prompt from `policies` (the newest first) taking turns, ranked by simulated labellers or,
+    with `feedback: db:FILE`, by people in the labelling app, as SPEC rankings rows (with the models that wrote the
+    responses and the gold scores, which only the report reads)."""
     if cfg.feedback == "sim":
-        rows, settings = sample_k(cfg, policy, seed)
+        rows, settings = sample_k(cfg, policies, seed)
         pool, rng = labellers.default_pool(), random.Random(seed)
         for i, row in enumerate(rows):
             who = pool[i % len(pool)]
             row.update(ranking=who.rank(tasks.from_row(row), row["responses"], rng), labeller=who.id)
     else:
-        rows, settings = people_rank(cfg, policy, d, seed)
+        rows, settings = people_rank(cfg, policies, d, seed)
     write_rows(d / "rankings.jsonl", rows)
     # disjoint halves by prompt (people may rank one prompt's responses several times), for the two-RM robustness check
     keys = [json.dumps(r["prompt"]) for r in rows]
@@ -439,16 +473,20 @@ def train_dpo(cfg: PipelineConfig, sft_dir: str, data: str, d: Path) -> dict:
 
 def online_rounds(cfg: PipelineConfig, run: Run, sft_dir: str, held_out: str | None,
                   entries: list[tuple[str, str]]) -> None:
-    """Step 8: each round, fresh comparisons from the latest policy, the RM retrained on all so far, PPO again;
-    each round's policy joins `entries`."""
+    """Step 8: each round, fresh comparisons from the latest policy and its `rivals` predecessors taking turns (so
+    every ranking is also a vote between models: the report's labellers' Elo), the RM retrained on all so far, PPO
+    again; each round's policy joins `entries`."""
     out = cfg_out(cfg)
-    policy, all_rankings = str(out / "ppo"), [out / "comparisons" / "rankings.jsonl"]
+    policies: list[Policy] = [(sft_dir, "sft"), (str(out / "ppo"), "ppo")]  # oldest first
+    all_rankings = [out / "comparisons" / "rankings.jsonl"]
     for r in range(1, cfg.online_rounds + 1):
         if "ppo" in cfg.skip:
             raise UsageError("--online-rounds needs the ppo stage")
         rd = f"round{r}"
-        run.stage(f"{rd}/comparisons", {"k": cfg.k, "sample": cfg.sample, "round": r, "feedback": cfg.feedback},
-                  ["ppo" if r == 1 else f"round{r - 1}/ppo"], lambda d, p=policy, r=r: label(cfg, p, d, cfg.seed + r),
+        shown = policies[::-1][:1 + cfg.rivals]  # the newest, then the ones before it
+        run.stage(f"{rd}/comparisons", {"k": cfg.k, "sample": cfg.sample, "round": r, "feedback": cfg.feedback,
+                                        "models": [name for _, name in shown]},
+                  ["ppo" if r == 1 else f"round{r - 1}/ppo"], lambda d, p=shown, r=r: label(cfg, p, d, cfg.seed + r),
                   resumable=cfg.feedback != "sim")
         all_rankings.append(out / rd / "comparisons" / "rankings.jsonl")
         merged = out / rd / "all_rankings.jsonl"
@@ -457,8 +495,8 @@ def online_rounds(cfg: PipelineConfig, run: Run, sft_dir: str, held_out: str | N
                   lambda d, m=merged: train_rm(cfg, sft_dir, str(m), d))
         run.stage(f"{rd}/ppo", {"ppo": cfg.ppo, "ptx": cfg.ptx}, [f"{rd}/rm"],
                   lambda d, rd=rd: train_ppo(cfg, sft_dir, str(out / rd / "rm"), held_out, d))
-        policy = str(out / rd / "ppo")
-        entries.append((policy, f"ppo-{rd}"))
+        policies.append((str(out / rd / "ppo"), f"ppo-{rd}"))
+        entries.append(policies[-1])
 
 
 def stage_eval(cfg: PipelineConfig, entries: list[tuple[str, str]], sft_dir: str, d: Path) -> dict:
@@ -500,7 +538,7 @@ def pipeline(cfg: PipelineConfig) -> dict:
     # 3. comparisons from the SFT model
     people = cfg.feedback != "sim"  # an interrupted wait for people's rankings continues with the items it queued
     run.stage("comparisons", {"k": cfg.k, "sample": cfg.sample, "seed": cfg.seed, "feedback": cfg.feedback}, ["sft"],
-              lambda d: label(cfg, sft_dir, d, cfg.seed), resumable=people)
+              lambda d: label(cfg, [(sft_dir, "sft")], d, cfg.seed), resumable=people)
     # 4. reward model(s)
     comparisons = out / "comparisons"
     rm_data = str(comparisons / ("half_a.jsonl" if cfg.robustness else "rankings.jsonl"))

@@ -268,6 +268,16 @@ def test_elo_bootstrap():
         assert lo < ratings[name] < hi
 
 
+def test_elo_bootstrap_resamples_whole_clusters():
+    """Each cluster holds a win and a loss of a against b: every resample of whole clusters is an even record, so the
+    interval is the point 1000 for both; resampling single games does not keep them together and spreads it."""
+    games = [("a", "b", 1), ("a", "b", 0)] * 10
+    clustered = elo_bootstrap(games, n=100, seed=0, clusters=[i // 2 for i in range(20)])
+    assert all(lo == pytest.approx(1000) and hi == pytest.approx(1000) for lo, hi in clustered.values())
+    lo, hi = elo_bootstrap(games, n=100, seed=0)["a"]
+    assert lo < 990 and hi > 1010
+
+
 def test_best_of_n_kl():
     """log 16 − 15/16 = 2.7726 − 0.9375 ≈ 1.8351; n = 1 is the policy itself, KL 0."""
     assert best_of_n_kl(16) == pytest.approx(1.8351, abs=1e-4)

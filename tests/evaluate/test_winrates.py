@@ -42,3 +42,12 @@ def test_elo_with_a_model_that_never_loses_stays_finite_and_ordered():
     assert sum(ratings.values()) / 3 == pytest.approx(1000)
 
 
+
+
+def test_ranking_games_by_hand():
+    """Responses 0, 1 by ppo and 2, 3 by sft, ranked 2 > (0 = 3) > 1: the pairs of different models are (0,2) lost,
+    (0,3) tied, (1,2) lost, (1,3) lost; same-model pairs (0,1) and (2,3) play no game."""
+    games = winrates.ranking_games(["ppo", "ppo", "sft", "sft"], [2, [0, 3], 1])
+    assert games == [("ppo", "sft", 0.0), ("ppo", "sft", 0.5), ("ppo", "sft", 0.0), ("ppo", "sft", 0.0)]
+    assert winrates.ranking_games(["a", "a"], [0, 1]) == []
+    assert winrates.ranking_games(["a", "b", "c"], [[0, 1, 2]]) == [("a", "b", 0.5), ("a", "c", 0.5), ("b", "c", 0.5)]

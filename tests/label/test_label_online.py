@@ -14,6 +14,8 @@ import uuid
 import httpx
 import sqlalchemy as sa
 
+from rlhfkit.core.losses import elo_ratings
+from rlhfkit.evaluate.winrates import ranking_games
 from tests.conftest import run_cli
 from tests.label.conftest import free_port, start_server
 
@@ -82,8 +84,9 @@ def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_l
         # people may rank one item, so fewer than 24 items may be ranked at the moment the 24th ranking arrives)
         stats = httpx.get(f"http://127.0.0.1:{port}/api/admin/stats", headers={"Authorization": f"Bearer {admin}"},
                           timeout=30).json()
+        # (round 1's items hold the newest policy's responses and its rival's, SFT's)
         queue = {g["model"]: g for g in stats["ranking_queue"]}
-        assert set(queue) == {str(out / "sft"), str(out / "ppo")}
+        assert set(queue) == {str(out / "sft"), f"{out / 'ppo'}, {out / 'sft'}"}
         assert all(g["items"] == 24 and 12 <= g["ranked"] <= 24 and g["rankings"] >= 24 for g in queue.values())
     finally:
         stop.set()
@@ -116,3 +119,13 @@ def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_l
     assert (rm["data"]["data/examples"], rm["data"]["data_val/examples"]) == (len(train), len(val))
     ev = json.loads((out / "eval" / "eval.json").read_text())
     assert "ppo" in ev["models"] and "ppo-round1" in ev["models"]
+    # round 1 showed PPO's responses beside SFT's (the default one rival), so people's rankings also judged PPO
+    # against SFT: the report's Elo row after round 1 has both, from those rankings' games alone
+    assert all(x["models"] == ["sft"] * 3 for x in rows["comparisons"])
+    assert all(sorted(x["models"]) in (["ppo", "ppo", "sft"], ["ppo", "sft", "sft"]) for x in rows["round1/comparisons"])
+    games = [g for x in rows["round1/comparisons"] for g in ranking_games(x["models"], x["ranking"])]
+    assert len(games) == 2 * len(rows["round1/comparisons"])
+    elo = elo_ratings(games)
+    md = (out / "report.md").read_text()
+    assert "## Elo from the people, round by round" in md
+    assert f"| after round 1 | {len(games)} | {elo['sft']:.0f} (" in md and f"| {elo['ppo']:.0f} (" in md

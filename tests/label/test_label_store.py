@@ -161,3 +161,23 @@ def test_agreement_statistics():
     # the same pair shown the other way round counts as the same comparison
     rows = [(5, 6, "ann", "a"), (6, 5, "bob", "b"), (5, 6, "cat", "b"), (7, 8, "ann", "a")]
     assert progress.comparison_agreement(rows) == {"pairs": 3, "agreement": 1 / 3}
+
+
+def test_the_reports_chat_games_are_those_between_the_runs_models(engine, tmp_path, monkeypatch):
+    """People's chat A/B choices between two of a pipeline run's models (served from their directories, named
+    relative or absolute) become games between the report's names; a comparison with any other model does not."""
+    from rlhfkit.evaluate.report import chat_games
+    from rlhfkit.pipeline import PipelineConfig
+
+    monkeypatch.chdir(tmp_path)
+    ann = user(engine, "ann")
+    pid = store.submit(engine, ann, "prompt", sub(text="p"))
+    ids = store.add_responses(engine, ann, pid, [{"role": "user", "content": "p"}],
+                              [("run/ppo", "r", {}, "x"), (str(tmp_path / "run" / "sft"), "r", {}, "y"),
+                               ("smollm2-135m", "r", {}, "z")])
+    store.submit(engine, ann, "comparison", sub(response_a=ids[0], response_b=ids[1], choice="a", strength="better"))
+    store.submit(engine, ann, "comparison", sub(response_a=ids[1], response_b=ids[2], choice="b", strength="better"))
+    policies = {"sft": str(tmp_path / "run" / "sft"), "ppo": "run/ppo", "ppo-round1": "run/round1/ppo"}
+    cfg = PipelineConfig(feedback=f"db:{engine.url.database}")
+    assert chat_games(cfg, policies) == [("ppo", "sft", 1.0)]
+    assert chat_games(PipelineConfig(), policies) == []

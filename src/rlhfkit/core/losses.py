@@ -7,7 +7,7 @@ Masks are 1 on response tokens and 0 on prompt and padding.
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -324,16 +324,22 @@ def elo_ratings(games: Sequence[tuple[str, str, float]]) -> dict[str, float]:
 
 
 def elo_bootstrap(
-    games: Sequence[tuple[str, str, float]], n: int = 1000, seed: int = 0
+    games: Sequence[tuple[str, str, float]], n: int = 1000, seed: int = 0, clusters: Sequence[Hashable] | None = None
 ) -> dict[str, tuple[float, float]]:
-    """95% percentile intervals of `elo_ratings`, resampling the games with replacement n times.
+    """95% percentile intervals of `elo_ratings`, resampling with replacement n times.
 
+    clusters: one key per game (its prompt, its ranking); whole clusters are resampled, since the games of one
+    prompt or one ranking are not independent. None: every game is its own cluster.
     A player missing from a resample is left out of that resample's draws.
     """
     rng = random.Random(seed)
+    groups: dict[Hashable, list] = {}
+    for i, game in enumerate(games):
+        groups.setdefault(i if clusters is None else clusters[i], []).append(game)
+    blocks = list(groups.values())
     draws: dict[str, list[float]] = {}
     for _ in range(n):
-        sample = rng.choices(games, k=len(games))
+        sample = [g for block in rng.choices(blocks, k=len(blocks)) for g in block]
         for name, rating in elo_ratings(sample).items():
             draws.setdefault(name, []).append(rating)
     quantiles = torch.tensor([0.025, 0.975], dtype=torch.float64)

@@ -228,15 +228,16 @@ def evaluate(cfg: EvalConfig) -> dict:
                 (response_logps(model, samples, cfg.batch_size, precision)
                  - response_logps(ref, samples, cfg.batch_size, precision)).mean())
     # 4. every pair of models on every prompt
+    pairs = list(itertools.combinations(list(per_model), 2))
     games = [(a, b, 1.0 if sa > sb else 0.0 if sa < sb else 0.5)
-             for a, b in itertools.combinations(list(per_model), 2)
-             for sa, sb in zip(scores[a].tolist(), scores[b].tolist())]
+             for a, b in pairs for sa, sb in zip(scores[a].tolist(), scores[b].tolist())]
+    prompt_of_game = list(range(len(prompts))) * len(pairs)  # the Elo interval resamples whole prompts
     # 5. win rates, Elo
     result = {"prompts": len(prompts), "judge": cfg.judge, "models": per_model}
     if games:
         result["win_rates"] = winrates.win_rate_matrix(games)
         result["elo"] = elo_ratings(games)
-        result["elo_interval"] = elo_bootstrap(games, n=cfg.bootstrap, seed=cfg.seed)
+        result["elo_interval"] = elo_bootstrap(games, n=cfg.bootstrap, seed=cfg.seed, clusters=prompt_of_game)
     # 6. reports
     return write_results(cfg, result, prompts, task_list, responses, scores)
 

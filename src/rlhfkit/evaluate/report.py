@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from rlhfkit.core.losses import best_of_n_kl, best_of_n_value
+from rlhfkit.core.losses import best_of_n_kl, best_of_n_value, elo_bootstrap, elo_ratings
+from rlhfkit.evaluate import winrates
 from rlhfkit.sim import tasks
 from rlhfkit.tracking import read_metrics
 
@@ -138,13 +139,15 @@ def blocks(out: Path, cfg: Any, summaries: dict, seconds: dict, speed: dict | No
     sft = "sft" if "sft" in names else names[0]
     prompts = summaries.get("data", {}).get("prompts", {})
     b: list[Block] = [("h1", "rlhfkit pipeline report"),
-                      ("p", f"Base model {cfg.model}, preset {cfg.preset}, built-in task with simulated labellers. "
+                      ("p", f"Base model {cfg.model}, preset {cfg.preset}, built-in task with "
+                            f"{'simulated labellers' if cfg.feedback == 'sim' else 'people in the labelling app'}. "
                             f"Prompts: {prompts.get('sft', '?')} SFT demonstrations, {prompts.get('rm', '?')} RM "
                             f"prompts × {cfg.k} ranked responses, {prompts.get('rl', '?')} PPO prompts, "
                             f"{ev['prompts']} held-out evaluation prompts judged by the gold score. "
                             f"Total time {sum(seconds.values()) / 60:.1f} min.")]
-    return b + results_blocks(out, ev, names, sft) + reward_model_blocks(out) + overoptimisation_blocks(out, cfg) \
-        + stage_blocks(ev, names, summaries, seconds, speed)
+    return b + results_blocks(out, ev, names, sft) + online_blocks(out, cfg, ev, summaries) \
+        + reward_model_blocks(out) + overoptimisation_blocks(out, cfg) + stage_blocks(ev, names, summaries, seconds,
+                                                                                       speed)
 
 
 def results_blocks(out: Path, ev: dict, names: list[str], sft: str) -> list[Block]:
@@ -175,6 +178,71 @@ def results_blocks(out: Path, ev: dict, names: list[str], sft: str) -> list[Bloc
     b += [("h2", "Win-rate matrix"), ("table", [""] + names, [
         [a] + [f"{ev['win_rates'][a][c]['win_rate']:.2f}" if c in ev["win_rates"].get(a, {}) else "—" for c in names]
         for a in names])]
+    return b
+
+
+def chat_games(cfg: Any, policies: dict[str, str]) -> list[tuple[str, str, float]]:
+    """People's A/B choices in the labelling app's chat between two of the run's models (served from their
+    directories: `rlhfkit label serve --model OUTPUT/ppo --model OUTPUT/sft`), the models named as in the report."""
+    from rlhfkit.feedback.progress import comparison_games
+
+    if cfg.feedback == "sim":
+        return []
+    name_of = {str(Path(path).resolve()): name for name, path in policies.items()}
+    games = [(name_of.get(str(Path(a).resolve())), name_of.get(str(Path(b).resolve())), o)
+             for a, b, o in comparison_games(cfg.feedback.removeprefix("db:"))]
+    return [(a, b, o) for a, b, o in games if a and b]
+
+
+def online_blocks(out: Path, cfg: Any, ev: dict, summaries: dict) -> list[Block]:
+    """Each online round: its rankings, RM, PPO and held-out win rate, and the labellers' Elo of the models shown so
+    far from the rankings themselves (every ranking of responses by different models is a set of games,
+    `winrates.ranking_games`); with people, their chat A/B choices between the run's models as a last row."""
+    if not cfg.online_rounds:
+        return []
+    policies = {"sft": str(out / "sft"), "ppo": str(out / "ppo")}
+    policies |= {f"ppo-round{r}": str(out / f"round{r}" / "ppo") for r in range(1, cfg.online_rounds + 1)}
+    who = "people" if cfg.feedback != "sim" else "simulated labellers"
+    rows, games, clusters, elo_rows = [], [], [], []
+    for r in range(1, cfg.online_rounds + 1):
+        rd = out / f"round{r}"
+        ranked = [json.loads(line) for line in (rd / "comparisons" / "rankings.jsonl").read_text().splitlines()]
+        shown = [m for m in reversed(policies) if any(m in row["models"] for row in ranked)]
+        for i, row in enumerate(ranked):
+            played = winrates.ranking_games(row["models"], row["ranking"])
+            games += played
+            clusters += [(r, i)] * len(played)
+        ppo = summaries.get(f"round{r}/ppo", {})
+        wr = ev["win_rates"].get(f"ppo-round{r}", {}).get("sft")
+        rows.append([r, ", ".join(shown), f"{len(ranked)} ({len({row['labeller'] for row in ranked})})",
+                     f"{_run_final(rd / 'rm').get('rm/accuracy', float('nan')):.3f}",
+                     f"{ppo.get('ppo/score', float('nan')):.3f} / {ppo.get('monitor/gold_reward', float('nan')):.3f}",
+                     f"{wr['win_rate']:.3f} ({wr['lo']:.3f}–{wr['hi']:.3f})" if wr else "—"])
+        elo_rows.append((f"after round {r}", games[:], clusters[:]))
+    chat = chat_games(cfg, policies)
+    if chat:
+        elo_rows.append(("and chat A/B choices", games + chat,
+                         clusters + [("chat", i) for i in range(len(chat))]))
+    b: list[Block] = [
+        ("h2", "Online rounds"),
+        ("table", ["round", "models ranked (newest first)", "rankings (labellers)", "RM held-out accuracy",
+                   "PPO proxy / gold, last iteration", "gold win rate vs sft (95% CI)"], rows),
+        ("p", f"Each round's rankings are of responses written by the models named, taking turns, and ranked by "
+              f"{who}; its RM trained on every round's rankings so far, and its PPO started again from SFT. The win "
+              "rate is the held-out evaluation's.")]
+    names = list(policies)
+    table = []
+    for label, g, c in elo_rows:
+        elo = elo_ratings(g) if g else {}
+        ci = elo_bootstrap(g, n=200, seed=cfg.seed, clusters=c) if g else {}
+        table.append([label, len(g)] + [f"{elo[m]:.0f} ({ci[m][0]:.0f}–{ci[m][1]:.0f})" if m in elo else "—"
+                                        for m in names])
+    b += [("h2", f"Elo from the {who}, round by round"),
+          ("table", ["judged", "games"] + names, table),
+          ("p", f"The Bradley–Terry fit (mean 1000) to every game so far: each ranking of responses by different "
+                f"models plays one game per pair of them, a tie half a win each; intervals resample whole rankings "
+                f"(200 resamples). A round's rankings judge the policies before it, so the last round's policy is "
+                f"judged by the gold score alone. — : not yet shown to the {who}.")]
     return b
 
 

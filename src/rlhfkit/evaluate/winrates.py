@@ -31,7 +31,6 @@ def wilson_interval(wins: float, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-
 def win_rate_matrix(games: Sequence[tuple[str, str, float]]) -> dict[str, dict[str, dict[str, float]]]:
     """matrix[a][b] = {"win_rate", "lo", "hi", "n", "ties"} of a against b over all games between them, either
     order."""
@@ -47,3 +46,13 @@ def win_rate_matrix(games: Sequence[tuple[str, str, float]]) -> dict[str, dict[s
     return matrix
 
 
+
+
+def ranking_games(models: Sequence[str], ranking: Sequence) -> list[tuple[str, str, float]]:
+    """The games one K-way ranking plays between the models that wrote its responses: every pair of responses by
+    two different models, (model_a, model_b, outcome) with a the earlier response, outcome 1 if a ranked above b,
+    0 if below, 0.5 if tied. models[i] wrote response i; ranking is best first, indices into the responses, ties as
+    nested lists (SPEC's rankings rows)."""
+    place = {i: rank for rank, group in enumerate(ranking) for i in (group if isinstance(group, list) else [group])}
+    return [(models[i], models[j], 1.0 if place[i] < place[j] else 0.0 if place[i] > place[j] else 0.5)
+            for i in range(len(models)) for j in range(i + 1, len(models)) if models[i] != models[j]]

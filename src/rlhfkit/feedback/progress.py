@@ -32,26 +32,29 @@ def stats(engine: sa.Engine) -> dict:
         compared = conn.execute(heads(comparisons).with_only_columns(
             comparisons.c.response_a, comparisons.c.response_b, comparisons.c.labeller_id, comparisons.c.choice)).all()
         queued = conn.execute(sa.select(rank_items.c.id, rank_items.c.response_ids)).all()
-        # an item by the model of its first response: a run's round queues one model's samples (items the app makes
-        # itself mix its served models, and count under the first)
-        first = {q.response_ids[0] for q in queued}
-        made = {r.id: r for r in conn.execute(sa.select(responses.c.id, responses.c.model, responses.c.model_revision)
-                                              .where(responses.c.id.in_(first)))}
-        items = [(q.id, made[q.response_ids[0]].model, made[q.response_ids[0]].model_revision) for q in queued]
+        # an item under the models that wrote its responses: a run's round queues the same models' samples in every
+        # item (the newest policy and its rivals), so a group is a round's progress
+        shown = {i for q in queued for i in q.response_ids}
+        made = {r.id: (r.model, r.model_revision) for r in conn.execute(
+            sa.select(responses.c.id, responses.c.model, responses.c.model_revision)
+            .where(responses.c.id.in_(shown)))}
+        items = [(q.id, sorted({made[i] for i in q.response_ids})) for q in queued]
     return {"records": per_kind, "ranking_agreement": ranking_agreement(ranked),
             "comparison_agreement": comparison_agreement(compared), "ranking_queue": ranking_queue(items, ranked)}
 
 
 def ranking_queue(items, ranked) -> list[dict]:
-    """The ranking queue by the model (and revision) whose responses it holds: a training run's round queues one
-    model's samples, so this is the round's progress: items, how many have a ranking, rankings in all."""
+    """The ranking queue by the models (and revisions) whose responses its items hold, as ", "-joined names: a
+    training run's round queues the same models' samples in every item, so a group is the round's progress: items,
+    how many have a ranking, rankings in all."""
     per_item: dict[int, int] = {}
     for item_id, _, _ in ranked:
         per_item[item_id] = per_item.get(item_id, 0) + 1
-    groups: dict[tuple[str, str], dict] = {}
-    for item_id, model, revision in items:
-        g = groups.setdefault((model, revision), {"model": model, "revision": revision, "items": 0, "ranked": 0,
-                                                   "rankings": 0})
+    groups: dict[tuple, dict] = {}
+    for item_id, made_by in items:
+        g = groups.setdefault(tuple(made_by), {"model": ", ".join(m for m, _ in made_by),
+                                               "revision": ", ".join(r for _, r in made_by), "items": 0, "ranked": 0,
+                                               "rankings": 0})
         g["items"] += 1
         g["ranked"] += item_id in per_item
         g["rankings"] += per_item.get(item_id, 0)

@@ -41,18 +41,20 @@ def run_user(engine: sa.Engine) -> store.User:
     return store.User(row.id, row.name, row.is_admin)
 
 
-def queue(db: str, rows: list[dict], model: str, revision: str, settings: dict) -> list[int]:
+def queue(db: str, rows: list[dict], sources: list[list[tuple[str, str]]], settings: dict) -> list[int]:
     """Each row ({"prompt": messages ending with a user turn, "responses": K texts}) as a prompt, its K responses
-    and one rank item in the app's ranking queue; the rank items' ids, in row order."""
+    and one rank item in the app's ranking queue; `sources[i][j]`: the (model, revision) that wrote row i's
+    response j. The rank items' ids, in row order."""
     engine = store.open_engine(db)
     try:
         user = run_user(engine)
         items = []
-        for row in rows:
+        for row, by in zip(rows, sources, strict=True):
             prompt_id = store.submit(engine, user, "prompt", {"submission_id": str(uuid.uuid4()),
                                                                "text": row["prompt"][-1]["content"]})
             ids = store.add_responses(engine, user, prompt_id, row["prompt"],
-                                      [(model, revision, settings, text) for text in row["responses"]])
+                                      [(model, revision, settings, text)
+                                       for (model, revision), text in zip(by, row["responses"], strict=True)])
             items.append(store.add_rank_item(engine, prompt_id, ids))
         return items
     finally:
