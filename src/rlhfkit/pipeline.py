@@ -338,7 +338,8 @@ def people_rank(cfg: PipelineConfig, policies: list[Policy], d: Path, seed: int)
     else:
         rows, settings = sample_k(cfg, policies, seed)
         source = {name: (path, model_revision(path)) for path, name in policies}
-        items = rounds.queue(db, rows, [[source[name] for name in row["models"]] for row in rows], settings)
+        items = rounds.queue(db, rows, [[source[name] for name in row["models"]] for row in rows], settings, str(d),
+                             cfg.min_labels or len(rows))
         queued = {"items": items, "rows": rows, "settings": settings}
         record.with_suffix(".tmp").write_text(json.dumps(queued))
         record.with_suffix(".tmp").rename(record)

@@ -1,15 +1,20 @@
 """Iterated online RLHF with people: `rlhfkit pipeline --feedback db:FILE` queues each round's responses in a real
 `rlhfkit label serve`, scripted labellers rank them through its HTTP API, and the run trains on what they gave.
-Killing the run while it waits and starting it again loses nothing and queues nothing twice."""
+Killing the run while it waits and starting it again loses nothing and queues nothing twice.
+
+RLHFKIT_LABEL_SCREENSHOTS=DIR also saves the admin page's ranking queue while the run waits and when it is done, and
+the report's online sections, through Chromium (the pictures in docs/online/)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import sqlalchemy as sa
@@ -18,6 +23,8 @@ from rlhfkit.core.losses import elo_ratings
 from rlhfkit.evaluate.winrates import ranking_games
 from tests.conftest import run_cli
 from tests.label.conftest import free_port, start_server
+
+SHOTS = os.environ.get("RLHFKIT_LABEL_SCREENSHOTS")
 
 
 def label_until(stop: threading.Event, port: int, token: str) -> None:
@@ -45,6 +52,31 @@ def label_until(stop: threading.Event, port: int, token: str) -> None:
             time.sleep(0.2)
 
 
+def screenshot(name: str, url: str, token: str | None = None, between: tuple[str, str] | None = None) -> None:
+    """`url` at 1280 wide, signed in with `token` first, into RLHFKIT_LABEL_SCREENSHOTS/NAME.png; `between`: only the
+    part of the page from one heading to the next."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.label.test_label_browser import ARGS, CHROMIUM
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        if token:
+            page.goto(url.rsplit("/", 1)[0] + "/login")
+            page.fill("#token", token)
+            page.click("button:has-text('Sign in')")
+        page.goto(url)
+        path = str(Path(SHOTS) / f"{name}.png")
+        if between:
+            top, end = (page.locator(f"h2:has-text('{h}')").first.bounding_box() for h in between)
+            page.screenshot(path=path, full_page=True,
+                            clip={"x": 0, "y": top["y"] - 8, "width": 1280, "height": end["y"] - top["y"]})
+        else:
+            page.screenshot(path=path, full_page=True)
+        browser.close()
+
+
 def rank_items(db: str) -> int:
     engine = sa.create_engine(f"sqlite:///{db}")
     with engine.connect() as conn:
@@ -53,11 +85,12 @@ def rank_items(db: str) -> int:
     return n
 
 
-def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_loses_nothing(tmp_path):
+def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_loses_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run's directories as a user names them: run/sft, run/round1/comparisons, ...
     db = str(tmp_path / "people.sqlite")
     tokens = {n: run_cli("label", "users", "add", "--db", db, "--name", n).stdout.strip() for n in ("ann", "bob")}
     admin = run_cli("label", "users", "add", "--db", db, "--name", "ada", "--admin").stdout.strip()
-    port, out = free_port(), tmp_path / "run"
+    port, out = free_port(), Path("run")
     args = ["pipeline", "--preset", "tiny", "--feedback", f"db:{db}", "--online-rounds", "1", "--skip", "dpo",
             "best_of_n", "--label-poll", "0.2", "--use-thumbs", "--output", str(out)]
     server = start_server(db, port)
@@ -75,6 +108,8 @@ def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_l
         first.kill()
         first.wait()
         assert rank_items(db) == 24 and not (out / "comparisons" / "rankings.jsonl").exists()
+        if SHOTS:
+            screenshot("queue-waiting", f"http://127.0.0.1:{port}/admin", admin)
         # 2. two people rank through the app while the run, started again, waits for the same items
         people = [threading.Thread(target=label_until, args=(stop, port, t)) for t in tokens.values()]
         for p in people:
@@ -85,9 +120,17 @@ def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_l
         stats = httpx.get(f"http://127.0.0.1:{port}/api/admin/stats", headers={"Authorization": f"Bearer {admin}"},
                           timeout=30).json()
         # (round 1's items hold the newest policy's responses and its rival's, SFT's)
-        queue = {g["model"]: g for g in stats["ranking_queue"]}
-        assert set(queue) == {str(out / "sft"), f"{out / 'ppo'}, {out / 'sft'}"}
+        queue = {g["batch"]: g for g in stats["ranking_queue"]}
+        assert [(b, g["model"], g["wanted"]) for b, g in queue.items()] == [
+            (str(out / "comparisons"), str(out / "sft"), 24),
+            (str(out / "round1" / "comparisons"), f"{out / 'ppo'}, {out / 'sft'}", 24)]
         assert all(g["items"] == 24 and 12 <= g["ranked"] <= 24 and g["rankings"] >= 24 for g in queue.values())
+        page = httpx.get(f"http://127.0.0.1:{port}/admin", headers={"Authorization": f"Bearer {admin}"},
+                         timeout=30).text
+        assert f"<td>{out / 'round1' / 'comparisons'}</td>" in page and "<td>24</td>" in page
+        if SHOTS:
+            screenshot("queue-done", f"http://127.0.0.1:{port}/admin", admin)
+            screenshot("report-rounds", (out / "report.html").resolve().as_uri(), between=("Online rounds", "Reward model"))
     finally:
         stop.set()
         for p in people:  # before the server goes: a request cut off mid-way would fail the labeller's thread

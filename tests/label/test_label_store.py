@@ -60,6 +60,34 @@ def test_a_database_from_before_revocation_is_upgraded_in_place(tmp_path):
     engine.dispose()
 
 
+def test_a_database_from_before_batches_is_upgraded_in_place(tmp_path):
+    """Version 2 had no batches and no rank_items.batch_id: the items it holds stay, in no batch, and a run's
+    round can then queue a batch beside them."""
+    path = str(tmp_path / "old.sqlite")
+    engine = store.open_engine(path)
+    ann = user(engine, "ann")
+    pid = store.submit(engine, ann, "prompt", sub(text="p"))
+    ids = store.add_responses(engine, ann, pid, [{"role": "user", "content": "p"}], [("m", "r", {}, "x")] * 2)
+    old_item = store.add_rank_item(engine, pid, ids)
+    with engine.begin() as conn:  # what version 2 left
+        conn.execute(sa.text("CREATE TABLE old (id INTEGER PRIMARY KEY, prompt_id INTEGER NOT NULL REFERENCES "
+                             "prompts (id), response_ids JSON NOT NULL, created VARCHAR(32) NOT NULL)"))
+        conn.execute(sa.text("INSERT INTO old SELECT id, prompt_id, response_ids, created FROM rank_items"))
+        conn.execute(sa.text("DROP TABLE rank_items"))
+        conn.execute(sa.text("ALTER TABLE old RENAME TO rank_items"))
+        conn.execute(sa.text("DROP TABLE batches"))
+        conn.execute(sa.text("UPDATE schema_version SET version = 2"))
+    engine.dispose()
+    engine = store.open_engine(path)
+    new_item = store.add_rank_item(engine, pid, ids, store.add_batch(engine, "runs/x/round1/comparisons", 5))
+    queue = progress.stats(engine)["ranking_queue"]
+    assert [(g["batch"], g["wanted"], g["items"]) for g in queue] == [(None, None, 1),
+                                                                      ("runs/x/round1/comparisons", 5, 1)]
+    assert store.get(engine, schema.rank_items, old_item, "rank item")["batch_id"] is None
+    assert store.get(engine, schema.rank_items, new_item, "rank item")["batch_id"] == 1
+    engine.dispose()
+
+
 def test_tokens_are_stored_only_as_hashes(engine):
     token = store.add_user(engine, "ann")
     with engine.connect() as conn:

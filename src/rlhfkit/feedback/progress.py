@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from rlhfkit.feedback.schema import KINDS, comparisons, rank_items, rankings, responses, users
+from rlhfkit.feedback.schema import KINDS, batches, comparisons, rank_items, rankings, responses, users
 from rlhfkit.feedback.store import User, heads, open_engine
 
 
@@ -31,30 +31,29 @@ def stats(engine: sa.Engine) -> dict:
                                                                 rankings.c.ranking)).all()
         compared = conn.execute(heads(comparisons).with_only_columns(
             comparisons.c.response_a, comparisons.c.response_b, comparisons.c.labeller_id, comparisons.c.choice)).all()
-        queued = conn.execute(sa.select(rank_items.c.id, rank_items.c.response_ids)).all()
-        # an item under the models that wrote its responses: a run's round queues the same models' samples in every
-        # item (the newest policy and its rivals), so a group is a round's progress
+        queued = conn.execute(sa.select(rank_items.c.id, rank_items.c.response_ids, batches.c.name, batches.c.wanted)
+                              .outerjoin(batches, batches.c.id == rank_items.c.batch_id)).all()
         shown = {i for q in queued for i in q.response_ids}
         made = {r.id: (r.model, r.model_revision) for r in conn.execute(
             sa.select(responses.c.id, responses.c.model, responses.c.model_revision)
             .where(responses.c.id.in_(shown)))}
-        items = [(q.id, sorted({made[i] for i in q.response_ids})) for q in queued]
+        items = [(q.id, (q.name, q.wanted), sorted({made[i] for i in q.response_ids})) for q in queued]
     return {"records": per_kind, "ranking_agreement": ranking_agreement(ranked),
             "comparison_agreement": comparison_agreement(compared), "ranking_queue": ranking_queue(items, ranked)}
 
 
 def ranking_queue(items, ranked) -> list[dict]:
-    """The ranking queue by the models (and revisions) whose responses its items hold, as ", "-joined names: a
-    training run's round queues the same models' samples in every item, so a group is the round's progress: items,
-    how many have a ranking, rankings in all."""
+    """The ranking queue by batch (a training run's round: its name and the rankings it waits for) and by the models
+    (and revisions) whose responses the items hold, as ", "-joined names; items the app made itself have no batch.
+    Per group: items, how many have a ranking, rankings in all, rankings wanted."""
     per_item: dict[int, int] = {}
     for item_id, _, _ in ranked:
         per_item[item_id] = per_item.get(item_id, 0) + 1
     groups: dict[tuple, dict] = {}
-    for item_id, made_by in items:
-        g = groups.setdefault(tuple(made_by), {"model": ", ".join(m for m, _ in made_by),
-                                               "revision": ", ".join(r for _, r in made_by), "items": 0, "ranked": 0,
-                                               "rankings": 0})
+    for item_id, (batch, wanted), made_by in items:
+        g = groups.setdefault((batch, tuple(made_by)), {
+            "batch": batch, "wanted": wanted, "model": ", ".join(m for m, _ in made_by),
+            "revision": ", ".join(r for _, r in made_by), "items": 0, "ranked": 0, "rankings": 0})
         g["items"] += 1
         g["ranked"] += item_id in per_item
         g["rankings"] += per_item.get(item_id, 0)

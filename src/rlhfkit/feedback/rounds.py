@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from rlhfkit.feedback import store
-from rlhfkit.feedback.schema import rankings, users
+from rlhfkit.feedback.schema import rank_items, rankings, users
 
 RUN_USER = "rlhfkit-run"  # who the queued prompts and responses are recorded as (it has no usable token)
 
@@ -41,21 +41,23 @@ def run_user(engine: sa.Engine) -> store.User:
     return store.User(row.id, row.name, row.is_admin)
 
 
-def queue(db: str, rows: list[dict], sources: list[list[tuple[str, str]]], settings: dict) -> list[int]:
+def queue(db: str, rows: list[dict], sources: list[list[tuple[str, str]]], settings: dict, name: str,
+          wanted: int) -> list[int]:
     """Each row ({"prompt": messages ending with a user turn, "responses": K texts}) as a prompt, its K responses
-    and one rank item in the app's ranking queue; `sources[i][j]`: the (model, revision) that wrote row i's
-    response j. The rank items' ids, in row order."""
+    and one rank item in the app's ranking queue, in one batch called `name` waiting for `wanted` rankings (the
+    admin page shows it); `sources[i][j]`: the (model, revision) that wrote row i's response j. The rank items'
+    ids, in row order."""
     engine = store.open_engine(db)
     try:
         user = run_user(engine)
-        items = []
+        batch, items = store.add_batch(engine, name, wanted), []
         for row, by in zip(rows, sources, strict=True):
             prompt_id = store.submit(engine, user, "prompt", {"submission_id": str(uuid.uuid4()),
                                                                "text": row["prompt"][-1]["content"]})
             ids = store.add_responses(engine, user, prompt_id, row["prompt"],
                                       [(model, revision, settings, text)
                                        for (model, revision), text in zip(by, row["responses"], strict=True)])
-            items.append(store.add_rank_item(engine, prompt_id, ids))
+            items.append(store.add_rank_item(engine, prompt_id, ids, batch))
         return items
     finally:
         engine.dispose()
@@ -95,6 +97,9 @@ def wait(db: str, items: list[int], wanted: int, poll_s: float, what: str) -> li
 
     engine = store.open_engine(db, create=False)  # once for the whole wait: opening also checks the schema
     try:
+        batch = store.get(engine, rank_items, items[0], "rank item")["batch_id"]
+        if batch is not None:  # a rerun may ask for a different number
+            store.set_wanted(engine, batch, wanted)
         got = ranked(engine, items)
         with tqdm(total=wanted, initial=min(len(got), wanted), desc=f"{what}: rankings in", file=sys.stderr,
                   dynamic_ncols=True) as bar:

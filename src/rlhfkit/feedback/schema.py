@@ -58,12 +58,20 @@ responses = sa.Table(
     sa.Column("requested_by", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
     sa.Column("created", sa.String(32), nullable=False),
 )
+batches = sa.Table(  # rank items a training run queued together (a round), and how many rankings it waits for
+    "batches", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(300), nullable=False),
+    sa.Column("wanted", sa.Integer, nullable=False),
+    sa.Column("created", sa.String(32), nullable=False),
+)
 rank_items = sa.Table(  # K responses to one prompt, shown to every labeller who ranks them (agreement stats)
     "rank_items", metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("prompt_id", sa.Integer, sa.ForeignKey("prompts.id"), nullable=False),
     sa.Column("response_ids", sa.JSON, nullable=False),
     sa.Column("created", sa.String(32), nullable=False),
+    sa.Column("batch_id", sa.Integer, sa.ForeignKey("batches.id"), nullable=True),  # None: made by the app itself
 )
 assignments = sa.Table(  # what each labeller has been shown by a queue, so queues hand out unseen items
     "assignments", metadata,
@@ -124,5 +132,12 @@ def _v2(conn: sa.Connection) -> None:
         conn.execute(sa.text("ALTER TABLE users ADD COLUMN revoked VARCHAR(32)"))
 
 
+def _v3(conn: sa.Connection) -> None:
+    """batches, and rank_items.batch_id (NULL for the items queued before: they belong to no batch)."""
+    batches.create(conn, checkfirst=True)
+    if "batch_id" not in {c["name"] for c in sa.inspect(conn).get_columns("rank_items")}:
+        conn.execute(sa.text("ALTER TABLE rank_items ADD COLUMN batch_id INTEGER REFERENCES batches (id)"))
+
+
 # Migration i brings the schema from version i to i + 1. Append, never edit: databases in use have run them.
-MIGRATIONS = [_v1, _v2]
+MIGRATIONS = [_v1, _v2, _v3]

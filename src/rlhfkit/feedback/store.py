@@ -23,7 +23,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from rlhfkit.feedback.schema import (KINDS, MAX_TEXT, MIGRATIONS, ROLES, SAME_TARGET, STRENGTHS, assignments,
-                                     demonstrations, prompts, rank_items, rankings, ratings, responses, sessions,
+                                     batches, demonstrations, prompts, rank_items, rankings, ratings, responses, sessions,
                                      submissions, users)
 
 
@@ -327,10 +327,22 @@ def add_responses(engine: sa.Engine, user: User, prompt_id: int, context: list[d
             for model, rev, settings, text in generated]
 
 
-def add_rank_item(engine: sa.Engine, prompt_id: int, response_ids: list[int]) -> int:
+def add_rank_item(engine: sa.Engine, prompt_id: int, response_ids: list[int], batch_id: int | None = None) -> int:
     with engine.begin() as conn:
         return conn.execute(rank_items.insert().values(prompt_id=prompt_id, response_ids=response_ids,
-                                                       created=now())).inserted_primary_key[0]
+                                                       created=now(), batch_id=batch_id)).inserted_primary_key[0]
+
+
+def add_batch(engine: sa.Engine, name: str, wanted: int) -> int:
+    """A batch of rank items a training run queues together (`name`: the run's round), waiting for `wanted`
+    rankings."""
+    with engine.begin() as conn:
+        return conn.execute(batches.insert().values(name=name, wanted=wanted, created=now())).inserted_primary_key[0]
+
+
+def set_wanted(engine: sa.Engine, batch_id: int, wanted: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(batches.update().where(batches.c.id == batch_id).values(wanted=wanted))
 
 
 def get(engine: sa.Engine, table: sa.Table, item_id: int, what: str) -> dict:

@@ -126,10 +126,12 @@ the chat goes on with the one you picked.</p>
 {% endif %}</li><li>A/B comparisons: {% if stats.comparison_agreement.agreement is none %}none compared twice yet
 {% else %}{{ "%.0f" | format(100 * stats.comparison_agreement.agreement) }}% of
 {{ stats.comparison_agreement.pairs }}{% endif %}</li></ul>
-<h2>Ranking queue</h2>{% if not stats.ranking_queue %}<p>Empty.</p>{% else %}<table><thead><tr><th>models</th>
-<th>revisions</th><th>items</th><th>ranked</th><th>rankings</th></tr></thead><tbody>{% for g in stats.ranking_queue %}
-<tr><td>{{ g.model }}</td><td>{{ g.revision }}</td><td>{{ g.items }}</td><td>{{ g.ranked }}</td>
-<td>{{ g.rankings }}</td></tr>{% endfor %}</tbody></table>{% endif %}{% endblock %}""",
+<h2>Ranking queue</h2>{% if not stats.ranking_queue %}<p>Empty.</p>{% else %}<table><thead><tr><th>round</th>
+<th>models</th><th>revisions</th><th>items</th><th>items ranked</th><th>rankings in / wanted</th></tr></thead><tbody>
+{% for g in stats.ranking_queue %}<tr><td>{{ g.batch or "made by the app" }}</td><td>{{ g.model }}</td>
+<td>{{ g.revision }}</td><td>{{ g["items"] }}</td><td>{{ g.ranked }}</td>
+<td>{{ g.rankings }}{% if g.wanted is not none %} / {{ g.wanted }}{% endif %}</td></tr>{% endfor %}</tbody></table>
+{% endif %}{% endblock %}""",
 }
 
 
