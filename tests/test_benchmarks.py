@@ -69,3 +69,10 @@ def test_ray_quick_runs_each_placement_with_the_in_process_scores(tmp_path):
     assert all(r["iteration_s"] > 0 for r in rows)
     # one engine samples as the in-process run does, in any placement (two batch otherwise: bf16 rounds otherwise)
     assert [r["differs_at"] for r in rows[:3]] == [None, None, None]
+
+
+def test_distill_gold_quick_scores_the_three_arms(tmp_path):
+    out = run(str(BENCH / "distill_gold.py"), "--quick", "--workdir", str(tmp_path))
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert sorted(scores) == ["distilled", "prompted", "unprompted"] and all(len(s) == 8 for s in scores.values())
+    assert "| distilled − prompted |" in out
