@@ -8,6 +8,8 @@ import random
 import pytest
 
 from rlhfkit import UsageError
+from rlhfkit.core import rl
+from rlhfkit.evaluate import report
 from rlhfkit.pipeline import PipelineConfig, resolve, slots
 from rlhfkit.sim import tasks
 from rlhfkit.tracking import read_metrics
@@ -39,13 +41,15 @@ def test_tiny_pipeline_runs_every_stage_and_writes_the_report(tiny_run):
     # PPO logged the gold score and the held-out RM beside its own proxy, every iteration
     ppo_rows = read_metrics(out / "ppo")
     assert len(ppo_rows) == 3 and all("monitor/gold_reward" in m and "monitor/rm_rm_heldout" in m for m in ppo_rows)
+    # and the over-optimisation alarms (3 iterations are too few for the default window of 3: none raised)
+    assert all(m[f"watch/{kind}"] == 0 for m in ppo_rows for kind in rl.ALARMS)
     # evaluation: every model, the round's policy included, with Elo and win rates
     ev = json.loads((out / "eval" / "eval.json").read_text())
     assert list(ev["models"]) == ["base", "sft", "best-of-4", "dpo", "ppo"]
     assert ev["prompts"] == 16 and sum(ev["elo"].values()) / 5 == pytest.approx(1000)
     md = (out / "report.md").read_text()
     for heading in ("Results on held-out prompts", "Helpful and harmless", "Reward model", "Over-optimisation",
-                    "Training curves"):
+                    "Is reward linear in √KL?", "Over-optimisation alarms", "Training curves"):
         assert f"## {heading}" in md
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "<script" not in page
@@ -106,6 +110,27 @@ def test_rerun_skips_complete_stages_and_a_changed_stage_reruns_with_what_follow
 def test_config_errors(kw, msg):
     with pytest.raises(UsageError, match=msg):
         resolve(PipelineConfig(**kw))
+
+
+def test_sqrt_kl_fits_and_their_verdicts():
+    """Along PPO the proxy rises exactly as 2·√KL + 1 (R² 1, interval the point 2), the gold score falls, the held-out
+    RM is noise; along best-of-n the proxy rises in √KL too. KL = √KL² is the contrast fit."""
+    sqrt_kl = [0.0, 0.5, 1.0, 1.5, 2.0]
+    rows = [{"ppo/sqrt_kl": x, "ppo/score": 2 * x + 1, "monitor/gold_reward": 1 - x,
+             "monitor/rm_rm_heldout": [0.1, -0.1, 0.1, -0.1, 0.1][i]} for i, x in enumerate(sqrt_kl)]
+    bon = {"n": [1, 2, 4], "sqrt_kl": [0.0, 0.55, 0.9], "proxy": [0.0, 0.55, 0.9], "gold": [0.0, 0.1, 0.0]}
+    fits = {(along, name): (f, k) for along, name, f, k in report.sqrt_kl_fits(rows, bon)}
+    assert list(fits) == [("PPO", "proxy RM (optimised)"), ("PPO", "gold score"), ("PPO", "held-out RM (rm_heldout)"),
+                          ("best-of-n", "proxy RM (selects)"), ("best-of-n", "gold score")]
+    proxy, against_kl = fits["PPO", "proxy RM (optimised)"]
+    assert (proxy.slope, proxy.intercept, proxy.r2, proxy.slope_lo, proxy.slope_hi) == pytest.approx((2, 1, 1, 2, 2))
+    assert against_kl.r2 < 1
+    assert report.verdict(proxy, against_kl) == (f"rises linearly in √KL; a line in √KL fits better (R² 1.00 against "
+                                                 f"{against_kl.r2:.2f})")
+    assert report.verdict(*fits["PPO", "gold score"]).startswith("falls")
+    assert report.verdict(*fits["PPO", "held-out RM (rm_heldout)"]).startswith("no trend")
+    assert report.verdict(*fits["best-of-n", "proxy RM (selects)"]).startswith("rises linearly in √KL")
+    assert report.sqrt_kl_fits(rows[:2], None) == []  # two iterations: nothing to fit
 
 
 def test_slots_give_each_model_its_share_of_a_prompts_responses():

@@ -13,6 +13,8 @@ from rlhfkit.core.losses import (
     best_of_n_value,
     dpo_loss,
     elo_bootstrap,
+    linear_fit,
+    t_quantile_975,
     elo_ratings,
     gae,
     grouped_ranking_loss,
@@ -320,3 +322,22 @@ def test_token_kl_is_the_exact_forward_kl_of_the_two_softmaxes():
     assert kl[1].item() == pytest.approx(0.0, abs=1e-7)  # the same distribution
     # forward, not reverse: KL(student-as-teacher ‖ teacher-as-student) = ¾ ln(3/2) + ¼ ln(1/2) differs
     assert token_kl(teacher[:1], student[:1]).item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5))
+
+
+@pytest.mark.parametrize("df,table", [(1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (10, 2.228), (14, 2.145),
+                                      (30, 2.042)])
+def test_t_quantile_975_matches_the_printed_table(df, table):
+    assert t_quantile_975(df) == pytest.approx(table, abs=5e-4)
+
+
+def test_linear_fit_by_hand():
+    """x = 0..3, y = 0, 2, 1, 3: x̄ = ȳ = 1.5, Sxx = 5, Sxy = 4, so slope 0.8, intercept 0.3; residuals
+    −0.3, 0.9, −0.9, 0.3 give SSE 1.8 of SST 5 (R² 0.64); SE(slope) = √(1.8/2/5) = 0.42426, × t(2) = 4.3027."""
+    fit = linear_fit([0, 1, 2, 3], [0, 2, 1, 3])
+    assert (fit.slope, fit.intercept, fit.r2, fit.n) == pytest.approx((0.8, 0.3, 0.64, 4))
+    assert (fit.slope_lo, fit.slope_hi) == pytest.approx((0.8 - 4.3027 * 0.42426, 0.8 + 4.3027 * 0.42426), abs=1e-3)
+    exact = linear_fit([0, 1, 2, 3], [1, 3, 5, 7])
+    assert (exact.slope, exact.intercept, exact.r2, exact.slope_lo, exact.slope_hi) == (2, 1, 1, 2, 2)
+    assert math.isnan(linear_fit([0, 1], [0, 1]).slope_lo)
+    with pytest.raises(ValueError):
+        linear_fit([1, 1, 1], [0, 1, 2])

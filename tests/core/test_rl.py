@@ -133,3 +133,31 @@ def test_engine_mismatch_kl_by_hand():
     # ρ = 2: (2 − 1) − log 2 = 0.30685; ρ = 0.5: −0.5 + log 2 = 0.19315
     kl = rl.engine_mismatch_kl(torch.tensor([math.log(2.0), math.log(0.5)]), torch.zeros(2))
     torch.testing.assert_close(kl, torch.tensor([1 - math.log(2.0), math.log(2.0) - 0.5]))
+
+
+def rows(**series) -> list[dict]:
+    n = len(next(iter(series.values())))
+    return [{key: values[i] for key, values in series.items()} for i in range(n)]
+
+
+def test_watch_raises_each_alarm_by_hand():
+    """window 2: the last two iterations against the two before (and, for entropy and length, the first two)."""
+    kinds = lambda h: [a.kind for a in rl.watch(h, 2)]  # noqa: E731
+    # gold 1.00, 1.02 → 0.50, 0.52: a drop of 0.5 against 2·SE = 2·√(0.0002/2 + 0.0002/2) = 0.028, proxy up by 1
+    assert kinds(rows(**{"ppo/score": [0, 0, 1, 1], "monitor/gold_reward": [1.0, 1.02, 0.5, 0.52]})) == [
+        "proxy_up_heldout_down"]
+    # the same fall with the proxy flat is not this alarm; a noisy held-out RM (0.5 ± 0.71 → 0.7) is not either
+    assert kinds(rows(**{"ppo/score": [1, 1, 1, 1], "monitor/gold_reward": [1.0, 1.02, 0.5, 0.52]})) == []
+    assert kinds(rows(**{"ppo/score": [0, 0, 1, 1], "monitor/rm_heldout": [1, 0, 1, 0.4]})) == []
+    # KL 0.4 → 1.3 nats: at least doubled and above 1; 0.4 → 0.8 doubled but small
+    assert kinds(rows(**{"ppo/kl": [0.3, 0.5, 1.2, 1.4]})) == ["kl_growth"]
+    assert kinds(rows(**{"ppo/kl": [0.3, 0.5, 0.7, 0.9]})) == []
+    # entropy 2 → 0.9 (below half); length 10 → 16 (over 1.5×) but not 10 → 14
+    assert kinds(rows(**{"ppo/entropy": [2, 2, 0.9, 0.9]})) == ["entropy_collapse"]
+    assert kinds(rows(**{"rollout/length": [10, 10, 16, 16]})) == ["length_drift"]
+    assert kinds(rows(**{"rollout/length": [10, 10, 14, 14], "ppo/entropy": [2, 2, 1.1, 1.1]})) == []
+    # too few iterations to compare, or the watch off
+    assert rl.watch(rows(**{"ppo/kl": [0.3, 5, 9]}), 2) == [] and rl.watch(rows(**{"ppo/kl": [0.3, 5]}), 0) == []
+    message = rl.watch(rows(**{"ppo/score": [0, 0, 1, 1], "monitor/gold_reward": [1.0, 1.02, 0.5, 0.52]}), 2)[0]
+    assert message.message.startswith("the proxy score rose by +1.000 over the last 2 iterations while "
+                                      "monitor/gold_reward fell by -0.500")

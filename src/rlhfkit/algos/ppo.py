@@ -69,7 +69,7 @@ from rlhfkit.data import formats
 from rlhfkit.reward_fn import call_reward_fn
 from rlhfkit.reward_model import RewardModel
 from rlhfkit.rollout import EngineConfig, Samples, SamplingParams
-from rlhfkit.tracking import release_output, truncate_jsonl
+from rlhfkit.tracking import read_metrics, release_output, truncate_jsonl
 from rlhfkit.training import (RunConfig, adamw, begin, global_batch_rows, make_schedule, micro_batches,
                               skip_nonfinite, start_run)
 
@@ -168,6 +168,10 @@ class PPOConfig(RunConfig, EngineConfig):
     """Sequences per reward-model forward."""
     sample_every: int = 5
     """Write a few prompts/responses/scores to samples.jsonl every N iterations."""
+    watch_window: int = 3
+    """Over-optimisation alarms (`core.rl.watch`: the proxy rising while a --monitor held-out score falls, KL
+    growth, entropy collapse, response-length drift), comparing the last N iterations with the N before; logged as
+    watch/KIND (1 while raised) and printed when first raised. 0: off."""
     shared_prefix: bool = True
     """Run the prompt of a prompt's n samples once per forward (log-probs, reference, values, training) and the
     responses on its KV cache: the same numbers up to float rounding, on fewer tokens (not while training with
@@ -926,7 +930,9 @@ def train(cfg: PPOConfig) -> dict:
         truncate_jsonl(samples_path, "iteration", state["step"])
     bar = tqdm(total=cfg.iterations, initial=state["step"], desc="ppo", dynamic_ncols=True, disable=not main)
     metrics: dict[str, float] = {}
-    eos_warned = False
+    eos_warned, raised = False, set()
+    # the logs so far, for the over-optimisation alarms (a resumed run reads back what it logged)
+    history = [r for r in read_metrics(out) if r.get("step", 0) <= state["step"]] if start.resumed_from else []
 
     while state["step"] < cfg.iterations:
         it, beta, timing, t_iteration = state["step"], state["beta"], {}, time.perf_counter()
@@ -988,6 +994,13 @@ def train(cfg: PPOConfig) -> dict:
             metrics["ppo/explained_variance"] = float(rl.explained_variance(values, shard.gather(rollout.returns),
                                                                             mask))
             metrics["ppo/value_mean"] = float(masked_mean(values, mask))
+        history.append(metrics)
+        alarms = rl.watch(history, cfg.watch_window)
+        metrics.update({f"watch/{kind}": float(kind in {a.kind for a in alarms}) for kind in rl.ALARMS})
+        for alarm in alarms:
+            if alarm.kind not in raised and main:
+                tqdm.write(f"warning: iteration {state['step']}: {alarm.message}")
+            raised.add(alarm.kind)
         metrics["time/iteration"] = time.perf_counter() - t_iteration  # the phases above, and what joins them
         if it % cfg.log_steps == 0 or state["step"] == cfg.iterations:
             tracker.log(state["step"], metrics)

@@ -8,6 +8,7 @@ Masks are 1 on response tokens and 0 on prompt and padding.
 import math
 import random
 from collections.abc import Callable, Hashable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -348,3 +349,70 @@ def elo_bootstrap(
         lo, hi = torch.quantile(torch.tensor(ratings, dtype=torch.float64), quantiles).tolist()
         intervals[name] = (lo, hi)
     return intervals
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: reward against √KL, a straight line with an honest interval
+
+
+def t_quantile_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with `df` degrees of freedom (the half-width factor of a 95% interval),
+    by bisection on the exact two-sided CDF for integer df (Abramowitz & Stegun 26.7.3–4): with θ = atan(t/√df),
+    P(|T| ≤ t) = sin θ·Σ_{k<df/2} c_k cos^{2k} θ for even df (c_0 = 1, c_k = c_{k−1}·(2k−1)/(2k)), and
+    (2/π)·(θ + sin θ·cos θ·Σ_{k<(df−1)/2} d_k cos^{2k} θ) for odd df (d_0 = 1, d_k = d_{k−1}·2k/(2k+1))."""
+    if df < 1:
+        raise ValueError("t_quantile_975 needs df ≥ 1")
+
+    def two_sided(t: float) -> float:
+        theta = math.atan(t / math.sqrt(df))
+        c2, s = math.cos(theta) ** 2, math.sin(theta)
+        if df % 2 == 0:
+            total, term = 0.0, 1.0
+            for k in range(df // 2):
+                total += term
+                term *= c2 * (2 * k + 1) / (2 * k + 2)
+            return s * total
+        total, term = 0.0, 1.0
+        for k in range((df - 1) // 2):
+            total += term
+            term *= c2 * (2 * k + 2) / (2 * k + 3)
+        return 2 / math.pi * (theta + s * math.cos(theta) * total)
+
+    lo, hi = 0.0, 1000.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if two_sided(mid) < 0.95 else (lo, mid)
+    return (lo + hi) / 2
+
+
+class LinearFit(NamedTuple):
+    """y ≈ slope·x + intercept by least squares over n points; r2 the share of y's variance the line explains;
+    the slope's 95% interval assumes independent normal residuals (t with n − 2 degrees of freedom; nan below 3
+    points)."""
+
+    slope: float
+    intercept: float
+    r2: float
+    slope_lo: float
+    slope_hi: float
+    n: int
+
+
+def linear_fit(x: Sequence[float], y: Sequence[float]) -> LinearFit:
+    """Ordinary least squares of y on x (the HH paper's reward ≈ a·√KL + b, with x = √KL)."""
+    n = len(x)
+    if n < 2 or n != len(y):
+        raise ValueError("linear_fit needs two or more (x, y) pairs")
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((a - mx) ** 2 for a in x)
+    if sxx == 0:
+        raise ValueError("linear_fit needs x values that differ")
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
+    intercept = my - slope * mx
+    sse = sum((b - intercept - slope * a) ** 2 for a, b in zip(x, y))
+    sst = sum((b - my) ** 2 for b in y)
+    r2 = 1 - sse / sst if sst > 0 else 1.0
+    if n < 3:
+        return LinearFit(slope, intercept, r2, math.nan, math.nan, n)
+    half = t_quantile_975(n - 2) * math.sqrt(sse / (n - 2) / sxx)
+    return LinearFit(slope, intercept, r2, slope - half, slope + half, n)

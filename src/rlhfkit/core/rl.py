@@ -1,4 +1,5 @@
-"""PPO and critic-free policy-gradient maths for language models: pure tensor functions, no model, no I/O.
+"""PPO and critic-free policy-gradient maths for language models: pure tensor functions, no model, no I/O; and the
+alarms a PPO run's logs raise (`watch`).
 
 Shapes: B rows (sampled responses), R response tokens; `mask` (B, R) is 1 on response tokens. Per-token
 functions return (B, R) tensors and leave the aggregation to the caller, so a minibatch split into micro-batches
@@ -8,6 +9,10 @@ Hu 2025 (REINFORCE++), Huang et al. 2024 ("The N+ implementation details of RLHF
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -126,3 +131,73 @@ def engine_mismatch_kl(trainer_logprobs: Tensor, engine_logprobs: Tensor) -> Ten
     ρ = π_trainer / π_engine; ≥ 0, and 0 exactly where the two agree. (B, R)."""
     log_ratio = trainer_logprobs - engine_logprobs
     return log_ratio.exp() - 1 - log_ratio
+
+
+class Alarm(NamedTuple):
+    """One sign of over-optimisation or collapse in a PPO run's logs: `kind` names it in the logs (watch/KIND)."""
+
+    kind: str
+    message: str
+
+
+ALARMS = ("proxy_up_heldout_down", "kl_growth", "entropy_collapse", "length_drift")
+KL_ALARM_NATS = 1.0  # KL per sequence below which its growth is not worth an alarm, however fast
+COLLAPSE = 0.5  # entropy below this fraction of the first iterations' is a collapse
+DRIFT = 1.5  # response length this many times longer (or shorter) than in the first iterations is a drift
+
+
+def _window(history: Sequence[Mapping[str, float]], key: str, start: int, stop: int) -> list[float]:
+    return [row[key] for row in history[start:stop] if key in row]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _fell(before: list[float], after: list[float]) -> bool:
+    """The mean fell by more than twice the standard error of the difference (each window's own spread)."""
+    def var(v: list[float]) -> float:
+        m = _mean(v)
+        return sum((a - m) ** 2 for a in v) / max(len(v) - 1, 1)
+
+    drop = _mean(before) - _mean(after)
+    return drop > 0 and drop > 2 * math.sqrt(var(before) / len(before) + var(after) / len(after))
+
+
+def watch(history: Sequence[Mapping[str, float]], window: int) -> list[Alarm]:
+    """The alarms the logs of a PPO run raise at its latest iteration (history: one metrics row per iteration,
+    oldest first), comparing its last `window` iterations with the `window` before them (and with its first):
+    - the proxy score rose while a held-out score (monitor/gold_reward, monitor/rm_*: the test PM) fell beyond
+      noise (Gao et al. 2022; Bai et al. 2022 §4.3): the policy is exploiting the reward model;
+    - KL to the reference at least doubled and is above KL_ALARM_NATS per sequence;
+    - the policy's entropy fell below COLLAPSE of the first iterations';
+    - the mean response length moved by a factor DRIFT from the first iterations'.
+    Nothing before 2·window iterations."""
+    n = len(history)
+    if window < 1 or n < 2 * window:
+        return []
+    before, after = (n - 2 * window, n - window), (n - window, n)
+    alarms = []
+    proxy_old, proxy_new = _window(history, "ppo/score", *before), _window(history, "ppo/score", *after)
+    rise = _mean(proxy_new) - _mean(proxy_old) if proxy_old and proxy_new else 0.0
+    for key in [k for k in history[-1] if k == "monitor/gold_reward" or k.startswith("monitor/rm_")]:
+        old, new = _window(history, key, *before), _window(history, key, *after)
+        if rise > 0 and old and new and _fell(old, new):
+            alarms.append(Alarm("proxy_up_heldout_down",
+                                f"the proxy score rose by {rise:+.3f} over the last {window} iterations while {key} "
+                                f"fell by {_mean(new) - _mean(old):+.3f}: the policy may be exploiting the reward "
+                                "model"))
+            break
+    kl_old, kl_new = _window(history, "ppo/kl", *before), _window(history, "ppo/kl", *after)
+    if kl_old and kl_new and _mean(kl_new) > KL_ALARM_NATS and _mean(kl_new) >= 2 * max(_mean(kl_old), 1e-9):
+        alarms.append(Alarm("kl_growth", f"KL to the reference grew from {_mean(kl_old):.2f} to {_mean(kl_new):.2f} "
+                                         f"nats per sequence over the last {2 * window} iterations"))
+    for key, kind, test, what in (
+            ("ppo/entropy", "entropy_collapse", lambda first, last: last < COLLAPSE * first, "entropy"),
+            ("rollout/length", "length_drift", lambda first, last: not 1 / DRIFT <= last / max(first, 1e-9) <= DRIFT,
+             "mean response length")):
+        first, last = _window(history, key, 0, window), _window(history, key, *after)
+        if first and last and test(_mean(first), _mean(last)):
+            alarms.append(Alarm(kind, f"the {what} went from {_mean(first):.3g} in the first {window} iterations to "
+                                      f"{_mean(last):.3g} in the last {window}"))
+    return alarms

@@ -8,7 +8,9 @@ Over-optimisation views (Gao et al. 2022; Bai et al. 2022 Fig. 13):
 - along PPO: the proxy (the RM PPO optimises), the gold score and, with the robustness check, the held-out RM,
   per iteration against √KL(π ‖ π_SFT) measured on the rollouts;
 - along best-of-n: the expected proxy and gold score of the best of n SFT samples (every n-subset of the N drawn,
-  `core.losses.best_of_n_value`) against √KL_BoN = √(log n − (n−1)/n).
+  `core.losses.best_of_n_value`) against √KL_BoN = √(log n − (n−1)/n);
+- each of those scores fitted as a·√KL + b (`core.losses.linear_fit`), the HH paper's relation, with the slope's
+  interval and R², beside the same fit against KL.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit.core.losses import best_of_n_kl, best_of_n_value, elo_bootstrap, elo_ratings
+from rlhfkit.core.losses import LinearFit, best_of_n_kl, best_of_n_value, elo_bootstrap, elo_ratings, linear_fit
 from rlhfkit.evaluate import winrates
 from rlhfkit.sim import tasks
 from rlhfkit.tracking import read_metrics
@@ -68,25 +70,68 @@ def bon_curve(out: Path) -> dict[str, list[float]] | None:
             "gold": [float(best_of_n_value(proxy, gold, n).mean()) for n in ns]}
 
 
+def ppo_scores(rows: list[dict]) -> dict[str, str]:
+    """The scores PPO logged per iteration, by their name in the report: the proxy it optimised, the gold score and
+    any held-out RM (--monitor rm:DIR)."""
+    names = {"ppo/score": "proxy RM (optimised)", "monitor/gold_reward": "gold score"}
+    names |= {k: f"held-out RM ({k.removeprefix('monitor/rm_')})" for k in (rows[0] if rows else {})
+              if k.startswith("monitor/rm_")}
+    return {k: v for k, v in names.items() if rows and k in rows[0]}
+
+
+def sqrt_kl_fits(ppo_rows: list[dict], bon: dict | None) -> list[tuple[str, str, LinearFit, LinearFit]]:
+    """Each score along PPO (per iteration) and along best-of-n (per n) fitted as a·√KL + b, and as a·KL + b for
+    contrast: (along, score, √KL fit, KL fit). Along PPO a point is an iteration's mean over its rollouts."""
+    fits = []
+    if len(ppo_rows) >= 3:
+        x = [r["ppo/sqrt_kl"] for r in ppo_rows]
+        for key, name in ppo_scores(ppo_rows).items():
+            y = [r[key] for r in ppo_rows]
+            fits.append(("PPO", name, linear_fit(x, y), linear_fit([v * v for v in x], y)))
+    if bon is not None and len(bon["n"]) >= 3:
+        for key, name in (("proxy", "proxy RM (selects)"), ("gold", "gold score")):
+            fits.append(("best-of-n", name, linear_fit(bon["sqrt_kl"], bon[key]),
+                         linear_fit([v * v for v in bon["sqrt_kl"]], bon[key])))
+    return fits
+
+
+def verdict(fit: LinearFit, against_kl: LinearFit) -> str:
+    """Whether the HH paper's relation (reward roughly linear in √KL) describes these points."""
+    if fit.slope_lo > 0:
+        trend = "rises" + (" linearly in √KL" if fit.r2 >= 0.5 else ", noisily")
+    elif fit.slope_hi < 0:
+        trend = "falls"
+    else:
+        trend = "no trend the points can tell from noise"
+    better = "√KL" if fit.r2 >= against_kl.r2 else "KL"
+    return f"{trend}; a line in {better} fits better (R² {fit.r2:.2f} against {against_kl.r2:.2f})"
+
+
 def plot_overoptimisation(out: Path, bon: dict | None, path: Path) -> Path | None:
     ppo_rows = _metrics(out / "ppo")
     if not ppo_rows and bon is None:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
     ax = axes[0]
     if ppo_rows:
+        # points coloured by iteration (in iteration order they wander: √KL is not monotone); each score's fit
         x = [r["ppo/sqrt_kl"] for r in ppo_rows]
-        ax.plot(x, [r["ppo/score"] for r in ppo_rows], "o-", label="proxy RM (optimised)")
-        if "monitor/gold_reward" in ppo_rows[0]:
-            ax.plot(x, [r["monitor/gold_reward"] for r in ppo_rows], "s-", label="gold score")
-        held = [k for k in ppo_rows[0] if k.startswith("monitor/rm_")]
-        for k in held:
-            ax.plot(x, [r[k] for r in ppo_rows], "^-", label="held-out RM")
+        iteration = list(range(1, len(ppo_rows) + 1))
+        span = [min(x), max(x)]
+        for (key, name), marker, colour in zip(ppo_scores(ppo_rows).items(), "os^v", ("C0", "C1", "C2", "C3")):
+            y = [r[key] for r in ppo_rows]
+            dots = ax.scatter(x, y, c=iteration, cmap="viridis", marker=marker, edgecolors=colour, linewidths=1.2,
+                              s=36, label=name)
+            if len(x) >= 3 and span[1] > span[0]:
+                fit = linear_fit(x, y)
+                ax.plot(span, [fit.intercept + fit.slope * v for v in span], "--", color=colour, lw=1.2,
+                        label=f"fit: {fit.slope:+.2f}·√KL {fit.intercept:+.2f} (R² {fit.r2:.2f})")
+        fig.colorbar(dots, ax=ax, label="PPO iteration")
     ax.set_title("PPO iterations")
     ax.set_xlabel("√KL(π ‖ π_SFT) (nats^½, per sequence)")
     ax.set_ylabel("score")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax = axes[1]
     if bon is not None:
         ax.plot(bon["sqrt_kl"], bon["proxy"], "o-", label="proxy RM (selects)")
@@ -114,9 +159,11 @@ def plot_training(out: Path, path: Path) -> Path | None:
         rows = _metrics(out / d)
         ax.plot(*_series(rows, key), lw=1.2, label=key)
         if d == "rm":
+            ax.set_ylabel("loss", fontsize=8)
             ax2 = ax.twinx()
             ax2.plot(*_series(rows, "train/accuracy"), color="tab:orange", lw=1, label="accuracy")
             ax2.set_ylim(0, 1)
+            ax2.set_ylabel("training batch accuracy", fontsize=8, color="tab:orange")
         if d == "ppo" and _series(rows, "monitor/gold_reward")[0]:
             ax.plot(*_series(rows, "monitor/gold_reward"), lw=1.2, label="gold score")
             ax.legend(fontsize=7)
@@ -280,9 +327,52 @@ def overoptimisation_blocks(out: Path, cfg: Any) -> list[Block]:
             b.append(("table", ["n", "√KL", "proxy", "gold"],
                       [[n, f"{x:.2f}", f"{p:.3f}", f"{g:.3f}"] for n, x, p, g in
                        zip(bon["n"], bon["sqrt_kl"], bon["proxy"], bon["gold"])]))
+        fits = sqrt_kl_fits(_metrics(out / "ppo"), bon)
+        if fits:
+            b += [("h2", "Is reward linear in √KL?"),
+                  ("table", ["along", "score", "slope per √KL (95% CI)", "intercept", "R²", "points",
+                             "the HH relation here"],
+                   [[along, name, f"{f.slope:+.3f} ({f.slope_lo:+.3f} to {f.slope_hi:+.3f})", f"{f.intercept:+.3f}",
+                     f"{f.r2:.2f}", f.n, verdict(f, k)] for along, name, f, k in fits]),
+                  ("p", "Bai et al. (2022) found the preference model's score roughly linear in √KL(π ‖ π_0) along RL "
+                        "training. Each row is a least-squares line a·√KL + b through the points in the plot above "
+                        "(PPO: one per iteration, each the mean of its rollouts; best-of-n: n = 1, 2, 4, …), with "
+                        "the slope's t interval, which treats the points as independent (PPO's iterations are not "
+                        "quite); the last column also fits a·KL + b to the same points.")]
+    b += alarm_blocks(out, cfg)
     curves = plot_training(out, out / "training_curves.png")
     if curves:
         b += [("h2", "Training curves"), ("img", curves, "SFT, RM and DPO losses per step; PPO scores per iteration")]
+    return b
+
+
+ALARM_NAMES = {"proxy_up_heldout_down": "proxy up while a held-out score falls", "kl_growth": "KL growth",
+               "entropy_collapse": "entropy collapse", "length_drift": "response-length drift"}
+
+
+def alarm_blocks(out: Path, cfg: Any) -> list[Block]:
+    """The over-optimisation alarms each PPO run logged (watch/KIND per iteration, `core.rl.watch`)."""
+    runs = [("ppo", out / "ppo")] + [(f"round{r}/ppo", out / f"round{r}" / "ppo")
+                                     for r in range(1, cfg.online_rounds + 1)]
+    rows, watched = [], False
+    for name, d in runs:
+        logged = _metrics(d)
+        for kind, label in ALARM_NAMES.items():
+            raised = [r["step"] for r in logged if r.get(f"watch/{kind}")]
+            watched |= any(f"watch/{kind}" in r for r in logged)
+            if raised:
+                rows.append([name, label, raised[0], f"{len(raised)} of {len(logged)}"])
+    if not watched:
+        return []
+    b: list[Block] = [("h2", "Over-optimisation alarms")]
+    if rows:
+        b.append(("table", ["PPO run", "alarm", "first raised at iteration", "iterations raised"], rows))
+    else:
+        b.append(("p", "No PPO run raised an alarm."))
+    b.append(("p", "Each iteration compares the last few iterations' logs with the ones before (ppo --watch-window): "
+                   "the proxy score rising while the held-out RM or the gold score falls beyond noise, KL to SFT "
+                   "doubling above 1 nat, the policy's entropy halving, the mean response length moving by half "
+                   "again since the first iterations. The run's log printed each alarm when first raised."))
     return b
 
 
