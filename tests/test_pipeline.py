@@ -10,6 +10,7 @@ import pytest
 from rlhfkit import UsageError
 from rlhfkit.core import rl
 from rlhfkit.evaluate import report
+from rlhfkit.config import from_dict
 from rlhfkit.pipeline import PipelineConfig, resolve, slots
 from rlhfkit.sim import tasks
 from rlhfkit.tracking import read_metrics
@@ -103,7 +104,6 @@ def test_rerun_skips_complete_stages_and_a_changed_stage_reruns_with_what_follow
     ({"skip": ["sft"]}, "--skip 'sft': only dpo, best_of_n and ppo can be skipped"),
     ({"feedback": "db:labels.sqlite"}, r"--feedback db:labels\.sqlite: no such database; make it, and the labellers"),
     ({"feedback": "people"}, r"--feedback 'people': expected sim \(simulated labellers\) or db:FILE"),
-    ({"rivals": -1}, r"--rivals -1: expected 0 or more earlier models beside the newest"),
     ({"use_thumbs": True}, r"--use-thumbs takes people's thumbs and A/B choices from the labelling app: it needs "
                            r"--feedback db:FILE"),
 ])
@@ -143,6 +143,12 @@ def test_slots_give_each_model_its_share_of_a_prompts_responses():
             assert counts[0] == k // m and counts[-1] == -(-k // m) and sum(counts) == k
             seen.add(tuple(who))
         assert len(seen) > 1 or m == 1  # positions move between prompts
+
+
+def test_prompt_limits_take_zero_for_the_whole_split_and_rivals_no_less():
+    assert from_dict(PipelineConfig, {"rl_prompts": 0, "eval_prompts": 0, "rivals": 0}).rl_prompts == 0
+    with pytest.raises(UsageError, match="--rivals -1: must be ≥ 0"):
+        from_dict(PipelineConfig, {"rivals": -1})
 
 
 def test_preset_values_sit_under_the_users(tmp_path):

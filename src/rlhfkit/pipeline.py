@@ -167,8 +167,6 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
         elif mine is None:
             values[f.name] = theirs
     resolved = replace(cfg, **values)
-    if resolved.rivals < 0:
-        raise UsageError(f"--rivals {resolved.rivals}: expected 0 or more earlier models beside the newest")
     check_stage_options(resolved)
     return resolved
 

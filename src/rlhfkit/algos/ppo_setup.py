@@ -42,8 +42,6 @@ def check(cfg: PPOConfig) -> None:
         raise UsageError(f"--advantage {cfg.advantage} compares a prompt's samples: set --n-samples ≥ 2")
     if not cfg.reward_model and not cfg.reward_fn:
         raise UsageError("give --reward-model, --reward-fn or both")
-    if cfg.watch_window < 0:
-        raise UsageError(f"--watch-window {cfg.watch_window}: expected 0 (off) or a number of iterations")
     if cfg.reward_model:
         reward_model_dir(cfg.reward_model)  # before the critic is built from it, or transformers tries the hub
     if cfg.missing_eos not in ("replace", "subtract", "none"):
