@@ -140,6 +140,15 @@ def test_rankings_give_all_pairs_and_identical_pairs_are_counted(tmp_path, tok):
     pairs, report = dpo.load_pairs(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "x",
                                                                        "rejected": "y"}, rows[1]]), None, tok, 128)
     assert len(pairs) == 1 and report.identical_pairs == 1
+    # best_worst: one pair per ranking, its best (c) against its worst (b); a pair stays itself
+    pairs = [p for name, data in (("bw.jsonl", rows[0]), ("bwp.jsonl", {"prompt": "q", "chosen": "x", "rejected": "y"}))
+             for p in dpo.load_pairs(write_jsonl(tmp_path / name, [data]), None, tok, 128, which="best_worst")[0]]
+    decoded = [(tok.decode([t for t, m in zip(p.chosen.input_ids, p.chosen.loss_mask) if m]),
+                tok.decode([t for t, m in zip(p.rejected.input_ids, p.rejected.loss_mask) if m])) for p in pairs]
+    assert decoded == [("c<|im_end|>", "b<|im_end|>"), ("x<|im_end|>", "y<|im_end|>")]
+    proc = run_cli("dpo", "--model", "tiny-llama", "--output", str(tmp_path / "x"), "--ranking-pairs", "best",
+                   check=False)
+    assert proc.returncode == 2 and "--ranking-pairs 'best': expected all or best_worst" in proc.stderr
 
 
 def test_response_mask_excludes_earlier_assistant_turns(tmp_path, tok):

@@ -25,6 +25,7 @@ from rlhfkit.core.losses import (
     pairwise_loss,
     ranking_loss,
     ranking_pairs,
+    best_worst_pair,
 )
 
 
@@ -341,3 +342,10 @@ def test_linear_fit_by_hand():
     assert math.isnan(linear_fit([0, 1], [0, 1]).slope_lo)
     with pytest.raises(ValueError):
         linear_fit([1, 1, 1], [0, 1, 2])
+
+
+def test_best_worst_pair_by_hand():
+    """[2, [0, 3], 1]: 2 wins thrice, 1 loses thrice; a tie at the top takes the first; scored pairs alike."""
+    assert best_worst_pair(ranking_pairs([2, [0, 3], 1])) == [(2, 1)]
+    assert best_worst_pair(ranking_pairs([[1, 0], 2])) == [(0, 2)]
+    assert best_worst_pair([(0, 1)]) == [(0, 1)] and best_worst_pair([]) == []

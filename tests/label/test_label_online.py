@@ -130,7 +130,8 @@ def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_l
         assert f"<td>{out / 'round1' / 'comparisons'}</td>" in page and "<td>24</td>" in page
         if SHOTS:
             screenshot("queue-done", f"http://127.0.0.1:{port}/admin", admin)
-            screenshot("report-rounds", (out / "report.html").resolve().as_uri(), between=("Online rounds", "Reward model"))
+            screenshot("report-rounds", (out / "report.html").resolve().as_uri(),
+                       between=("Online rounds", "Reward model"))
     finally:
         stop.set()
         for p in people:  # before the server goes: a request cut off mid-way would fail the labeller's thread
@@ -165,7 +166,8 @@ def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_l
     # round 1 showed PPO's responses beside SFT's (the default one rival), so people's rankings also judged PPO
     # against SFT: the report's Elo row after round 1 has both, from those rankings' games alone
     assert all(x["models"] == ["sft"] * 3 for x in rows["comparisons"])
-    assert all(sorted(x["models"]) in (["ppo", "ppo", "sft"], ["ppo", "sft", "sft"]) for x in rows["round1/comparisons"])
+    assert all(sorted(x["models"]) in (["ppo", "ppo", "sft"], ["ppo", "sft", "sft"])
+               for x in rows["round1/comparisons"])
     games = [g for x in rows["round1/comparisons"] for g in ranking_games(x["models"], x["ranking"])]
     assert len(games) == 2 * len(rows["round1/comparisons"])
     elo = elo_ratings(games)

@@ -25,7 +25,9 @@ Departures, and why:
 - Dropout is off in the policy too (the model runs in eval mode while it trains): the paper and TRL disable it,
   since dropout noise in log π but not in log π_ref biases h.
 - IPO uses summed log-probs, as in the paper; TRL length-normalises (ALGORITHMS.md).
-- A K-way ranking contributes all of its C(K,2) pairs as separate examples (ties give none).
+- A K-way ranking contributes all of its C(K,2) pairs as separate examples (ties give none), or with
+  --ranking-pairs best_worst only its best response against its worst (neighbours in a noisy ranking are often
+  near-ties: on the built-in task the pipeline's DPO learns from best_worst and not from all pairs, RESULTS.md).
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ from typing import ClassVar, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit import TrainingError, checkpoint, distributed, forward, models
+from rlhfkit import TrainingError, UsageError, checkpoint, distributed, forward, models
 from rlhfkit.config import write_run_json
-from rlhfkit.core.losses import DPO_LOSSES, dpo_loss
+from rlhfkit.core.losses import DPO_LOSSES, best_worst_pair, dpo_loss
 from rlhfkit.data import chat, formats
 from rlhfkit.data.chat import TokenizedExample
 from rlhfkit.tracking import release_output
@@ -78,6 +80,10 @@ class DPOConfig(TrainConfig):
     min_score_gap: float = 0.0
     """Scored responses: drop a pair whose scores differ by less than this (a near-tie; counted). Equal scores
     never make a pair."""
+    ranking_pairs: str = "all"
+    """The pairs a K-way ranking (or K scored responses) gives: all (its C(K,2) pairs) or best_worst (only the best
+    response against the worst: the pair its labeller is surest of, where neighbours in a noisy ranking are often
+    near-ties)."""
     lr: float = 1e-6
     """Peak learning rate (AdamW)."""
     batch_size: int = 4
@@ -116,17 +122,17 @@ class PairReport:
 
 
 def load_pairs(path: str, fmt: str | None, tok, max_length: int, min_score_gap: float = 0.0,
-               skipped: formats.Skipped | None = None, columns: list[str] | None = None
+               skipped: formats.Skipped | None = None, columns: list[str] | None = None, which: str = "all"
                ) -> tuple[list[PairExample], PairReport]:
-    """Every comparison of a file as a tokenised pair; with `skipped`, rows that cannot be converted are left out
-    and counted there (and in the report)."""
+    """Every comparison of a file as tokenised pairs (`which`: all of a row's pairs, or best_worst); with
+    `skipped`, rows that cannot be converted are left out and counted there (and in the report)."""
     report, out = PairReport(), []
     before = skipped.count if skipped else 0
     convert = functools.partial(formats.to_preference, min_score_gap=min_score_gap)
     for pref in formats.read(path, convert, fmt, skipped, columns)[0]:
         report.below_score_gap += pref.below_score_gap
         report.skipped_no_pairs += not pref.pairs
-        for w, l in pref.pairs:
+        for w, l in (pref.pairs if which == "all" else best_worst_pair(pref.pairs)):
             if pref.responses[w] == pref.responses[l]:
                 report.identical_pairs += 1
                 continue
@@ -153,10 +159,10 @@ def load_data(cfg: DPOConfig, tok, main: bool) -> tuple[list[PairExample], list[
     skipped as invalid (with --skip-invalid)."""
     skipped = formats.Skipped() if cfg.skip_invalid else None
     pairs, report = load_pairs(cfg.data, cfg.format, tok, cfg.max_length, cfg.min_score_gap, skipped,
-                                  cfg.columns)
+                               cfg.columns, cfg.ranking_pairs)
     if cfg.val_data:
         val_pairs, val_report = load_pairs(cfg.val_data, None, tok, cfg.max_length, cfg.min_score_gap, skipped,
-                                                  cfg.columns)
+                                           cfg.columns, cfg.ranking_pairs)
     else:
         pairs, val_pairs = split_validation(pairs, cfg.val_fraction, cfg.seed)
         val_report = None
@@ -341,6 +347,8 @@ def evaluate(net, pairs, reference, cfg: DPOConfig, pad_id: int, accelerator) ->
 def train(cfg: DPOConfig) -> dict:
     if cfg.loss not in DPO_LOSSES:
         raise TrainingError(f"--loss {cfg.loss!r}: expected one of {', '.join(DPO_LOSSES)}")
+    if cfg.ranking_pairs not in ("all", "best_worst"):
+        raise UsageError(f"--ranking-pairs {cfg.ranking_pairs!r}: expected all or best_worst")
     # 1. setup: processes, precision, seed, policy (dropout off: eval mode while training)
     accelerator, out = begin(cfg)
     main, world = accelerator.is_main_process, accelerator.num_processes

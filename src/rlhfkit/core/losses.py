@@ -116,6 +116,24 @@ def ranking_pairs(ranking: Ranking) -> list[tuple[int, int]]:
     return [(w, l) for g, above in enumerate(groups) for below in groups[g + 1 :] for w in above for l in below]
 
 
+def best_worst_pair(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Of one comparison's (winner, loser) pairs, the one between the response that wins most often and the one
+    that loses most often (the first on a tie): the best against the worst of a ranking or of scored responses.
+    [] for no pairs.
+
+    [2, [0, 3], 1]'s pairs (2,0) (2,3) (2,1) (0,1) (3,1) -> [(2, 1)]."""
+    if not pairs:
+        return []
+    wins: dict[int, int] = {}
+    losses: dict[int, int] = {}
+    for w, l in pairs:
+        wins[w] = wins.get(w, 0) + 1
+        losses[l] = losses.get(l, 0) + 1
+    best = max(wins, key=lambda i: (wins[i], -i))
+    worst = max(losses, key=lambda i: (losses[i], -i))
+    return [(best, worst)]
+
+
 def grouped_ranking_loss(scores: Tensor, groups: Sequence[Sequence[tuple[int, int]]]) -> Tensor:
     """InstructGPT RM loss for a batch of prompts whose responses are scored once each.
 

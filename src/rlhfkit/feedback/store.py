@@ -23,8 +23,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from rlhfkit.feedback.schema import (KINDS, MAX_TEXT, MIGRATIONS, ROLES, SAME_TARGET, STRENGTHS, assignments,
-                                     batches, demonstrations, prompts, rank_items, rankings, ratings, responses, sessions,
-                                     submissions, users)
+                                     batches, demonstrations, prompts, rank_items, rankings, ratings, responses,
+                                     sessions, submissions, users)
 
 
 class StoreError(Exception):
