@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -52,6 +53,7 @@ def test_tiny_pipeline_runs_every_stage_and_writes_the_report(tiny_run):
     for heading in ("Results on held-out prompts", "Helpful and harmless", "Reward model", "Over-optimisation",
                     "Is reward linear in √KL?", "Over-optimisation alarms", "Training curves"):
         assert f"## {heading}" in md
+    assert re.search(r"\| rm \| \d\.\d{3} \(\d\.\d{3}–\d\.\d{3}\) \| [1-9]\d* \|", md)  # accuracy, interval, pairs
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "<script" not in page
     for png in ("reward_vs_sqrt_kl.png", "training_curves.png", "eval/elo.png", "rm/reliability.png"):

@@ -194,6 +194,19 @@ def test_reward_model_scores_and_initialises_the_critic(tmp_path, sft_policy):
     rm_cfg = reward.RMConfig(model="tiny-llama", data="sample:pairs", output=str(tmp_path / "rm"), max_steps=2,
                              batch_size=4, lr=1e-3, val_fraction=0.0, dtype="fp32", max_length=128)
     reward.train(rm_cfg)
+    # the critic starts on the rewards' scale: its head reads (raw − offset)·scale, the RM's normalised score
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.algos.ppo_setup import normalised_head
+
+    raw = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    offset, scale = raw.config.rlhfkit_reward_offset, raw.config.rlhfkit_reward_scale
+    critic = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    normalised_head(critic)
+    ids = torch.tensor([[5, 17, 42, 9]])
+    with torch.no_grad():
+        assert offset != 0 and critic(ids).logits.item() == pytest.approx((raw(ids).logits.item() - offset) * scale,
+                                                                          abs=1e-5)
     AcceleratorState._reset_state(reset_partial_state=True)
     final = ppo.train(cfg_for(tmp_path, sft_policy, reward_fn=None, reward_model=str(tmp_path / "rm"),
                               advantage="gae", n_samples=1, iterations=1,

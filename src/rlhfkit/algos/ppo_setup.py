@@ -123,6 +123,21 @@ def load_monitors(cfg: PPOConfig, device) -> dict[str, Callable]:
     return monitors
 
 
+def normalised_head(critic) -> None:
+    """The RM's score normalisation (r − offset)·scale, which `RewardModel.score` applies to the rewards PPO sees,
+    folded into a critic initialised from that RM: its head becomes a Linear with a bias, weight·scale and
+    −offset·scale, so its first values are on the rewards' scale. (Read raw, an RM whose offset is 2 starts every
+    value 2 above the returns, and GAE turns that into a pattern of advantages by position.)"""
+    offset = getattr(critic.config, "rlhfkit_reward_offset", 0.0) or 0.0
+    scale = getattr(critic.config, "rlhfkit_reward_scale", 1.0) or 1.0
+    old = critic.score
+    head = torch.nn.Linear(old.in_features, 1, bias=True, dtype=old.weight.dtype)
+    with torch.no_grad():
+        head.weight.copy_(old.weight * scale)
+        head.bias.fill_((-offset * scale) + (float(old.bias) * scale if old.bias is not None else 0.0))
+    critic.score = head
+
+
 def build_critic(cfg: PPOConfig, tok):
     from transformers import AutoModelForSequenceClassification
 
@@ -134,6 +149,7 @@ def build_critic(cfg: PPOConfig, tok):
         if critic.get_input_embeddings().weight.shape[0] < len(tok):
             raise UsageError("--critic-init rm: the reward model's vocabulary is smaller than the policy's; "
                              "use --critic-init zero")
+        normalised_head(critic)
     elif init == "zero":
         src = models.resolve(cfg.policy)
         with torch.random.fork_rng(devices=[]):

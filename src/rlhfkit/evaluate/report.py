@@ -299,10 +299,16 @@ def reward_model_blocks(out: Path) -> list[Block]:
     for d in ("rm", "rm_heldout"):
         f = _run_final(out / d)
         if f:
-            rm_rows.append([d, f"{f.get('rm/accuracy', float('nan')):.3f}", f"{f.get('rm/ece', float('nan')):.3f}",
+            acc, n = f.get("rm/accuracy", float("nan")), int(f.get("rm/pairs", 0))
+            interval = "({:.3f}–{:.3f})".format(*winrates.wilson_interval(acc * n, n)) if n else ""
+            rm_rows.append([d, f"{acc:.3f} {interval}", n, f"{f.get('rm/ece', float('nan')):.3f}",
                             f"{f.get('rm/margin', float('nan')):.3f}"])
     if rm_rows:
-        b += [("h2", "Reward model"), ("table", ["reward model", "held-out accuracy", "ECE", "mean margin"], rm_rows)]
+        b += [("h2", "Reward model"),
+              ("table", ["reward model", "held-out accuracy (95% CI)", "held-out pairs", "ECE", "mean margin"], rm_rows),
+              ("p", "Accuracy: the share of held-out pairs the RM orders as the labeller did (ties excluded), with a "
+                    "Wilson interval that counts the pairs as independent; the pairs of one ranking are not, so the "
+                    "interval is somewhat too narrow.")]
         if (out / "rm" / "reliability.png").is_file():
             b.append(("img", out / "rm" / "reliability.png", "Calibration: predicted σ(r_A − r_B) against the "
                                                              "observed frequency on held-out comparisons"))
