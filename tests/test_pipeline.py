@@ -101,8 +101,26 @@ def test_rerun_skips_complete_stages_and_a_changed_stage_reruns_with_what_follow
     assert "ppo" not in json.loads((out / "eval" / "eval.json").read_text())["models"]
 
 
+def test_rl_baselines_run_beside_ppo_as_report_rows(tiny_run):
+    out, _ = tiny_run
+    stages = ("data", "sft", "comparisons", "rm", "ppo", "dpo", "best_of_n")
+    written = {s: (out / s / "stage.json").stat().st_mtime_ns for s in stages}
+    run_cli("pipeline", "--preset", "tiny", "--context-distill", "--output", str(out), "--rl-baselines", "grpo")
+    assert {s: (out / s / "stage.json").stat().st_mtime_ns for s in stages} == written  # PPO's own run reused
+    variant = json.loads((out / "ppo_grpo" / "run.json").read_text())["config"]
+    ppo = json.loads((out / "ppo" / "run.json").read_text())["config"]
+    assert (ppo["advantage"], variant["advantage"]) == ("gae", "grpo")
+    assert {k: v for k, v in variant.items() if k not in ("advantage", "output")} == \
+        {k: v for k, v in ppo.items() if k not in ("advantage", "output")}
+    ev = json.loads((out / "eval" / "eval.json").read_text())
+    assert list(ev["models"]) == ["base", "sft", "best-of-4", "dpo", "ppo", "ppo-grpo"]
+    assert "| ppo-grpo |" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("kw,msg", [
     ({"preset": "huge"}, "--preset 'huge': expected one of default, tiny"),
+    ({"rl_baselines": ["gae"]}, r"--rl-baselines 'gae': expected rloo, grpo, reinforce\+\+ \(PPO itself is the ppo"),
+    ({"rl_baselines": ["rloo"], "skip": ["ppo"]}, "--rl-baselines run beside the ppo stage: drop --skip ppo"),
     ({"skip": ["sft"]}, "--skip 'sft': only dpo, best_of_n and ppo can be skipped"),
     ({"feedback": "db:labels.sqlite"}, r"--feedback db:labels\.sqlite: no such database; make it, and the labellers"),
     ({"feedback": "people"}, r"--feedback 'people': expected sim \(simulated labellers\) or db:FILE"),

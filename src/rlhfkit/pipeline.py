@@ -16,7 +16,8 @@ matches its settings and inputs (and says so):
                   people in the labelling app: --feedback db:FILE)
   4. rm           the reward model on the rankings, initialised from the SFT model; with `robustness`, a second RM
                   on a disjoint half of the prompts (the first then sees the other half only)
-  5. ppo          PPO from the SFT model against the RM; the gold score (and the held-out RM) logged per iteration
+  5. ppo          PPO from the SFT model against the RM (a critic initialised from the RM, GAE); the gold score
+                  (and the held-out RM) logged per iteration; `rl_baselines`: the same with critic-free estimators
   6. dpo          DPO from the SFT model on the same rankings
   7. best_of_n    n responses per evaluation prompt from the SFT model; the best by the RM
   8. round1..N    `--online-rounds N`: sample from the latest policy and `rivals` policies before it (taking turns
@@ -35,9 +36,9 @@ Departures, and why:
   models side by side for the same reason), and people's chat A/B choices between the run's models.
 - Each online round's PPO starts again from the SFT model (KL to SFT), as the HH paper retrained its policies on
   the newer preference models; the rounds differ in the RM they optimise.
-- Presets (rlhfkit/presets/pipeline_NAME.yaml): `default` fits the 20-minute budget of a 2-core CPU (so fewer prompts and iterations than a real run,
-  and the RM, PPO and DPO train only their upper 15, 15 and 20 of SmolLM2's 30 blocks); `tiny` runs everything on
-  tiny-llama in about a minute, for tests.
+- Presets (rlhfkit/presets/pipeline_NAME.yaml): `default` fits the budget of a 2-core CPU (so fewer prompts and
+  iterations than a real run, and the RM, PPO's actor and critic, and DPO train only their upper 15, 15 and 20 of
+  SmolLM2's 30 blocks); `tiny` runs everything on tiny-llama in about a minute, for tests.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ from rlhfkit.sim import labellers, tasks
 from rlhfkit.tracking import claim_output, machine_speed, release_output
 
 PRESETS = Path(__file__).parent / "presets"  # pipeline_NAME.yaml, shipped with the package
+
+
+CRITIC_FREE = ("rloo", "grpo", "reinforce++")  # `ppo --advantage` estimators without a critic: --rl-baselines
 
 
 def preset(name: str) -> dict[str, Any]:
@@ -126,6 +130,10 @@ class PipelineConfig:
     system_prompt: str | None = None
     """A system turn before every prompt (none: the chat template's own default; SmolLM2's is 20 tokens long,
     a third of a typical sequence here)."""
+    rl_baselines: list[str] = field(default_factory=list)
+    """Critic-free estimators to run beside PPO, as report rows: rloo, grpo and/or reinforce++, each a PPO stage
+    (ppo_NAME) from the same SFT model against the same RM with the same settings but --advantage (and as much
+    time as the ppo stage less its critic's)."""
     skip: list[str] = field(default_factory=list)
     """Stages to leave out: dpo, best_of_n, ppo (the rest are needed by later stages)."""
     sft: dict = field(default_factory=dict)
@@ -150,6 +158,11 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
     bad = [s for s in cfg.skip if s not in ("dpo", "best_of_n", "ppo")]
     if bad:
         raise UsageError(f"--skip {bad[0]!r}: only dpo, best_of_n and ppo can be skipped")
+    bad = [a for a in cfg.rl_baselines if a not in CRITIC_FREE]
+    if bad:
+        raise UsageError(f"--rl-baselines {bad[0]!r}: expected {', '.join(CRITIC_FREE)} (PPO itself is the ppo stage)")
+    if cfg.rl_baselines and "ppo" in cfg.skip:
+        raise UsageError("--rl-baselines run beside the ppo stage: drop --skip ppo")
     if cfg.feedback != "sim" and not cfg.feedback.startswith("db:"):
         raise UsageError(f"--feedback {cfg.feedback!r}: expected sim (simulated labellers) or db:FILE (people in "
                          "`rlhfkit label serve --db FILE`)")
@@ -562,6 +575,11 @@ def pipeline(cfg: PipelineConfig) -> dict:
         run.stage("ppo", {"ppo": cfg.ppo, "ptx": cfg.ptx}, ["rm"] + (["rm_heldout"] if held_out else []),
                   lambda d: train_ppo(cfg, sft_dir, rm_dir, held_out, d))
         entries.append((str(out / "ppo"), "ppo"))
+        for est in cfg.rl_baselines:  # the same PPO stage with a critic-free estimator, as a report row
+            variant = replace(cfg, ppo={**cfg.ppo, "advantage": est})
+            run.stage(f"ppo_{est}", {"ppo": variant.ppo, "ptx": cfg.ptx}, ["rm"] + (["rm_heldout"] if held_out else []),
+                      lambda d, v=variant: train_ppo(v, sft_dir, rm_dir, held_out, d))
+            entries.append((str(out / f"ppo_{est}"), f"ppo-{est}"))
     # 8. online rounds
     online_rounds(cfg, run, sft_dir, held_out, entries)
     # 9. evaluation on held-out prompts, judged by the gold score

@@ -127,13 +127,17 @@ def test_every_trainable_parameter_of_actor_and_critic_changes(tmp_path, sft_pol
 
 
 def test_frozen_blocks_stay_and_every_other_weight_changes(tmp_path, sft_policy):
-    # the pipeline's preset: RLOO (no critic) with the lowest blocks and the embeddings frozen
-    ppo.train(cfg_for(tmp_path, sft_policy, advantage="rloo", iterations=2, freeze_layers=1))
+    # the pipeline's preset: GAE with the lowest blocks and the embeddings frozen, in the actor and in the critic
+    ppo.train(cfg_for(tmp_path, sft_policy, advantage="gae", iterations=2, freeze_layers=1, save_steps=2))
     before = load_file(Path(sft_policy) / "model.safetensors")
     after = load_file(tmp_path / "out" / "model.safetensors")
     frozen = {k for k in before if k.startswith(("model.embed_tokens", "model.layers.0."))}
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert [k for k in before if k not in frozen and torch.equal(before[k], after[k])] == []
+    trained = load_file(tmp_path / "out" / "checkpoints" / "step-0000002" / "trainable.safetensors")
+    critic = [k.removeprefix("critic.model.") for k in trained if k.startswith("critic.")]
+    assert "model.layers.1.mlp.up_proj.weight" in critic and "score.weight" in critic
+    assert [k for k in critic if k.startswith(("model.embed_tokens", "model.layers.0."))] == []
 
 
 def test_resume_two_plus_two_equals_four_bit_exact(tmp_path, sft_policy):

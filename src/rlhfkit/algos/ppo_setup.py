@@ -162,6 +162,9 @@ def build_critic(cfg: PPOConfig, tok):
         torch.nn.init.zeros_(critic.score.weight)
     else:
         raise UsageError(f"--critic-init {cfg.critic_init!r}: expected auto, rm or zero")
+    # the critic trains what the actor trains: with --freeze-layers N its embeddings and first N blocks stay as
+    # initialised (an RM trained with the same N has those of the SFT model), which halves its backward pass
+    models.freeze_layers(critic, cfg.freeze_layers)
     return critic.float(), init
 
 
