@@ -151,6 +151,9 @@ def test_sqrt_kl_fits_and_their_verdicts():
     assert report.verdict(*fits["PPO", "held-out RM (rm_heldout)"]).startswith("no trend")
     assert report.verdict(*fits["best-of-n", "proxy RM (selects)"]).startswith("rises linearly in √KL")
     assert report.sqrt_kl_fits(rows[:2], None) == []  # two iterations: nothing to fit
+    # a run whose √KL never moved (its sampled KL at or below 0 in every iteration) gets no PPO line, and no error
+    still = [dict(r, **{"ppo/sqrt_kl": 0.0}) for r in rows]
+    assert [along for along, *_ in report.sqrt_kl_fits(still, bon)] == ["best-of-n", "best-of-n"]
 
 
 def test_slots_give_each_model_its_share_of_a_prompts_responses():

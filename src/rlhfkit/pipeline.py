@@ -132,8 +132,7 @@ class PipelineConfig:
     a third of a typical sequence here)."""
     rl_baselines: list[str] = field(default_factory=list)
     """Critic-free estimators to run beside PPO, as report rows: rloo, grpo and/or reinforce++, each a PPO stage
-    (ppo_NAME) from the same SFT model against the same RM with the same settings but --advantage (and as much
-    time as the ppo stage less its critic's)."""
+    (ppo_NAME) from the same SFT model against the same RM with the same settings but --advantage."""
     skip: list[str] = field(default_factory=list)
     """Stages to leave out: dpo, best_of_n, ppo (the rest are needed by later stages)."""
     sft: dict = field(default_factory=dict)
@@ -160,7 +159,8 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
         raise UsageError(f"--skip {bad[0]!r}: only dpo, best_of_n and ppo can be skipped")
     bad = [a for a in cfg.rl_baselines if a not in CRITIC_FREE]
     if bad:
-        raise UsageError(f"--rl-baselines {bad[0]!r}: expected {', '.join(CRITIC_FREE)} (PPO itself is the ppo stage)")
+        raise UsageError(f"--rl-baselines {bad[0]!r}: expected {', '.join(CRITIC_FREE)} "
+                         "(PPO itself is the ppo stage)")
     if cfg.rl_baselines and "ppo" in cfg.skip:
         raise UsageError("--rl-baselines run beside the ppo stage: drop --skip ppo")
     if cfg.feedback != "sim" and not cfg.feedback.startswith("db:"):
@@ -577,7 +577,8 @@ def pipeline(cfg: PipelineConfig) -> dict:
         entries.append((str(out / "ppo"), "ppo"))
         for est in cfg.rl_baselines:  # the same PPO stage with a critic-free estimator, as a report row
             variant = replace(cfg, ppo={**cfg.ppo, "advantage": est})
-            run.stage(f"ppo_{est}", {"ppo": variant.ppo, "ptx": cfg.ptx}, ["rm"] + (["rm_heldout"] if held_out else []),
+            run.stage(f"ppo_{est}", {"ppo": variant.ppo, "ptx": cfg.ptx},
+                      ["rm"] + (["rm_heldout"] if held_out else []),
                       lambda d, v=variant: train_ppo(v, sft_dir, rm_dir, held_out, d))
             entries.append((str(out / f"ppo_{est}"), f"ppo-{est}"))
     # 8. online rounds

@@ -81,14 +81,15 @@ def ppo_scores(rows: list[dict]) -> dict[str, str]:
 
 def sqrt_kl_fits(ppo_rows: list[dict], bon: dict | None) -> list[tuple[str, str, LinearFit, LinearFit]]:
     """Each score along PPO (per iteration) and along best-of-n (per n) fitted as a·√KL + b, and as a·KL + b for
-    contrast: (along, score, √KL fit, KL fit). Along PPO a point is an iteration's mean over its rollouts."""
+    contrast: (along, score, √KL fit, KL fit). Along PPO a point is an iteration's mean over its rollouts. A run
+    whose √KL never moved (a short one's sampled KL estimate can stay at or below 0, logged as √KL 0) has no fit."""
     fits = []
-    if len(ppo_rows) >= 3:
+    if len(ppo_rows) >= 3 and len({r["ppo/sqrt_kl"] for r in ppo_rows}) > 1:
         x = [r["ppo/sqrt_kl"] for r in ppo_rows]
         for key, name in ppo_scores(ppo_rows).items():
             y = [r[key] for r in ppo_rows]
             fits.append(("PPO", name, linear_fit(x, y), linear_fit([v * v for v in x], y)))
-    if bon is not None and len(bon["n"]) >= 3:
+    if bon is not None and len(bon["n"]) >= 3 and len(set(bon["sqrt_kl"])) > 1:
         for key, name in (("proxy", "proxy RM (selects)"), ("gold", "gold score")):
             fits.append(("best-of-n", name, linear_fit(bon["sqrt_kl"], bon[key]),
                          linear_fit([v * v for v in bon["sqrt_kl"]], bon[key])))
