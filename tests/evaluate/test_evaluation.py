@@ -95,6 +95,9 @@ def test_response_logps_in_length_sorted_trimmed_batches_equal_each_row_alone(to
         with torch.no_grad():
             logits = lm(torch.cat([p, r])[None]).logits[0, len(p) - 1:-1].double()  # (|r|, V)
         expected.append(float(logits.log_softmax(-1).gather(1, r[:, None]).sum()))
+    # a batch's rows share their common start (the chat template's header) as a prefix: that path is exercised
+    heads = [samples.prompt_ids[k][samples.prompt_mask[k].bool()][:2].tolist() for k in range(len(samples.texts))]
+    assert all(h == heads[0] for h in heads)
     for batch_size in (1, 3, 64):
         got = response_logps(lm, samples, batch_size, "no")
         torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-4)
