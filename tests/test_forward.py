@@ -48,3 +48,17 @@ def test_take_keeps_the_rows_on_their_prefix_without_padding_columns():
     assert part.input_ids.tolist() == [[7, 8], [3, 4]] and part.attention_mask.tolist() == [[1, 1], [1, 1]]
     assert part.prefix.row_of.tolist() == [1, 0] and torch.equal(part.prefix.ids, batch.prefix.ids)
     assert part.select.tolist() == [[True, False], [True, False]] and part.targets.tolist() == [8, 4]
+
+
+def test_what_all_prefixes_start_with_is_their_root_run_once_then_each_rest_left_padded():
+    # group 0 shares [1, 2] (its first trained token is at 3); group 1, one row, all but the token before its
+    # response: [1, 7, 7]. Both start with [1]: the root, the first column; the rests are left-padded after it
+    seqs = [Row([1, 2, 3, 4, 5], [0, 0, 0, 1, 1]), Row([1, 7, 7, 9, 8], [0, 0, 0, 0, 1]),
+            Row([1, 2, 3, 4, 6], [0, 0, 0, 1, 1])]
+    batch = forward.rows(seqs, PAD, [0, 1, 0])
+    assert batch.prefix.root == 1
+    assert batch.prefix.ids.tolist() == [[1, PAD, 2], [1, 7, 7]] and batch.prefix.mask.tolist() == [[1, 0, 1], [1, 1, 1]]
+    assert batch.input_ids.tolist() == [[3, 4, 5], [9, 8, PAD], [3, 4, 6]]
+    assert batch.num_tokens == 5 + 5 + 5
+    # one group has no other prefix to share with: no root
+    assert forward.rows(seqs[::2], PAD, [0, 0]).prefix.root == 0

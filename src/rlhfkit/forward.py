@@ -4,7 +4,8 @@ training and scoring, and eval's log-probs all build a `Batch` with `rows` and r
 A `Batch` is B token rows, right-padded, with the positions whose logits are read and the tokens scored there.
 Rows of one group (a prompt's n samples, a pair's chosen and rejected, a prompt's K ranked responses) start with
 the same tokens; `rows` runs that start once as a shared prefix (`fast.prefixes`) and keeps only each row's own
-suffix, from the group the caller already knows. The models read a batch:
+suffix, from the group the caller already knows; what all the groups' prefixes start with (the chat template's
+system turn) runs once for all of them. The models read a batch:
 
 - `SelectedLogits`, a causal LM: logits, token log-probs (`token_logps`) or sequence log-probs
   (`sequence_logps`) at the selected positions;
@@ -84,8 +85,13 @@ def rows(seqs: Sequence, pad_id: int, groups: Sequence[int] | None = None) -> Ba
         for i, g in enumerate(groups):
             first.setdefault(g, i)
         order = {g: k for k, g in enumerate(first)}
-        ids, mask = pad_left([seqs[i].input_ids[:cuts[g]] for g, i in first.items()], pad_id)  # (G, P)
-        prefix = Prefix(ids, mask, torch.tensor([order[g] for g in groups]))
+        starts = [seqs[i].input_ids[:cuts[g]] for g, i in first.items()]
+        # what every prefix starts with (the chat template's system turn), each keeping one token of its own
+        root = prefixes.shared_prefix_length(starts) if len(starts) > 1 else 0
+        ids, mask = pad_left([s[root:] for s in starts], pad_id)  # (G, P - root)
+        ids = torch.cat([torch.tensor([starts[0][:root]], dtype=ids.dtype).expand(len(starts), root), ids], dim=1)
+        mask = torch.cat([torch.ones((len(starts), root), dtype=mask.dtype), mask], dim=1)  # (G, P)
+        prefix = Prefix(ids, mask, torch.tensor([order[g] for g in groups]), root)
         seqs = [Row(s.input_ids[cuts[g]:], s.loss_mask[cuts[g]:]) for s, g in zip(seqs, groups)]
     batch = collate(seqs, pad_id)
     select, targets = shifted_selection(batch.input_ids, batch.loss_mask)
@@ -184,7 +190,7 @@ def scores(model, batch: Batch, cache=None, short_math_attention: bool = True) -
     with attention.for_forward(key_len, device, short_math_attention):
         if batch.prefix is None:
             return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0].float()
-        hidden = prefixes.decode_on_prefixes(model.base_model, *batch.prefix, batch.input_ids, batch.attention_mask,
+        hidden = prefixes.decode_on_prefixes(model.base_model, batch.prefix, batch.input_ids, batch.attention_mask,
                                              cache)  # (B, S, H)
     last = hidden[torch.arange(len(hidden), device=device), batch.attention_mask.sum(1) - 1]  # (B, H)
     return model.score(last)[:, 0].float()
@@ -194,4 +200,4 @@ def score_cache(model, prefix: Prefix):
     """The KV cache of a batch's prefixes, run once for several `scores` calls on them (scoring only)."""
     device = next(model.parameters()).device
     with attention.native_gqa(device):
-        return prefixes.prefix_cache(model.base_model, prefix.ids.to(device), prefix.mask.to(device))
+        return prefixes.prefix_cache(model.base_model, prefix.to(device))

@@ -182,6 +182,8 @@ def test_shared_prefix_gives_the_whole_sequences_logps_and_gradients(tmp_path, t
     # shared: the prompt, up to the position whose logit predicts the first response token
     cuts = forward.shared_cuts([p.chosen for p in pairs] + [p.rejected for p in pairs], [0, 1, 0, 1])
     assert cuts == {k: p.chosen.loss_mask.index(1) - 1 for k, p in enumerate(pairs)}
+    rows = forward.rows([p.chosen for p in pairs] + [p.rejected for p in pairs], tok.pad_token_id, [0, 1, 0, 1])
+    assert rows.prefix.root > 0  # the two prompts' common start (the chat template's) runs once
     net = forward.SelectedLogits(models.load_causal_lm("tiny-llama", seed=2, tokenizer=tok)).eval()
     results = []
     for share in (False, True):

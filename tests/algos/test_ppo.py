@@ -263,6 +263,7 @@ def test_shared_prompt_forwards_give_the_whole_sequences_logprobs_values_and_gra
                           ref_logprobs=None, values=None, scores=torch.zeros(6))
     assert ppo.model_inputs(rollout, True).prefix is not None and ppo.model_inputs(rollout, False).prefix is None
     assert len(ppo.model_inputs(rollout, True).prefix.ids) == 2  # two prompts, each run once
+    assert ppo.model_inputs(rollout, True).prefix.root > 0  # on their common start (the template's), run once
     actor = forward.SelectedLogits(lm)
     critic = forward.ValueModel(AutoModelForSequenceClassification.from_config(
         models.tiny_llama_config(len(tok), num_labels=1), dtype=torch.float32)).eval()

@@ -311,7 +311,7 @@ def test_training_on_shared_prefixes_gives_the_whole_sequences_scores_loss_and_g
     items, _ = reward.encode_preferences(rm_tok, prefs, 256)
     whole = reward.collate_preferences(items, rm_tok.pad_token_id)
     shared = reward.collate_preferences(items, rm_tok.pad_token_id, share_prefix=True)
-    assert shared.sequences.prefix is not None
+    assert shared.sequences.prefix is not None and shared.sequences.prefix.root > 0  # the template's start, once
     assert shared.sequences.input_ids.shape[1] < whole.sequences.input_ids.shape[1]
     assert shared.sequences.num_tokens == whole.sequences.num_tokens and shared.groups == whole.groups
     results = []
