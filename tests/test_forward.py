@@ -57,7 +57,8 @@ def test_what_all_prefixes_start_with_is_their_root_run_once_then_each_rest_left
             Row([1, 2, 3, 4, 6], [0, 0, 0, 1, 1])]
     batch = forward.rows(seqs, PAD, [0, 1, 0])
     assert batch.prefix.root == 1
-    assert batch.prefix.ids.tolist() == [[1, PAD, 2], [1, 7, 7]] and batch.prefix.mask.tolist() == [[1, 0, 1], [1, 1, 1]]
+    assert batch.prefix.ids.tolist() == [[1, PAD, 2], [1, 7, 7]]
+    assert batch.prefix.mask.tolist() == [[1, 0, 1], [1, 1, 1]]
     assert batch.input_ids.tolist() == [[3, 4, 5], [9, 8, PAD], [3, 4, 6]]
     assert batch.num_tokens == 5 + 5 + 5
     # one group has no other prefix to share with: no root
