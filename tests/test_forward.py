@@ -63,3 +63,25 @@ def test_what_all_prefixes_start_with_is_their_root_run_once_then_each_rest_left
     assert batch.num_tokens == 5 + 5 + 5
     # one group has no other prefix to share with: no root
     assert forward.rows(seqs[::2], PAD, [0, 0]).prefix.root == 0
+
+
+def test_the_tokens_of_a_batch_on_prefixes_are_found_in_their_rows_and_kept_per_row():
+    # the root example's batch: where each token sits in its row (`token_index`), and an `Entry` written per row
+    # (`store_entry`) and read back (`stored_entry`); each token's "hidden state" is its own id
+    seqs = [Row([1, 2, 3, 4, 5], [0, 0, 0, 1, 1]), Row([1, 7, 7, 9, 8], [0, 0, 0, 0, 1]),
+            Row([1, 2, 3, 4, 6], [0, 0, 0, 1, 1])]
+    batch = forward.rows(seqs, PAD, [0, 1, 0])
+    suffix, prefix = forward.token_index(batch)
+    assert suffix.tolist() == [[2, 3, 4], [3, 4, -1], [2, 3, 4]]  # after prefixes of 2, 3 and 2 tokens
+    assert prefix.tolist() == [[0, -1, 1], [0, 1, 2], [0, -1, 1]]  # each row's prefix: [1, PAD, 2], [1, 7, 7]
+    ids = lambda t, mask: (t * mask).float()[..., None]  # noqa: E731  (N, L, 1)
+    entry = forward.Entry(3, ids(batch.input_ids, batch.attention_mask), ids(batch.prefix.ids, batch.prefix.mask))
+    store = torch.full((3, 5, 1), -1.0)
+    forward.store_entry(batch, entry, store)
+    assert store[..., 0].tolist() == [s.input_ids for s in seqs]
+    back = forward.stored_entry(batch, store, 3)
+    assert back.block == 3 and torch.equal(back.suffix, entry.suffix) and torch.equal(back.prefix, entry.prefix)
+    # whole rows: the suffix is the row, padding read as 0
+    whole = forward.rows(seqs[:2], PAD)
+    assert forward.token_index(whole)[0].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+    assert forward.stored_entry(whole, store[:2], 3).suffix[..., 0].tolist() == [[1, 2, 3, 4, 5], [1, 7, 7, 9, 8]]

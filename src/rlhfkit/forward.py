@@ -23,7 +23,7 @@ import torch
 from rlhfkit.core.lm import per_row_sums, shifted_selection, target_logps, token_logits
 from rlhfkit.data.collate import collate, pad_left
 from rlhfkit.fast import attention, prefixes
-from rlhfkit.fast.prefixes import Prefix
+from rlhfkit.fast.prefixes import Entry, Prefix
 
 
 class Row(NamedTuple):
@@ -43,6 +43,8 @@ class Batch(NamedTuple):
     select:         (B, T) bool, the positions whose logits are read: those before a trained token
     targets:        (M,) long, the tokens the selected logits are scored against
     prefix:         the `Prefix` the rows run on, or None
+    entry:          the `Entry` the model starts from, the hidden states of these tokens from blocks it shares
+                    with another model (`entry`); None: it runs all its blocks
     """
 
     input_ids: torch.Tensor
@@ -51,19 +53,22 @@ class Batch(NamedTuple):
     select: torch.Tensor
     targets: torch.Tensor
     prefix: Prefix | None
+    entry: Entry | None = None
 
     def to(self, device) -> Batch:
         put = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(*(put(t) for t in self[:5]), None if self.prefix is None else self.prefix.to(device))
+        entry = None if self.entry is None else Entry(self.entry.block, put(self.entry.suffix), put(self.entry.prefix))
+        return Batch(*(put(t) for t in self[:5]), None if self.prefix is None else self.prefix.to(device), entry)
 
     def take(self, idx: list[int]) -> Batch:
         """The rows idx (on a prefix: still on it), without the columns that are padding in all of them."""
         mask = self.attention_mask[idx]
         width = int(mask.sum(1).max())
         prefix = None if self.prefix is None else self.prefix._replace(row_of=self.prefix.row_of[idx])
+        entry = None if self.entry is None else self.entry._replace(suffix=self.entry.suffix[idx, :width])
         select = self.select[idx]
         return Batch(self.input_ids[idx, :width], mask[:, :width], None, select[:, :width],
-                     self.input_ids[idx][:, 1:][select[:, :-1]], prefix)
+                     self.input_ids[idx][:, 1:][select[:, :-1]], prefix, entry)
 
     @property
     def num_tokens(self) -> int:
@@ -131,11 +136,16 @@ class SelectedLogits(torch.nn.Module):
         # passes match their training forwards); evaluation, forward only, turns it off: there flash is faster
         self.short_math_attention = short_math_attention
 
-    def forward(self, input_ids, attention_mask, position_ids, select, targets=None, prefix: Prefix | None = None):
+    @property
+    def decoder(self):
+        return self.lm.get_decoder()
+
+    def forward(self, input_ids, attention_mask, position_ids, select, targets=None, prefix: Prefix | None = None,
+                entry: Entry | None = None):
         """A `Batch`'s fields. Logits (M, V) at the selected positions; with targets (M,), only their log-probs
         (M,) fp32, the head computed in chunks so that no (M, V) tensor is kept (`core.lm.target_logps`)."""
-        hidden = prefixes.decode(self.lm.get_decoder(), input_ids, attention_mask, position_ids, prefix,
-                                 self.short_math_attention)  # (B, T, H)
+        hidden = prefixes.decode(self.decoder, input_ids, attention_mask, position_ids, prefix,
+                                 self.short_math_attention, entry)  # (B, T, H)
         head = self.lm.get_output_embeddings()
         if targets is not None and isinstance(head, torch.nn.Linear) and head.bias is None:
             return target_logps(hidden[select], head.weight, targets)  # (M,)
@@ -148,13 +158,21 @@ class SelectedLogits(torch.nn.Module):
 class ValueModel(torch.nn.Module):
     """A sequence-classification model read at every selected position: values (M,) instead of one score."""
 
+    short_math_attention = True
+
     def __init__(self, seq_cls):
         super().__init__()
         self.model = seq_cls
 
-    def forward(self, input_ids, attention_mask, position_ids, select, targets=None, prefix: Prefix | None = None):
+    @property
+    def decoder(self):
+        return self.model.base_model
+
+    def forward(self, input_ids, attention_mask, position_ids, select, targets=None, prefix: Prefix | None = None,
+                entry: Entry | None = None):
         """A `Batch`'s fields (targets unused)."""
-        hidden = prefixes.decode(self.model.base_model, input_ids, attention_mask, position_ids, prefix)  # (B, T, H)
+        hidden = prefixes.decode(self.decoder, input_ids, attention_mask, position_ids, prefix, True,
+                                 entry)  # (B, T, H)
         return self.model.score(hidden[select]).squeeze(-1).float()  # (M,)
 
 
@@ -176,6 +194,50 @@ def sequence_logps(net: SelectedLogits, batch: Batch) -> torch.Tensor:
 def values(critic: ValueModel, batch: Batch) -> torch.Tensor:
     """(M,) fp32 values at the selected positions."""
     return critic(*batch)
+
+
+# --- shared blocks: hidden states kept per row, for models that start from them ------------------------------
+
+
+def entry(net: SelectedLogits | ValueModel, batch: Batch, stop: int) -> Entry:
+    """The batch's `Entry` into block `stop` of `net`, from its blocks below."""
+    return prefixes.decode(net.decoder, *batch[:3], batch.prefix, net.short_math_attention, stop=stop)
+
+
+def token_index(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Where a batch made by `rows` holds each row's tokens: (B, T) the index in its row of each input_ids token,
+    and with a prefix, (B, P) the index in row b of each of its prefix's tokens; -1 at padding."""
+    width = batch.input_ids.shape[1]
+    columns = torch.arange(width, device=batch.input_ids.device)
+    if batch.prefix is None:
+        return torch.where(batch.attention_mask.bool(), columns, -1), None
+    prefix = batch.prefix
+    lengths = prefix.mask.sum(1)[prefix.row_of]  # (B,) tokens before each row's suffix
+    suffix = torch.where(batch.attention_mask.bool(), lengths[:, None] + columns, -1)
+    return suffix, torch.where(prefix.mask.bool(), prefix.mask.cumsum(1) - 1, -1)[prefix.row_of]
+
+
+def stored_entry(batch: Batch, store: torch.Tensor, block: int) -> Entry:
+    """The `Entry` into block `block` of a batch made by `rows`, from `store` (B, L, H): each row's hidden states
+    at its tokens, as `store_entry` writes them."""
+    suffix, prefix = token_index(batch)
+    rows = torch.arange(len(store), device=store.device)[:, None]
+    at = lambda index: store[rows, index.clamp(min=0)] * (index >= 0)[..., None].to(store.dtype)  # noqa: E731
+    if prefix is None:
+        return Entry(block, at(suffix), None)
+    first = torch.full((len(batch.prefix.ids),), len(store), device=store.device)
+    first = first.scatter_reduce(0, batch.prefix.row_of, torch.arange(len(store), device=store.device), "amin")
+    return Entry(block, at(suffix), at(prefix)[first])  # (G, P, H): each prefix from its first row
+
+
+def store_entry(batch: Batch, entry: Entry, store: torch.Tensor) -> None:
+    """Write a batch's `Entry` into `store` (B, L, H) at each row's tokens: row b's token j at store[b, j]."""
+    suffix, prefix = token_index(batch)
+    rows, cols = (suffix >= 0).nonzero(as_tuple=True)
+    store[rows, suffix[rows, cols]] = entry.suffix[rows, cols].to(store.dtype)
+    if prefix is not None:
+        rows, cols = (prefix >= 0).nonzero(as_tuple=True)
+        store[rows, prefix[rows, cols]] = entry.prefix[batch.prefix.row_of[rows], cols].to(store.dtype)
 
 
 def scores(model, batch: Batch, cache=None, short_math_attention: bool = True) -> torch.Tensor:

@@ -245,22 +245,28 @@ def test_engine_vllm_without_vllm_is_one_clear_line(tmp_path):
         proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+def two_prompts_rollout(lm, tok) -> ppo.Rollout:
+    """Three samples of each of two prompts of different lengths (one with a system turn), ragged responses."""
+    from rlhfkit.rollout import SamplingParams
+    from rlhfkit.rollout.hf import HFEngine
+
+    prompts = [[{"role": "user", "content": "Hi"}],
+               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours?"}]]
+    samples = HFEngine(lm, tok, 8).generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=6))
+    input_ids, attention_mask = samples.sequences()
+    return ppo.Rollout(input_ids=input_ids, attention_mask=attention_mask, prompt_index=samples.prompt_index,
+                       pad_id=tok.pad_token_id, response_mask=samples.response_mask.float(), logprobs=None,
+                       ref_logprobs=None, values=None, scores=torch.zeros(6))
+
+
 def test_shared_prompt_forwards_give_the_whole_sequences_logprobs_values_and_gradients(tok, sft_policy):
     # rows of the same prompt run it once (`shared_prefix`): log-probs, entropies, values and gradients must be
     # those of the whole sequences, with prompts of different lengths and ragged responses
     from transformers import AutoModelForSequenceClassification
 
-    from rlhfkit.rollout import SamplingParams
-    from rlhfkit.rollout.hf import HFEngine
-
     lm = models.load_causal_lm(sft_policy, tokenizer=tok).eval()
-    prompts = [[{"role": "user", "content": "Hi"}],
-               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours?"}]]
-    samples = HFEngine(lm, tok, 8).generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=6))
-    input_ids, attention_mask = samples.sequences()
-    rollout = ppo.Rollout(input_ids=input_ids, attention_mask=attention_mask, prompt_index=samples.prompt_index,
-                          pad_id=tok.pad_token_id, response_mask=samples.response_mask.float(), logprobs=None,
-                          ref_logprobs=None, values=None, scores=torch.zeros(6))
+    rollout = two_prompts_rollout(lm, tok)
+    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
     assert ppo.model_inputs(rollout, True).prefix is not None and ppo.model_inputs(rollout, False).prefix is None
     assert len(ppo.model_inputs(rollout, True).prefix.ids) == 2  # two prompts, each run once
     assert ppo.model_inputs(rollout, True).prefix.root > 0  # on their common start (the template's), run once
@@ -292,6 +298,68 @@ def test_shared_prompt_forwards_give_the_whole_sequences_logprobs_values_and_gra
         logps = ppo.token_logprobs(actor, wide, 0.7, share=share)[0]
         assert logps.shape == wide.response_mask.shape
         torch.testing.assert_close(logps[:, :-3], results[int(share)][0], rtol=1e-5, atol=1e-5)
+
+
+def test_forwards_from_the_shared_blocks_hidden_states_give_the_whole_forwards_results(tok, sft_policy):
+    # --freeze-layers 1: the reference's block 0 is the actor's, run once (`hidden_states`); the actor, the reference
+    # and the critic (its own block 0) start at block 1 from the kept hidden states, with and without shared prompts:
+    # log-probs, entropies, values and the trained blocks' gradients must be the whole forwards'
+    from transformers import AutoModelForSequenceClassification
+
+    lm = models.load_causal_lm(sft_policy, tokenizer=tok).eval()
+    models.freeze_layers(lm, 1)
+    ref = forward.SelectedLogits(models.load_causal_lm(sft_policy, tokenizer=tok)).eval().requires_grad_(False)
+    rollout = two_prompts_rollout(lm, tok)
+    actor = forward.SelectedLogits(lm)
+    critic_lm = AutoModelForSequenceClassification.from_config(
+        models.tiny_llama_config(len(tok), num_labels=1), dtype=torch.float32).eval()
+    models.freeze_layers(critic_lm, 1)
+    critic = forward.ValueModel(critic_lm)
+    length = int(rollout.attention_mask.sum(1).max())
+    for share in (False, True):
+        results = []
+        for kept in (False, True):
+            batch = rollout
+            if kept:
+                with torch.no_grad():
+                    batch = replace(rollout, shared_blocks=1,
+                                    actor_hidden=ppo.hidden_states(ref, rollout, 1, length, share),
+                                    critic_hidden=ppo.hidden_states(critic, rollout, 1, length, share))
+            actor.zero_grad()
+            critic.zero_grad()
+            logps, entropy = ppo.token_logprobs(actor, batch, 0.7, with_entropy=True, share=share)
+            values = ppo.token_values(critic, batch, share)
+            (logps.sum() + entropy.sum() + values.sum()).backward()
+            with torch.no_grad():
+                ref_logps = ppo.token_logprobs(ref, batch, 0.7, share=share)[0]
+            grads = {n: p.grad.clone() for n, p in [*actor.named_parameters(), *critic.named_parameters()]
+                     if p.requires_grad}
+            results.append((logps.detach(), entropy.detach(), values.detach(), ref_logps, grads))
+        for a, b in zip(results[0][:4], results[1][:4]):
+            assert a.abs().sum() > 0
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        g0, g1 = results[0][4], results[1][4]
+        assert any(".layers.1." in n for n in g0) and not any(".layers.0." in n for n in g0)
+        for n in g0:
+            torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5 * float(g0[n].abs().max()), msg=n)
+
+
+def test_a_run_on_the_shared_blocks_is_the_run_without_them(tmp_path, sft_policy):
+    # the preset's GAE with frozen blocks, three iterations, prompts shared, micro-batches of 3 rows: the frozen
+    # block runs once per iteration for actor and reference and once for the critic, and the run is the same
+    base = cfg_for(tmp_path, sft_policy, advantage="gae", iterations=3, freeze_layers=1, rollout_prompts=4,
+                   minibatch_size=8, batch_size=3)
+    ppo.train(replace(base, output=str(tmp_path / "on")))
+    ppo.train(replace(base, output=str(tmp_path / "off"), shared_blocks=False))
+    assert min(logged(tmp_path / "on", "time/shared_blocks")) > 0
+    assert logged(tmp_path / "off", "time/shared_blocks") == []
+    for key in ["ppo/score", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/entropy", "ppo/explained_variance"]:
+        on, off = logged(tmp_path / "on", key), logged(tmp_path / "off", key)
+        assert on == pytest.approx(off, rel=1e-4, abs=1e-6), key
+    assert max(logged(tmp_path / "on", "ppo/kl")) > 0  # the policy moved
+    a, b = load_file(tmp_path / "on" / "model.safetensors"), load_file(tmp_path / "off" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
 
 
 def test_minibatches_hold_whole_prompt_groups(tmp_path, sft_policy, monkeypatch):

@@ -17,7 +17,9 @@ and core/losses.py; every detail with its line: docs/algorithms/ppo.md.
      rollout engine (vLLM; nothing to do for the hf engine, which samples with the actor itself), and generate n
      responses per prompt (vLLM also returns its sampling log-probs)
   3. score: reward model and/or reward function; a response that never ended gets the missing-EOS penalty
-  4. forward passes with the training numerics: old log-probs (actor), reference log-probs, values (critic)
+  4. forward passes with the training numerics: old log-probs (actor), reference log-probs, values (critic); with
+     frozen first blocks (--freeze-layers), those run once, for the actor and reference together and for the
+     critic, and the passes and step 6 start from their hidden states (--shared-blocks)
   5. rewards and advantages: per-token −β·KL plus the score on the last token, then GAE / GRPO / RLOO / REINFORCE++
   6. PPO epochs over minibatches: clipped surrogate, weighted by π_trainer/π_engine where the engine's numerics
      differ (--rollout-correction) (+ clipped value loss, + entropy bonus, + GRPO's KL term, + the PPO-ptx
@@ -66,6 +68,7 @@ from rlhfkit.config import write_run_json
 from rlhfkit.core import rl
 from rlhfkit.core.losses import gae, kl_estimate, kl_penalized_rewards, masked_mean, masked_whiten
 from rlhfkit.data import formats
+from rlhfkit.fast import prefixes
 from rlhfkit.reward_fn import call_reward_fn
 from rlhfkit.reward_model import RewardModel
 from rlhfkit.rollout import EngineConfig, Samples, SamplingParams
@@ -176,6 +179,12 @@ class PPOConfig(RunConfig, EngineConfig):
     """Run the prompt of a prompt's n samples once per forward (log-probs, reference, values, training) and the
     responses on its KV cache: the same numbers up to float rounding, on fewer tokens (not while training with
     gradient checkpointing, whose layers keep no cache). Minibatches hold whole prompt groups either way."""
+    shared_blocks: bool = True
+    """With --freeze-layers N, in one process: run the frozen embeddings and first N blocks once per iteration for
+    the actor and the reference (the same weights) and once for the critic, keep their hidden states, and start
+    every later forward of the iteration from them (log-probs, reference, values and the update's): the same
+    numbers up to float rounding, without rerunning those blocks in each. Llama-layout models; not with --lora,
+    gradient checkpointing or --compile."""
     monitor: list[str] = field(default_factory=list)
     """Scores logged each iteration but never optimised, as monitor/NAME: rm:DIR (e.g. a reward model trained on
     held-out comparisons) or module:function (e.g. rlhfkit.sim.tasks:gold_reward, the built-in task's gold score)."""
@@ -223,6 +232,10 @@ class Rollout:
     scores: (B,) the reward after the missing-EOS rule and clipping
     advantages: (B, R); returns: (B, R) critic targets, or None without a critic
     on_policy: the update's own forward gives the old log-probs (see `on_policy`); `logprobs` is then None
+    shared_blocks: the first blocks whose hidden states the forwards start from (`shared_blocks`); 0: none
+    actor_hidden: (B, L, H) the hidden states entering block `shared_blocks` of the actor and the reference at each
+        row's tokens (prompt and response without padding, L the longest row), or None
+    critic_hidden: (B, L, H) the same for the critic, or None
     """
 
     input_ids: torch.Tensor
@@ -238,6 +251,9 @@ class Rollout:
     returns: torch.Tensor | None = None
     on_policy: bool = False
     engine_logprobs: torch.Tensor | None = None
+    shared_blocks: int = 0
+    actor_hidden: torch.Tensor | None = None
+    critic_hidden: torch.Tensor | None = None
 
     def rows(self, idx: torch.Tensor) -> Rollout:
         take = lambda t: t[idx] if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -251,24 +267,29 @@ def to_tokens(flat: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def model_inputs(batch: Rollout, share: bool) -> forward.Batch:
+def model_inputs(batch: Rollout, share: bool, hidden: torch.Tensor | None = None) -> forward.Batch:
     """The inputs of the actor's, the reference's or the critic's forward over rows of the rollout: each row its
     prompt and response without padding, the response tokens trained. With `share`, the rows of one prompt (its
     n samples) run the prompt up to its last token once, as a shared prefix (`forward.rows`): the same numbers
     up to float rounding (tested). The selected positions keep the rows' order and, in each row, the response's:
-    per-token results go back to (B, R) by `to_tokens`."""
+    per-token results go back to (B, R) by `to_tokens`. With `hidden` (the rollout's `actor_hidden` or
+    `critic_hidden`), the forward starts from them at block `shared_blocks`."""
     prompt_width = batch.input_ids.shape[1] - batch.response_mask.shape[1]
     ids, real = batch.input_ids.cpu(), batch.attention_mask.cpu().bool()  # (B, P + R)
     trained = torch.cat([torch.zeros_like(ids[:, :prompt_width]), batch.response_mask.cpu().long()], dim=1)
     rows = [forward.Row(i[m].tolist(), t[m].tolist()) for i, m, t in zip(ids, real, trained)]
-    return forward.rows(rows, batch.pad_id, batch.prompt_index.tolist() if share else None).to(batch.input_ids.device)
+    inputs = forward.rows(rows, batch.pad_id, batch.prompt_index.tolist() if share else None)
+    inputs = inputs.to(batch.input_ids.device)
+    if hidden is None:
+        return inputs
+    return inputs._replace(entry=forward.stored_entry(inputs, hidden, batch.shared_blocks))
 
 
 def token_logprobs(actor, batch: Rollout, temperature: float, with_entropy: bool = False, share: bool = False,
                    entropy_grad: bool = True):
     """log π(y_t | …) at temperature τ of every response token, (B, R); and the entropies (B, R) if asked, without
     a gradient unless `entropy_grad` (a statistic only: a backward pass through a second (M, V) softmax saved)."""
-    inputs = model_inputs(batch, share)
+    inputs = model_inputs(batch, share, batch.actor_hidden)
     logits = forward.logits(actor, inputs).float() / temperature  # (M, V)
     logps = to_tokens(-F.cross_entropy(logits, inputs.targets, reduction="none"), batch.response_mask)
     if not with_entropy:
@@ -278,7 +299,17 @@ def token_logprobs(actor, batch: Rollout, temperature: float, with_entropy: bool
 
 
 def token_values(critic, batch: Rollout, share: bool = False) -> torch.Tensor:
-    return to_tokens(forward.values(critic, model_inputs(batch, share)), batch.response_mask)
+    return to_tokens(forward.values(critic, model_inputs(batch, share, batch.critic_hidden)), batch.response_mask)
+
+
+def hidden_states(model, batch: Rollout, blocks: int, length: int, share: bool) -> torch.Tensor:
+    """(B, length, H) the hidden states entering block `blocks` of `model` at each row's tokens (prompt and response
+    without padding, left-aligned; 0 beyond the row), from its blocks below: `Rollout.actor_hidden`."""
+    inputs = model_inputs(batch, share)
+    entry = forward.entry(model, inputs, blocks)
+    store = entry.suffix.new_zeros((len(batch.scores), length, entry.suffix.shape[-1]))
+    forward.store_entry(inputs, entry, store)
+    return store
 
 
 @torch.no_grad()
@@ -569,6 +600,31 @@ def reward_scores(cfg: PPOConfig, reward_model: RewardModel | None, reward_fn, r
     return scores
 
 
+def hidden_pass(cfg: PPOConfig, model, rollout: Rollout, blocks: int) -> torch.Tensor:
+    """Step 4's hidden states (B, L, H) of every row entering block `blocks` of `model` (`hidden_states`)."""
+    length = int(rollout.attention_mask.sum(1).max())
+    return in_chunks(lambda b: hidden_states(model, b, blocks, length, cfg.shared_prefix), rollout, cfg.batch_size)
+
+
+def shared_block_count(cfg: PPOConfig, roles, world: int) -> int:
+    """How many first blocks the iteration's forwards run once (`PPOConfig.shared_blocks`): --freeze-layers, where
+    the actor's embeddings and those blocks are frozen and the reference's are the same weights (as the forward
+    casts them), and the critic's frozen; 0 where that does not hold or sharing is off."""
+    n = cfg.freeze_layers
+    if not (cfg.shared_blocks and n > 0 and world == 1 and not (cfg.lora or cfg.gradient_checkpointing or cfg.compile)
+            and roles.ref is not None):
+        return 0
+    nets = [roles.net["actor"], roles.ref, *([roles.net["critic"]] if "critic" in roles.net else [])]
+    lower = lambda net: [net.decoder.embed_tokens.weight,  # noqa: E731
+                         *(p for block in net.decoder.layers[:n] for p in block.parameters())]
+    if not all(prefixes.can_run_blocks(net.decoder) for net in nets):
+        return 0
+    if any(p.requires_grad for net in nets for p in lower(net)):
+        return 0
+    same = all(torch.equal(a.to(b.dtype), b) for a, b in zip(lower(roles.net["actor"]), lower(roles.ref)))
+    return n if same else 0
+
+
 def logprob_pass(cfg: PPOConfig, model, rollout: Rollout) -> torch.Tensor:
     """Step 4's log-probs (B, R) of the sampled tokens under `model` (the actor, or the reference), no gradient;
     a sharded model whole for its pass only, so that one whole model at a time is held besides the shards. No
@@ -713,6 +769,7 @@ class InProcess:
     learner: Learner
     shard: Shard
     precision: str
+    shared_blocks: int = 0  # `shared_block_count`
 
     @property
     def monitors(self) -> dict:
@@ -737,22 +794,31 @@ class InProcess:
         return reward_scores(self.cfg, self.roles.reward_model, self.roles.reward_fn, row_prompts, texts, row_meta,
                              groups, self.precision)
 
-    def passes(self, rollout: Rollout, timing: dict[str, float]):
-        """Step 4: (old log-probs, or None on-policy; reference log-probs; values, or None), each (b, R)."""
-        net, accelerator = self.roles.net, self.learner.accelerator
+    def passes(self, rollout: Rollout, timing: dict[str, float]) -> Rollout:
+        """Step 4: the rollout with the old log-probs (None on-policy), the reference's log-probs and the values
+        (None without a critic), each (b, R); and with shared blocks, their hidden states, which these passes and
+        the update's start from."""
+        net, accelerator, blocks = self.roles.net, self.learner.accelerator, self.shared_blocks
         t0 = time.perf_counter()
         with accelerator.autocast():
-            logprobs = None if rollout.on_policy else logprob_pass(self.cfg, net["actor"], rollout)
+            if blocks:
+                rollout = replace(rollout, shared_blocks=blocks,
+                                  actor_hidden=hidden_pass(self.cfg, self.roles.ref, rollout, blocks),
+                                  critic_hidden=hidden_pass(self.cfg, net["critic"], rollout, blocks)
+                                  if "critic" in net else None)
             t1 = time.perf_counter()
+            logprobs = None if rollout.on_policy else logprob_pass(self.cfg, net["actor"], rollout)
+            t2 = time.perf_counter()
             if self.roles.ref is not None:
                 ref_logprobs = logprob_pass(self.cfg, self.roles.ref, rollout)
             else:
                 with self.roles.actor.disable_adapter():
                     ref_logprobs = logprob_pass(self.cfg, net["actor"], rollout)
-            t2 = time.perf_counter()
+            t3 = time.perf_counter()
             values = value_pass(self.cfg, net["critic"], rollout) if "critic" in net else None
-        timing.update({"time/logprobs": t1 - t0, "time/reference": t2 - t1, "time/values": time.perf_counter() - t2})
-        return logprobs, ref_logprobs, values
+        timing.update({**({"time/shared_blocks": t1 - t0} if blocks else {}), "time/logprobs": t2 - t1,
+                       "time/reference": t3 - t2, "time/values": time.perf_counter() - t3})
+        return replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values)
 
     def minibatch(self, rollout, mb_rows, n_tokens, beta, ptx_step) -> Minibatch:
         return self.learner.minibatch(rollout, mb_rows, n_tokens, beta, ptx_step, self.shard)
@@ -825,13 +891,12 @@ def experience(cfg: PPOConfig, team, samples: Samples, scores: torch.Tensor, bet
                       logprobs=None, ref_logprobs=None, values=None, scores=scores,
                       on_policy=on_policy(cfg, len(scores) * shard.world),
                       engine_logprobs=None if samples.logprobs is None else samples.logprobs.to(device))
-    logprobs, ref_logprobs, values = team.passes(rollout, timing)
+    rollout = team.passes(rollout, timing)
     width = rollout.response_mask.shape[1]
     g = shard.gather
-    advantages, returns = compute_advantages(cfg, beta, g(scores), g(rollout.response_mask), g(logprobs),
-                                             g(ref_logprobs), g(values))
-    return replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
-                   advantages=shard.mine(advantages, width), returns=shard.mine(returns, width))
+    advantages, returns = compute_advantages(cfg, beta, g(scores), g(rollout.response_mask), g(rollout.logprobs),
+                                             g(rollout.ref_logprobs), g(rollout.values))
+    return replace(rollout, advantages=shard.mine(advantages, width), returns=shard.mine(returns, width))
 
 
 class Updated(NamedTuple):
@@ -912,7 +977,7 @@ def train(cfg: PPOConfig) -> dict:
         learner = Learner.build(cfg, roles.net, accelerator, tok.pad_token_id, load_ptx(cfg, tok))
         if frozen_sharded:
             shard_frozen(roles, accelerator, tok.pad_token_id)
-        team = InProcess(cfg, roles, learner, shard, precision)
+        team = InProcess(cfg, roles, learner, shard, precision, shared_block_count(cfg, roles, world))
 
     # resume: weights, optimizer, schedule, β and the ptx position live in the checkpoint
     ckpt_root = out / "checkpoints"

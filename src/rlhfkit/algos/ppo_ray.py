@@ -432,7 +432,7 @@ class RayRoles:
         return self.get({"reward": self.call("reward", "score", row_prompts, texts, row_meta, groups)}, "score")[
             "reward"][0]
 
-    def passes(self, rollout: Rollout, timing: dict[str, float]):
+    def passes(self, rollout: Rollout, timing: dict[str, float]) -> Rollout:
         """Step 4, the roles' passes side by side; a role group's workers each pass their rows."""
         ref, calls = self.put(rollout), {}
         if not rollout.on_policy:
@@ -447,7 +447,7 @@ class RayRoles:
         seconds = {k: max(part[1] for part in parts) for k, parts in done.items()}
         timing.update({"time/logprobs": seconds.get("actor", 0.0), "time/reference": seconds["ref"],
                        "time/values": seconds.get("critic", 0.0)})
-        return out.get("actor"), out["ref"], out.get("critic")
+        return replace(rollout, logprobs=out.get("actor"), ref_logprobs=out["ref"], values=out.get("critic"))
 
     def minibatch(self, rollout, mb_rows, n_tokens, beta, ptx_step):
         from rlhfkit.algos.ppo import Minibatch
