@@ -11,6 +11,10 @@ system turn) runs once for all of them. The models read a batch:
   (`sequence_logps`) at the selected positions;
 - `ValueModel`, a sequence-classification model read at the selected positions (PPO's critic, `values`);
 - a sequence-classification model read at each row's last token (the reward model, `scores`).
+
+Models whose first blocks are the same frozen weights (PPO's actor and reference) can run them once: `entry` gives
+a batch's hidden states entering a block, `store_entry` keeps them per row, and a `Batch` whose `entry` is set
+(`stored_entry`) runs only the blocks from there.
 """
 
 from __future__ import annotations
@@ -171,8 +175,8 @@ class ValueModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, select, targets=None, prefix: Prefix | None = None,
                 entry: Entry | None = None):
         """A `Batch`'s fields (targets unused)."""
-        hidden = prefixes.decode(self.decoder, input_ids, attention_mask, position_ids, prefix, True,
-                                 entry)  # (B, T, H)
+        hidden = prefixes.decode(self.decoder, input_ids, attention_mask, position_ids, prefix,
+                                 self.short_math_attention, entry)  # (B, T, H)
         return self.model.score(hidden[select]).squeeze(-1).float()  # (M,)
 
 

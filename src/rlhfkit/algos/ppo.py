@@ -184,7 +184,7 @@ class PPOConfig(RunConfig, EngineConfig):
     the actor and the reference (the same weights) and once for the critic, keep their hidden states, and start
     every later forward of the iteration from them (log-probs, reference, values and the update's): the same
     numbers up to float rounding, without rerunning those blocks in each. Llama-layout models; not with --lora,
-    gradient checkpointing or --compile."""
+    gradient checkpointing, --compile or a --sharding other than ddp."""
     monitor: list[str] = field(default_factory=list)
     """Scores logged each iteration but never optimised, as monitor/NAME: rm:DIR (e.g. a reward model trained on
     held-out comparisons) or module:function (e.g. rlhfkit.sim.tasks:gold_reward, the built-in task's gold score)."""
@@ -232,7 +232,8 @@ class Rollout:
     scores: (B,) the reward after the missing-EOS rule and clipping
     advantages: (B, R); returns: (B, R) critic targets, or None without a critic
     on_policy: the update's own forward gives the old log-probs (see `on_policy`); `logprobs` is then None
-    shared_blocks: the first blocks whose hidden states the forwards start from (`shared_blocks`); 0: none
+    shared_blocks: how many first blocks the forwards skip, starting from the hidden states below (`PPOConfig.
+        shared_blocks`); 0: none
     actor_hidden: (B, L, H) the hidden states entering block `shared_blocks` of the actor and the reference at each
         row's tokens (prompt and response without padding, L the longest row), or None
     critic_hidden: (B, L, H) the same for the critic, or None
@@ -611,8 +612,9 @@ def shared_block_count(cfg: PPOConfig, roles, world: int) -> int:
     the actor's embeddings and those blocks are frozen and the reference's are the same weights (as the forward
     casts them), and the critic's frozen; 0 where that does not hold or sharing is off."""
     n = cfg.freeze_layers
-    if not (cfg.shared_blocks and n > 0 and world == 1 and not (cfg.lora or cfg.gradient_checkpointing or cfg.compile)
-            and roles.ref is not None):
+    one_process = world == 1 and cfg.sharding == "ddp"  # no sharded or DeepSpeed-wrapped roles
+    if not (cfg.shared_blocks and n > 0 and one_process and roles.ref is not None
+            and not (cfg.lora or cfg.gradient_checkpointing or cfg.compile)):
         return 0
     nets = [roles.net["actor"], roles.ref, *([roles.net["critic"]] if "critic" in roles.net else [])]
     lower = lambda net: [net.decoder.embed_tokens.weight,  # noqa: E731
