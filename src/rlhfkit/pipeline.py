@@ -107,7 +107,7 @@ class PipelineConfig:
     rm_prompts: int | None = None
     """RM prompts to collect comparisons on, the families taken in turn (0: the whole RM split)."""
     rl_prompts: int | None = None
-    """PPO prompts (0: the whole RL split)."""
+    """PPO prompts, the families taken in turn (0: the whole RL split)."""
     eval_prompts: int | None = None
     """Held-out evaluation prompts (0: the whole evaluation split)."""
     k: int | None = None
@@ -290,7 +290,10 @@ def stage_data(cfg: PipelineConfig, d: Path) -> dict:
                                  for t in sft])
     counts = {"sft": len(sft)}
     for name, n in (("rm", cfg.rm_prompts), ("rl", cfg.rl_prompts), ("eval", cfg.eval_prompts)):
-        # RM and RL prompts balanced across families; evaluation keeps the suite's own mix
+        # RM and RL prompts take the families in turn, so a limit keeps them balanced; the whole RL split (the
+        # preset's) is three quarters length prompts, and giving each family a fifth of PPO's prompts by repeating
+        # the others' did not change its held-out win rate (RESULTS.md, "PPO's prompts by family"). Evaluation keeps
+        # the suite's own mix
         rows = [{**tasks.to_row(t), "prompt": system + [{"role": "user", "content": t.prompt}]}
                 for t in limited(split[name] if name == "eval" else interleaved(split[name]), n)]
         write_rows(d / f"{name}_prompts.jsonl", rows)
