@@ -28,7 +28,8 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_pipeline_runs_every_stage_and_writes_the_report(tiny_run):
     out, proc = tiny_run
-    for stage in ("data", "distill", "sft", "comparisons", "rm", "rm_heldout", "ppo", "dpo", "best_of_n", "eval"):
+    for stage in ("data", "distill", "sft", "comparisons", "rm", "comparisons_heldout", "rm_heldout", "ppo", "dpo",
+                  "best_of_n", "eval"):
         assert json.loads((out / stage / "stage.json").read_text())["key"], stage
     # SFT started from the context-distilled model, distilled on the SFT prompts
     assert json.loads((out / "sft" / "run.json").read_text())["config"]["model"] == str(out / "distill")

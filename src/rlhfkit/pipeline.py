@@ -2,7 +2,7 @@
 
 Papers: Ouyang et al. 2022 (InstructGPT: demonstrations → SFT, K-way rankings → RM, PPO against the RM with a KL
 penalty to the SFT model, PPO-ptx); Bai et al. 2022 (HH: best-of-n as the inference-time baseline, reward against
-√KL, two RMs on disjoint halves as the robustness check, iterated online RLHF); Rafailov et al. 2023 (DPO on the
+√KL, a second RM on other comparisons as the robustness check, iterated online RLHF); Rafailov et al. 2023 (DPO on the
 same comparisons); Gao et al. 2022 (over-optimisation: proxy and gold reward against √KL); Dubois et al. 2023
 (AlpacaFarm: simulated labellers in place of people).
 
@@ -14,8 +14,8 @@ matches its settings and inputs (and says so):
   2. sft          supervised fine-tuning of the base model (or the distilled one) on the demonstrations
   3. comparisons  K responses per RM prompt from the SFT model, each set ranked by one simulated labeller (or by
                   people in the labelling app: --feedback db:FILE)
-  4. rm           the reward model on the rankings, initialised from the SFT model; with `robustness`, a second RM
-                  on a disjoint half of the prompts (the first then sees the other half only)
+  4. rm           the reward model on the rankings, initialised from the SFT model; with `robustness`, a second set
+                  of comparisons (comparisons_heldout) and a second RM on it (rm_heldout, HH's test PM)
   5. ppo          PPO from the SFT model against the RM (a critic initialised from the RM, GAE); the gold score
                   (and the held-out RM) logged per iteration; `rl_baselines`: the same with critic-free estimators
   6. dpo          DPO from the SFT model on the same rankings
@@ -37,8 +37,13 @@ Departures, and why:
 - Each online round's PPO starts again from the SFT model (KL to SFT), as the HH paper retrained its policies on
   the newer preference models; the rounds differ in the RM they optimise.
 - Presets (rlhfkit/presets/pipeline_NAME.yaml): `default` fits the budget of a 2-core CPU (so fewer prompts and
-  iterations than a real run, and the RM, PPO's actor and critic, and DPO train only their upper 15, 15 and 20 of
+  iterations than a real run, and the RM, PPO's actor and critic, and DPO train only their upper 22, 15 and 20 of
   SmolLM2's 30 blocks); `tiny` runs everything on tiny-llama in about a minute, for tests.
+- HH's robustness check splits the comparisons in half, one RM (the train PM, which RL optimises) on each. Here the
+  held-out RM gets a second set of comparisons, drawn and labelled as the first on the same RM prompts (the RM split
+  holds hardly more prompts than the default preset asks for), so the two share prompts but no response or label,
+  and the RM PPO optimises keeps every comparison it would have without the check. With people's labels that is
+  a second batch to rank. The default preset trains the held-out RM more cheaply than the first (`rm_heldout`).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from rlhfkit.tracking import claim_output, machine_speed, release_output
 PRESETS = Path(__file__).parent / "presets"  # pipeline_NAME.yaml, shipped with the package
 
 
+HELD_OUT_SEED = 1 << 20  # added to the seed of the held-out RM's comparisons: far from online round r's seed + r
 CRITIC_FREE = ("rloo", "grpo", "reinforce++")  # `ppo --advantage` estimators without a critic: --rl-baselines
 
 
@@ -115,7 +121,8 @@ class PipelineConfig:
     bon_n: int | None = None
     """n of the best-of-n baseline."""
     robustness: bool | None = None
-    """Train two RMs on disjoint halves of the prompts; PPO optimises one and is scored by the other."""
+    """HH's robustness check: a second RM (rm_heldout, the test PM) on a second set of comparisons drawn like the
+    first; PPO optimises the RM of the first set and is scored by the second every iteration."""
     rivals: int | None = None
     """Online rounds: how many earlier models (the previous round's policy, then older ones down to SFT) write
     responses beside the newest policy's in each ranking, the models taking turns; every ranking is then also a vote
@@ -141,6 +148,8 @@ class PipelineConfig:
     """Overrides of `rlhfkit distill-context` options (with --context-distill)."""
     rm: dict = field(default_factory=dict)
     """Overrides of `rlhfkit rm` options."""
+    rm_heldout: dict = field(default_factory=dict)
+    """With robustness: overrides of `rlhfkit rm` options for the held-out RM, over `rm`'s."""
     ppo: dict = field(default_factory=dict)
     """Overrides of `rlhfkit ppo` options."""
     dpo: dict = field(default_factory=dict)
@@ -197,6 +206,7 @@ def check_stage_options(cfg: PipelineConfig) -> None:
     for name, cls in (("sft", SFTConfig), ("distill", DistillConfig), ("rm", RMConfig), ("ppo", PPOConfig),
                       ("dpo", DPOConfig), ("sample", SamplingConfig), ("eval", EvalConfig)):
         from_dict(cls, getattr(cfg, name), f"pipeline.{name}")
+    from_dict(RMConfig, {**cfg.rm, **cfg.rm_heldout}, "pipeline.rm_heldout")
 
 
 # --- stages: each returns a summary dict; `Run.stage` skips what is already complete ----------------------------
@@ -388,11 +398,7 @@ def label(cfg: PipelineConfig, policies: list[Policy], d: Path, seed: int) -> di
     else:
         rows, settings = people_rank(cfg, policies, d, seed)
     write_rows(d / "rankings.jsonl", rows)
-    # disjoint halves by prompt (people may rank one prompt's responses several times), for the two-RM robustness check
-    keys = [json.dumps(r["prompt"]) for r in rows]
-    prompt_of = {k: i for i, k in enumerate(dict.fromkeys(keys))}  # in order of first appearance
-    write_rows(d / "half_a.jsonl", [r for r, k in zip(rows, keys) if prompt_of[k] % 2 == 0])
-    write_rows(d / "half_b.jsonl", [r for r, k in zip(rows, keys) if prompt_of[k] % 2 == 1])
+    prompt_of = dict.fromkeys(json.dumps(r["prompt"]) for r in rows)  # people may rank one prompt's responses twice
     tied = sum(any(isinstance(g, list) for g in r["ranking"]) for r in rows)
     return {"rankings": len(rows), "rankings_with_ties": tied, "labellers": len({r["labeller"] for r in rows}),
             "samples": cfg.k * len(prompt_of),
@@ -400,12 +406,11 @@ def label(cfg: PipelineConfig, policies: list[Policy], d: Path, seed: int) -> di
             "generate_tokens_per_s": settings["tokens_per_s"]}
 
 
-def people_data(cfg: PipelineConfig, rankings: str, d: Path, thumbs: bool) -> dict:
+def people_data(cfg: PipelineConfig, rankings: str, d: Path, thumbs: bool, val_fraction: float) -> dict:
     """The data options of an RM trained on people's labels into `d`, as files beside `d` (a trainer wants its
     directory to itself): the rankings, with `thumbs` also people's A/B choices and thumbs pairs as they are in the
     database now (K = 2 rankings); validation is whole labellers, as InstructGPT held out labellers
     (`export.split_groups`; with a single labeller the RM's own split of rows)."""
-    from rlhfkit.algos.reward import RMConfig
     from rlhfkit.feedback import rounds
     from rlhfkit.feedback.export import split_groups
 
@@ -418,7 +423,7 @@ def people_data(cfg: PipelineConfig, rankings: str, d: Path, thumbs: bool) -> di
     sizes: dict[str, int] = {}
     for r in rows:
         sizes[r["labeller"]] = sizes.get(r["labeller"], 0) + 1
-    held = split_groups(sizes, cfg.rm.get("val_fraction", RMConfig.val_fraction), cfg.seed)
+    held = split_groups(sizes, val_fraction, cfg.seed)
     train, val = d.with_name(f"{d.name}_train.jsonl"), d.with_name(f"{d.name}_val.jsonl")
     write_rows(train, [r for r in rows if r["labeller"] not in held])
     if not held:
@@ -428,14 +433,19 @@ def people_data(cfg: PipelineConfig, rankings: str, d: Path, thumbs: bool) -> di
     return {"data": str(train), "val_data": str(val)}
 
 
-def train_rm(cfg: PipelineConfig, sft_dir: str, data: str, d: Path, thumbs: bool = True) -> dict:
-    """An RM from the SFT model on the rankings file `data` (with people's labels: `people_data`; `thumbs` false
-    keeps the held-out RM to its half of the rankings)."""
+def train_rm(cfg: PipelineConfig, sft_dir: str, data: str, d: Path, held_out: bool = False) -> dict:
+    """An RM from the SFT model on the rankings file `data` (with people's labels: `people_data`); the `held_out`
+    one with `rm_heldout`'s options and without people's thumbs, which the first RM trains on."""
     from rlhfkit.algos import reward
 
-    options = {"data": data} if cfg.feedback == "sim" else people_data(cfg, data, d, thumbs and cfg.use_thumbs)
-    return run_trainer(reward.train, reward.RMConfig, {"seed": cfg.seed, **cfg.rm, "model": sft_dir, **options,
-                                                       "output": str(d)}, "pipeline.rm", ("rm/", "val/", "train/loss"))
+    options = {**cfg.rm, **(cfg.rm_heldout if held_out else {})}
+    if cfg.feedback == "sim":
+        options["data"] = data
+    else:
+        thumbs = cfg.use_thumbs and not held_out
+        options |= people_data(cfg, data, d, thumbs, options.get("val_fraction", reward.RMConfig.val_fraction))
+    values = {"seed": cfg.seed, **options, "model": sft_dir, "output": str(d)}
+    return run_trainer(reward.train, reward.RMConfig, values, "pipeline.rm", ("rm/", "val/", "train/loss"))
 
 
 def train_ppo(cfg: PipelineConfig, sft_dir: str, rm_dir: str, monitor_rm: str | None, d: Path) -> dict:
@@ -556,13 +566,18 @@ def pipeline(cfg: PipelineConfig) -> dict:
               lambda d: label(cfg, [(sft_dir, "sft")], d, cfg.seed), resumable=people)
     # 4. reward model(s)
     comparisons = out / "comparisons"
-    rm_data = str(comparisons / ("half_a.jsonl" if cfg.robustness else "rankings.jsonl"))
-    run.stage("rm", {"rm": cfg.rm, "robustness": cfg.robustness, "thumbs": cfg.use_thumbs}, ["comparisons"],
-              lambda d: train_rm(cfg, sft_dir, rm_data, d))
+    run.stage("rm", {"rm": cfg.rm, "thumbs": cfg.use_thumbs}, ["comparisons"],
+              lambda d: train_rm(cfg, sft_dir, str(comparisons / "rankings.jsonl"), d))
     rm_dir, held_out = str(out / "rm"), None
     if cfg.robustness:
-        run.stage("rm_heldout", {"rm": cfg.rm}, ["comparisons"],
-                  lambda d: train_rm(cfg, sft_dir, str(comparisons / "half_b.jsonl"), d, thumbs=False))
+        # HH's test PM: its own comparisons on the same RM prompts (the RM split has few more), from other samples
+        # and labels than the proxy's, which keeps all of the first set
+        run.stage("comparisons_heldout", {"k": cfg.k, "sample": cfg.sample, "seed": cfg.seed,
+                                          "feedback": cfg.feedback}, ["sft"],
+                  lambda d: label(cfg, [(sft_dir, "sft")], d, cfg.seed + HELD_OUT_SEED), resumable=people)
+        run.stage("rm_heldout", {"rm": {**cfg.rm, **cfg.rm_heldout}}, ["comparisons_heldout"],
+                  lambda d: train_rm(cfg, sft_dir, str(out / "comparisons_heldout" / "rankings.jsonl"), d,
+                                     held_out=True))
         held_out = str(out / "rm_heldout")
     # 5. PPO, 6. DPO, 7. best-of-n
     entries = [(cfg.model, "base"), (sft_dir, "sft")]

@@ -115,14 +115,15 @@ def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_l
         for p in people:
             p.start()
         run_cli(*args, timeout=300)
-        # the admin page's queue: each round's 24 items under the model that wrote them, and the rankings in (two
-        # people may rank one item, so fewer than 24 items may be ranked at the moment the 24th ranking arrives)
+        # the admin page's queue: each round's 24 items under the model that wrote them (the first round's twice,
+        # the second batch for the held-out RM), and the rankings in (two people may rank one item, so fewer than
+        # 24 items may be ranked at the moment the 24th ranking arrives)
         stats = httpx.get(f"http://127.0.0.1:{port}/api/admin/stats", headers={"Authorization": f"Bearer {admin}"},
                           timeout=30).json()
         # (round 1's items hold the newest policy's responses and its rival's, SFT's)
         queue = {g["batch"]: g for g in stats["ranking_queue"]}
         assert [(b, g["model"], g["wanted"]) for b, g in queue.items()] == [
-            (str(out / "comparisons"), str(out / "sft"), 24),
+            (str(out / "comparisons"), str(out / "sft"), 24), (str(out / "comparisons_heldout"), str(out / "sft"), 24),
             (str(out / "round1" / "comparisons"), f"{out / 'ppo'}, {out / 'sft'}", 24)]
         assert all(g["items"] == 24 and 12 <= g["ranked"] <= 24 and g["rankings"] >= 24 for g in queue.values())
         page = httpx.get(f"http://127.0.0.1:{port}/admin", headers={"Authorization": f"Bearer {admin}"},
@@ -138,8 +139,9 @@ def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_l
             p.join(timeout=60)
         server.terminate()
         server.wait()
-    assert rank_items(db) == 48  # 24 per round: nothing queued twice
-    queued = {r: json.loads((out / r / "queued.json").read_text()) for r in ("comparisons", "round1/comparisons")}
+    assert rank_items(db) == 72  # 24 per batch: nothing queued twice
+    queued = {r: json.loads((out / r / "queued.json").read_text())
+              for r in ("comparisons", "comparisons_heldout", "round1/comparisons")}
     rows = {r: [json.loads(x) for x in (out / r / "rankings.jsonl").read_text().splitlines()] for r in queued}
     for r, got in rows.items():
         assert len(got) >= 24 and {x["labeller"] for x in got} <= {"ann", "bob"}
@@ -147,7 +149,12 @@ def test_two_rounds_of_people_ranking_through_the_app_and_a_kill_while_waiting_l
         # each ranking is of responses the run sampled, in the order it queued them
         sampled = {json.dumps(q["prompt"]): q["responses"] for q in queued[r]["rows"]}
         assert all(sampled[json.dumps(x["prompt"])] == x["responses"] for x in got)
-    assert set(queued["comparisons"]["items"]).isdisjoint(queued["round1/comparisons"]["items"])
+    items = [set(q["items"]) for q in queued.values()]
+    assert sum(map(len, items)) == len(set.union(*items)) == 72
+    # the held-out RM trained on its own batch's rankings alone (the thumbs pairs go to the first RM)
+    heldout = [json.loads(x) for side in ("train", "val") if (out / f"rm_heldout_{side}.jsonl").is_file()
+               for x in (out / f"rm_heldout_{side}.jsonl").read_text().splitlines()]
+    assert sorted(map(json.dumps, heldout)) == sorted(map(json.dumps, rows["comparisons_heldout"]))
     # round 1's RM trained on both rounds' rankings, old and new mixed, and on the thumbs pairs in by then; one
     # labeller's labels are its validation set, the other's its training set (InstructGPT's held-out labellers)
     both = len(rows["comparisons"]) + len(rows["round1/comparisons"])

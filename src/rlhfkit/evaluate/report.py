@@ -325,8 +325,8 @@ def overoptimisation_blocks(out: Path, cfg: Any) -> list[Block]:
         b += [("h2", "Over-optimisation: proxy and gold reward against √KL"),
               ("p", "Left: PPO iterations (rollouts on the RL prompts); the proxy is the RM PPO optimises, the gold "
                     "score is the hidden truth the simulated labellers judge by" +
-                    (", and the held-out RM was trained on the other half of the comparisons (the HH paper's "
-                     "robustness check)" if cfg.robustness else "") +
+                    (", and the held-out RM was trained on comparisons of its own, none of the proxy's (the HH "
+                     "paper's robustness check)" if cfg.robustness else "") +
                     ". Right: best-of-n on the evaluation prompts. Where the proxy climbs and the gold score does "
                     "not, the policy is exploiting the reward model."),
               ("img", over, "Reward against √KL along PPO and along best-of-n")]
