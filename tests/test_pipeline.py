@@ -123,6 +123,7 @@ def test_rl_baselines_run_beside_ppo_as_report_rows(tiny_run):
     ({"rl_baselines": ["gae"]}, r"--rl-baselines 'gae': expected rloo, grpo, reinforce\+\+ \(PPO itself is the ppo"),
     ({"rl_baselines": ["rloo"], "skip": ["ppo"]}, "--rl-baselines run beside the ppo stage: drop --skip ppo"),
     ({"skip": ["sft"]}, "--skip 'sft': only dpo, best_of_n and ppo can be skipped"),
+    ({"rm_heldout": {"max_step": 3}}, r"pipeline\.rm_heldout: unknown config key 'max_step'; did you mean --max-steps"),
     ({"feedback": "db:labels.sqlite"}, r"--feedback db:labels\.sqlite: no such database; make it, and the labellers"),
     ({"feedback": "people"}, r"--feedback 'people': expected sim \(simulated labellers\) or db:FILE"),
     ({"use_thumbs": True}, r"--use-thumbs takes people's thumbs and A/B choices from the labelling app: it needs "

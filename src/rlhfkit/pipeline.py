@@ -2,9 +2,9 @@
 
 Papers: Ouyang et al. 2022 (InstructGPT: demonstrations → SFT, K-way rankings → RM, PPO against the RM with a KL
 penalty to the SFT model, PPO-ptx); Bai et al. 2022 (HH: best-of-n as the inference-time baseline, reward against
-√KL, a second RM on other comparisons as the robustness check, iterated online RLHF); Rafailov et al. 2023 (DPO on the
-same comparisons); Gao et al. 2022 (over-optimisation: proxy and gold reward against √KL); Dubois et al. 2023
-(AlpacaFarm: simulated labellers in place of people).
+√KL, a second RM on other comparisons as the robustness check, iterated online RLHF); Rafailov et al. 2023 (DPO
+on the same comparisons); Gao et al. 2022 (over-optimisation: proxy and gold reward against √KL); Dubois et al.
+2023 (AlpacaFarm: simulated labellers in place of people).
 
 Stages, top to bottom; each writes OUTPUT/STAGE/ and a stage.json, and a rerun skips a stage whose stage.json
 matches its settings and inputs (and says so):
@@ -87,7 +87,7 @@ class PipelineConfig:
     task. Options left unset take the preset's value."""
 
     preset: str = "default"
-    """default (smollm2-135m, about 31 minutes on 2 AVX2-only cores) or tiny (tiny-llama, about a minute)."""
+    """default (smollm2-135m, about 39 minutes on 2 AVX2-only cores) or tiny (tiny-llama, about a minute)."""
     output: str = "runs/pipeline"
     """Output directory: one subdirectory per stage, report.md, report.html, run.json."""
     online_rounds: int = 0
@@ -445,7 +445,8 @@ def train_rm(cfg: PipelineConfig, sft_dir: str, data: str, d: Path, held_out: bo
         thumbs = cfg.use_thumbs and not held_out
         options |= people_data(cfg, data, d, thumbs, options.get("val_fraction", reward.RMConfig.val_fraction))
     values = {"seed": cfg.seed, **options, "model": sft_dir, "output": str(d)}
-    return run_trainer(reward.train, reward.RMConfig, values, "pipeline.rm", ("rm/", "val/", "train/loss"))
+    return run_trainer(reward.train, reward.RMConfig, values, "pipeline.rm_heldout" if held_out else "pipeline.rm",
+                       ("rm/", "val/", "train/loss"))
 
 
 def train_ppo(cfg: PipelineConfig, sft_dir: str, rm_dir: str, monitor_rm: str | None, d: Path) -> dict:
