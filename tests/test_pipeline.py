@@ -41,6 +41,10 @@ def test_tiny_pipeline_runs_every_stage_and_writes_the_report(tiny_run):
         flat = sorted(i for g in r["ranking"] for i in (g if isinstance(g, list) else [g]))
         assert flat == [0, 1, 2] and r["labeller"].startswith("L")
         assert r["gold"] == [tasks.gold_score(tasks.from_row(r), t) for t in r["responses"]]
+    # the held-out RM's comparisons: the same prompts, other samples (another seed)
+    held = [json.loads(line) for line in (out / "comparisons_heldout" / "rankings.jsonl").read_text().splitlines()]
+    assert [h["prompt"] for h in held] == [r["prompt"] for r in rows]
+    assert all(h["responses"] != r["responses"] for h, r in zip(held, rows))
     # PPO logged the gold score and the held-out RM beside its own proxy, every iteration
     ppo_rows = read_metrics(out / "ppo")
     assert len(ppo_rows) == 3 and all("monitor/gold_reward" in m and "monitor/rm_rm_heldout" in m for m in ppo_rows)
