@@ -206,7 +206,12 @@ def check_stage_options(cfg: PipelineConfig) -> None:
     for name, cls in (("sft", SFTConfig), ("distill", DistillConfig), ("rm", RMConfig), ("ppo", PPOConfig),
                       ("dpo", DPOConfig), ("sample", SamplingConfig), ("eval", EvalConfig)):
         from_dict(cls, getattr(cfg, name), f"pipeline.{name}")
-    from_dict(RMConfig, {**cfg.rm, **cfg.rm_heldout}, "pipeline.rm_heldout")
+    from_dict(RMConfig, rm_options(cfg, held_out=True), "pipeline.rm_heldout")
+
+
+def rm_options(cfg: PipelineConfig, held_out: bool = False) -> dict:
+    """The `rlhfkit rm` options of the pipeline's RM, or of the held-out one (`rm_heldout`'s over `rm`'s)."""
+    return {**cfg.rm, **cfg.rm_heldout} if held_out else cfg.rm
 
 
 # --- stages: each returns a summary dict; `Run.stage` skips what is already complete ----------------------------
@@ -438,7 +443,7 @@ def train_rm(cfg: PipelineConfig, sft_dir: str, data: str, d: Path, held_out: bo
     one with `rm_heldout`'s options and without people's thumbs, which the first RM trains on."""
     from rlhfkit.algos import reward
 
-    options = {**cfg.rm, **(cfg.rm_heldout if held_out else {})}
+    options = dict(rm_options(cfg, held_out))
     if cfg.feedback == "sim":
         options["data"] = data
     else:
@@ -563,20 +568,18 @@ def pipeline(cfg: PipelineConfig) -> dict:
               lambda d: train_sft(cfg, start_model, d))
     # 3. comparisons from the SFT model
     people = cfg.feedback != "sim"  # an interrupted wait for people's rankings continues with the items it queued
-    run.stage("comparisons", {"k": cfg.k, "sample": cfg.sample, "seed": cfg.seed, "feedback": cfg.feedback}, ["sft"],
-              lambda d: label(cfg, [(sft_dir, "sft")], d, cfg.seed), resumable=people)
+    drawn = {"k": cfg.k, "sample": cfg.sample, "seed": cfg.seed, "feedback": cfg.feedback}
+    run.stage("comparisons", drawn, ["sft"], lambda d: label(cfg, [(sft_dir, "sft")], d, cfg.seed), resumable=people)
     # 4. reward model(s)
     comparisons = out / "comparisons"
     run.stage("rm", {"rm": cfg.rm, "thumbs": cfg.use_thumbs}, ["comparisons"],
               lambda d: train_rm(cfg, sft_dir, str(comparisons / "rankings.jsonl"), d))
     rm_dir, held_out = str(out / "rm"), None
     if cfg.robustness:
-        # HH's test PM: its own comparisons on the same RM prompts (the RM split has few more), from other samples
-        # and labels than the proxy's, which keeps all of the first set
-        run.stage("comparisons_heldout", {"k": cfg.k, "sample": cfg.sample, "seed": cfg.seed,
-                                          "feedback": cfg.feedback}, ["sft"],
+        # HH's test PM, on comparisons of its own: see the departures above
+        run.stage("comparisons_heldout", drawn, ["sft"],
                   lambda d: label(cfg, [(sft_dir, "sft")], d, cfg.seed + HELD_OUT_SEED), resumable=people)
-        run.stage("rm_heldout", {"rm": {**cfg.rm, **cfg.rm_heldout}}, ["comparisons_heldout"],
+        run.stage("rm_heldout", {"rm": rm_options(cfg, held_out=True)}, ["comparisons_heldout"],
                   lambda d: train_rm(cfg, sft_dir, str(out / "comparisons_heldout" / "rankings.jsonl"), d,
                                      held_out=True))
         held_out = str(out / "rm_heldout")
