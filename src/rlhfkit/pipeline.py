@@ -87,7 +87,8 @@ class PipelineConfig:
     task. Options left unset take the preset's value."""
 
     preset: str = "default"
-    """default (smollm2-135m, about 39 minutes on 2 AVX2-only cores) or tiny (tiny-llama, about a minute)."""
+    """default (smollm2-135m: about 39 minutes on 2 AVX2-only cores, 22 with native bf16) or tiny (tiny-llama,
+    about a minute)."""
     output: str = "runs/pipeline"
     """Output directory: one subdirectory per stage, report.md, report.html, run.json."""
     online_rounds: int = 0
