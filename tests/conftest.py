@@ -17,6 +17,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest -n N (pytest-xdist): the N workers share the cores, each computing on its share of them, and so do the
+    # CLIs it starts (torch reads this when it is imported); with every core each, their OpenMP teams would fight
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def native_bf16() -> bool:
     """bf16 matmuls in hardware: AVX512-BF16 or AMX (`RLHFKIT_CPU_BF16=0|1` overrides), or a CUDA device."""
