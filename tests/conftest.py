@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # pytest -n N (pytest-xdist): the N workers share the cores, each computing on its share of them, and so do the
-    # CLIs it starts (torch reads this when it is imported); with every core each, their OpenMP teams would fight
+    # CLIs it starts (torch reads this when it is imported); with every core each, their OpenMP teams fight for the
+    # cores and the run takes longer than in one process
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
@@ -68,15 +69,24 @@ def fresh_accelerate_state():
     PartialState._reset_state()
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny model runs faster on one thread than on two that another process is also using."""
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch computes on `n` threads in this process inside the block."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model runs faster on one thread than on two that another process is also using."""
+    with torch_threads(1):
+        yield
 
 
 def run_cli(*args: str, check: bool = True, timeout: int = 300, env: dict | None = None,
