@@ -169,7 +169,8 @@ def watch(history: Sequence[Mapping[str, float]], window: int) -> list[Alarm]:
     oldest first), comparing its last `window` iterations with the `window` before them (and with its first):
     - the proxy score rose while a held-out score (monitor/gold_reward, monitor/rm_*: the test PM) fell beyond
       noise (Gao et al. 2022; Bai et al. 2022 §4.3): the policy is exploiting the reward model;
-    - KL to the reference at least doubled and is above KL_ALARM_NATS per sequence;
+    - KL to the reference at least doubled and is above KL_ALARM_NATS per sequence, from 3·window iterations on:
+      the first rollouts are the reference's own (KL 0), and the climb from there as training starts is no alarm;
     - the policy's entropy fell below COLLAPSE of the first iterations';
     - the mean response length moved by a factor DRIFT from the first iterations'.
     Nothing before 2·window iterations."""
@@ -189,7 +190,8 @@ def watch(history: Sequence[Mapping[str, float]], window: int) -> list[Alarm]:
                                 "model"))
             break
     kl_old, kl_new = _window(history, "ppo/kl", *before), _window(history, "ppo/kl", *after)
-    if kl_old and kl_new and _mean(kl_new) > KL_ALARM_NATS and _mean(kl_new) >= 2 * max(_mean(kl_old), 1e-9):
+    if n >= 3 * window and kl_old and kl_new and _mean(kl_new) > KL_ALARM_NATS \
+            and _mean(kl_new) >= 2 * max(_mean(kl_old), 1e-9):
         alarms.append(Alarm("kl_growth", f"KL to the reference grew from {_mean(kl_old):.2f} to {_mean(kl_new):.2f} "
                                          f"nats per sequence over the last {2 * window} iterations"))
     for key, kind, test, what in (
