@@ -65,7 +65,8 @@ def test_ray_quick_runs_each_placement_with_the_in_process_scores(tmp_path):
     out = tmp_path / "r.json"
     run(str(BENCH / "ray_bench.py"), "--quick", "--workdir", str(tmp_path / "w"), "--json", str(out))
     rows = json.loads(out.read_text())
-    assert [r["config"].split(",")[0] for r in rows] == ["in-process (--backend local)", "Ray", "Ray", "Ray"]
+    # in-process; Ray colocated, apart, apart with two engines, and with actor and critic ddp and fsdp2 groups
+    assert [r["config"].split(",")[0] for r in rows] == ["in-process (--backend local)"] + ["Ray"] * 5
     assert all(r["iteration_s"] > 0 for r in rows)
     # one engine samples as the in-process run does, in any placement (two batch otherwise: bf16 rounds otherwise)
     assert [r["differs_at"] for r in rows[:3]] == [None, None, None]
