@@ -313,8 +313,13 @@ def save_shards(path: Path, model: torch.nn.Module, optimizer) -> None:
         model.save_checkpoint(str(path), tag="zero", save_latest=False)
         return
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    if not optimizer.state:
+        # no step taken yet (PPO's actor in --critic-warmup): DCP would create AdamW's state with a zero-gradient
+        # step, which counts in its bias correction, so saving would change the training; the model alone
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=path)
+        return
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
 
@@ -325,8 +330,15 @@ def load_shards(path: Path, model: torch.nn.Module, optimizer) -> None:
         model.load_checkpoint(str(path), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False)
         return
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
 
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    if not any(k.startswith("optimizer.") for k in saved):  # saved before the optimizer's first step
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+        return
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=path)

@@ -126,6 +126,21 @@ def test_every_trainable_parameter_of_actor_and_critic_changes(tmp_path, sft_pol
     assert critic_head.abs().sum() > 0  # zero-initialised, then trained
 
 
+def test_critic_warmup_trains_the_critic_alone_then_both(tmp_path, sft_policy):
+    ppo.train(cfg_for(tmp_path, sft_policy, advantage="gae", n_samples=1, iterations=3, critic_warmup=2,
+                      save_steps=1))
+    before = load_file(Path(sft_policy) / "model.safetensors")
+    warm, last = (load_file(tmp_path / "out" / "checkpoints" / f"step-{s:07d}" / "trainable.safetensors")
+                  for s in (2, 3))
+    actor = {k: k.removeprefix("actor.lm.") for k in warm if k.startswith("actor.")}
+    assert actor and all(torch.equal(warm[k], before[name]) for k, name in actor.items())  # two iterations: unmoved
+    assert warm["critic.model.score.weight"].abs().sum() > 0  # zero-initialised, then trained
+    assert all(not torch.equal(warm[k], last[k]) for k in warm)  # the third iteration trains both
+    metrics = read_metrics(tmp_path / "out")
+    assert ["ppo/policy_loss" in m for m in metrics] == [False, False, True]
+    assert all(m["ppo/value_loss"] > 0 for m in metrics)
+
+
 def test_frozen_blocks_stay_and_every_other_weight_changes(tmp_path, sft_policy):
     # the pipeline's preset: GAE with the lowest blocks and the embeddings frozen, in the actor and in the critic
     ppo.train(cfg_for(tmp_path, sft_policy, advantage="gae", iterations=2, freeze_layers=1, save_steps=2))
@@ -223,6 +238,9 @@ def test_reward_model_scores_and_initialises_the_critic(tmp_path, sft_policy):
 
 @pytest.mark.parametrize("kw,msg", [({"advantage": "grpo", "n_samples": 1}, "--n-samples ≥ 2"),
                                     ({"reward_fn": None}, "give --reward-model, --reward-fn or both"),
+                                    ({"advantage": "rloo", "critic_warmup": 2}, "need --advantage gae"),
+                                    ({"critic_warmup": 10}, "fewer than --iterations 10"),
+                                    ({"critic_warmup": 2, "sharding": "zero2"}, "use ddp or fsdp2"),
                                     ({"advantage": "ppo2"}, "expected one of gae, grpo, rloo, reinforce++"),
                                     ({"sharding": "fsdp2", "lora": True, "merge": True}, "--merge with --sharding fsdp2"),
                                     ({"sharding": "zero9"}, "--sharding 'zero9': expected one of ddp, fsdp2"),
@@ -438,7 +456,8 @@ def test_two_processes_update_as_one(tmp_path, sft_policy, advantage, sharding):
     # 8 prompts × 2 samples, minibatches of 8 rows drawn across both processes' rows, micro-batches of 3: the
     # processes hold unequal parts of a minibatch; --scale-scores and the whitening need the whole batch; GAE's
     # run also takes PPO-ptx batches of 3 rows (2 + 1); 13 prompts, so the second iteration runs into the second
-    # pass. fsdp2: actor and critic sharded, whole while sampling; zero2: their AdamW state split
+    # pass; with ddp and fsdp2 the first iteration trains GAE's critic alone. fsdp2: actor and critic sharded,
+    # whole while sampling; zero2: their AdamW state split
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about the number {i}."} for i in range(13)])
     args = ["ppo", "--policy", sft_policy, "--prompts", prompts, "--reward-fn", RECORDED_FN, "--advantage", advantage,
             "--iterations", "3", "--rollout-prompts", "8", "--n-samples", "2", "--minibatch-size", "8",
@@ -446,6 +465,7 @@ def test_two_processes_update_as_one(tmp_path, sft_policy, advantage, sharding):
             "--missing-eos", "none", "--scale-scores", "--kl-coef", "0.01", "--seed", "1", "--sample-every", "0"]
     if advantage == "gae":
         args += ["--ptx-data", "sample:conversations", "--ptx-batch-size", "3"]
+        args += ["--critic-warmup", "1"] if sharding != "zero2" else []  # refused there (ppo_setup.check)
     run_cli(*args, "--output", str(tmp_path / "one"), env={"RLHFKIT_TEST_RECORD": str(tmp_path / "rec-one")})
     run_distributed(2, *args, "--sharding", sharding, "--output", str(tmp_path / "two"),
                     env={"RLHFKIT_TEST_RECORD": str(tmp_path / "rec-two")})

@@ -152,6 +152,10 @@ class PPOConfig(RunConfig, EngineConfig):
     """Critic initialisation: rm (from the reward model, InstructGPT), zero (policy backbone, zero head) or auto."""
     critic_lr: float = 5e-6
     """Learning rate of the critic."""
+    critic_warmup: int = 0
+    """The first N iterations train the critic alone (GAE), so that the actor's first updates see values fitted to
+    its returns rather than the reward model's scores of partial responses (veRL's critic_warmup, OpenRLHF's
+    --freezing_actor_steps); they count in --iterations."""
     lr: float = 1e-6
     """Learning rate of the actor."""
     schedule: str = "constant"
@@ -683,12 +687,14 @@ class Learner:
         return cls(cfg, net, trained, engine, optimizer, scheduler, params, accelerator, ptx_rows, pad_id)
 
     def minibatch(self, rollout: Rollout, mb_rows: torch.Tensor, n_tokens: float, beta: float, ptx_step: int,
-                  shard: Shard) -> Minibatch:
+                  shard: Shard, actor: bool = True) -> Minibatch:
         """The backward passes of one minibatch (`mb_rows`, global rows): this process's rows of it in micro-batches,
         then, with PPO-ptx and an actor, a batch of pre-training rows (batch `ptx_step`). The loss is normalised by
         the minibatch's `n_tokens` over all processes, and every process runs as many micro-batches as the busiest
-        (an idle one runs a weight-0 row), so the DDP all-reduce of the last one sums the minibatch's gradient."""
-        cfg, accelerator, world, net = self.cfg, self.accelerator, shard.world, self.trained
+        (an idle one runs a weight-0 row), so the DDP all-reduce of the last one sums the minibatch's gradient.
+        `actor` False (--critic-warmup): the critic's passes alone; the actor gets no gradient."""
+        cfg, accelerator, world = self.cfg, self.accelerator, shard.world
+        net = {r: m for r, m in self.trained.items() if actor or r != "actor"}
         ptx = bool(self.ptx_rows) and "actor" in net
         mine = shard.local(mb_rows)
         n_micro = max(1, max(math.ceil(int((shard.owner(mb_rows) == p).sum()) / cfg.batch_size)
@@ -822,8 +828,8 @@ class InProcess:
                        "time/reference": t3 - t2, "time/values": time.perf_counter() - t3})
         return replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values)
 
-    def minibatch(self, rollout, mb_rows, n_tokens, beta, ptx_step) -> Minibatch:
-        return self.learner.minibatch(rollout, mb_rows, n_tokens, beta, ptx_step, self.shard)
+    def minibatch(self, rollout, mb_rows, n_tokens, beta, ptx_step, actor: bool = True) -> Minibatch:
+        return self.learner.minibatch(rollout, mb_rows, n_tokens, beta, ptx_step, self.shard, actor)
 
     def step(self, clip: float, skip) -> float | None:
         return self.learner.step(clip, skip)
@@ -924,6 +930,7 @@ def update_policy(cfg: PPOConfig, team, rollout: Rollout, beta: float, it: int, 
     sums: UpdateStats | None = None
     tokens_seen, train_tokens, updates, stopped_early = 0.0, 0.0, 0, False
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
+    actor = it >= cfg.critic_warmup  # else the critic's warm-up: it alone trains
     for _ in range(cfg.ppo_epochs):
         # whole prompt groups per minibatch (TRL's GRPO sampler does the same), so a prompt runs once in it
         groups = torch.randperm(n_rows // cfg.n_samples, generator=gen)
@@ -931,7 +938,7 @@ def update_policy(cfg: PPOConfig, team, rollout: Rollout, beta: float, it: int, 
         for m in range(0, len(perm), cfg.minibatch_size):
             mb_rows = perm[m:m + cfg.minibatch_size]  # global rows
             n_tokens = float(mask_all[mb_rows].sum().clamp(min=1))
-            mb = team.minibatch(rollout, mb_rows, n_tokens, beta, state["ptx_step"])
+            mb = team.minibatch(rollout, mb_rows, n_tokens, beta, state["ptx_step"], actor)
             train_tokens += mb.train_tokens
             if mb.stats.ptx_loss is not None:  # a PPO-ptx batch was used
                 state["ptx_step"] += 1
@@ -939,7 +946,8 @@ def update_policy(cfg: PPOConfig, team, rollout: Rollout, beta: float, it: int, 
                 policy_logprobs[mb.rows] = mb.logprobs
             mb_stats = mb.stats.across(accelerator)
             clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-            loss_value = float(mb_stats.policy_loss / n_tokens)
+            trained_loss = mb_stats.policy_loss if actor else mb_stats.value_loss  # the critic's warm-up: no policy
+            loss_value = float(trained_loss / n_tokens)
             skip = lambda norm: skip_nonfinite(loss_value, norm, state, cfg, ckpt_root,  # noqa: E731
                                                f"iteration {it + 1}", accelerator.is_main_process)
             if team.step(clip, skip) is None:

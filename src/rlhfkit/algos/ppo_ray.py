@@ -449,17 +449,19 @@ class RayRoles:
                        "time/values": seconds.get("critic", 0.0)})
         return replace(rollout, logprobs=out.get("actor"), ref_logprobs=out["ref"], values=out.get("critic"))
 
-    def minibatch(self, rollout, mb_rows, n_tokens, beta, ptx_step):
+    def minibatch(self, rollout, mb_rows, n_tokens, beta, ptx_step, actor: bool = True):
         from rlhfkit.algos.ppo import Minibatch
 
         ref = self.put(rollout)
+        roles = [n for n in self.learners if actor or n != "actor"]  # the critic alone in its warm-up
         parts = self.in_turns({n: (n, lambda n=n: self.call(n, "minibatch", ref, mb_rows, n_tokens, beta, ptx_step))
-                               for n in self.learners}, "update")
-        actor = parts["actor"]  # each worker's rows; the statistics are the role's (every worker has them)
-        stats = actor[0].stats.merge(parts["critic"][0].stats) if "critic" in parts else actor[0].stats
-        device, logprobs = self.accelerator.device, [p.logprobs for p in actor if p.logprobs is not None]
+                               for n in roles}, "update")
+        # each worker's rows, the actor's where it trains; the statistics are the role's (every worker has them)
+        first = parts["actor"] if "actor" in parts else parts["critic"]
+        stats = first[0].stats.merge(parts["critic"][0].stats) if len(parts) == 2 else first[0].stats
+        device, logprobs = self.accelerator.device, [p.logprobs for p in first if p.logprobs is not None]
         return Minibatch(type(stats)(*(None if v is None else v.to(device) for v in stats)),
-                         sum(p.train_tokens for p in actor), torch.cat([p.rows for p in actor]),
+                         sum(p.train_tokens for p in first), torch.cat([p.rows for p in first]),
                          torch.cat(logprobs).to(device) if logprobs else None)
 
     def step(self, clip: float, skip) -> float | None:

@@ -42,6 +42,12 @@ def check(cfg: PPOConfig) -> None:
         raise UsageError(f"--advantage {cfg.advantage} compares a prompt's samples: set --n-samples ≥ 2")
     if not cfg.reward_model and not cfg.reward_fn:
         raise UsageError("give --reward-model, --reward-fn or both")
+    if cfg.critic_warmup and (cfg.advantage != "gae" or not 0 <= cfg.critic_warmup < cfg.iterations):
+        raise UsageError(f"--critic-warmup {cfg.critic_warmup}: the iterations that train the critic alone need "
+                         f"--advantage gae and fewer than --iterations {cfg.iterations}")
+    if cfg.critic_warmup and cfg.sharding == "zero2":
+        raise UsageError("--critic-warmup with --sharding zero2: ZeRO-2 steps its flattened parameter groups whole, "
+                         "so the actor's AdamW state would move while it waits; use ddp or fsdp2")
     if cfg.reward_model:
         reward_model_dir(cfg.reward_model)  # before the critic is built from it, or transformers tries the hub
     if cfg.missing_eos not in ("replace", "subtract", "none"):
