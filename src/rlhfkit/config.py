@@ -145,7 +145,8 @@ RANGES: dict[str, Range] = {
                      "pmp_epochs", "online_rounds", "save_total_limit", "seed", "lr", "critic_lr", "pmp_lr",
                      "weight_decay", "max_grad_norm", "kl_coef", "entropy_coef", "vf_coef", "ptx_coef", "temperature",
                      "value_clip", "early_stop_kl", "min_score_gap", "min_labels", "rivals", "watch_window",
-                     "sft_prompts", "rm_prompts", "rl_prompts", "eval_prompts"], NON_NEGATIVE),  # prompts 0: all
+                     "critic_warmup", "sft_prompts", "rm_prompts", "rl_prompts", "eval_prompts"],
+                    NON_NEGATIVE),  # prompts 0: all
     **dict.fromkeys(["beta", "clip_eps", "kl_target", "score_clip", "rollout_correction_cap", "session_hours",
                      "label_poll"], POSITIVE),
     **dict.fromkeys(["warmup_ratio", "min_lr_ratio", "gamma", "lam"], FRACTION),

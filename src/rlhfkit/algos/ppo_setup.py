@@ -42,7 +42,7 @@ def check(cfg: PPOConfig) -> None:
         raise UsageError(f"--advantage {cfg.advantage} compares a prompt's samples: set --n-samples ≥ 2")
     if not cfg.reward_model and not cfg.reward_fn:
         raise UsageError("give --reward-model, --reward-fn or both")
-    if cfg.critic_warmup and (cfg.advantage != "gae" or not 0 <= cfg.critic_warmup < cfg.iterations):
+    if cfg.critic_warmup and (cfg.advantage != "gae" or cfg.critic_warmup >= cfg.iterations):
         raise UsageError(f"--critic-warmup {cfg.critic_warmup}: the iterations that train the critic alone need "
                          f"--advantage gae and fewer than --iterations {cfg.iterations}")
     if cfg.critic_warmup and cfg.sharding == "zero2":
