@@ -59,6 +59,9 @@ def test_tiny_pipeline_runs_every_stage_and_writes_the_report(tiny_run):
                     "Is reward linear in √KL?", "Over-optimisation alarms", "Training curves"):
         assert f"## {heading}" in md
     assert re.search(r"\| rm \| \d\.\d{3} \(\d\.\d{3}–\d\.\d{3}\) \| [1-9]\d* \|", md)  # accuracy, interval, pairs
+    vs_sft = ev["win_rates"]["ppo"]["sft"]  # its games against SFT, won / lost / tied, after the win rate
+    assert f"–{vs_sft['hi']:.3f}) | {vs_sft['wins']} / {vs_sft['losses']} / {vs_sft['ties']} |" in md
+    assert vs_sft["wins"] + vs_sft["losses"] + vs_sft["ties"] == 16
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "<script" not in page
     for png in ("reward_vs_sqrt_kl.png", "training_curves.png", "eval/elo.png", "rm/reliability.png"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 
 import pytest
 
@@ -39,6 +40,10 @@ def test_eval_writes_win_rates_elo_scores_and_kl(tmp_path, tok):
     assert sum(r["scores"][a] for r in rows) / 12 == pytest.approx(result["models"][a]["mean_score"])
     assert sum((r["scores"][a] > r["scores"][b]) + 0.5 * (r["scores"][a] == r["scores"][b]) for r in rows) / 12 \
         == pytest.approx(wr[a][b]["win_rate"])
+    won, lost, tied = (sum(f(r["scores"][a], r["scores"][b]) for r in rows)
+                       for f in (operator.gt, operator.lt, operator.eq))
+    assert (wr[a][b]["wins"], wr[a][b]["losses"], wr[a][b]["ties"]) == (won, lost, tied)
+    assert f"| {a} | — | {won} / {lost} / {tied} |" in (out / "eval.md").read_text()
 
 
 def test_sim_judge_needs_task_prompts(tmp_path):

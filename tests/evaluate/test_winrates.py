@@ -32,6 +32,8 @@ def test_win_rate_matrix_is_antisymmetric():
     assert m["a"]["b"]["win_rate"] == pytest.approx(2.5 / 3) and m["b"]["a"]["win_rate"] == pytest.approx(0.5 / 3)
     assert m["a"]["b"]["n"] == 3 and m["c"]["a"]["win_rate"] == 0
     assert m["a"]["b"]["ties"] == m["b"]["a"]["ties"] == 1 and m["a"]["c"]["ties"] == 0
+    assert (m["a"]["b"]["wins"], m["a"]["b"]["losses"]) == (2, 0)  # one of a's three games with b tied
+    assert (m["b"]["a"]["wins"], m["b"]["a"]["losses"]) == (0, 2)
 
 
 def test_elo_with_a_model_that_never_loses_stays_finite_and_ordered():

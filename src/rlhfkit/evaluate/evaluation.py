@@ -312,6 +312,12 @@ def markdown(result: dict) -> str:
                      f"{result['win_rates'][a][b]['hi']:.2f})" if b in result["win_rates"].get(a, {}) else "—"
                      for b in names]
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
+        lines += ["", "Games won / lost / tied by the row model against the column model (a tie counts half in the "
+                  "win rates above):", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for a in names:
+            cells = [f"{g['wins']} / {g['losses']} / {g['ties']}" if (g := result["win_rates"].get(a, {}).get(b))
+                     else "—" for b in names]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
     families = [k for k in result["models"][names[0]] if k.startswith("score/")]
     if families:
         lines += ["", "Mean gold score per prompt family (helpful vs harmful):", "",

@@ -199,7 +199,8 @@ def blocks(out: Path, cfg: Any, summaries: dict, seconds: dict, speed: dict | No
 
 
 def results_blocks(out: Path, ev: dict, names: list[str], sft: str) -> list[Block]:
-    """Elo, gold score, win rate against SFT, KL and length; the gold score per family; the win-rate matrix."""
+    """Elo, gold score, win rate against SFT (and its games won, lost and tied), KL and length; the gold score per
+    family; the win-rate matrix."""
     b: list[Block] = []
     rows = []
     for m in names:
@@ -208,12 +209,15 @@ def results_blocks(out: Path, ev: dict, names: list[str], sft: str) -> list[Bloc
         wr = ev["win_rates"].get(m, {}).get(sft)
         rows.append([m, f"{ev['elo'][m]:.0f} ({lo:.0f}–{hi:.0f})", f"{s['mean_score']:.3f}",
                      f"{wr['win_rate']:.3f} ({wr['lo']:.3f}–{wr['hi']:.3f})" if wr else "—",
+                     f"{wr['wins']} / {wr['losses']} / {wr['ties']}" if wr and "wins" in wr else "—",
                      f"{s['kl_to_reference']:.2f}" if "kl_to_reference" in s else "—", f"{s['mean_length']:.1f}"])
     b += [("h2", "Results on held-out prompts"),
-          ("table", ["model", "Elo (95% CI)", "mean gold score", f"win rate vs {sft} (95% CI)", "KL to SFT",
-                     "mean length (tokens)"], rows),
+          ("table", ["model", "Elo (95% CI)", "mean gold score", f"win rate vs {sft} (95% CI)",
+                     f"won / lost / tied vs {sft}", "KL to SFT", "mean length (tokens)"], rows),
           ("p", "Win rates count ties as half a win; intervals are Wilson score intervals; Elo is the Bradley–Terry "
-                "maximum-likelihood fit on the Elo scale (mean 1000) with bootstrap intervals over prompts.")]
+                "maximum-likelihood fit on the Elo scale (mean 1000) with bootstrap intervals over prompts. A tie "
+                "is a prompt both models answer equally well by the gold score (often perfectly), so where many "
+                "tie, a win rate far above 0.5 needs most of the remaining prompts won.")]
     if (out / "eval" / "elo.png").is_file():
         b.append(("img", out / "eval" / "elo.png", "Elo of every model (95% bootstrap intervals)"))
     fams = [k for k in ev["models"][names[0]] if k.startswith("score/")]

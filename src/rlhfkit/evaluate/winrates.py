@@ -32,8 +32,8 @@ def wilson_interval(wins: float, n: int, z: float = Z95) -> tuple[float, float]:
 
 
 def win_rate_matrix(games: Sequence[tuple[str, str, float]]) -> dict[str, dict[str, dict[str, float]]]:
-    """matrix[a][b] = {"win_rate", "lo", "hi", "n", "ties"} of a against b over all games between them, either
-    order."""
+    """matrix[a][b] = {"win_rate", "lo", "hi", "n", "wins", "losses", "ties"} of a against b over all games between
+    them, either order (wins, losses and ties count games)."""
     by_pair: dict[tuple[str, str], list[float]] = {}
     for a, b, outcome in games:
         by_pair.setdefault((a, b), []).append(outcome)
@@ -42,6 +42,7 @@ def win_rate_matrix(games: Sequence[tuple[str, str, float]]) -> dict[str, dict[s
     for (a, b), outs in by_pair.items():
         lo, hi = wilson_interval(sum(outs), len(outs))
         matrix.setdefault(a, {})[b] = {"win_rate": win_rate(outs), "lo": lo, "hi": hi, "n": len(outs),
+                                       "wins": sum(o == 1 for o in outs), "losses": sum(o == 0 for o in outs),
                                        "ties": sum(o == 0.5 for o in outs)}
     return matrix
 
