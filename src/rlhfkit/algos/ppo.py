@@ -23,7 +23,8 @@ and core/losses.py; every detail with its line: docs/algorithms/ppo.md.
   5. rewards and advantages: per-token −β·KL plus the score on the last token, then GAE / GRPO / RLOO / REINFORCE++
   6. PPO epochs over minibatches: clipped surrogate, weighted by π_trainer/π_engine where the engine's numerics
      differ (--rollout-correction) (+ clipped value loss, + entropy bonus, + GRPO's KL term, + the PPO-ptx
-     pre-training loss), clipping, optimizer step; optional early stop on approximate KL
+     pre-training loss), clipping, optimizer step; optional early stop on approximate KL. The first
+     --critic-warmup iterations train the critic alone
   7. adaptive β, logs (per phase timings, --monitor scores such as a held-out RM or the gold score), sample
      table, checkpoint
   8. after the last iteration: the final policy as a Hugging Face directory
