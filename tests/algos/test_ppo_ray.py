@@ -105,10 +105,10 @@ def test_actor_and_critic_as_fsdp2_groups_of_two_workers_train_as_one_process_an
         tmp_path, sft_policy, cluster):
     # each trained role sharded over two Ray workers (a gloo process group each), every role on the same two
     # bundles: each worker passes and trains on its half of the rows, the driver joins them, and a run stopped after
-    # iteration 3 resumes from the workers' sharded checkpoints to the in-process run. The first iteration trains
-    # the critic alone (--critic-warmup), so its checkpoint holds no AdamW state of the actor: the run resumes from
-    # there. At the other tests' lr of 1e-2 the KL reaches 30 and float rounding grows to 1% of some statistics; at
-    # 1e-3 it stays near 1e-6
+    # iteration 3, then rewound to its checkpoint of iteration 1, resumes from the workers' sharded checkpoints to
+    # the in-process run. The first iteration trains the critic alone (--critic-warmup), so that checkpoint holds no
+    # AdamW state of the actor. At the other tests' lr of 1e-2 the KL reaches 30 and float rounding grows to 1% of
+    # some statistics; at 1e-3 it stays near 1e-6
     one = cfg_for(tmp_path / "one", sft_policy, **SETTINGS, lr=1e-3, critic_lr=1e-3, critic_warmup=1)
     ppo.train(one)
     cfg = replace(one, output=str(tmp_path / "groups"), backend="ray", ray_address=cluster, actor_workers=2,
