@@ -458,7 +458,7 @@ class RayRoles:
                                for n in roles}, "update")
         # each worker's rows, the actor's where it trains; the statistics are the role's (every worker has them)
         first = parts["actor"] if "actor" in parts else parts["critic"]
-        stats = first[0].stats.merge(parts["critic"][0].stats) if len(parts) == 2 else first[0].stats
+        stats = first[0].stats.merge(parts["critic"][0].stats) if {"actor", "critic"} <= set(parts) else first[0].stats
         device, logprobs = self.accelerator.device, [p.logprobs for p in first if p.logprobs is not None]
         return Minibatch(type(stats)(*(None if v is None else v.to(device) for v in stats)),
                          sum(p.train_tokens for p in first), torch.cat([p.rows for p in first]),

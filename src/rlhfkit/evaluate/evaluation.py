@@ -304,20 +304,15 @@ def markdown(result: dict) -> str:
         cells = [f"{s[k]:{f}}" if k in s else "—" for k, f in (("mean_score", ".3f"), ("mean_length", ".1f"),
                                                                ("kl_to_reference", ".2f"))]
         lines.append(f"| {m} | {elo} | " + " | ".join(cells) + " |")
-    if "win_rates" in result:
-        lines += ["", "Win rate of the row model against the column model (95% Wilson interval):", "",
-                  "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for a in names:
-            cells = [f"{result['win_rates'][a][b]['win_rate']:.2f} ({result['win_rates'][a][b]['lo']:.2f}–"
-                     f"{result['win_rates'][a][b]['hi']:.2f})" if b in result["win_rates"].get(a, {}) else "—"
-                     for b in names]
-            lines.append(f"| {a} | " + " | ".join(cells) + " |")
-        lines += ["", "Games won / lost / tied by the row model against the column model (a tie counts half in the "
-                  "win rates above):", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for a in names:
-            cells = [f"{g['wins']} / {g['losses']} / {g['ties']}" if (g := result["win_rates"].get(a, {}).get(b))
-                     else "—" for b in names]
-            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    if "win_rates" in result:  # two matrices of the row model against the column model
+        for title, cell in (("Win rate of the row model against the column model (95% Wilson interval):",
+                             lambda g: f"{g['win_rate']:.2f} ({g['lo']:.2f}–{g['hi']:.2f})"),
+                            ("Games won / lost / tied by the row model against the column model (a tie counts half "
+                             "in the win rates above):", lambda g: f"{g['wins']} / {g['losses']} / {g['ties']}")):
+            lines += ["", title, "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+            for a in names:
+                cells = [cell(g) if (g := result["win_rates"].get(a, {}).get(b)) else "—" for b in names]
+                lines.append(f"| {a} | " + " | ".join(cells) + " |")
     families = [k for k in result["models"][names[0]] if k.startswith("score/")]
     if families:
         lines += ["", "Mean gold score per prompt family (helpful vs harmful):", "",
